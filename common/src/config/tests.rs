@@ -1,0 +1,88 @@
+use super::*;
+
+pub(crate) const EXAMPLE: &str = r#"
+[cluster]
+name = "web"
+secret = "s3cr3t-shared-key"
+state-dir = "/tmp/tandem-state"
+run-dir = "/tmp/tandem-run"
+
+[[node]]
+name = "node1"
+id = 1
+address = "10.99.0.1"
+
+[[node]]
+name = "node2"
+id = 2
+address = "10.99.0.2"
+replication-port = 7800
+
+[[resource]]
+name = "www"
+protocol = "C"
+allow-two-primaries = true
+size = "64MiB"
+
+[resource.on.node1]
+disk = "/tmp/n1.img"
+
+[resource.on.node2]
+disk = "/tmp/n2.img"
+meta-disk = "/tmp/n2.meta"
+"#;
+
+#[test]
+fn parses_full_example() {
+    let c = ClusterConfig::parse(EXAMPLE).unwrap();
+    assert_eq!(c.nodes.len(), 2);
+    assert_eq!(c.nodes[0].replication_port, DEFAULT_REPLICATION_PORT);
+    assert_eq!(c.nodes[1].replication_port, 7800);
+    let r = c.resource("www").unwrap();
+    assert_eq!(r.size_bytes(), Some(64 << 20));
+    assert_eq!(
+        c.disk_for(r, "node1").unwrap(),
+        PathBuf::from("/tmp/n1.img")
+    );
+    assert_eq!(c.external_meta_for(r, "node1"), None);
+    assert_eq!(
+        c.external_meta_for(r, "node2"),
+        Some(PathBuf::from("/tmp/n2.meta"))
+    );
+    assert_eq!(c.resource_node_names(r), vec!["node1", "node2"]);
+    assert_eq!(
+        c.nbd_socket("node2", "www"),
+        PathBuf::from("/tmp/tandem-run/node2/nbd-www.sock")
+    );
+}
+
+fn err_of(text: &str) -> String {
+    ClusterConfig::parse(text).unwrap_err().to_string()
+}
+
+#[test]
+fn errors_name_the_key() {
+    let e = err_of(&EXAMPLE.replace("protocol = \"C\"", "protocol = \"D\""));
+    assert!(e.contains("protocol"), "{e}");
+    let e = err_of(&EXAMPLE.replace("protocol = \"C\"", "protocol = \"B\""));
+    assert!(e.contains("resource.www.allow-two-primaries"), "{e}");
+    let e = err_of(&EXAMPLE.replace("id = 2", "id = 1"));
+    assert!(e.contains("node.node2.id"), "{e}");
+    let e = err_of(&EXAMPLE.replace("size = \"64MiB\"", "size = \"12Q\""));
+    assert!(e.contains("resource.www.size"), "{e}");
+    let e = err_of(&EXAMPLE.replace("secret = \"s3cr3t-shared-key\"", "secret = \"x\""));
+    assert!(e.contains("cluster.secret"), "{e}");
+    let e = err_of(&EXAMPLE.replace("address = \"10.99.0.2\"", "address = \"nope\""));
+    assert!(e.contains("address"), "{e}");
+    let e = err_of(&EXAMPLE.replace("[resource.on.node2]", "[resource.on.node9]"));
+    assert!(e.contains("resource.www.on.node9"), "{e}");
+    let e = err_of(&EXAMPLE.replace("allow-two-primaries", "allow-three-primaries"));
+    assert!(e.contains("allow-three-primaries"), "{e}");
+}
+
+#[test]
+fn unknown_node_lists_known() {
+    let c = ClusterConfig::parse(EXAMPLE).unwrap();
+    let e = c.node("node7").unwrap_err().to_string();
+    assert!(e.contains("node1, node2"), "{e}");
+}

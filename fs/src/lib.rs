@@ -1,0 +1,1 @@
+//! tandem-fs: filled in by its own issue.
