@@ -8,3 +8,6 @@
 pub mod backing;
 pub mod meta;
 pub mod state;
+pub mod engine;
+pub mod peer;
+pub mod proto;

@@ -1,0 +1,122 @@
+//! The reconnect decision: given both sides' disk state and generation identifiers, decide
+//! whether and which way to resync — DRBD's `uuid_compare()` rules, named so the log can
+//! say which rule decided. Pure and symmetric: `decide(a, b)` mirrors `decide(b, a)`.
+
+use crate::state::DiskState;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Generation {
+    pub disk: DiskState,
+    pub current: u64,
+    pub history: [u64; 2],
+    /// Stopped while Primary without demoting: may hold writes no peer acknowledged.
+    pub crashed: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Same data: Established.
+    NoSync,
+    /// We hold the good data: full sync to the peer.
+    SyncSource,
+    /// The peer holds the good data.
+    SyncTarget,
+    /// Both changed since they last shared a generation.
+    SplitBrain,
+    /// No common ancestry at all: refuse to connect.
+    Unrelated,
+}
+
+impl Decision {
+    pub fn mirror(self) -> Self {
+        match self {
+            Decision::SyncSource => Decision::SyncTarget,
+            Decision::SyncTarget => Decision::SyncSource,
+            other => other,
+        }
+    }
+}
+
+fn has_data(g: &Generation) -> bool {
+    matches!(
+        g.disk,
+        DiskState::UpToDate | DiskState::Consistent | DiskState::Outdated
+    ) && g.current != 0
+}
+
+/// Returns the decision and the name of the rule that made it.
+pub fn decide(me: &Generation, peer: &Generation) -> (Decision, &'static str) {
+    let (mine, theirs) = (has_data(me), has_data(peer));
+    match (mine, theirs) {
+        (false, false) => return (Decision::NoSync, "both-without-data"),
+        (true, false) => return (Decision::SyncSource, "peer-without-data"),
+        (false, true) => return (Decision::SyncTarget, "local-without-data"),
+        (true, true) => {}
+    }
+    if me.current == peer.current {
+        // Same generation: an Outdated side still takes the other's copy.
+        return match (me.disk, peer.disk) {
+            (DiskState::UpToDate, DiskState::Outdated) => (Decision::SyncSource, "peer-outdated"),
+            (DiskState::Outdated, DiskState::UpToDate) => (Decision::SyncTarget, "local-outdated"),
+            _ => match (me.crashed, peer.crashed) {
+                (true, false) => (Decision::SyncTarget, "local-crashed-primary"),
+                (false, true) => (Decision::SyncSource, "peer-crashed-primary"),
+                (true, true) => (Decision::SplitBrain, "both-crashed-primary"),
+                (false, false) => (Decision::NoSync, "equal-current"),
+            },
+        };
+    }
+    let mine_newer = me.history.contains(&peer.current);
+    let theirs_newer = peer.history.contains(&me.current);
+    match (mine_newer, theirs_newer) {
+        (true, false) => return (Decision::SyncSource, "peer-current-in-local-history"),
+        (false, true) => return (Decision::SyncTarget, "local-current-in-peer-history"),
+        _ => {}
+    }
+    if me.history[0] != 0 && me.history[0] == peer.history[0] {
+        (Decision::SplitBrain, "common-parent")
+    } else if me.history.iter().any(|h| *h != 0 && peer.history.contains(h)) {
+        (Decision::SplitBrain, "common-ancestor")
+    } else {
+        (Decision::Unrelated, "unrelated-data")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DiskState::*;
+
+    fn g(disk: DiskState, current: u64, history: [u64; 2]) -> Generation {
+        Generation {
+            disk,
+            current,
+            history,
+            crashed: false,
+        }
+    }
+
+    #[test]
+    fn rules() {
+        let cases = [
+            (g(Inconsistent, 0, [0, 0]), g(Inconsistent, 0, [0, 0]), Decision::NoSync),
+            (g(UpToDate, 5, [0, 0]), g(Inconsistent, 0, [0, 0]), Decision::SyncSource),
+            (g(UpToDate, 5, [0, 0]), g(Inconsistent, 5, [0, 0]), Decision::SyncSource),
+            (g(UpToDate, 5, [0, 0]), g(UpToDate, 5, [0, 0]), Decision::NoSync),
+            (g(UpToDate, 6, [5, 0]), g(UpToDate, 5, [0, 0]), Decision::SyncSource),
+            (g(UpToDate, 5, [1, 0]), g(UpToDate, 6, [5, 1]), Decision::SyncTarget),
+            (g(UpToDate, 6, [5, 0]), g(UpToDate, 7, [5, 0]), Decision::SplitBrain),
+            (g(UpToDate, 6, [5, 0]), g(UpToDate, 9, [8, 0]), Decision::Unrelated),
+            (g(UpToDate, 5, [0, 0]), g(Outdated, 5, [0, 0]), Decision::SyncSource),
+        ];
+        let mut crashed = g(UpToDate, 5, [0, 0]);
+        crashed.crashed = true;
+        let cases = cases
+            .into_iter()
+            .chain([(crashed, g(UpToDate, 5, [0, 0]), Decision::SyncTarget)]);
+        for (a, b, want) in cases {
+            assert_eq!(decide(&a, &b).0, want, "{a:?} vs {b:?}");
+            assert_eq!(decide(&b, &a).0, want.mirror(), "mirror {b:?} vs {a:?}");
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! The application I/O path of a resource (what the NBD export calls).
+//!
+//! A write on a Primary: take the byte range, mint a new generation first if some peer is
+//! missing (so a later reconnect knows that peer is behind), queue the write to every
+//! replicating peer, write locally, then wait for the acks the protocol asks for:
+//! none (A), received (B) or written (C). A peer that drops mid-request does not fail the
+//! write — it is behind now, and the generation says so before the write is acknowledged.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tandem_common::frame::{self, Channel};
+use tandem_common::NodeId;
+
+use super::{Conn, EngineError, Resource};
+use crate::backing::BackingError;
+use crate::proto::{AckMode, PeerMsg, MAX_DATA_BYTES};
+use crate::state::{DiskState, ReplState, Role};
+
+/// Errors the NBD layer maps to NBD error codes.
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    #[error("writes need the Primary role (this node is Secondary)")]
+    NotPrimary,
+    #[error("local disk is {0}; I/O needs UpToDate data")]
+    NotUpToDate(DiskState),
+    #[error("request {offset}+{len} beyond the end of the volume ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("request too large ({0} bytes)")]
+    TooLarge(u64),
+    #[error("resource is down")]
+    Down,
+    #[error("local disk error: {0}")]
+    Disk(#[from] BackingError),
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+}
+
+impl Resource {
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.usable_bytes => Ok(()),
+            _ => Err(IoError::OutOfRange {
+                offset,
+                len,
+                size: self.usable_bytes,
+            }),
+        }
+    }
+
+    fn check_writable(&self) -> Result<(), IoError> {
+        if self.is_down() {
+            return Err(IoError::Down);
+        }
+        let inner = self.inner.lock();
+        if inner.role != Role::Primary {
+            return Err(IoError::NotPrimary);
+        }
+        if inner.disk != DiskState::UpToDate {
+            return Err(IoError::NotUpToDate(inner.disk));
+        }
+        Ok(())
+    }
+
+    /// Peers that must receive application writes now: connected and either in sync or
+    /// being synced from us (a SyncTarget gets new writes too, the resync fills the rest).
+    fn replication_targets(&self) -> (Vec<Arc<Conn>>, bool) {
+        let inner = self.inner.lock();
+        let mut all_present = true;
+        let mut targets = Vec::new();
+        for p in inner.peers.values() {
+            match (&p.conn, p.repl) {
+                (Some(c), ReplState::Established | ReplState::SyncSource) => {
+                    targets.push(c.clone());
+                    // A peer we are still syncing is not yet a full copy.
+                    if p.repl == ReplState::SyncSource {
+                        all_present = false;
+                    }
+                }
+                _ => all_present = false,
+            }
+        }
+        (targets, all_present)
+    }
+
+    /// Mints a new current generation once per peer-loss episode, before the first write
+    /// that some peer will not get, and tells the connected peers (who get the same data).
+    pub(super) async fn ensure_generation_for_missing_peers(&self) -> Result<(), EngineError> {
+        if self.rotated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _g = self.rotation_lock.lock().await;
+        if self.rotated.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let fresh = rand::random::<u64>() | 1;
+        self.persist(|sb| {
+            sb.history_uuids = [sb.current_uuid, sb.history_uuids[0]];
+            sb.current_uuid = fresh;
+        })
+        .await?;
+        self.rotated.store(true, Ordering::Release);
+        let g = self.generation();
+        tracing::info!(resource = %self.name(), current = format_args!("{:016X}", g.current),
+            "new current generation: a peer is missing writes");
+        let msg = PeerMsg::Uuids {
+            current: g.current,
+            history: g.history,
+        };
+        for c in self.connections() {
+            c.send(&msg).await;
+        }
+        Ok(())
+    }
+
+    /// Called when every peer is connected and in sync: the next loss mints again.
+    pub(super) fn all_peers_in_sync(&self) {
+        self.rotated.store(false, Ordering::Release);
+    }
+
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, IoError> {
+        if self.is_down() {
+            return Err(IoError::Down);
+        }
+        self.check_range(offset, len as u64)?;
+        let disk = self.disk();
+        if disk != DiskState::UpToDate {
+            return Err(IoError::NotUpToDate(disk));
+        }
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .read_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        Ok(self.backing.read_at(offset, len as usize).await?)
+    }
+
+    pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), IoError> {
+        let len = data.len() as u64;
+        if data.len() > MAX_DATA_BYTES {
+            return Err(IoError::TooLarge(len));
+        }
+        self.check_range(offset, len)?;
+        self.check_writable()?;
+        let seq = self.next_seq();
+        let ack = AckMode::from(self.settings.protocol);
+        let msg = PeerMsg::Write {
+            seq,
+            offset,
+            data,
+            fua,
+            ack,
+        };
+        let frame = Arc::new(
+            frame::encode(Channel::Replication, &msg)
+                .map_err(|e| EngineError::Refused(e.to_string()))?,
+        );
+        let PeerMsg::Write { data, .. } = msg else {
+            unreachable!("built above")
+        };
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.stats.written_bytes.fetch_add(len, Ordering::Relaxed);
+        self.replicate(offset, len, seq, ack, frame, async {
+            self.backing.write_at(offset, data).await?;
+            if fua {
+                self.backing.sync().await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// TRIM and WRITE_ZEROES: both write zeroes on every copy, so copies stay identical.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
+        self.check_range(offset, len)?;
+        self.check_writable()?;
+        let seq = self.next_seq();
+        let ack = AckMode::from(self.settings.protocol);
+        let frame = Arc::new(
+            frame::encode(
+                Channel::Replication,
+                &PeerMsg::Zero {
+                    seq,
+                    offset,
+                    len,
+                    fua,
+                    ack,
+                },
+            )
+            .map_err(|e| EngineError::Refused(e.to_string()))?,
+        );
+        self.replicate(offset, len, seq, ack, frame, async {
+            self.backing.write_zeroes(offset, len).await?;
+            if fua {
+                self.backing.sync().await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn replicate(
+        &self,
+        offset: u64,
+        len: u64,
+        seq: u64,
+        ack: AckMode,
+        frame: Arc<Vec<u8>>,
+        local: impl std::future::Future<Output = Result<(), BackingError>>,
+    ) -> Result<(), IoError> {
+        // In-flight registry for dual-primary conflict detection (held until acked).
+        let _inflight = self.inflight.register(offset, len);
+        let range = self.ranges.lock(offset, len).await;
+        let (targets, all_present) = self.replication_targets();
+        if !all_present {
+            self.ensure_generation_for_missing_peers().await?;
+        }
+        let mut waits = Vec::with_capacity(targets.len());
+        for c in &targets {
+            let rx = (ack != AckMode::None).then(|| c.expect_ack(seq));
+            if c.send_frame(frame.clone()).await {
+                waits.push((c.peer, rx));
+            } else {
+                waits.push((c.peer, None));
+            }
+        }
+        let remote = async {
+            let mut lost: Vec<NodeId> = Vec::new();
+            for (peer, rx) in waits {
+                match rx {
+                    Some(rx) => match rx.await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(reason)) => {
+                            tracing::warn!(resource = %self.name(), %peer, %reason, "peer failed a write");
+                            lost.push(peer);
+                        }
+                        Err(_) => lost.push(peer),
+                    },
+                    None if ack == AckMode::None => {}
+                    None => lost.push(peer),
+                }
+            }
+            lost
+        };
+        let local = async {
+            let r = local.await;
+            drop(range);
+            r
+        };
+        let (local, lost) = tokio::join!(local, remote);
+        local?;
+        if !lost.is_empty() {
+            // Those peers may lack this write: record that before acknowledging it.
+            self.ensure_generation_for_missing_peers().await?;
+        }
+        Ok(())
+    }
+
+    /// FLUSH: returns when every connected copy is durable (fdatasync everywhere).
+    pub async fn flush(&self) -> Result<(), IoError> {
+        if self.is_down() {
+            return Err(IoError::Down);
+        }
+        let seq = self.next_seq();
+        let (targets, _) = self.replication_targets();
+        let mut waits = Vec::new();
+        for c in &targets {
+            let rx = c.expect_ack(seq);
+            if c.send(&PeerMsg::Flush { seq }).await {
+                waits.push(rx);
+            }
+        }
+        let local = self.backing.sync();
+        let remote = async {
+            let mut lost = 0;
+            for rx in waits {
+                if !matches!(rx.await, Ok(Ok(()))) {
+                    lost += 1;
+                }
+            }
+            lost
+        };
+        let (local, lost) = tokio::join!(local, remote);
+        local?;
+        if lost > 0 && self.role() == Role::Primary {
+            self.ensure_generation_for_missing_peers().await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,653 @@
+//! One replicated resource on this node: its local disk and metadata, its role, its view of
+//! every peer, and the decisions that tie them together. I/O paths are in `io.rs`, the
+//! resync and the handling of a peer's messages in `sync.rs`; sockets are in `crate::peer`.
+//!
+//! Locking: `inner` (a parking_lot mutex) is held only for short, non-async sections; the
+//! metadata is written under `meta` (a tokio mutex, because writes fsync).
+
+pub mod decide;
+mod io;
+pub mod ranges;
+mod status;
+mod sync;
+
+pub use io::IoError;
+pub use sync::SessionEnd;
+pub use status::{PeerStatus, ResourceStatus, SyncProgressView};
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tandem_common::config::{ClusterConfig, Protocol, ResourceConfig};
+use tandem_common::frame::{self, Channel};
+use tandem_common::NodeId;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::backing::Backing;
+use crate::meta::format::{Superblock, FLAG_CRASHED_PRIMARY, FLAG_WAS_PRIMARY};
+use crate::meta::{self, MetaStore};
+use crate::proto::{PeerMsg, PeerState};
+use crate::state::{ConnState, DiskState, ReplState, Role};
+use decide::Generation;
+use ranges::RangeLocks;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Meta(#[from] meta::MetaError),
+    #[error("{0}")]
+    Backing(#[from] crate::backing::BackingError),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Static settings of a resource on this node, resolved from the config.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub name: String,
+    pub node_name: String,
+    pub node_id: NodeId,
+    pub protocol: Protocol,
+    pub allow_two_primaries: bool,
+    pub resync_rate_bytes_per_s: Option<u64>,
+    /// Every other member: id and name.
+    pub peers: Vec<(NodeId, String)>,
+    pub secret: Vec<u8>,
+}
+
+impl Settings {
+    pub fn from_config(
+        config: &ClusterConfig,
+        res: &ResourceConfig,
+        node: &str,
+    ) -> Result<Self, EngineError> {
+        let me = config.node(node).map_err(meta::MetaError::from)?;
+        let peers = config
+            .resource_node_names(res)
+            .into_iter()
+            .filter(|n| n != node)
+            .filter_map(|n| config.node(&n).ok().map(|c| (c.node_id(), n.clone())))
+            .collect();
+        Ok(Self {
+            name: res.name.clone(),
+            node_name: node.to_string(),
+            node_id: me.node_id(),
+            protocol: res.protocol,
+            allow_two_primaries: res.allow_two_primaries,
+            resync_rate_bytes_per_s: res.resync_rate_bytes_per_s(),
+            peers,
+            secret: config
+                .secret_for(res)
+                .ok_or_else(|| EngineError::Refused("no shared secret configured".into()))?,
+        })
+    }
+}
+
+/// Resync progress, kept on both ends.
+#[derive(Clone, Debug)]
+pub struct SyncProgress {
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub started: Instant,
+}
+
+/// A live connection to a peer (owned by its session task).
+pub struct Conn {
+    pub peer: NodeId,
+    pub epoch: u64,
+    out: mpsc::Sender<Arc<Vec<u8>>>,
+    pending: Mutex<BTreeMap<u64, oneshot::Sender<Result<(), String>>>>,
+    closed: AtomicBool,
+    /// Flips to true on close so the session's reader wakes up.
+    closed_signal: tokio::sync::watch::Sender<bool>,
+}
+
+impl Conn {
+    pub fn new(peer: NodeId, epoch: u64, out: mpsc::Sender<Arc<Vec<u8>>>) -> Arc<Self> {
+        Arc::new(Self {
+            peer,
+            epoch,
+            out,
+            pending: Mutex::new(BTreeMap::new()),
+            closed: AtomicBool::new(false),
+            closed_signal: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    /// A receiver that changes to true when the connection is closed.
+    pub fn closed_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closed_signal.subscribe()
+    }
+
+    /// Queues a pre-encoded frame; false if the connection is gone.
+    pub async fn send_frame(&self, frame: Arc<Vec<u8>>) -> bool {
+        !self.closed.load(Ordering::Acquire) && self.out.send(frame).await.is_ok()
+    }
+
+    pub async fn send(&self, msg: &PeerMsg) -> bool {
+        match frame::encode(Channel::Replication, msg) {
+            Ok(f) => self.send_frame(Arc::new(f)).await,
+            Err(_) => false,
+        }
+    }
+
+    /// Expects an ack for `seq`; the receiver errors if the connection drops first.
+    pub fn expect_ack(&self, seq: u64) -> oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = oneshot::channel();
+        if !self.closed.load(Ordering::Acquire) {
+            self.pending.lock().insert(seq, tx);
+        }
+        rx
+    }
+
+    pub fn complete(&self, seq: u64, result: Result<(), String>) {
+        if let Some(tx) = self.pending.lock().remove(&seq) {
+            let _ = tx.send(result);
+        }
+    }
+
+    /// Marks the connection dead and fails every pending request.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.pending.lock().clear();
+        self.closed_signal.send_replace(true);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// Our view of one configured peer.
+#[derive(Clone)]
+pub struct PeerView {
+    pub name: String,
+    pub conn_state: ConnState,
+    pub repl: ReplState,
+    pub state: Option<PeerState>,
+    pub conn: Option<Arc<Conn>>,
+    pub sync: Option<SyncProgress>,
+    /// Set by `disconnect` or a split brain: do not reconnect until `connect`.
+    pub standalone: bool,
+    pub last_error: Option<String>,
+    /// `connect --discard-my-data` was requested for the next handshake.
+    pub discard_my_data: bool,
+}
+
+struct Inner {
+    role: Role,
+    disk: DiskState,
+    peers: BTreeMap<NodeId, PeerView>,
+}
+
+/// Counters shown in status.
+#[derive(Default)]
+pub struct Stats {
+    pub writes: AtomicU64,
+    pub reads: AtomicU64,
+    pub written_bytes: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub resync_sent_bytes: AtomicU64,
+    pub resync_received_bytes: AtomicU64,
+    pub conflicts: AtomicU64,
+}
+
+pub struct Resource {
+    pub settings: Settings,
+    backing: Backing,
+    usable_bytes: u64,
+    meta: tokio::sync::Mutex<(MetaStore, Superblock)>,
+    /// Copy of the generation for lock-free reads in hot paths.
+    generation: Mutex<Generation>,
+    inner: Mutex<Inner>,
+    ranges: Arc<RangeLocks>,
+    inflight: Arc<RangeLocks>,
+    next_seq: AtomicU64,
+    next_epoch: AtomicU64,
+    /// True once the current generation was minted for writes some peer is missing.
+    rotated: AtomicBool,
+    rotation_lock: tokio::sync::Mutex<()>,
+    events: broadcast::Sender<String>,
+    /// Wakes the dialers (on `connect`, `down`).
+    pub wake: tokio::sync::Notify,
+    down: AtomicBool,
+    pub stats: Stats,
+}
+
+impl Resource {
+    /// Attaches the local disk (metadata must exist) and returns the resource, Secondary.
+    pub fn attach(
+        config: &ClusterConfig,
+        res: &ResourceConfig,
+        node: &str,
+        events: broadcast::Sender<String>,
+    ) -> Result<Arc<Self>, EngineError> {
+        let settings = Settings::from_config(config, res, node)?;
+        let (store, mut sb) = meta::open(config, res, node)?;
+        let disk_path = config.disk_for(res, node).expect("plan checked the disk");
+        let backing = Backing::open(&disk_path, res.io_engine)?;
+        // A node that was Primary when it stopped without demoting crashed as Primary:
+        // its disk may hold writes no peer acknowledged, so it must not win a resync.
+        if sb.flags & FLAG_WAS_PRIMARY != 0 {
+            sb.flags |= FLAG_CRASHED_PRIMARY;
+            sb.flags &= !FLAG_WAS_PRIMARY;
+            store.write(&mut sb)?;
+            tracing::warn!(resource = %res.name, "was Primary when it stopped: marked crashed-primary, will resync from a peer");
+        }
+        let generation = Generation {
+            disk: sb.disk_state,
+            current: sb.current_uuid,
+            history: sb.history_uuids,
+            crashed: sb.flags & FLAG_CRASHED_PRIMARY != 0,
+        };
+        let peers = settings
+            .peers
+            .iter()
+            .map(|(id, name)| {
+                (
+                    *id,
+                    PeerView {
+                        name: name.clone(),
+                        conn_state: ConnState::Connecting,
+                        repl: ReplState::Off,
+                        state: None,
+                        conn: None,
+                        sync: None,
+                        standalone: false,
+                        last_error: None,
+                        discard_my_data: false,
+                    },
+                )
+            })
+            .collect();
+        tracing::info!(resource = %res.name, disk = %disk_path.display(), engine = backing.engine_name(),
+            size = sb.usable_size_bytes, state = %sb.disk_state, "attached");
+        let r = Arc::new(Self {
+            usable_bytes: sb.usable_size_bytes,
+            inner: Mutex::new(Inner {
+                role: Role::Secondary,
+                disk: sb.disk_state,
+                peers,
+            }),
+            generation: Mutex::new(generation),
+            meta: tokio::sync::Mutex::new((store, sb)),
+            settings,
+            backing,
+            ranges: RangeLocks::new(),
+            inflight: RangeLocks::new(),
+            next_seq: AtomicU64::new(1),
+            next_epoch: AtomicU64::new(1),
+            rotated: AtomicBool::new(false),
+            rotation_lock: tokio::sync::Mutex::new(()),
+            events,
+            wake: tokio::sync::Notify::new(),
+            down: AtomicBool::new(false),
+            stats: Stats::default(),
+        });
+        r.emit("create", "resource", &format!("role:{}", Role::Secondary));
+        r.emit("create", "device", &format!("disk:{}", r.disk()));
+        Ok(r)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.settings.name
+    }
+    pub fn usable_bytes(&self) -> u64 {
+        self.usable_bytes
+    }
+    pub fn role(&self) -> Role {
+        self.inner.lock().role
+    }
+    pub fn disk(&self) -> DiskState {
+        self.inner.lock().disk
+    }
+    pub fn generation(&self) -> Generation {
+        *self.generation.lock()
+    }
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
+    pub fn backing(&self) -> &Backing {
+        &self.backing
+    }
+
+    /// Emits one DRBD events2-shaped line: `<kind> <object> name:<res> <fields>`.
+    pub fn emit(&self, kind: &str, object: &str, fields: &str) {
+        let line = format!("{kind} {object} name:{} {fields}", self.settings.name);
+        tracing::debug!(event = %line);
+        let _ = self.events.send(line);
+    }
+
+    pub fn local_state(&self) -> PeerState {
+        let g = self.generation();
+        PeerState {
+            role: self.role(),
+            disk: self.disk(),
+            current_uuid: g.current,
+            history_uuids: g.history,
+            usable_size_bytes: self.usable_bytes,
+            protocol: self.settings.protocol,
+            allow_two_primaries: self.settings.allow_two_primaries,
+            crashed_primary: g.crashed,
+        }
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Persists the generation, disk state and flags (fsync) and mirrors them in memory.
+    async fn persist<F: FnOnce(&mut Superblock)>(&self, change: F) -> Result<(), EngineError> {
+        let mut guard = self.meta.lock().await;
+        let (store, sb) = &mut *guard;
+        let mut next = sb.clone();
+        change(&mut next);
+        // Metadata writes are small and rare; block_in_place keeps the fsync off the
+        // async workers' queue without an extra thread hop.
+        tokio::task::block_in_place(|| store.write(&mut next))?;
+        *sb = next;
+        *self.generation.lock() = Generation {
+            disk: sb.disk_state,
+            current: sb.current_uuid,
+            history: sb.history_uuids,
+            crashed: sb.flags & FLAG_CRASHED_PRIMARY != 0,
+        };
+        Ok(())
+    }
+
+    fn set_disk(&self, disk: DiskState) {
+        let changed = {
+            let mut inner = self.inner.lock();
+            let changed = inner.disk != disk;
+            inner.disk = disk;
+            changed
+        };
+        if changed {
+            self.emit("change", "device", &format!("disk:{disk}"));
+        }
+    }
+
+    /// Sends our state to every connected peer (after any change).
+    async fn broadcast_state(&self) {
+        let msg = PeerMsg::State(self.local_state());
+        for conn in self.connections() {
+            conn.send(&msg).await;
+        }
+    }
+
+    pub fn connections(&self) -> Vec<Arc<Conn>> {
+        self.inner
+            .lock()
+            .peers
+            .values()
+            .filter_map(|p| p.conn.clone())
+            .collect()
+    }
+
+    pub fn peer_view(&self, peer: NodeId) -> Option<PeerView> {
+        self.inner.lock().peers.get(&peer).cloned()
+    }
+
+    fn update_peer<R>(&self, peer: NodeId, f: impl FnOnce(&mut PeerView) -> R) -> Option<R> {
+        self.inner.lock().peers.get_mut(&peer).map(f)
+    }
+
+    fn set_repl(&self, peer: NodeId, repl: ReplState) {
+        let name = self.update_peer(peer, |p| {
+            let changed = p.repl != repl;
+            p.repl = repl;
+            changed.then(|| p.name.clone())
+        });
+        if let Some(Some(name)) = name {
+            self.emit(
+                "change",
+                "peer-device",
+                &format!("peer-node-id:{peer} conn-name:{name} replication:{repl}"),
+            );
+        }
+    }
+
+    fn set_conn_state(&self, peer: NodeId, state: ConnState) {
+        let name = self.update_peer(peer, |p| {
+            let changed = p.conn_state != state;
+            p.conn_state = state;
+            changed.then(|| p.name.clone())
+        });
+        if let Some(Some(name)) = name {
+            self.emit(
+                "change",
+                "connection",
+                &format!("peer-node-id:{peer} conn-name:{name} connection:{state}"),
+            );
+        }
+    }
+
+    // ----- roles -----
+
+    /// `tandemadm primary [--force]`.
+    pub async fn promote(self: &Arc<Self>, force: bool) -> Result<(), EngineError> {
+        if self.role() == Role::Primary {
+            return Ok(());
+        }
+        {
+            let inner = self.inner.lock();
+            if inner.peers.values().any(|p| p.repl == ReplState::SyncTarget) {
+                return Err(EngineError::Refused(
+                    "refusing to promote: this node is a SyncTarget; wait for the resync to finish (`tandemadm status`)".into(),
+                ));
+            }
+            if !self.settings.allow_two_primaries {
+                if let Some(p) = inner.peers.values().find(|p| {
+                    p.conn.is_some() && p.state.as_ref().is_some_and(|s| s.role == Role::Primary)
+                }) {
+                    return Err(EngineError::Refused(format!(
+                        "refusing to promote: peer {} is Primary and allow-two-primaries is off; demote it first or set allow-two-primaries = true",
+                        p.name
+                    )));
+                }
+            }
+        }
+        let disk = self.disk();
+        if disk != DiskState::UpToDate {
+            if !force {
+                return Err(EngineError::Refused(format!(
+                    "refusing to promote: local disk is {disk}, a Primary needs UpToDate data; run `tandemadm primary --force` only on the node whose data is good (this starts a full sync to the peers)"
+                )));
+            }
+            tracing::warn!(resource = %self.name(), "forced promotion: declaring local data UpToDate");
+            let fresh = rand::random::<u64>() | 1;
+            self.persist(|sb| {
+                if sb.current_uuid == 0 {
+                    sb.current_uuid = fresh;
+                } else {
+                    sb.history_uuids = [sb.current_uuid, sb.history_uuids[0]];
+                    sb.current_uuid = fresh;
+                }
+                sb.disk_state = DiskState::UpToDate;
+                sb.flags &= !FLAG_CRASHED_PRIMARY;
+            })
+            .await?;
+            self.set_disk(DiskState::UpToDate);
+        }
+        self.persist(|sb| sb.flags |= FLAG_WAS_PRIMARY).await?;
+        self.inner.lock().role = Role::Primary;
+        self.emit("change", "resource", "role:Primary");
+        self.broadcast_state().await;
+        self.reevaluate_all().await;
+        Ok(())
+    }
+
+    /// `tandemadm secondary`: waits for in-flight writes (range locks) implicitly because
+    /// new writes are refused from now on.
+    pub async fn demote(&self) -> Result<(), EngineError> {
+        if self.role() == Role::Secondary {
+            return Ok(());
+        }
+        self.inner.lock().role = Role::Secondary;
+        self.persist(|sb| sb.flags &= !FLAG_WAS_PRIMARY).await?;
+        self.emit("change", "resource", "role:Secondary");
+        self.broadcast_state().await;
+        Ok(())
+    }
+
+    /// `new-current-uuid --clear-bitmap`: on fresh, empty disks, skip the initial sync.
+    /// Every peer must be connected and without data.
+    pub async fn new_current_uuid_clear_bitmap(&self) -> Result<(), EngineError> {
+        let g = self.generation();
+        if g.current != 0 || self.disk() != DiskState::Inconsistent {
+            return Err(EngineError::Refused(
+                "new-current-uuid --clear-bitmap is only for fresh disks (Inconsistent, no generation yet)".into(),
+            ));
+        }
+        let conns = {
+            let inner = self.inner.lock();
+            for p in inner.peers.values() {
+                let fresh = p
+                    .state
+                    .as_ref()
+                    .is_some_and(|s| s.current_uuid == 0 && s.disk == DiskState::Inconsistent);
+                if p.conn.is_none() || !fresh {
+                    return Err(EngineError::Refused(format!(
+                        "peer {} must be Connected with a fresh Inconsistent disk first (see `tandemadm status`)",
+                        p.name
+                    )));
+                }
+            }
+            inner
+                .peers
+                .values()
+                .filter_map(|p| p.conn.clone())
+                .collect::<Vec<_>>()
+        };
+        let uuid = rand::random::<u64>() | 1;
+        self.persist(|sb| {
+            sb.current_uuid = uuid;
+            sb.disk_state = DiskState::UpToDate;
+        })
+        .await?;
+        self.set_disk(DiskState::UpToDate);
+        for c in conns {
+            c.send(&PeerMsg::NewCurrentUuid { uuid }).await;
+        }
+        self.broadcast_state().await;
+        Ok(())
+    }
+
+    // ----- connections -----
+
+    /// A new authenticated connection: registers it (replacing a stale one).
+    pub fn register_conn(&self, peer: NodeId, out: mpsc::Sender<Arc<Vec<u8>>>) -> Arc<Conn> {
+        let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
+        let conn = Conn::new(peer, epoch, out);
+        let old = self.update_peer(peer, |p| {
+            p.last_error = None;
+            std::mem::replace(&mut p.conn, Some(conn.clone()))
+        });
+        if let Some(Some(old)) = old {
+            old.close();
+        }
+        self.set_conn_state(peer, ConnState::Connected);
+        conn
+    }
+
+    /// The session for `conn` ended (error or shutdown).
+    pub async fn on_disconnected(&self, conn: &Arc<Conn>, reason: &str, next: ConnState) {
+        conn.close();
+        let was_current = self
+            .update_peer(conn.peer, |p| {
+                if p.conn.as_ref().is_some_and(|c| c.epoch == conn.epoch) {
+                    p.conn = None;
+                    p.state = None;
+                    p.sync = None;
+                    p.last_error = Some(reason.to_string());
+                    true
+                } else {
+                    false
+                }
+            })
+            .unwrap_or(false);
+        if !was_current {
+            return;
+        }
+        tracing::warn!(resource = %self.name(), peer = %conn.peer, %reason, "connection lost");
+        self.set_repl(conn.peer, ReplState::Off);
+        let standalone = self.peer_view(conn.peer).is_some_and(|p| p.standalone);
+        self.set_conn_state(
+            conn.peer,
+            if standalone { ConnState::StandAlone } else { next },
+        );
+    }
+
+    /// Remembers why the last connection attempt failed (shown in status).
+    pub fn note_connect_error(&self, peer: NodeId, error: &str) {
+        self.update_peer(peer, |p| {
+            if p.conn.is_none() {
+                p.last_error = Some(error.to_string());
+            }
+        });
+    }
+
+    /// `tandemadm disconnect`: drop and stay StandAlone.
+    pub fn admin_disconnect(&self) {
+        let conns: Vec<_> = {
+            let mut inner = self.inner.lock();
+            inner
+                .peers
+                .values_mut()
+                .filter_map(|p| {
+                    p.standalone = true;
+                    p.conn.clone()
+                })
+                .collect()
+        };
+        for c in conns {
+            c.close();
+        }
+        for (id, _) in self.settings.peers.clone() {
+            self.set_conn_state(id, ConnState::StandAlone);
+        }
+    }
+
+    /// `tandemadm connect [--discard-my-data]`.
+    pub fn admin_connect(&self, discard_my_data: bool) {
+        let ids: Vec<NodeId> = self.settings.peers.iter().map(|p| p.0).collect();
+        for id in ids {
+            let reconnect = self
+                .update_peer(id, |p| {
+                    p.discard_my_data = discard_my_data;
+                    let was = p.standalone;
+                    p.standalone = false;
+                    was
+                })
+                .unwrap_or(false);
+            if reconnect {
+                self.set_conn_state(id, ConnState::Connecting);
+            }
+        }
+        self.wake.notify_waiters();
+    }
+
+    /// `tandemadm down`: stop serving; sessions notice and end.
+    pub fn shut_down(&self) {
+        self.down.store(true, Ordering::Release);
+        for c in self.connections() {
+            c.close();
+        }
+        self.wake.notify_waiters();
+    }
+
+    /// Clean shutdown also clears the was-Primary flag (an orderly stop is no crash).
+    pub async fn detach_cleanly(&self) {
+        self.shut_down();
+        if self.role() == Role::Primary {
+            let _ = self.demote().await;
+        }
+        let _ = self.backing.sync().await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

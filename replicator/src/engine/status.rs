@@ -1,0 +1,136 @@
+//! `tandemadm status` data, shaped like `drbdsetup status --json` (documented in
+//! docs/STATUS.md): one object per resource with devices and connections.
+
+use serde::{Deserialize, Serialize};
+
+use super::Resource;
+use crate::state::{ConnState, DiskState, ReplState, Role};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SyncProgressView {
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    #[serde(rename = "percent-done")]
+    pub percent_done: f64,
+    #[serde(rename = "speed-bytes-per-s")]
+    pub speed_bytes_per_s: u64,
+    #[serde(rename = "eta-s")]
+    pub eta_s: Option<u64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PeerStatus {
+    pub peer_node_id: u8,
+    pub name: String,
+    pub connection_state: ConnState,
+    pub peer_role: Role,
+    pub replication_state: ReplState,
+    pub peer_disk_state: DiskState,
+    /// Bytes that still differ (the resync's remaining work).
+    pub out_of_sync_bytes: u64,
+    pub percent_in_sync: f64,
+    pub sync: Option<SyncProgressView>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ResourceStatus {
+    pub name: String,
+    pub node_id: u8,
+    pub role: Role,
+    pub disk_state: DiskState,
+    pub size_bytes: u64,
+    pub current_uuid: String,
+    pub history_uuids: Vec<String>,
+    pub crashed_primary: bool,
+    pub protocol: String,
+    pub io_engine: String,
+    pub writes: u64,
+    pub written_bytes: u64,
+    pub reads: u64,
+    pub resync_sent_bytes: u64,
+    pub resync_received_bytes: u64,
+    pub concurrent_write_conflicts: u64,
+    pub connections: Vec<PeerStatus>,
+}
+
+impl Resource {
+    pub fn status(&self) -> ResourceStatus {
+        use std::sync::atomic::Ordering::Relaxed;
+        let g = self.generation();
+        let inner = self.inner.lock();
+        let connections = inner
+            .peers
+            .iter()
+            .map(|(id, p)| {
+                let sync = p.sync.as_ref().map(|s| {
+                    let secs = s.started.elapsed().as_secs_f64().max(1e-3);
+                    let speed = (s.done_bytes as f64 / secs) as u64;
+                    let left = s.total_bytes.saturating_sub(s.done_bytes);
+                    SyncProgressView {
+                        total_bytes: s.total_bytes,
+                        done_bytes: s.done_bytes,
+                        percent_done: if s.total_bytes == 0 {
+                            100.0
+                        } else {
+                            (s.done_bytes as f64 * 1000.0 / s.total_bytes as f64).floor() / 10.0
+                        },
+                        speed_bytes_per_s: speed,
+                        eta_s: (speed > 0).then(|| left / speed),
+                    }
+                });
+                let connected = p.conn.is_some();
+                let peer_disk = match (&p.state, connected) {
+                    (Some(s), true) => s.disk,
+                    _ => DiskState::DUnknown,
+                };
+                let out_of_sync = match (&sync, p.repl) {
+                    (Some(s), _) => s.total_bytes - s.done_bytes.min(s.total_bytes),
+                    (None, ReplState::Established) => 0,
+                    (None, _) if peer_disk == DiskState::Inconsistent => self.usable_bytes,
+                    _ => 0,
+                };
+                PeerStatus {
+                    peer_node_id: id.0,
+                    name: p.name.clone(),
+                    connection_state: p.conn_state,
+                    peer_role: match (&p.state, connected) {
+                        (Some(s), true) => s.role,
+                        _ => Role::Unknown,
+                    },
+                    replication_state: p.repl,
+                    peer_disk_state: peer_disk,
+                    out_of_sync_bytes: out_of_sync,
+                    percent_in_sync: if self.usable_bytes == 0 {
+                        100.0
+                    } else {
+                        100.0 - (out_of_sync as f64 * 1000.0 / self.usable_bytes as f64).ceil() / 10.0
+                    },
+                    sync,
+                    last_error: p.last_error.clone(),
+                }
+            })
+            .collect();
+        ResourceStatus {
+            name: self.settings.name.clone(),
+            node_id: self.settings.node_id.0,
+            role: inner.role,
+            disk_state: inner.disk,
+            size_bytes: self.usable_bytes,
+            current_uuid: format!("{:016X}", g.current),
+            history_uuids: g.history.iter().map(|h| format!("{h:016X}")).collect(),
+            crashed_primary: g.crashed,
+            protocol: format!("{:?}", self.settings.protocol),
+            io_engine: self.backing.engine_name().to_string(),
+            writes: self.stats.writes.load(Relaxed),
+            written_bytes: self.stats.written_bytes.load(Relaxed),
+            reads: self.stats.reads.load(Relaxed),
+            resync_sent_bytes: self.stats.resync_sent_bytes.load(Relaxed),
+            resync_received_bytes: self.stats.resync_received_bytes.load(Relaxed),
+            concurrent_write_conflicts: self.stats.conflicts.load(Relaxed),
+            connections,
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! What a resource does with a peer's messages: the connect-time decision, the full
+//! resync (source and target side), generation updates, and applying replicated writes.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_common::frame::{self, Channel};
+
+use super::decide::{decide, Decision, Generation};
+use super::{Conn, Resource, SyncProgress};
+use crate::meta::format::FLAG_CRASHED_PRIMARY;
+use crate::proto::{AckMode, PeerMsg, PeerState};
+use crate::state::{ConnState, DiskState, ReplState, Role};
+
+/// Resync chunk size and how many chunks may await the target's ack.
+const SYNC_CHUNK_BYTES: u64 = 1 << 20;
+const SYNC_WINDOW_CHUNKS: usize = 16;
+
+/// Why a session must end.
+#[derive(Debug)]
+pub struct SessionEnd {
+    pub reason: String,
+    /// Stay disconnected until an operator runs `tandemadm connect`.
+    pub standalone: bool,
+}
+
+impl SessionEnd {
+    fn standalone(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            standalone: true,
+        }
+    }
+    fn retry(reason: impl Into<String>) -> Self {
+        Self {
+            reason: reason.into(),
+            standalone: false,
+        }
+    }
+}
+
+impl Resource {
+    /// Handles a `State` message; the first one of a session triggers the decision.
+    pub async fn on_peer_state(
+        self: &Arc<Self>,
+        conn: &Arc<Conn>,
+        st: PeerState,
+        first: bool,
+    ) -> Result<(), SessionEnd> {
+        self.update_peer(conn.peer, |p| p.state = Some(st.clone()));
+        if first {
+            self.emit(
+                "change",
+                "connection",
+                &format!("peer-node-id:{} role:{}", conn.peer, st.role),
+            );
+            return self.handshake_decision(conn, &st).await;
+        }
+        self.emit(
+            "change",
+            "peer-device",
+            &format!("peer-node-id:{} peer-disk:{}", conn.peer, st.disk),
+        );
+        self.reevaluate(conn).await;
+        Ok(())
+    }
+
+    async fn handshake_decision(
+        self: &Arc<Self>,
+        conn: &Arc<Conn>,
+        st: &PeerState,
+    ) -> Result<(), SessionEnd> {
+        let name = self
+            .peer_view(conn.peer)
+            .map(|p| p.name)
+            .unwrap_or_default();
+        if st.usable_size_bytes != self.usable_bytes {
+            return Err(SessionEnd::standalone(format!(
+                "size mismatch: peer {name} has {} bytes, we have {}; recreate metadata with the same resource size",
+                st.usable_size_bytes, self.usable_bytes
+            )));
+        }
+        if st.protocol != self.settings.protocol
+            || st.allow_two_primaries != self.settings.allow_two_primaries
+        {
+            return Err(SessionEnd::standalone(format!(
+                "configuration mismatch with {name}: protocol/allow-two-primaries differ; use the same cluster.toml on every node"
+            )));
+        }
+        if st.role == Role::Primary && self.role() == Role::Primary && !self.settings.allow_two_primaries {
+            return Err(SessionEnd::standalone(format!(
+                "both this node and {name} are Primary and allow-two-primaries is off"
+            )));
+        }
+        let discard = self
+            .update_peer(conn.peer, |p| std::mem::take(&mut p.discard_my_data))
+            .unwrap_or(false);
+        let me = self.generation();
+        let peer = peer_generation(st);
+        let (mut decision, mut rule) = decide(&me, &peer);
+        if discard && peer.current != 0 {
+            (decision, rule) = (Decision::SyncTarget, "discard-my-data");
+        }
+        tracing::info!(resource = %self.name(), peer = %name, ?decision, %rule,
+            local = format_args!("{:016X}:{:016X}", me.current, me.history[0]),
+            remote = format_args!("{:016X}:{:016X}", peer.current, peer.history[0]),
+            "uuid_compare decided by rule={rule}");
+        match decision {
+            Decision::NoSync => {
+                self.set_repl(conn.peer, ReplState::Established);
+                self.check_all_in_sync();
+                Ok(())
+            }
+            Decision::SyncSource => {
+                self.start_resync(conn.clone());
+                Ok(())
+            }
+            Decision::SyncTarget => {
+                // The source starts; until then we are a target waiting for data.
+                self.set_repl(conn.peer, ReplState::SyncTarget);
+                Ok(())
+            }
+            Decision::SplitBrain => {
+                tracing::error!(resource = %self.name(), peer = %name, %rule,
+                    "Split-Brain detected, dropping connection! Resolve with `tandemadm disconnect`, `tandemadm secondary` and `tandemadm connect --discard-my-data` on the node whose changes are to be discarded");
+                self.emit("call", "helper", &format!("peer-node-id:{} helper:split-brain", conn.peer));
+                Err(SessionEnd::standalone("split brain detected"))
+            }
+            Decision::Unrelated => Err(SessionEnd::standalone(format!(
+                "unrelated data: {name}'s generations share no history with ours (rule {rule}); one side needs `tandemadm create-md --force` and a full sync"
+            ))),
+        }
+    }
+
+    /// After a state change (ours or a peer's) an idle connection may now need a resync,
+    /// e.g. after `primary --force` with Inconsistent peers.
+    pub(super) async fn reevaluate(self: &Arc<Self>, conn: &Arc<Conn>) {
+        let Some(view) = self.peer_view(conn.peer) else {
+            return;
+        };
+        let Some(st) = view.state.as_ref() else {
+            return;
+        };
+        if view.repl != ReplState::Established {
+            return;
+        }
+        let (decision, rule) = decide(&self.generation(), &peer_generation(st));
+        match decision {
+            Decision::SyncSource => {
+                tracing::info!(resource = %self.name(), peer = %view.name, %rule, "state changed: starting resync");
+                self.start_resync(conn.clone());
+            }
+            Decision::SyncTarget => self.set_repl(conn.peer, ReplState::SyncTarget),
+            _ => {}
+        }
+    }
+
+    pub(super) async fn reevaluate_all(self: &Arc<Self>) {
+        for c in self.connections() {
+            self.reevaluate(&c).await;
+        }
+    }
+
+    fn check_all_in_sync(&self) {
+        let inner = self.inner.lock();
+        if inner
+            .peers
+            .values()
+            .all(|p| p.conn.is_some() && p.repl == ReplState::Established)
+        {
+            drop(inner);
+            self.all_peers_in_sync();
+        }
+    }
+
+    fn start_resync(self: &Arc<Self>, conn: Arc<Conn>) {
+        self.set_repl(conn.peer, ReplState::SyncSource);
+        let total = self.usable_bytes;
+        self.update_peer(conn.peer, |p| {
+            p.sync = Some(SyncProgress {
+                total_bytes: total,
+                done_bytes: 0,
+                started: Instant::now(),
+            })
+        });
+        let me = self.clone();
+        tokio::spawn(async move {
+            match me.run_resync(&conn).await {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(resource = %me.name(), peer = %conn.peer, error = %e, "resync interrupted; it restarts on reconnect");
+                    conn.close();
+                }
+            }
+        });
+    }
+
+    /// SyncSource: streams the whole volume in chunks with a bounded window of unacked
+    /// chunks. Application writes keep flowing; range locks order them with the chunks.
+    async fn run_resync(self: &Arc<Self>, conn: &Arc<Conn>) -> Result<(), String> {
+        let total = self.usable_bytes;
+        if !conn.send(&PeerMsg::SyncStart { total_bytes: total }).await {
+            return Err("connection closed".into());
+        }
+        let started = Instant::now();
+        let mut window = std::collections::VecDeque::new();
+        let mut offset = 0u64;
+        let mut acked = 0u64;
+        while offset < total {
+            if conn.is_closed() || self.is_down() {
+                return Err("connection closed".into());
+            }
+            let len = SYNC_CHUNK_BYTES.min(total - offset);
+            let seq = self.next_seq();
+            let rx = conn.expect_ack(seq);
+            {
+                let _range = self.ranges.lock(offset, len).await;
+                let data = self
+                    .backing
+                    .read_at(offset, len as usize)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let f = frame::encode(Channel::Replication, &PeerMsg::SyncData { seq, offset, data })
+                    .map_err(|e| e.to_string())?;
+                if !conn.send_frame(Arc::new(f)).await {
+                    return Err("connection closed".into());
+                }
+            }
+            self.stats.resync_sent_bytes.fetch_add(len, Ordering::Relaxed);
+            window.push_back((rx, len));
+            offset += len;
+            while window.len() >= SYNC_WINDOW_CHUNKS || (offset >= total && !window.is_empty()) {
+                let (rx, len) = window.pop_front().expect("non-empty");
+                match rx.await {
+                    Ok(Ok(())) => acked += len,
+                    Ok(Err(e)) => return Err(format!("peer failed a resync write: {e}")),
+                    Err(_) => return Err("connection closed".into()),
+                }
+                self.update_peer(conn.peer, |p| {
+                    if let Some(s) = p.sync.as_mut() {
+                        s.done_bytes = acked;
+                    }
+                });
+            }
+            if let Some(rate) = self.settings.resync_rate_bytes_per_s {
+                let due = Duration::from_secs_f64(offset as f64 / rate.max(1) as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        let g = self.generation();
+        if !conn
+            .send(&PeerMsg::SyncDone {
+                current: g.current,
+                history: g.history,
+            })
+            .await
+        {
+            return Err("connection closed".into());
+        }
+        let secs = started.elapsed().as_secs_f64().max(1e-6);
+        tracing::info!(resource = %self.name(), peer = %conn.peer, bytes = total,
+            mib_per_s = format_args!("{:.1}", total as f64 / secs / 1048576.0), "resync done (SyncSource)");
+        self.update_peer(conn.peer, |p| p.sync = None);
+        self.set_repl(conn.peer, ReplState::Established);
+        self.check_all_in_sync();
+        Ok(())
+    }
+
+    /// Messages that must apply in stream order (called by the session's apply task).
+    pub async fn apply_in_order(self: &Arc<Self>, conn: &Arc<Conn>, msg: PeerMsg) -> Result<(), SessionEnd> {
+        match msg {
+            PeerMsg::Write { seq, offset, data, fua, ack } => {
+                let len = data.len() as u64;
+                self.check_conflict(conn, offset, len)?;
+                let r = async {
+                    self.backing.write_at(offset, data).await?;
+                    if fua {
+                        self.backing.sync().await?;
+                    }
+                    Ok::<_, crate::backing::BackingError>(())
+                }
+                .await;
+                self.ack_result(conn, seq, ack, r).await
+            }
+            PeerMsg::Zero { seq, offset, len, fua, ack } => {
+                self.check_conflict(conn, offset, len)?;
+                let r = async {
+                    self.backing.write_zeroes(offset, len).await?;
+                    if fua {
+                        self.backing.sync().await?;
+                    }
+                    Ok::<_, crate::backing::BackingError>(())
+                }
+                .await;
+                self.ack_result(conn, seq, ack, r).await
+            }
+            PeerMsg::Flush { seq } => {
+                let r = self.backing.sync().await;
+                self.ack_result(conn, seq, AckMode::Write, r).await
+            }
+            PeerMsg::SyncStart { total_bytes } => {
+                tracing::info!(resource = %self.name(), peer = %conn.peer, total_bytes, "resync started (SyncTarget)");
+                self.persist(|sb| sb.disk_state = DiskState::Inconsistent)
+                    .await
+                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                self.set_disk(DiskState::Inconsistent);
+                self.set_repl(conn.peer, ReplState::SyncTarget);
+                self.update_peer(conn.peer, |p| {
+                    p.sync = Some(SyncProgress {
+                        total_bytes,
+                        done_bytes: 0,
+                        started: Instant::now(),
+                    })
+                });
+                Ok(())
+            }
+            PeerMsg::SyncData { seq, offset, data } => {
+                let len = data.len() as u64;
+                if offset.checked_add(len).is_none_or(|e| e > self.usable_bytes) {
+                    return Err(SessionEnd::retry("resync data beyond the end of the volume"));
+                }
+                let r = self.backing.write_at(offset, data).await;
+                self.stats.resync_received_bytes.fetch_add(len, Ordering::Relaxed);
+                self.update_peer(conn.peer, |p| {
+                    if let Some(s) = p.sync.as_mut() {
+                        s.done_bytes = (offset + len).max(s.done_bytes);
+                    }
+                });
+                self.ack_result(conn, seq, AckMode::Write, r).await
+            }
+            PeerMsg::SyncDone { current, history } => {
+                self.backing
+                    .sync()
+                    .await
+                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                self.persist(|sb| {
+                    sb.current_uuid = current;
+                    sb.history_uuids = history;
+                    sb.disk_state = DiskState::UpToDate;
+                    sb.flags &= !FLAG_CRASHED_PRIMARY;
+                })
+                .await
+                .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                tracing::info!(resource = %self.name(), peer = %conn.peer, "resync done (SyncTarget): UpToDate");
+                self.set_disk(DiskState::UpToDate);
+                self.update_peer(conn.peer, |p| p.sync = None);
+                self.set_repl(conn.peer, ReplState::Established);
+                self.broadcast_state().await;
+                self.check_all_in_sync();
+                Ok(())
+            }
+            PeerMsg::Uuids { current, history } => {
+                let g = self.generation();
+                let in_sync = self
+                    .peer_view(conn.peer)
+                    .is_some_and(|p| p.repl == ReplState::Established);
+                if in_sync && current > g.current && self.disk() == DiskState::UpToDate {
+                    self.persist(|sb| {
+                        sb.current_uuid = current;
+                        sb.history_uuids = history;
+                    })
+                    .await
+                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                }
+                Ok(())
+            }
+            PeerMsg::NewCurrentUuid { uuid } => {
+                let g = self.generation();
+                if g.current == 0 && self.disk() == DiskState::Inconsistent {
+                    self.persist(|sb| {
+                        sb.current_uuid = uuid;
+                        sb.disk_state = DiskState::UpToDate;
+                    })
+                    .await
+                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                    self.set_disk(DiskState::UpToDate);
+                    self.set_repl(conn.peer, ReplState::Established);
+                    self.broadcast_state().await;
+                    self.check_all_in_sync();
+                    Ok(())
+                } else {
+                    Err(SessionEnd::standalone(
+                        "peer sent new-current-uuid --clear-bitmap but this disk already has data",
+                    ))
+                }
+            }
+            other => Err(SessionEnd::retry(format!(
+                "unexpected {} in the ordered stream",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// Dual-primary: a peer's write overlapping one of our own in-flight writes means the
+    /// layer above did not lock. DRBD drops the connection; so do we (the copies are then
+    /// resynced, never silently different).
+    fn check_conflict(&self, conn: &Conn, offset: u64, len: u64) -> Result<(), SessionEnd> {
+        if self.inflight.overlaps(offset, len) {
+            let n = self.stats.conflicts.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::error!(resource = %self.name(), peer = %conn.peer, offset, len, total = n,
+                "Concurrent writes detected: local and remote writes overlap; dropping the connection");
+            return Err(SessionEnd::retry("concurrent writes detected"));
+        }
+        Ok(())
+    }
+
+    async fn ack_result(
+        &self,
+        conn: &Conn,
+        seq: u64,
+        ack: AckMode,
+        r: Result<(), crate::backing::BackingError>,
+    ) -> Result<(), SessionEnd> {
+        match r {
+            Ok(()) => {
+                if ack == AckMode::Write {
+                    conn.send(&PeerMsg::WriteAck { seq }).await;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(resource = %self.name(), error = %e, "local disk failed a replicated write");
+                conn.send(&PeerMsg::NegAck {
+                    seq,
+                    reason: e.to_string(),
+                })
+                .await;
+                self.set_disk(DiskState::Failed);
+                Err(SessionEnd::retry(format!("local disk error: {e}")))
+            }
+        }
+    }
+
+    /// A session ended: for protocols A and B a Primary may have queued writes the peer
+    /// never got, so mint a new generation right away (protocol C does it per write).
+    pub async fn after_session(self: &Arc<Self>, conn: &Arc<Conn>, end: &SessionEnd) {
+        if end.standalone {
+            self.update_peer(conn.peer, |p| p.standalone = true);
+        }
+        let next = if end.standalone {
+            ConnState::StandAlone
+        } else {
+            ConnState::Connecting
+        };
+        self.on_disconnected(conn, &end.reason, next).await;
+        if self.role() == Role::Primary
+            && self.settings.protocol != tandem_common::config::Protocol::C
+            && self.disk() == DiskState::UpToDate
+        {
+            self.rotated.store(false, Ordering::Release);
+            if let Err(e) = self.ensure_generation_for_missing_peers().await {
+                tracing::error!(resource = %self.name(), error = %e, "cannot record new generation");
+            }
+        }
+    }
+}
+
+fn peer_generation(st: &PeerState) -> Generation {
+    Generation {
+        disk: st.disk,
+        current: st.current_uuid,
+        history: st.history_uuids,
+        crashed: st.crashed_primary,
+    }
+}
