@@ -1,1 +1,7 @@
-//! tandem-lockmgr: filled in by its own issue.
+//! Tandem's lock manager: a DLM whose lock table is replicated with Raft.
+//!
+//! - `types`: ids, modes, flags, value blocks.
+//! - `table`: the pure lock-table state machine (Raft log entries in, effects out).
+
+pub mod table;
+pub mod types;

@@ -1,0 +1,910 @@
+//! The replicated lock table: a pure, deterministic state machine. Raft log entries are
+//! `Command`s; applying one returns `Effect`s (completions, blocking callbacks, failures) that
+//! the daemon owning the addressed session delivers. Every replica applies every command, so
+//! every replica computes the same effects; only the session's own node sends them.
+
+mod resource;
+#[cfg(test)]
+mod tests;
+
+use crate::types::{
+    validate_lockspace, validate_resource, FencingToken, Flags, LockId, Lvb, Mode, ReqId, SessionId,
+};
+use resource::{Ctx, Resource};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use tandem_common::NodeId;
+
+pub use resource::is_weaker_or_equal;
+
+/// Bound on remembered out-of-order request ids per session (duplicate suppression window).
+const MAX_REQ_WINDOW: usize = 4096;
+
+/// A resource: lockspace plus resource name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ResKey {
+    pub lockspace: String,
+    pub name: Vec<u8>,
+}
+
+/// Raft log entry payload. Session commands carry the client's request id so that a
+/// proposal re-sent after a leader change is applied once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    OpenSession {
+        session: SessionId,
+        client: String,
+    },
+    CloseSession {
+        session: SessionId,
+    },
+    Lock {
+        session: SessionId,
+        req: ReqId,
+        lockspace: String,
+        resource: Vec<u8>,
+        mode: Mode,
+        flags: Flags,
+    },
+    Convert {
+        session: SessionId,
+        req: ReqId,
+        lock: LockId,
+        mode: Mode,
+        flags: Flags,
+        /// Written to the resource when lowering from PW/EX.
+        lvb: Option<Lvb>,
+    },
+    Unlock {
+        session: SessionId,
+        req: ReqId,
+        lock: LockId,
+        /// Written to the resource when releasing a PW/EX lock.
+        lvb: Option<Lvb>,
+    },
+    Cancel {
+        session: SessionId,
+        req: ReqId,
+        lock: LockId,
+    },
+    /// The leader stopped hearing from `node`: its sessions end and their granted locks are
+    /// orphaned. `fenced` is set when quorum eviction already guarantees the node cannot act.
+    NodeDown {
+        node: NodeId,
+        fenced: bool,
+    },
+    /// A daemon started with a new incarnation: sessions of its earlier incarnations are dead
+    /// (their clients saw the socket close), so their locks are orphaned and already fenced.
+    NodeRestart {
+        node: NodeId,
+        incarnation: u64,
+    },
+    /// Operator or Pacemaker confirmed `node` is fenced.
+    FenceAck {
+        session: SessionId,
+        req: ReqId,
+        node: NodeId,
+    },
+    /// A survivor replayed `node`'s journal for `lockspace`: purge its orphans there.
+    RecoveryDone {
+        session: SessionId,
+        req: ReqId,
+        node: NodeId,
+        lockspace: String,
+    },
+}
+
+/// Why a request failed; crosses the wire to clients.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum LockError {
+    #[error("the session is not open (closed, evicted or never opened)")]
+    NoSession,
+    #[error("no such lock")]
+    UnknownLock,
+    #[error("the lock belongs to another session")]
+    NotOwner,
+    #[error("the request would block and NOQUEUE was given")]
+    WouldBlock,
+    #[error("conversion deadlock: this conversion was cancelled")]
+    Deadlock,
+    #[error("the request was cancelled")]
+    Cancelled,
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("the lock already has a request in progress")]
+    Busy,
+    #[error("the lock has no request in progress to cancel")]
+    NotPending,
+    #[error("the lock is not granted")]
+    NotGranted,
+    #[error("node {0} is up; fence-ack applies to failed nodes")]
+    NodeNotDown(NodeId),
+    #[error("node {0} is not fenced yet; run fence-ack first")]
+    NodeNotFenced(NodeId),
+    #[error("session refused: {0}")]
+    Refused(String),
+}
+
+/// Why a session ended without the client closing it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndReason {
+    Closed,
+    NodeDown,
+    Restarted,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Effect {
+    SessionOpened {
+        session: SessionId,
+    },
+    SessionEnded {
+        session: SessionId,
+        reason: EndReason,
+    },
+    /// Completion callback: a request or conversion was granted.
+    Granted {
+        session: SessionId,
+        req: ReqId,
+        lock: LockId,
+        mode: Mode,
+        token: FencingToken,
+        lvb: Lvb,
+        lvb_valid: bool,
+    },
+    Failed {
+        session: SessionId,
+        req: ReqId,
+        lock: Option<LockId>,
+        error: LockError,
+    },
+    /// Blocking callback: `lock` stands in the way of a request for `wanted`.
+    Blocking {
+        session: SessionId,
+        lock: LockId,
+        wanted: Mode,
+    },
+    Unlocked {
+        session: SessionId,
+        req: ReqId,
+        lock: LockId,
+    },
+    /// An administrative command (fence-ack, recovery-done) succeeded.
+    Done {
+        session: SessionId,
+        req: ReqId,
+    },
+}
+
+impl Effect {
+    pub fn session(&self) -> SessionId {
+        match self {
+            Effect::SessionOpened { session }
+            | Effect::SessionEnded { session, .. }
+            | Effect::Granted { session, .. }
+            | Effect::Failed { session, .. }
+            | Effect::Blocking { session, .. }
+            | Effect::Unlocked { session, .. }
+            | Effect::Done { session, .. } => *session,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Pending {
+    pub req: ReqId,
+    pub mode: Mode,
+    pub flags: Flags,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Lock {
+    pub owner: SessionId,
+    pub key: ResKey,
+    pub granted: Option<Mode>,
+    pub pending: Option<Pending>,
+    /// The owner's node died; held until recovery-done, never granted away.
+    pub orphaned: bool,
+    pub token: FencingToken,
+    /// Bit per wanted mode already signalled with a blocking callback at this granted mode.
+    pub basts_sent: u8,
+}
+
+/// Duplicate suppression: every request id at or below `floor` was applied, plus `above`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct ReqWindow {
+    floor: u64,
+    above: BTreeSet<u64>,
+}
+
+impl ReqWindow {
+    /// Records `req`; false if it was applied before.
+    fn first_time(&mut self, req: ReqId) -> bool {
+        if req.0 <= self.floor || !self.above.insert(req.0) {
+            return false;
+        }
+        while self.above.remove(&(self.floor + 1)) {
+            self.floor += 1;
+        }
+        if self.above.len() > MAX_REQ_WINDOW {
+            // A client that leaves a gap this long lost a request for good; forgetting the
+            // gap only means a very late duplicate of it would be dropped.
+            let lowest = *self.above.first().expect("non-empty");
+            self.floor = lowest - 1;
+            while self.above.remove(&(self.floor + 1)) {
+                self.floor += 1;
+            }
+        }
+        true
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Session {
+    client: String,
+    locks: BTreeSet<LockId>,
+    reqs: ReqWindow,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NodeRecord {
+    pub incarnation: u64,
+    pub up: bool,
+    /// Orphans of this node may be recovered (fence confirmed or self-attested restart).
+    pub fenced: bool,
+}
+
+/// The whole replicated state. Serialized as the Raft snapshot.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LockTable {
+    resources: BTreeMap<ResKey, Resource>,
+    locks: BTreeMap<LockId, Lock>,
+    sessions: BTreeMap<SessionId, Session>,
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    next_lock_id: u64,
+    last_token: u64,
+}
+
+/// A read-only view of one lock for `tandem-lockctl locks`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LockView {
+    pub lock: LockId,
+    pub owner: SessionId,
+    pub granted: Option<Mode>,
+    pub wanted: Option<Mode>,
+    pub orphaned: bool,
+    pub token: FencingToken,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResourceView {
+    pub name: Vec<u8>,
+    pub lvb_valid: bool,
+    pub granted: Vec<LockView>,
+    pub converting: Vec<LockView>,
+    pub waiting: Vec<LockView>,
+}
+
+impl LockTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one committed command. Deterministic: same table + command = same result.
+    pub fn apply(&mut self, cmd: &Command) -> Vec<Effect> {
+        let mut fx = Vec::new();
+        match cmd {
+            Command::OpenSession { session, client } => {
+                self.open_session(*session, client, &mut fx)
+            }
+            Command::CloseSession { session } => {
+                if self.sessions.contains_key(session) {
+                    self.end_session(*session, false);
+                    fx.push(Effect::SessionEnded {
+                        session: *session,
+                        reason: EndReason::Closed,
+                    });
+                    self.regrant_all(&mut fx);
+                }
+            }
+            Command::NodeDown { node, fenced } => self.node_down(*node, *fenced, &mut fx),
+            Command::NodeRestart { node, incarnation } => {
+                self.node_restart(*node, *incarnation, &mut fx)
+            }
+            Command::Lock { session, req, .. }
+            | Command::Convert { session, req, .. }
+            | Command::Unlock { session, req, .. }
+            | Command::Cancel { session, req, .. }
+            | Command::FenceAck { session, req, .. }
+            | Command::RecoveryDone { session, req, .. } => {
+                let Some(s) = self.sessions.get_mut(session) else {
+                    fx.push(Effect::Failed {
+                        session: *session,
+                        req: *req,
+                        lock: None,
+                        error: LockError::NoSession,
+                    });
+                    return fx;
+                };
+                if !s.reqs.first_time(*req) {
+                    return fx; // duplicate proposal after a retry: already applied
+                }
+                if let Err((lock, error)) = self.session_command(cmd, &mut fx) {
+                    fx.push(Effect::Failed {
+                        session: *session,
+                        req: *req,
+                        lock,
+                        error,
+                    });
+                }
+            }
+        }
+        fx
+    }
+
+    fn open_session(&mut self, session: SessionId, client: &str, fx: &mut Vec<Effect>) {
+        if self.sessions.contains_key(&session) {
+            return;
+        }
+        let rec = self.nodes.entry(session.node).or_insert(NodeRecord {
+            incarnation: session.incarnation,
+            up: true,
+            fenced: false,
+        });
+        let refuse = if rec.incarnation != session.incarnation {
+            Some("the daemon that opened it has restarted".to_string())
+        } else if !rec.up && !rec.fenced {
+            Some(format!(
+                "node {} was declared down and is not fenced yet",
+                session.node
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = refuse {
+            fx.push(Effect::Failed {
+                session,
+                req: ReqId(0),
+                lock: None,
+                error: LockError::Refused(reason),
+            });
+            return;
+        }
+        rec.up = true;
+        self.sessions.insert(
+            session,
+            Session {
+                client: client.chars().take(64).collect(),
+                locks: BTreeSet::new(),
+                reqs: ReqWindow::default(),
+            },
+        );
+        fx.push(Effect::SessionOpened { session });
+    }
+
+    fn session_command(
+        &mut self,
+        cmd: &Command,
+        fx: &mut Vec<Effect>,
+    ) -> Result<(), (Option<LockId>, LockError)> {
+        match cmd {
+            Command::Lock {
+                session,
+                req,
+                lockspace,
+                resource,
+                mode,
+                flags,
+            } => {
+                validate_lockspace(lockspace).map_err(|m| (None, LockError::Invalid(m)))?;
+                validate_resource(resource).map_err(|m| (None, LockError::Invalid(m)))?;
+                check_flags(*flags)?;
+                self.new_lock(*session, *req, lockspace, resource, *mode, *flags, fx);
+                Ok(())
+            }
+            Command::Convert {
+                session,
+                req,
+                lock,
+                mode,
+                flags,
+                lvb,
+            } => {
+                check_flags(*flags)?;
+                self.convert(*session, *req, *lock, *mode, *flags, *lvb, fx)
+            }
+            Command::Unlock {
+                session,
+                req,
+                lock,
+                lvb,
+            } => self.unlock(*session, *req, *lock, *lvb, fx),
+            Command::Cancel { session, req, lock } => self.cancel(*session, *req, *lock, fx),
+            Command::FenceAck { session, req, node } => {
+                let rec = self
+                    .nodes
+                    .get_mut(node)
+                    .ok_or((None, LockError::NodeNotDown(*node)))?;
+                let has_orphans = self
+                    .locks
+                    .values()
+                    .any(|l| l.orphaned && l.owner.node == *node);
+                if rec.up && !has_orphans {
+                    return Err((None, LockError::NodeNotDown(*node)));
+                }
+                rec.fenced = true;
+                fx.push(Effect::Done {
+                    session: *session,
+                    req: *req,
+                });
+                self.regrant_all(fx);
+                Ok(())
+            }
+            Command::RecoveryDone {
+                session,
+                req,
+                node,
+                lockspace,
+            } => {
+                let fenced = self.nodes.get(node).is_some_and(|n| n.fenced);
+                if !fenced {
+                    return Err((None, LockError::NodeNotFenced(*node)));
+                }
+                let purge: Vec<LockId> = self
+                    .locks
+                    .iter()
+                    .filter(|(_, l)| {
+                        l.orphaned && l.owner.node == *node && l.key.lockspace == *lockspace
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in purge {
+                    let lock = self.locks.remove(&id).expect("listed");
+                    let res = self
+                        .resources
+                        .get_mut(&lock.key)
+                        .expect("resource of a lock");
+                    if lock.granted.is_some_and(Mode::writes_lvb) {
+                        // The dead holder may have changed what the block describes.
+                        res.lvb_valid = false;
+                    }
+                    res.forget(id);
+                }
+                fx.push(Effect::Done {
+                    session: *session,
+                    req: *req,
+                });
+                self.regrant_all(fx);
+                Ok(())
+            }
+            _ => unreachable!("session_command called with a non-session command"),
+        }
+    }
+
+    fn ctx<'a>(
+        locks: &'a mut BTreeMap<LockId, Lock>,
+        nodes: &'a BTreeMap<NodeId, NodeRecord>,
+        last_token: &'a mut u64,
+        effects: &'a mut Vec<Effect>,
+    ) -> Ctx<'a> {
+        Ctx {
+            locks,
+            nodes,
+            last_token,
+            effects,
+        }
+    }
+
+    fn new_lock(
+        &mut self,
+        session: SessionId,
+        req: ReqId,
+        lockspace: &str,
+        name: &[u8],
+        mode: Mode,
+        flags: Flags,
+        fx: &mut Vec<Effect>,
+    ) {
+        let key = ResKey {
+            lockspace: lockspace.to_string(),
+            name: name.to_vec(),
+        };
+        self.next_lock_id += 1;
+        let id = LockId(self.next_lock_id);
+        let res = self.resources.entry(key.clone()).or_default();
+        let mut ctx = Self::ctx(&mut self.locks, &self.nodes, &mut self.last_token, fx);
+        let grantable = res.can_grant_new(&ctx, id, mode, flags);
+        if !grantable && flags.contains(Flags::NOQUEUE) {
+            if res.is_empty() {
+                self.resources.remove(&key);
+            }
+            fx.push(Effect::Failed {
+                session,
+                req,
+                lock: None,
+                error: LockError::WouldBlock,
+            });
+            return;
+        }
+        ctx.locks.insert(
+            id,
+            Lock {
+                owner: session,
+                key,
+                granted: None,
+                pending: Some(Pending { req, mode, flags }),
+                orphaned: false,
+                token: FencingToken(0),
+                basts_sent: 0,
+            },
+        );
+        self.sessions
+            .get_mut(&session)
+            .expect("checked by apply")
+            .locks
+            .insert(id);
+        if grantable {
+            res.grant(&mut ctx, id);
+        } else {
+            res.waiting.push(id);
+        }
+        res.grant_pending(&mut ctx);
+    }
+
+    fn owned(&self, session: SessionId, id: LockId) -> Result<&Lock, (Option<LockId>, LockError)> {
+        let lock = self
+            .locks
+            .get(&id)
+            .ok_or((Some(id), LockError::UnknownLock))?;
+        if lock.owner != session {
+            return Err((Some(id), LockError::NotOwner));
+        }
+        Ok(lock)
+    }
+
+    fn convert(
+        &mut self,
+        session: SessionId,
+        req: ReqId,
+        id: LockId,
+        mode: Mode,
+        flags: Flags,
+        lvb: Option<Lvb>,
+        fx: &mut Vec<Effect>,
+    ) -> Result<(), (Option<LockId>, LockError)> {
+        let lock = self.owned(session, id)?;
+        if lock.pending.is_some() {
+            return Err((Some(id), LockError::Busy));
+        }
+        let from = lock.granted.ok_or((Some(id), LockError::NotGranted))?;
+        let key = lock.key.clone();
+        let res = self.resources.get_mut(&key).expect("resource of a lock");
+        if let Some(lvb) = lvb {
+            if from.writes_lvb() && mode != Mode::EX && mode != from {
+                res.lvb = lvb;
+                res.lvb_valid = true;
+            }
+        }
+        let mut ctx = Self::ctx(&mut self.locks, &self.nodes, &mut self.last_token, fx);
+        let in_place = res.can_convert_in_place(&ctx, id, from, mode, flags);
+        if !in_place && flags.contains(Flags::NOQUEUE) {
+            return Err((Some(id), LockError::WouldBlock));
+        }
+        ctx.locks.get_mut(&id).expect("owned").pending = Some(Pending { req, mode, flags });
+        if in_place {
+            res.grant(&mut ctx, id);
+        } else {
+            res.converting.push(id);
+        }
+        res.grant_pending(&mut ctx);
+        Ok(())
+    }
+
+    fn unlock(
+        &mut self,
+        session: SessionId,
+        req: ReqId,
+        id: LockId,
+        lvb: Option<Lvb>,
+        fx: &mut Vec<Effect>,
+    ) -> Result<(), (Option<LockId>, LockError)> {
+        let lock = self.owned(session, id)?;
+        let key = lock.key.clone();
+        let held = lock.granted;
+        if let Some(p) = &lock.pending {
+            // Unlocking a lock with a request in flight cancels that request first.
+            fx.push(Effect::Failed {
+                session,
+                req: p.req,
+                lock: Some(id),
+                error: LockError::Cancelled,
+            });
+        }
+        let res = self.resources.get_mut(&key).expect("resource of a lock");
+        if let (Some(lvb), Some(held)) = (lvb, held) {
+            if held.writes_lvb() {
+                res.lvb = lvb;
+                res.lvb_valid = true;
+            }
+        }
+        res.forget(id);
+        self.locks.remove(&id);
+        self.sessions
+            .get_mut(&session)
+            .expect("checked")
+            .locks
+            .remove(&id);
+        fx.push(Effect::Unlocked {
+            session,
+            req,
+            lock: id,
+        });
+        self.regrant(&key, fx);
+        Ok(())
+    }
+
+    fn cancel(
+        &mut self,
+        session: SessionId,
+        req: ReqId,
+        id: LockId,
+        fx: &mut Vec<Effect>,
+    ) -> Result<(), (Option<LockId>, LockError)> {
+        let lock = self.owned(session, id)?;
+        let Some(p) = lock.pending.clone() else {
+            return Err((Some(id), LockError::NotPending));
+        };
+        let key = lock.key.clone();
+        let was_granted = lock.granted.is_some();
+        let res = self.resources.get_mut(&key).expect("resource of a lock");
+        fx.push(Effect::Failed {
+            session,
+            req: p.req,
+            lock: Some(id),
+            error: LockError::Cancelled,
+        });
+        if was_granted {
+            res.converting.retain(|x| *x != id);
+            self.locks.get_mut(&id).expect("owned").pending = None;
+        } else {
+            res.forget(id);
+            self.locks.remove(&id);
+            self.sessions
+                .get_mut(&session)
+                .expect("checked")
+                .locks
+                .remove(&id);
+        }
+        fx.push(Effect::Done { session, req });
+        self.regrant(&key, fx);
+        Ok(())
+    }
+
+    /// Ends a session. With `orphan`, granted locks stay held as orphans; otherwise every
+    /// lock is released. Pending requests are dropped either way.
+    fn end_session(&mut self, session: SessionId, orphan: bool) {
+        let Some(s) = self.sessions.remove(&session) else {
+            return;
+        };
+        for id in s.locks {
+            let lock = self.locks.get_mut(&id).expect("session lock exists");
+            let res = self
+                .resources
+                .get_mut(&lock.key)
+                .expect("resource of a lock");
+            lock.pending = None;
+            res.converting.retain(|x| *x != id);
+            res.waiting.retain(|x| *x != id);
+            if orphan && lock.granted.is_some() {
+                lock.orphaned = true;
+            } else {
+                res.forget(id);
+                self.locks.remove(&id);
+            }
+        }
+    }
+
+    fn node_down(&mut self, node: NodeId, fenced: bool, fx: &mut Vec<Effect>) {
+        let rec = self.nodes.entry(node).or_insert(NodeRecord {
+            incarnation: 0,
+            up: true,
+            fenced: false,
+        });
+        if !rec.up {
+            rec.fenced |= fenced;
+            return;
+        }
+        rec.up = false;
+        rec.fenced = fenced;
+        let doomed: Vec<SessionId> = self
+            .sessions
+            .keys()
+            .filter(|s| s.node == node)
+            .copied()
+            .collect();
+        for s in doomed {
+            self.end_session(s, true);
+            fx.push(Effect::SessionEnded {
+                session: s,
+                reason: EndReason::NodeDown,
+            });
+        }
+        self.regrant_all(fx);
+    }
+
+    fn node_restart(&mut self, node: NodeId, incarnation: u64, fx: &mut Vec<Effect>) {
+        let doomed: Vec<SessionId> = self
+            .sessions
+            .keys()
+            .filter(|s| s.node == node && s.incarnation != incarnation)
+            .copied()
+            .collect();
+        for s in doomed {
+            self.end_session(s, true);
+            fx.push(Effect::SessionEnded {
+                session: s,
+                reason: EndReason::Restarted,
+            });
+        }
+        let rec = self.nodes.entry(node).or_insert(NodeRecord {
+            incarnation,
+            up: true,
+            fenced: true,
+        });
+        if rec.incarnation != incarnation {
+            // Only the new incarnation's own proposal gets here; a down node that restarts
+            // attests that its old clients are gone, as their sockets closed with the daemon.
+            rec.incarnation = incarnation;
+            rec.fenced = true;
+        }
+        rec.up = true;
+        self.regrant_all(fx);
+    }
+
+    fn regrant(&mut self, key: &ResKey, fx: &mut Vec<Effect>) {
+        let Some(res) = self.resources.get_mut(key) else {
+            return;
+        };
+        let mut ctx = Self::ctx(&mut self.locks, &self.nodes, &mut self.last_token, fx);
+        res.grant_pending(&mut ctx);
+        if res.is_empty() {
+            self.resources.remove(key);
+        }
+    }
+
+    fn regrant_all(&mut self, fx: &mut Vec<Effect>) {
+        let keys: Vec<ResKey> = self.resources.keys().cloned().collect();
+        for key in keys {
+            self.regrant(&key, fx);
+        }
+    }
+
+    // ---- read-only views (status, `lockctl locks`, tests, the simulation checker) ----
+
+    pub fn last_token(&self) -> FencingToken {
+        FencingToken(self.last_token)
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn has_session(&self, session: SessionId) -> bool {
+        self.sessions.contains_key(&session)
+    }
+
+    pub fn nodes(&self) -> &BTreeMap<NodeId, NodeRecord> {
+        &self.nodes
+    }
+
+    pub fn orphan_count(&self, node: NodeId) -> usize {
+        self.locks
+            .values()
+            .filter(|l| l.orphaned && l.owner.node == node)
+            .count()
+    }
+
+    pub fn lock(&self, id: LockId) -> Option<&Lock> {
+        self.locks.get(&id)
+    }
+
+    pub fn lockspaces(&self) -> BTreeSet<String> {
+        self.resources.keys().map(|k| k.lockspace.clone()).collect()
+    }
+
+    pub fn resources_in(&self, lockspace: &str) -> Vec<ResourceView> {
+        let view = |id: &LockId| {
+            let l = &self.locks[id];
+            LockView {
+                lock: *id,
+                owner: l.owner,
+                granted: l.granted,
+                wanted: l.pending.as_ref().map(|p| p.mode),
+                orphaned: l.orphaned,
+                token: l.token,
+            }
+        };
+        self.resources
+            .iter()
+            .filter(|(k, _)| k.lockspace == lockspace)
+            .map(|(k, r)| ResourceView {
+                name: k.name.clone(),
+                lvb_valid: r.lvb_valid,
+                granted: r.granted.iter().map(view).collect(),
+                converting: r.converting.iter().map(view).collect(),
+                waiting: r.waiting.iter().map(view).collect(),
+            })
+            .collect()
+    }
+
+    /// Checks structural invariants; used by tests and the simulation after every step.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (key, res) in &self.resources {
+            if res.is_empty() {
+                return Err(format!("empty resource {key:?} kept"));
+            }
+            for id in &res.granted {
+                let l = self.locks.get(id).ok_or(format!("granted {id} missing"))?;
+                if l.granted.is_none() || &l.key != key {
+                    return Err(format!("lock {id} in granted queue is not granted here"));
+                }
+            }
+            for id in &res.converting {
+                let l = self
+                    .locks
+                    .get(id)
+                    .ok_or(format!("converting {id} missing"))?;
+                if l.granted.is_none() || l.pending.is_none() || !res.granted.contains(id) {
+                    return Err(format!("lock {id} in convert queue is inconsistent"));
+                }
+            }
+            for id in &res.waiting {
+                let l = self.locks.get(id).ok_or(format!("waiting {id} missing"))?;
+                if l.granted.is_some() || l.pending.is_none() {
+                    return Err(format!("lock {id} in wait queue is inconsistent"));
+                }
+            }
+            // Live granted locks must be pairwise compatible; an orphan of a fenced node may
+            // coexist with a RECOVERY grant.
+            for (i, a) in res.granted.iter().enumerate() {
+                for b in &res.granted[i + 1..] {
+                    let (la, lb) = (&self.locks[a], &self.locks[b]);
+                    let fenced_orphan = |l: &Lock| {
+                        l.orphaned && self.nodes.get(&l.owner.node).is_some_and(|n| n.fenced)
+                    };
+                    if fenced_orphan(la) || fenced_orphan(lb) {
+                        continue;
+                    }
+                    if !la.granted.unwrap().compatible(lb.granted.unwrap()) {
+                        return Err(format!("incompatible grants {a} and {b} on {key:?}"));
+                    }
+                }
+            }
+        }
+        for (id, l) in &self.locks {
+            if !l.orphaned {
+                let s = self
+                    .sessions
+                    .get(&l.owner)
+                    .ok_or(format!("lock {id} owned by a closed session"))?;
+                if !s.locks.contains(id) {
+                    return Err(format!("lock {id} missing from its session"));
+                }
+            } else if l.pending.is_some() {
+                return Err(format!("orphan {id} has a pending request"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_flags(flags: Flags) -> Result<(), (Option<LockId>, LockError)> {
+    if flags.is_valid() {
+        Ok(())
+    } else {
+        Err((
+            None,
+            LockError::Invalid(format!("unknown flag bits {:#x}", flags.0)),
+        ))
+    }
+}
