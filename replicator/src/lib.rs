@@ -6,8 +6,11 @@
 //! socket), `daemon` (wiring it together).
 
 pub mod backing;
-pub mod meta;
-pub mod state;
+pub mod control;
+pub mod daemon;
 pub mod engine;
+pub mod meta;
+pub mod nbd;
 pub mod peer;
 pub mod proto;
+pub mod state;

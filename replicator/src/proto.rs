@@ -57,10 +57,15 @@ pub enum PeerMsg {
     State(PeerState),
     /// The sender minted a new current generation while connected to us (another peer
     /// was missing): adopt it, our data is identical.
-    Uuids { current: u64, history: [u64; 2] },
+    Uuids {
+        current: u64,
+        history: [u64; 2],
+    },
     /// `new-current-uuid --clear-bitmap`: both sides are empty, take this generation and
     /// become UpToDate without a sync.
-    NewCurrentUuid { uuid: u64 },
+    NewCurrentUuid {
+        uuid: u64,
+    },
     // --- application I/O (sequence numbers are per resource, per sender) ---
     Write {
         seq: u64,
@@ -76,14 +81,32 @@ pub enum PeerMsg {
         fua: bool,
         ack: AckMode,
     },
-    Flush { seq: u64 },
-    RecvAck { seq: u64 },
-    WriteAck { seq: u64 },
-    NegAck { seq: u64, reason: String },
+    Flush {
+        seq: u64,
+    },
+    RecvAck {
+        seq: u64,
+    },
+    WriteAck {
+        seq: u64,
+    },
+    NegAck {
+        seq: u64,
+        reason: String,
+    },
     // --- resync ---
-    SyncStart { total_bytes: u64 },
-    SyncData { seq: u64, offset: u64, data: Vec<u8> },
-    SyncDone { current: u64, history: [u64; 2] },
+    SyncStart {
+        total_bytes: u64,
+    },
+    SyncData {
+        seq: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    SyncDone {
+        current: u64,
+        history: [u64; 2],
+    },
     // --- liveness ---
     Ping,
     Pong,
@@ -112,8 +135,14 @@ impl PeerMsg {
 }
 
 /// Decodes one peer frame from a buffer: the fuzz target's entry point.
-pub fn decode_frame(buf: &[u8]) -> Result<Option<(PeerMsg, usize)>, tandem_common::frame::FrameError> {
-    tandem_common::frame::decode_from_buf(buf, tandem_common::frame::Channel::Replication, MAX_FRAME_BYTES)
+pub fn decode_frame(
+    buf: &[u8],
+) -> Result<Option<(PeerMsg, usize)>, tandem_common::frame::FrameError> {
+    tandem_common::frame::decode_from_buf(
+        buf,
+        tandem_common::frame::Channel::Replication,
+        MAX_FRAME_BYTES,
+    )
 }
 
 #[cfg(test)]
@@ -140,17 +169,42 @@ mod tests {
             allow_two_primaries: true,
             crashed_primary: false,
         }));
-        rt(PeerMsg::Uuids { current: 5, history: [6, 7] });
+        rt(PeerMsg::Uuids {
+            current: 5,
+            history: [6, 7],
+        });
         rt(PeerMsg::NewCurrentUuid { uuid: 9 });
-        rt(PeerMsg::Write { seq: 1, offset: 4096, data: vec![1; 10], fua: true, ack: AckMode::Write });
-        rt(PeerMsg::Zero { seq: 2, offset: 0, len: 8192, fua: false, ack: AckMode::Recv });
+        rt(PeerMsg::Write {
+            seq: 1,
+            offset: 4096,
+            data: vec![1; 10],
+            fua: true,
+            ack: AckMode::Write,
+        });
+        rt(PeerMsg::Zero {
+            seq: 2,
+            offset: 0,
+            len: 8192,
+            fua: false,
+            ack: AckMode::Recv,
+        });
         rt(PeerMsg::Flush { seq: 3 });
         rt(PeerMsg::RecvAck { seq: 3 });
         rt(PeerMsg::WriteAck { seq: 3 });
-        rt(PeerMsg::NegAck { seq: 3, reason: "EIO".into() });
+        rt(PeerMsg::NegAck {
+            seq: 3,
+            reason: "EIO".into(),
+        });
         rt(PeerMsg::SyncStart { total_bytes: 10 });
-        rt(PeerMsg::SyncData { seq: 4, offset: 0, data: vec![0; 3] });
-        rt(PeerMsg::SyncDone { current: 1, history: [0, 0] });
+        rt(PeerMsg::SyncData {
+            seq: 4,
+            offset: 0,
+            data: vec![0; 3],
+        });
+        rt(PeerMsg::SyncDone {
+            current: 1,
+            history: [0, 0],
+        });
         rt(PeerMsg::Ping);
         rt(PeerMsg::Pong);
     }

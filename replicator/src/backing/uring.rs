@@ -16,8 +16,16 @@ const RING_ENTRIES: u32 = 256;
 const WAKE_TOKEN: u64 = u64::MAX;
 
 enum Op {
-    Read { offset: u64, buf: Vec<u8>, done_bytes: usize },
-    Write { offset: u64, buf: Vec<u8>, done_bytes: usize },
+    Read {
+        offset: u64,
+        buf: Vec<u8>,
+        done_bytes: usize,
+    },
+    Write {
+        offset: u64,
+        buf: Vec<u8>,
+        done_bytes: usize,
+    },
     Sync,
 }
 
@@ -241,7 +249,10 @@ fn run(mut ring: IoUring, file: Arc<File>, rx: mpsc::Receiver<Request>, efd: Arc
             tracing::error!(error = %e, "io_uring submit failed; failing all requests");
             for slot in slots.iter_mut() {
                 if let Some(req) = slot.take() {
-                    finish(req, Err(std::io::Error::other(format!("io_uring failed: {e}"))));
+                    finish(
+                        req,
+                        Err(std::io::Error::other(format!("io_uring failed: {e}"))),
+                    );
                 }
             }
             // Serve later requests with an error too until the engine is dropped.

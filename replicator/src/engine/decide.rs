@@ -75,7 +75,11 @@ pub fn decide(me: &Generation, peer: &Generation) -> (Decision, &'static str) {
     }
     if me.history[0] != 0 && me.history[0] == peer.history[0] {
         (Decision::SplitBrain, "common-parent")
-    } else if me.history.iter().any(|h| *h != 0 && peer.history.contains(h)) {
+    } else if me
+        .history
+        .iter()
+        .any(|h| *h != 0 && peer.history.contains(h))
+    {
         (Decision::SplitBrain, "common-ancestor")
     } else {
         (Decision::Unrelated, "unrelated-data")
@@ -99,21 +103,58 @@ mod tests {
     #[test]
     fn rules() {
         let cases = [
-            (g(Inconsistent, 0, [0, 0]), g(Inconsistent, 0, [0, 0]), Decision::NoSync),
-            (g(UpToDate, 5, [0, 0]), g(Inconsistent, 0, [0, 0]), Decision::SyncSource),
-            (g(UpToDate, 5, [0, 0]), g(Inconsistent, 5, [0, 0]), Decision::SyncSource),
-            (g(UpToDate, 5, [0, 0]), g(UpToDate, 5, [0, 0]), Decision::NoSync),
-            (g(UpToDate, 6, [5, 0]), g(UpToDate, 5, [0, 0]), Decision::SyncSource),
-            (g(UpToDate, 5, [1, 0]), g(UpToDate, 6, [5, 1]), Decision::SyncTarget),
-            (g(UpToDate, 6, [5, 0]), g(UpToDate, 7, [5, 0]), Decision::SplitBrain),
-            (g(UpToDate, 6, [5, 0]), g(UpToDate, 9, [8, 0]), Decision::Unrelated),
-            (g(UpToDate, 5, [0, 0]), g(Outdated, 5, [0, 0]), Decision::SyncSource),
+            (
+                g(Inconsistent, 0, [0, 0]),
+                g(Inconsistent, 0, [0, 0]),
+                Decision::NoSync,
+            ),
+            (
+                g(UpToDate, 5, [0, 0]),
+                g(Inconsistent, 0, [0, 0]),
+                Decision::SyncSource,
+            ),
+            (
+                g(UpToDate, 5, [0, 0]),
+                g(Inconsistent, 5, [0, 0]),
+                Decision::SyncSource,
+            ),
+            (
+                g(UpToDate, 5, [0, 0]),
+                g(UpToDate, 5, [0, 0]),
+                Decision::NoSync,
+            ),
+            (
+                g(UpToDate, 6, [5, 0]),
+                g(UpToDate, 5, [0, 0]),
+                Decision::SyncSource,
+            ),
+            (
+                g(UpToDate, 5, [1, 0]),
+                g(UpToDate, 6, [5, 1]),
+                Decision::SyncTarget,
+            ),
+            (
+                g(UpToDate, 6, [5, 0]),
+                g(UpToDate, 7, [5, 0]),
+                Decision::SplitBrain,
+            ),
+            (
+                g(UpToDate, 6, [5, 0]),
+                g(UpToDate, 9, [8, 0]),
+                Decision::Unrelated,
+            ),
+            (
+                g(UpToDate, 5, [0, 0]),
+                g(Outdated, 5, [0, 0]),
+                Decision::SyncSource,
+            ),
         ];
         let mut crashed = g(UpToDate, 5, [0, 0]);
         crashed.crashed = true;
-        let cases = cases
-            .into_iter()
-            .chain([(crashed, g(UpToDate, 5, [0, 0]), Decision::SyncTarget)]);
+        let cases =
+            cases
+                .into_iter()
+                .chain([(crashed, g(UpToDate, 5, [0, 0]), Decision::SyncTarget)]);
         for (a, b, want) in cases {
             assert_eq!(decide(&a, &b).0, want, "{a:?} vs {b:?}");
             assert_eq!(decide(&b, &a).0, want.mirror(), "mirror {b:?} vs {a:?}");

@@ -12,8 +12,8 @@ mod status;
 mod sync;
 
 pub use io::IoError;
-pub use sync::SessionEnd;
 pub use status::{PeerStatus, ResourceStatus, SyncProgressView};
+pub use sync::SessionEnd;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -434,7 +434,11 @@ impl Resource {
         }
         {
             let inner = self.inner.lock();
-            if inner.peers.values().any(|p| p.repl == ReplState::SyncTarget) {
+            if inner
+                .peers
+                .values()
+                .any(|p| p.repl == ReplState::SyncTarget)
+            {
                 return Err(EngineError::Refused(
                     "refusing to promote: this node is a SyncTarget; wait for the resync to finish (`tandemadm status`)".into(),
                 ));
@@ -577,7 +581,11 @@ impl Resource {
         let standalone = self.peer_view(conn.peer).is_some_and(|p| p.standalone);
         self.set_conn_state(
             conn.peer,
-            if standalone { ConnState::StandAlone } else { next },
+            if standalone {
+                ConnState::StandAlone
+            } else {
+                next
+            },
         );
     }
 

@@ -71,7 +71,10 @@ impl RangeLocks {
     /// Whether any held range overlaps `[start, start+len)`.
     pub fn overlaps(&self, start: u64, len: u64) -> bool {
         let end = start.saturating_add(len.max(1));
-        self.held.lock().iter().any(|&(_, s, e)| s < end && start < e)
+        self.held
+            .lock()
+            .iter()
+            .any(|&(_, s, e)| s < end && start < e)
     }
 }
 
@@ -99,7 +102,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!t.is_finished());
         drop(g);
-        tokio::time::timeout(Duration::from_secs(1), t).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(1), t)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(l.waits.load(Ordering::Relaxed), 1);
     }
 }

@@ -106,7 +106,8 @@ impl Resource {
                     percent_in_sync: if self.usable_bytes == 0 {
                         100.0
                     } else {
-                        100.0 - (out_of_sync as f64 * 1000.0 / self.usable_bytes as f64).ceil() / 10.0
+                        100.0
+                            - (out_of_sync as f64 * 1000.0 / self.usable_bytes as f64).ceil() / 10.0
                     },
                     sync,
                     last_error: p.last_error.clone(),

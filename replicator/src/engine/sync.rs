@@ -88,7 +88,10 @@ impl Resource {
                 "configuration mismatch with {name}: protocol/allow-two-primaries differ; use the same cluster.toml on every node"
             )));
         }
-        if st.role == Role::Primary && self.role() == Role::Primary && !self.settings.allow_two_primaries {
+        if st.role == Role::Primary
+            && self.role() == Role::Primary
+            && !self.settings.allow_two_primaries
+        {
             return Err(SessionEnd::standalone(format!(
                 "both this node and {name} are Primary and allow-two-primaries is off"
             )));
@@ -221,13 +224,18 @@ impl Resource {
                     .read_at(offset, len as usize)
                     .await
                     .map_err(|e| e.to_string())?;
-                let f = frame::encode(Channel::Replication, &PeerMsg::SyncData { seq, offset, data })
-                    .map_err(|e| e.to_string())?;
+                let f = frame::encode(
+                    Channel::Replication,
+                    &PeerMsg::SyncData { seq, offset, data },
+                )
+                .map_err(|e| e.to_string())?;
                 if !conn.send_frame(Arc::new(f)).await {
                     return Err("connection closed".into());
                 }
             }
-            self.stats.resync_sent_bytes.fetch_add(len, Ordering::Relaxed);
+            self.stats
+                .resync_sent_bytes
+                .fetch_add(len, Ordering::Relaxed);
             window.push_back((rx, len));
             offset += len;
             while window.len() >= SYNC_WINDOW_CHUNKS || (offset >= total && !window.is_empty()) {
@@ -270,9 +278,19 @@ impl Resource {
     }
 
     /// Messages that must apply in stream order (called by the session's apply task).
-    pub async fn apply_in_order(self: &Arc<Self>, conn: &Arc<Conn>, msg: PeerMsg) -> Result<(), SessionEnd> {
+    pub async fn apply_in_order(
+        self: &Arc<Self>,
+        conn: &Arc<Conn>,
+        msg: PeerMsg,
+    ) -> Result<(), SessionEnd> {
         match msg {
-            PeerMsg::Write { seq, offset, data, fua, ack } => {
+            PeerMsg::Write {
+                seq,
+                offset,
+                data,
+                fua,
+                ack,
+            } => {
                 let len = data.len() as u64;
                 self.check_conflict(conn, offset, len)?;
                 let r = async {
@@ -285,7 +303,13 @@ impl Resource {
                 .await;
                 self.ack_result(conn, seq, ack, r).await
             }
-            PeerMsg::Zero { seq, offset, len, fua, ack } => {
+            PeerMsg::Zero {
+                seq,
+                offset,
+                len,
+                fua,
+                ack,
+            } => {
                 self.check_conflict(conn, offset, len)?;
                 let r = async {
                     self.backing.write_zeroes(offset, len).await?;
@@ -319,11 +343,18 @@ impl Resource {
             }
             PeerMsg::SyncData { seq, offset, data } => {
                 let len = data.len() as u64;
-                if offset.checked_add(len).is_none_or(|e| e > self.usable_bytes) {
-                    return Err(SessionEnd::retry("resync data beyond the end of the volume"));
+                if offset
+                    .checked_add(len)
+                    .is_none_or(|e| e > self.usable_bytes)
+                {
+                    return Err(SessionEnd::retry(
+                        "resync data beyond the end of the volume",
+                    ));
                 }
                 let r = self.backing.write_at(offset, data).await;
-                self.stats.resync_received_bytes.fetch_add(len, Ordering::Relaxed);
+                self.stats
+                    .resync_received_bytes
+                    .fetch_add(len, Ordering::Relaxed);
                 self.update_peer(conn.peer, |p| {
                     if let Some(s) = p.sync.as_mut() {
                         s.done_bytes = (offset + len).max(s.done_bytes);

@@ -49,7 +49,9 @@ pub struct Superblock {
 pub enum FormatError {
     #[error("no Tandem metadata found (bad magic {0:#018x}); run `tandemadm create-md`")]
     BadMagic(u64),
-    #[error("metadata version {0} is newer than this build supports ({MD_VERSION}); upgrade Tandem")]
+    #[error(
+        "metadata version {0} is newer than this build supports ({MD_VERSION}); upgrade Tandem"
+    )]
     TooNew(u32),
     #[error("metadata checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     Checksum { stored: u32, computed: u32 },

@@ -31,8 +31,14 @@ pub enum MetaError {
     #[error("{path}: {source}")]
     Format { path: PathBuf, source: FormatError },
     #[error("{path}: both metadata slots are unreadable ({a}; {b}); the metadata is corrupt — restore it with `tandemadm create-md --force` and a full resync from a peer")]
-    BothSlotsBad { path: PathBuf, a: FormatError, b: FormatError },
-    #[error("{path} holds metadata of resource `{found}`, not `{expected}`: wrong disk configured?")]
+    BothSlotsBad {
+        path: PathBuf,
+        a: FormatError,
+        b: FormatError,
+    },
+    #[error(
+        "{path} holds metadata of resource `{found}`, not `{expected}`: wrong disk configured?"
+    )]
     WrongResource {
         path: PathBuf,
         found: String,
@@ -55,7 +61,9 @@ pub enum MetaError {
     Exists { path: PathBuf },
     #[error("backing disk {path} does not exist and resource `{resource}` sets no `size` to create it with")]
     NoDisk { path: PathBuf, resource: String },
-    #[error("node `{node}` has no backing disk for resource `{resource}` (set resource.on.{node}.disk)")]
+    #[error(
+        "node `{node}` has no backing disk for resource `{resource}` (set resource.on.{node}.disk)"
+    )]
     Diskless { node: String, resource: String },
     #[error("{0}")]
     Config(#[from] tandem_common::ConfigError),
@@ -142,12 +150,18 @@ pub struct DiskPlan {
     pub peers: Vec<NodeId>,
 }
 
-pub fn plan(config: &ClusterConfig, res: &ResourceConfig, node: &str) -> Result<DiskPlan, MetaError> {
+pub fn plan(
+    config: &ClusterConfig,
+    res: &ResourceConfig,
+    node: &str,
+) -> Result<DiskPlan, MetaError> {
     let me = config.node(node)?;
-    let disk = config.disk_for(res, node).ok_or_else(|| MetaError::Diskless {
-        node: node.to_string(),
-        resource: res.name.clone(),
-    })?;
+    let disk = config
+        .disk_for(res, node)
+        .ok_or_else(|| MetaError::Diskless {
+            node: node.to_string(),
+            resource: res.name.clone(),
+        })?;
     let peers = config
         .resource_node_names(res)
         .iter()
@@ -294,7 +308,8 @@ pub fn create(
             path: store.path.clone(),
         });
     }
-    let (md_total, al_offset, bitmap_offset, bitmap_bytes_per_peer) = md_layout(backing_bytes, peers);
+    let (md_total, al_offset, bitmap_offset, bitmap_bytes_per_peer) =
+        md_layout(backing_bytes, peers);
     let (md_offset, max_usable) = match &plan.external_meta {
         Some(meta) => {
             let f = File::open(meta).map_err(io_err(meta))?;

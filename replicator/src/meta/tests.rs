@@ -46,7 +46,10 @@ fn create_open_internal_and_external() {
     let (store, back) = open(&c, r, "a").unwrap();
     assert_eq!(back, sb);
     // A second create-md refuses without --force.
-    assert!(matches!(create(&c, r, "a", false), Err(MetaError::Exists { .. })));
+    assert!(matches!(
+        create(&c, r, "a", false),
+        Err(MetaError::Exists { .. })
+    ));
     // Updates alternate slots and the newest wins.
     let mut s = back.clone();
     s.current_uuid = 77;
@@ -78,7 +81,10 @@ fn torn_slot_falls_back_to_the_other() {
     // Both corrupt: clear error, no panic.
     store
         .file
-        .write_all_at(&[0xFF; 100], store.base + (1 - slot) * SLOT_BYTES as u64 + 50)
+        .write_all_at(
+            &[0xFF; 100],
+            store.base + (1 - slot) * SLOT_BYTES as u64 + 50,
+        )
         .unwrap();
     let e = store.read().unwrap_err().to_string();
     assert!(e.contains("corrupt"), "{e}");
@@ -89,7 +95,10 @@ fn refuses_disk_of_another_resource_and_too_small() {
     let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path(), "4MiB");
     create(&c, c.resource("r0").unwrap(), "a", false).unwrap();
-    let e = open(&c, c.resource("r1").unwrap(), "a").err().unwrap().to_string();
+    let e = open(&c, c.resource("r1").unwrap(), "a")
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("resource `r0`"), "{e}");
     // A tiny disk is refused with a size message.
     let tiny = dir.path().join("tiny.img");
@@ -99,9 +108,14 @@ fn refuses_disk_of_another_resource_and_too_small() {
         tiny.display()
     );
     let c2 = ClusterConfig::parse(&text).unwrap();
-    let e = create(&c2, c2.resource("r").unwrap(), "a", false).err().unwrap().to_string();
+    let e = create(&c2, c2.resource("r").unwrap(), "a", false)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("too small"), "{e}");
     // Not-metadata reads as "run create-md".
-    let e = open(&c2, c2.resource("r").unwrap(), "a").err().map(|e| e.to_string());
+    let e = open(&c2, c2.resource("r").unwrap(), "a")
+        .err()
+        .map(|e| e.to_string());
     assert!(e.is_some());
 }

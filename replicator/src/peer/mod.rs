@@ -85,7 +85,11 @@ pub fn accept_policy(
     hello: &auth::ClientHello,
 ) -> Result<auth::Accept, String> {
     let res = res.ok_or_else(|| format!("resource {:?} is not up on this node", hello.target))?;
-    let member = res.settings.peers.iter().any(|(id, _)| *id == hello.node_id);
+    let member = res
+        .settings
+        .peers
+        .iter()
+        .any(|(id, _)| *id == hello.node_id);
     if !member {
         return Err(format!(
             "node {} is not a member of resource {}",

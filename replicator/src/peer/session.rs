@@ -12,8 +12,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::engine::{Conn, Resource};
 use crate::engine::SessionEnd;
+use crate::engine::{Conn, Resource};
 use crate::proto::{AckMode, PeerMsg, MAX_FRAME_BYTES};
 
 /// Frames queued for sending; a full queue blocks writers (backpressure).
@@ -83,7 +83,10 @@ async fn reader_loop(
     let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, &mut rd);
     loop {
         if *closed.borrow() {
-            return SessionEnd { reason: "connection closed locally".into(), standalone: false };
+            return SessionEnd {
+                reason: "connection closed locally".into(),
+                standalone: false,
+            };
         }
         let msg: PeerMsg = tokio::select! {
             _ = closed.changed() => continue,
@@ -98,7 +101,10 @@ async fn reader_loop(
             },
         };
         if !seen_state && !matches!(msg, PeerMsg::State(_) | PeerMsg::Ping | PeerMsg::Pong) {
-            return SessionEnd { reason: format!("protocol error: {} before State", msg.kind()), standalone: false };
+            return SessionEnd {
+                reason: format!("protocol error: {} before State", msg.kind()),
+                standalone: false,
+            };
         }
         match msg {
             PeerMsg::State(st) => {
@@ -115,22 +121,42 @@ async fn reader_loop(
             }
             PeerMsg::Pong => {}
             other => {
-                if let PeerMsg::Write { seq, ack: AckMode::Recv, .. } | PeerMsg::Zero { seq, ack: AckMode::Recv, .. } = &other {
+                if let PeerMsg::Write {
+                    seq,
+                    ack: AckMode::Recv,
+                    ..
+                }
+                | PeerMsg::Zero {
+                    seq,
+                    ack: AckMode::Recv,
+                    ..
+                } = &other
+                {
                     conn.send(&PeerMsg::RecvAck { seq: *seq }).await;
                 }
                 if apply_tx.send(other).await.is_err() {
-                    return SessionEnd { reason: "apply task ended".into(), standalone: false };
+                    return SessionEnd {
+                        reason: "apply task ended".into(),
+                        standalone: false,
+                    };
                 }
             }
         }
     }
 }
 
-async fn apply_task(res: Arc<Resource>, conn: Arc<Conn>, mut rx: mpsc::Receiver<PeerMsg>) -> SessionEnd {
+async fn apply_task(
+    res: Arc<Resource>,
+    conn: Arc<Conn>,
+    mut rx: mpsc::Receiver<PeerMsg>,
+) -> SessionEnd {
     while let Some(msg) = rx.recv().await {
         if let Err(end) = res.apply_in_order(&conn, msg).await {
             return end;
         }
     }
-    SessionEnd { reason: "session ended".into(), standalone: false }
+    SessionEnd {
+        reason: "session ended".into(),
+        standalone: false,
+    }
 }
