@@ -1,0 +1,242 @@
+//! `mount.tandem TARGET DIR [-o OPTS] [-f]`: serves a Tandem filesystem over FUSE.
+//!
+//! Called directly or by mount(8) for `mount -t tandem`. Replays the journal, mounts, and
+//! (unless `-f`) daemonizes once the mount is in place, so errors reach the caller's exit
+//! code. SIGTERM, SIGINT and `umount DIR` all end in a clean unmount (journal checkpointed,
+//! clean flag set).
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use fuser::{Config, MountOption, SessionACL};
+use tandem_fs::fs::{Fs, FsOptions};
+use tandem_fs::fuse::FuseFs;
+
+struct Opts {
+    target: String,
+    dir: String,
+    foreground: bool,
+    fs: FsOptions,
+    allow_other: bool,
+    ttl: Duration,
+    commit: Duration,
+    threads: usize,
+}
+
+const USAGE: &str = "usage: mount.tandem TARGET DIR [-f] [-o OPTIONS]
+options: ro, rw, noatime, relatime, allow_other, journal=N, attr_timeout=SECS,
+         commit=SECS, threads=N, lockproto=lock_nolock, plus mount(8) generic options";
+
+fn parse(args: Vec<String>) -> anyhow::Result<Opts> {
+    let mut pos = Vec::new();
+    let mut o = Opts {
+        target: String::new(),
+        dir: String::new(),
+        foreground: false,
+        fs: FsOptions::default(),
+        allow_other: false,
+        ttl: Duration::from_secs(1),
+        commit: Duration::from_secs(1),
+        threads: 2,
+    };
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "-f" => o.foreground = true,
+            // mount(8) passes these; they do not change what we do.
+            "-n" | "-s" | "-v" => {}
+            "-o" => {
+                let list = it.next().context("-o needs an argument")?;
+                for opt in list.split(',').filter(|s| !s.is_empty()) {
+                    apply_opt(&mut o, opt)?;
+                }
+            }
+            s if s.starts_with('-') => bail!("unknown flag {s}\n{USAGE}"),
+            _ => pos.push(a),
+        }
+    }
+    let [target, dir]: [String; 2] = pos.try_into().map_err(|_| anyhow::anyhow!("{USAGE}"))?;
+    o.target = target;
+    o.dir = dir;
+    Ok(o)
+}
+
+fn secs(v: &str) -> anyhow::Result<Duration> {
+    Ok(Duration::from_secs_f64(
+        v.parse::<f64>()
+            .with_context(|| format!("bad seconds {v:?}"))?,
+    ))
+}
+
+fn apply_opt(o: &mut Opts, opt: &str) -> anyhow::Result<()> {
+    let (k, v) = opt.split_once('=').unwrap_or((opt, ""));
+    match k {
+        "ro" => o.fs.read_only = true,
+        "rw" => o.fs.read_only = false,
+        "noatime" => o.fs.relatime = false,
+        "relatime" | "atime" | "strictatime" => o.fs.relatime = true,
+        "allow_other" => o.allow_other = true,
+        "journal" | "jid" => o.fs.journal = v.parse().context("journal=N needs a number")?,
+        "attr_timeout" | "entry_timeout" => o.ttl = secs(v)?,
+        "commit" => o.commit = secs(v)?.max(Duration::from_millis(10)),
+        "threads" => {
+            o.threads = v
+                .parse::<usize>()
+                .context("threads=N needs a number")?
+                .clamp(1, 64)
+        }
+        "lockproto" if v == "lock_nolock" => o.fs.allow_cluster_fs_without_locking = true,
+        "lockproto" => bail!("lockproto={v}: only lock_nolock can be forced"),
+        "defaults"
+        | "auto"
+        | "noauto"
+        | "user"
+        | "nouser"
+        | "users"
+        | "_netdev"
+        | "nofail"
+        | "dev"
+        | "nodev"
+        | "suid"
+        | "nosuid"
+        | "exec"
+        | "noexec"
+        | "async"
+        | "default_permissions" => {}
+        _ if k.starts_with("x-") || k.starts_with("comment") => {}
+        _ => bail!("unknown mount option {opt:?}"),
+    }
+    Ok(())
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: plain libc signal-set manipulation on a local, fully initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn run(o: Opts) -> anyhow::Result<()> {
+    let dev = tandem_fs::target::open_target(&o.target, !o.fs.read_only)?;
+    let (fs, stats) =
+        Fs::mount(dev, o.fs.clone()).with_context(|| format!("cannot mount {}", o.target))?;
+    if !stats.was_clean {
+        eprintln!(
+            "mount.tandem: {}: replayed {} journal transactions ({} blocks)",
+            o.target, stats.transactions, stats.blocks
+        );
+    }
+    let fs = Arc::new(fs);
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName(o.target.clone()),
+        MountOption::Subtype("tandem".into()),
+        MountOption::DefaultPermissions,
+        if o.fs.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    if !o.fs.relatime {
+        cfg.mount_options.push(MountOption::NoAtime);
+    }
+    if o.allow_other {
+        cfg.acl = SessionACL::All;
+    }
+    cfg.n_threads = Some(o.threads);
+    let mut session = fuser::Session::new(FuseFs::new(fs.clone(), o.ttl), &o.dir, &cfg)
+        .with_context(|| format!("cannot mount FUSE at {}", o.dir))?;
+    if !o.foreground {
+        daemonize()?;
+    }
+    let sigs = block_signals();
+    let mut unmounter = session.unmount_callable();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: `sigs` is a valid set blocked in every thread, so sigwait is well-defined.
+            unsafe { libc::sigwait(&sigs, &mut sig) };
+            tracing::info!(sig, "signal received, unmounting");
+            if let Err(e) = unmounter.unmount() {
+                tracing::error!(error = %e, "unmount on signal failed");
+            }
+        })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let committer = {
+        let (fs, stop, every) = (fs.clone(), stop.clone(), o.commit);
+        std::thread::Builder::new()
+            .name("commit".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(every.min(Duration::from_millis(100)));
+                    // Group commit: one journal transaction for everything since the last one.
+                    if let Err(e) = fs.commit() {
+                        tracing::error!(error = %e, "periodic journal commit failed");
+                        std::thread::sleep(every);
+                    }
+                }
+            })?
+    };
+    let res = session.run();
+    stop.store(true, Ordering::Relaxed);
+    let _ = committer.join();
+    fs.shutdown()
+        .context("clean shutdown failed; the journal will be replayed at next mount")?;
+    res.context("FUSE session failed")?;
+    Ok(())
+}
+
+/// Forks; the parent exits 0 (the mount already exists), the child carries on detached.
+fn daemonize() -> anyhow::Result<()> {
+    // SAFETY: no other threads exist yet (the FUSE session has not started), so fork is
+    // safe; the parent leaves through _exit so it does not run the mount's destructors.
+    unsafe {
+        match libc::fork() {
+            -1 => bail!("fork failed: {}", std::io::Error::last_os_error()),
+            0 => {}
+            _ => libc::_exit(0),
+        }
+        libc::setsid();
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+        }
+        let _ = libc::chdir(c"/".as_ptr());
+    }
+    Ok(())
+}
+
+pub fn main(args: Vec<String>) -> ExitCode {
+    let o = match parse(args.into_iter().skip(1).collect()) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("mount.tandem: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    match run(o) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mount.tandem: {e:#}");
+            // mount(8) convention: 32 = mount failure.
+            ExitCode::from(32)
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The block layer: one small trait for durable I/O, a file/block-device backend and a
+//! fault-injecting in-memory backend for crash tests.
+//!
+//! The trait mirrors what a disk promises: writes may sit in a volatile cache until `flush`
+//! returns. The NBD client of the replicator fits it with a thin mutex wrapper.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Durable block storage. Offsets and lengths are in bytes.
+pub trait BlockDevice: Send + Sync {
+    fn size_bytes(&self) -> u64;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Returns once every completed write is durable.
+    fn flush(&self) -> io::Result<()>;
+}
+
+/// An image file or a block device opened read-write.
+pub struct FileDevice {
+    file: File,
+    size_bytes: u64,
+}
+
+impl FileDevice {
+    pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
+        let mut file = OpenOptions::new().read(true).write(writable).open(path)?;
+        // Block devices report len 0 in metadata; seeking to the end works for both.
+        let size_bytes = file.seek(SeekFrom::End(0))?;
+        Ok(Self { file, size_bytes })
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(offset, buf.len(), self.size_bytes)?;
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        check_range(offset, buf.len(), self.size_bytes)?;
+        self.file.write_all_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+}
+
+fn check_range(offset: u64, len: usize, size: u64) -> io::Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("I/O of {len} bytes at {offset} is past the end of the device ({size} bytes)"),
+        )),
+    }
+}
+
+/// How a simulated power failure treats writes that were not yet flushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashMode {
+    /// Every unflushed write is lost.
+    DropAll,
+    /// Each unflushed write independently survives or is lost.
+    RandomSubset,
+    /// Like `RandomSubset`, but a surviving write may be torn at a 512-byte sector boundary.
+    Torn,
+}
+
+#[derive(Default)]
+struct FaultState {
+    durable: Vec<u8>,
+    /// Unflushed writes in issue order.
+    pending: Vec<(u64, Vec<u8>)>,
+    /// Fail every write after this many more succeed (None = never).
+    writes_left: Option<u64>,
+    /// Reads of these byte ranges fail with EIO.
+    bad_reads: BTreeMap<u64, u64>,
+    flushes: u64,
+}
+
+/// In-memory disk with a volatile write cache, for crash and error tests.
+#[derive(Default)]
+pub struct FaultDevice {
+    state: Mutex<FaultState>,
+}
+
+impl FaultDevice {
+    pub fn new(size_bytes: u64) -> Self {
+        Self::from_image(vec![0; size_bytes as usize])
+    }
+    pub fn from_image(image: Vec<u8>) -> Self {
+        Self {
+            state: Mutex::new(FaultState {
+                durable: image,
+                ..Default::default()
+            }),
+        }
+    }
+    /// After `n` more successful writes, writes and flushes fail with EIO.
+    pub fn fail_writes_after(&self, n: Option<u64>) {
+        self.state.lock().writes_left = n;
+    }
+    /// Reads touching `[offset, offset+len)` fail with EIO.
+    pub fn fail_reads(&self, offset: u64, len: u64) {
+        self.state.lock().bad_reads.insert(offset, len);
+    }
+    pub fn flush_count(&self) -> u64 {
+        self.state.lock().flushes
+    }
+    /// The bytes a power cut right now would leave on the medium.
+    pub fn crash_image(&self, mode: CrashMode, seed: u64) -> Vec<u8> {
+        let st = self.state.lock();
+        let mut img = st.durable.clone();
+        let mut rng = StdRng::seed_from_u64(seed);
+        for (off, data) in &st.pending {
+            let off = *off as usize;
+            match mode {
+                CrashMode::DropAll => {}
+                CrashMode::RandomSubset => {
+                    if rng.gen_bool(0.5) {
+                        img[off..off + data.len()].copy_from_slice(data);
+                    }
+                }
+                CrashMode::Torn => {
+                    if rng.gen_bool(0.5) {
+                        let sectors = data.len().div_ceil(512);
+                        let keep = rng.gen_range(0..=sectors) * 512;
+                        let keep = keep.min(data.len());
+                        img[off..off + keep].copy_from_slice(&data[..keep]);
+                    }
+                }
+            }
+        }
+        img
+    }
+    /// The current contents including unflushed writes (what a clean shutdown leaves).
+    pub fn image(&self) -> Vec<u8> {
+        let st = self.state.lock();
+        let mut img = st.durable.clone();
+        for (off, data) in &st.pending {
+            img[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+        }
+        img
+    }
+}
+
+fn eio(what: &str) -> io::Error {
+    io::Error::other(format!("injected I/O error on {what}"))
+}
+
+impl BlockDevice for FaultDevice {
+    fn size_bytes(&self) -> u64 {
+        self.state.lock().durable.len() as u64
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let st = self.state.lock();
+        check_range(offset, buf.len(), st.durable.len() as u64)?;
+        let end = offset + buf.len() as u64;
+        if st
+            .bad_reads
+            .iter()
+            .any(|(&o, &l)| o < end && offset < o + l)
+        {
+            return Err(eio("read"));
+        }
+        let o = offset as usize;
+        buf.copy_from_slice(&st.durable[o..o + buf.len()]);
+        for (woff, data) in &st.pending {
+            let (ws, we) = (*woff, *woff + data.len() as u64);
+            if ws < end && offset < we {
+                let s = ws.max(offset);
+                let e = we.min(end);
+                buf[(s - offset) as usize..(e - offset) as usize]
+                    .copy_from_slice(&data[(s - ws) as usize..(e - ws) as usize]);
+            }
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut st = self.state.lock();
+        check_range(offset, buf.len(), st.durable.len() as u64)?;
+        if let Some(left) = st.writes_left.as_mut() {
+            if *left == 0 {
+                return Err(eio("write"));
+            }
+            *left -= 1;
+        }
+        st.pending.push((offset, buf.to_vec()));
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        let mut st = self.state.lock();
+        if st.writes_left == Some(0) {
+            return Err(eio("flush"));
+        }
+        let pending = std::mem::take(&mut st.pending);
+        for (off, data) in pending {
+            st.durable[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        }
+        st.flushes += 1;
+        Ok(())
+    }
+}
+
+impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
+    fn size_bytes(&self) -> u64 {
+        (**self).size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unflushed_writes_are_lost_on_crash_but_visible_before() {
+        let d = FaultDevice::new(4096);
+        d.write_at(&[1; 512], 0).unwrap();
+        d.flush().unwrap();
+        d.write_at(&[2; 512], 512).unwrap();
+        let mut b = [0u8; 1024];
+        d.read_at(&mut b, 0).unwrap();
+        assert_eq!(b[0], 1);
+        assert_eq!(b[600], 2);
+        let img = d.crash_image(CrashMode::DropAll, 0);
+        assert_eq!(img[0], 1);
+        assert_eq!(img[600], 0);
+    }
+
+    #[test]
+    fn injected_errors_surface_as_eio() {
+        let d = FaultDevice::new(4096);
+        d.fail_writes_after(Some(1));
+        d.write_at(&[1; 8], 0).unwrap();
+        assert!(d.write_at(&[1; 8], 0).is_err());
+        assert!(d.flush().is_err());
+        d.fail_reads(1024, 10);
+        let mut b = [0u8; 8];
+        assert!(d.read_at(&mut b, 1030).is_err());
+        assert!(d.read_at(&mut b, 0).is_ok());
+        assert!(d.read_at(&mut b, 4092).is_err(), "past the end");
+    }
+}

@@ -1,0 +1,964 @@
+//! The filesystem core: POSIX operations on inode numbers with typed results, callable
+//! from tests without a kernel. The FUSE adapter (`fuse.rs`) is a thin layer over this.
+//!
+//! Concurrency: one mutex around the whole state. The cluster issue replaces it with
+//! glocks per inode/resource group; every operation already names the inodes it touches.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+
+use crate::block::BlockDevice;
+use crate::dir::Dirent;
+use crate::error::{FsError, Result};
+use crate::format::{BlockState, LockProto, NAME_MAX};
+use crate::inode::{Inode, Time, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG};
+use crate::journal::ReplayStats;
+use crate::store::Store;
+
+/// FUSE's fixed root inode number; every other inode number is its block address.
+pub const ROOT_INO: u64 = 1;
+const LINK_MAX: u32 = 65000;
+const S_ISGID: u32 = 0o2000;
+pub const RENAME_NOREPLACE: u32 = 1;
+pub const RENAME_EXCHANGE: u32 = 2;
+
+/// Mount-time settings of the core.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    pub journal: u32,
+    pub read_only: bool,
+    /// Update atime like `relatime`; false means `noatime`.
+    pub relatime: bool,
+    /// A `lock_tandem` filesystem needs tandem-lockd; only tests and fsck may skip that.
+    pub allow_cluster_fs_without_locking: bool,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        Self {
+            journal: 0,
+            read_only: false,
+            relatime: true,
+            allow_cluster_fs_without_locking: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+impl FileKind {
+    fn from_mode(mode: u32) -> Self {
+        match mode & S_IFMT {
+            S_IFDIR => Self::Dir,
+            S_IFLNK => Self::Symlink,
+            0o010000 => Self::Fifo,
+            0o140000 => Self::Socket,
+            0o020000 => Self::CharDev,
+            0o060000 => Self::BlockDev,
+            _ => Self::File,
+        }
+    }
+}
+
+/// Attributes as FUSE needs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    pub blocks_512: u64,
+    pub atime: SystemTime,
+    pub mtime: SystemTime,
+    pub ctime: SystemTime,
+    pub crtime: SystemTime,
+    pub kind: FileKind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u32,
+    pub blksize: u32,
+    pub generation: u64,
+}
+
+/// Requested attribute changes (setattr).
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SystemTime>,
+    pub mtime: Option<SystemTime>,
+    pub ctime: Option<SystemTime>,
+}
+
+/// Caller identity for new inodes.
+#[derive(Debug, Clone, Copy)]
+pub struct Ctx {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A readdir entry; `offset` is the cookie of the *next* entry.
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub offset: u64,
+    pub kind: FileKind,
+    pub name: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+struct Inner {
+    st: Store,
+    root: u64,
+    /// Kernel lookup counts; an unlinked inode lives until its count reaches zero.
+    lookups: HashMap<u64, u64>,
+    /// readdir snapshots taken at opendir, so offsets stay stable while entries change.
+    dirs: HashMap<u64, Vec<DirEntry>>,
+    next_fh: u64,
+    opts: FsOptions,
+}
+
+pub struct Fs {
+    inner: Mutex<Inner>,
+    block_size: u32,
+}
+
+impl Fs {
+    /// Mounts: replays the journal if needed and frees inodes orphaned by a crash.
+    pub fn mount(dev: Arc<dyn BlockDevice>, opts: FsOptions) -> Result<(Self, ReplayStats)> {
+        let sb = crate::store::read_superblock(&*dev)?;
+        if sb.lock_proto == LockProto::Tandem && !opts.allow_cluster_fs_without_locking {
+            return Err(FsError::NotSupported(
+                "this is a lock_tandem (cluster) filesystem; mounting it needs tandem-lockd, which is not wired in yet — make it with -p lock_nolock for single-node use",
+            ));
+        }
+        let (mut st, stats) = Store::open(dev, opts.journal, opts.read_only)?;
+        let root = st.sb.root_block;
+        if !opts.read_only {
+            for blk in st.unlinked_inodes()? {
+                let ino = st.inode(blk)?;
+                st.free_inode(&ino)?;
+            }
+            st.commit()?;
+        }
+        st.inode(root)?;
+        let block_size = st.sb.block_size;
+        let inner = Inner {
+            st,
+            root,
+            lookups: HashMap::new(),
+            dirs: HashMap::new(),
+            next_fh: 1,
+            opts,
+        };
+        Ok((
+            Self {
+                inner: Mutex::new(inner),
+                block_size,
+            },
+            stats,
+        ))
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// Commits the running transaction (group commit; also called by the commit thread).
+    pub fn commit(&self) -> Result<()> {
+        self.inner.lock().st.commit()
+    }
+
+    /// Commit + checkpoint + clean flag: what unmount does.
+    pub fn shutdown(&self) -> Result<()> {
+        let mut g = self.inner.lock();
+        if g.opts.read_only {
+            return Ok(());
+        }
+        let orphans: Vec<u64> = g.st.unlinked_inodes()?;
+        for blk in orphans {
+            let ino = g.st.inode(blk)?;
+            g.st.free_inode(&ino)?;
+        }
+        g.st.sync_all(true)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        let mut g = self.inner.lock();
+        check_name(name)?;
+        let dir = g.load(parent)?;
+        if !dir.is_dir() {
+            return Err(FsError::NotDir);
+        }
+        let ent = g.st.dir_lookup(&dir, name)?.ok_or(FsError::NotFound)?;
+        let ino = g.st.inode(ent.ino)?;
+        g.remember(ino.block);
+        Ok(g.attr(&ino))
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        let mut g = self.inner.lock();
+        let blk = g.blk(ino);
+        let left = match g.lookups.get_mut(&blk) {
+            Some(c) => {
+                *c = c.saturating_sub(n);
+                *c
+            }
+            None => return,
+        };
+        if left == 0 {
+            g.lookups.remove(&blk);
+            if let Err(e) = g.reap(blk) {
+                tracing::warn!(ino, error = %e, "could not free an unlinked inode; fsck or the next mount will");
+            }
+        }
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let mut g = self.inner.lock();
+        let i = g.load(ino)?;
+        Ok(g.attr(&i))
+    }
+
+    pub fn setattr(&self, ino: u64, s: SetAttr) -> Result<Attr> {
+        let mut g = self.inner.lock();
+        g.writable()?;
+        let mut i = g.load(ino)?;
+        let now = Time::now();
+        if let Some(size) = s.size {
+            if i.is_dir() {
+                return Err(FsError::IsDir);
+            }
+            g.st.file_truncate(&mut i, size)?;
+            i.mtime = now;
+        }
+        if let Some(m) = s.mode {
+            i.mode = (i.mode & S_IFMT) | (m & 0o7777);
+        }
+        if let Some(u) = s.uid {
+            i.uid = u;
+        }
+        if let Some(gid) = s.gid {
+            i.gid = gid;
+        }
+        if let Some(t) = s.atime {
+            i.atime = Time::from_system(t);
+        }
+        if let Some(t) = s.mtime {
+            i.mtime = Time::from_system(t);
+        }
+        i.ctime = s.ctime.map_or(now, Time::from_system);
+        g.st.put_inode(&i)?;
+        g.after_op()?;
+        Ok(g.attr(&i))
+    }
+
+    /// Creates a regular file, FIFO, socket or device node.
+    pub fn mknod(
+        &self,
+        ctx: Ctx,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> Result<Attr> {
+        let kind = if mode & S_IFMT == 0 {
+            S_IFREG
+        } else {
+            mode & S_IFMT
+        };
+        if kind == S_IFDIR || kind == S_IFLNK {
+            return Err(FsError::Invalid(
+                "mknod cannot make directories or symlinks",
+            ));
+        }
+        self.inner.lock().create(
+            ctx,
+            parent,
+            name,
+            kind | (mode & !umask & 0o7777),
+            rdev,
+            None,
+        )
+    }
+
+    pub fn mkdir(&self, ctx: Ctx, parent: u64, name: &[u8], mode: u32, umask: u32) -> Result<Attr> {
+        self.inner.lock().create(
+            ctx,
+            parent,
+            name,
+            S_IFDIR | (mode & !umask & 0o7777),
+            0,
+            None,
+        )
+    }
+
+    pub fn symlink(&self, ctx: Ctx, parent: u64, name: &[u8], target: &[u8]) -> Result<Attr> {
+        if target.is_empty() || target.len() > 4095 {
+            return Err(FsError::NameTooLong);
+        }
+        self.inner
+            .lock()
+            .create(ctx, parent, name, S_IFLNK | 0o777, 0, Some(target))
+    }
+
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let mut g = self.inner.lock();
+        let i = g.load(ino)?;
+        if i.kind() != S_IFLNK {
+            return Err(FsError::Invalid("not a symlink"));
+        }
+        g.st.file_read(&i, 0, i.size as u32)
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr> {
+        let mut g = self.inner.lock();
+        g.writable()?;
+        check_name(newname)?;
+        let mut i = g.load(ino)?;
+        if i.is_dir() {
+            return Err(FsError::NotPermitted);
+        }
+        if i.nlink >= LINK_MAX {
+            return Err(FsError::TooManyLinks);
+        }
+        let mut dir = g.load_dir(newparent)?;
+        if g.st.dir_lookup(&dir, newname)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        g.st.dir_add(
+            &mut dir,
+            Dirent {
+                name: newname.to_vec(),
+                ino: i.block,
+                dtype: dtype(i.mode),
+            },
+        )?;
+        let now = Time::now();
+        dir.mtime = now;
+        dir.ctime = now;
+        g.st.put_inode(&dir)?;
+        i.nlink += 1;
+        i.ctime = now;
+        g.st.put_inode(&i)?;
+        g.remember(i.block);
+        g.after_op()?;
+        Ok(g.attr(&i))
+    }
+
+    pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
+        let mut g = self.inner.lock();
+        g.writable()?;
+        check_name(name)?;
+        let mut dir = g.load_dir(parent)?;
+        let ent = g.st.dir_lookup(&dir, name)?.ok_or(FsError::NotFound)?;
+        let mut victim = g.st.inode(ent.ino)?;
+        if victim.is_dir() {
+            return Err(FsError::IsDir);
+        }
+        g.st.dir_remove(&mut dir, name)?;
+        let now = Time::now();
+        dir.mtime = now;
+        dir.ctime = now;
+        g.st.put_inode(&dir)?;
+        g.drop_link(&mut victim)?;
+        g.after_op()
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+        let mut g = self.inner.lock();
+        g.writable()?;
+        if name == b"." {
+            return Err(FsError::Invalid("cannot remove '.'"));
+        }
+        if name == b".." {
+            return Err(FsError::NotEmpty);
+        }
+        check_name(name)?;
+        let mut dir = g.load_dir(parent)?;
+        let ent = g.st.dir_lookup(&dir, name)?.ok_or(FsError::NotFound)?;
+        let mut victim = g.st.inode(ent.ino)?;
+        if !victim.is_dir() {
+            return Err(FsError::NotDir);
+        }
+        if victim.dir_entries != 0 {
+            return Err(FsError::NotEmpty);
+        }
+        g.st.dir_remove(&mut dir, name)?;
+        let now = Time::now();
+        dir.mtime = now;
+        dir.ctime = now;
+        dir.nlink -= 1;
+        g.st.put_inode(&dir)?;
+        g.drop_link(&mut victim)?;
+        g.after_op()
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        let mut g = self.inner.lock();
+        g.writable()?;
+        check_name(name)?;
+        check_name(newname)?;
+        if flags & !(RENAME_NOREPLACE | RENAME_EXCHANGE) != 0
+            || flags == RENAME_NOREPLACE | RENAME_EXCHANGE
+        {
+            return Err(FsError::Invalid("unsupported rename flags"));
+        }
+        g.rename(parent, name, newparent, newname, flags)?;
+        g.after_op()
+    }
+
+    pub fn read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        let mut g = self.inner.lock();
+        let mut i = g.load(ino)?;
+        if i.is_dir() {
+            return Err(FsError::IsDir);
+        }
+        let data = g.st.file_read(&i, off, size)?;
+        if g.opts.relatime && !g.opts.read_only {
+            let now = Time::now();
+            let older = |a: Time, b: Time| (a.secs, a.nsecs) <= (b.secs, b.nsecs);
+            // relatime: update only if atime is not newer than mtime/ctime, or a day old.
+            if older(i.atime, i.mtime)
+                || older(i.atime, i.ctime)
+                || now.secs - i.atime.secs > 24 * 3600
+            {
+                i.atime = now;
+                g.st.put_inode(&i)?;
+            }
+        }
+        Ok(data)
+    }
+
+    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<u32> {
+        let mut g = self.inner.lock();
+        g.writable()?;
+        let mut i = g.load(ino)?;
+        if i.is_dir() {
+            return Err(FsError::IsDir);
+        }
+        let res = g.st.file_write(&mut i, off, data);
+        let now = Time::now();
+        i.mtime = now;
+        i.ctime = now;
+        g.st.put_inode(&i)?;
+        res?;
+        g.after_op()?;
+        Ok(data.len() as u32)
+    }
+
+    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> Result<()> {
+        let mut g = self.inner.lock();
+        g.writable()?;
+        let mut i = g.load(ino)?;
+        if i.is_dir() {
+            return Err(FsError::IsDir);
+        }
+        let res = g.st.file_fallocate(&mut i, off, len, mode);
+        i.ctime = Time::now();
+        if mode & crate::data::FALLOC_FL_PUNCH_HOLE != 0 {
+            i.mtime = i.ctime;
+        }
+        g.st.put_inode(&i)?;
+        res?;
+        g.after_op()
+    }
+
+    /// Makes everything written so far durable (the whole running transaction, group commit).
+    pub fn fsync(&self, _ino: u64) -> Result<()> {
+        self.commit()
+    }
+
+    pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let mut g = self.inner.lock();
+        let dir = g.load_dir(ino)?;
+        let parent = if dir.block == g.root {
+            ROOT_INO
+        } else {
+            g.ino_of(dir.parent)
+        };
+        let mut snap = vec![
+            DirEntry {
+                ino,
+                offset: 1,
+                kind: FileKind::Dir,
+                name: b".".to_vec(),
+            },
+            DirEntry {
+                ino: parent,
+                offset: 2,
+                kind: FileKind::Dir,
+                name: b"..".to_vec(),
+            },
+        ];
+        for (k, e) in g.st.dir_list(&dir)?.into_iter().enumerate() {
+            let kind = FileKind::from_mode(u32::from(e.dtype) << 12);
+            snap.push(DirEntry {
+                ino: g.ino_of(e.ino),
+                offset: k as u64 + 3,
+                kind,
+                name: e.name,
+            });
+        }
+        let fh = g.next_fh;
+        g.next_fh += 1;
+        g.dirs.insert(fh, snap);
+        Ok(fh)
+    }
+
+    /// Entries from `offset` on, from the snapshot taken at opendir.
+    pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<DirEntry>> {
+        let g = self.inner.lock();
+        let snap = g
+            .dirs
+            .get(&fh)
+            .ok_or(FsError::Invalid("unknown directory handle"))?;
+        Ok(snap.iter().skip(offset as usize).cloned().collect())
+    }
+
+    /// readdirplus: `add` returns false when the reply buffer is full; entries it accepted
+    /// (other than "." and "..") count as kernel lookups.
+    pub fn readdirplus(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(&DirEntry, &Attr) -> bool,
+    ) -> Result<()> {
+        let mut g = self.inner.lock();
+        let snap = g
+            .dirs
+            .get(&fh)
+            .ok_or(FsError::Invalid("unknown directory handle"))?;
+        let ents: Vec<DirEntry> = snap.iter().skip(offset as usize).cloned().collect();
+        for e in ents {
+            let ino = match g.load(e.ino) {
+                Ok(i) => i,
+                // Removed since opendir: skip it, as if it was never there.
+                Err(FsError::Stale(_)) => continue,
+                Err(err) => return Err(err),
+            };
+            let attr = g.attr(&ino);
+            if !add(&e, &attr) {
+                break;
+            }
+            if e.name != b"." && e.name != b".." {
+                g.remember(ino.block);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.inner.lock().dirs.remove(&fh);
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        let g = self.inner.lock();
+        let free = g.st.free_blocks();
+        StatFs {
+            blocks: g.st.data_blocks(),
+            bfree: free,
+            files: g.st.inode_count() + free,
+            ffree: free,
+            bsize: g.st.sb.block_size,
+            namelen: NAME_MAX as u32,
+        }
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        let mut g = self.inner.lock();
+        let i = g.load(ino)?;
+        g.st.xattr_get(&i, name)
+    }
+
+    /// Names, each NUL-terminated, as listxattr(2) returns them.
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let mut g = self.inner.lock();
+        let i = g.load(ino)?;
+        let mut out = Vec::new();
+        for (n, _) in g.st.xattrs(&i)? {
+            out.extend_from_slice(&n);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        self.change_xattr(ino, name, Some(value), flags)
+    }
+
+    pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        self.change_xattr(ino, name, None, 0)
+    }
+
+    fn change_xattr(&self, ino: u64, name: &[u8], value: Option<&[u8]>, flags: i32) -> Result<()> {
+        let mut g = self.inner.lock();
+        g.writable()?;
+        let mut i = g.load(ino)?;
+        g.st.xattr_set(&mut i, name, value, flags)?;
+        i.ctime = Time::now();
+        g.st.put_inode(&i)?;
+        g.after_op()
+    }
+}
+
+fn check_name(name: &[u8]) -> Result<()> {
+    if name.len() > NAME_MAX {
+        return Err(FsError::NameTooLong);
+    }
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+        return Err(FsError::Invalid("bad file name"));
+    }
+    Ok(())
+}
+
+fn dtype(mode: u32) -> u8 {
+    ((mode & S_IFMT) >> 12) as u8
+}
+
+impl Inner {
+    fn blk(&self, ino: u64) -> u64 {
+        if ino == ROOT_INO {
+            self.root
+        } else {
+            ino
+        }
+    }
+    fn ino_of(&self, blk: u64) -> u64 {
+        if blk == self.root {
+            ROOT_INO
+        } else {
+            blk
+        }
+    }
+    fn load(&mut self, ino: u64) -> Result<Inode> {
+        let blk = self.blk(ino);
+        self.st.inode(blk)
+    }
+    fn load_dir(&mut self, ino: u64) -> Result<Inode> {
+        let d = self.load(ino)?;
+        if d.is_dir() {
+            Ok(d)
+        } else {
+            Err(FsError::NotDir)
+        }
+    }
+    fn writable(&self) -> Result<()> {
+        self.st.check_poison()?;
+        if self.opts.read_only {
+            Err(FsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+    fn remember(&mut self, blk: u64) {
+        if blk != self.root {
+            *self.lookups.entry(blk).or_insert(0) += 1;
+        }
+    }
+
+    /// Commits early when the running transaction nears what the journal can hold.
+    fn after_op(&mut self) -> Result<()> {
+        if self.st.dirty_count() > self.st.tx_limit() / 2 {
+            self.st.commit()?;
+        }
+        Ok(())
+    }
+
+    fn attr(&self, i: &Inode) -> Attr {
+        Attr {
+            ino: self.ino_of(i.block),
+            size: i.size,
+            blocks_512: i.blocks * u64::from(self.st.sb.block_size / 512),
+            atime: i.atime.to_system(),
+            mtime: i.mtime.to_system(),
+            ctime: i.ctime.to_system(),
+            crtime: i.crtime.to_system(),
+            kind: FileKind::from_mode(i.mode),
+            perm: (i.mode & 0o7777) as u16,
+            nlink: i.nlink,
+            uid: i.uid,
+            gid: i.gid,
+            rdev: i.rdev,
+            blksize: self.st.sb.block_size,
+            generation: i.generation,
+        }
+    }
+
+    fn create(
+        &mut self,
+        ctx: Ctx,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> Result<Attr> {
+        self.writable()?;
+        check_name(name)?;
+        let mut dir = self.load_dir(parent)?;
+        if dir.nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        if self.st.dir_lookup(&dir, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let is_dir = mode & S_IFMT == S_IFDIR;
+        if is_dir && dir.nlink >= LINK_MAX {
+            return Err(FsError::TooManyLinks);
+        }
+        let (blk, generation) = self.st.alloc_inode_block(dir.block + 1)?;
+        let bs = self.st.bs;
+        let mut mode = mode;
+        let mut gid = ctx.gid;
+        // BSD group semantics on setgid directories, as ext4 and GFS2 do.
+        if dir.mode & S_ISGID != 0 {
+            gid = dir.gid;
+            if is_dir {
+                mode |= S_ISGID;
+            }
+        }
+        let mut ino = Inode::new(blk, mode, ctx.uid, gid, bs, generation);
+        ino.rdev = rdev;
+        if is_dir {
+            ino.nlink = 2;
+            ino.parent = dir.block;
+            ino.size = bs as u64;
+        }
+        let res = (|| -> Result<()> {
+            if let Some(t) = target {
+                self.st.file_write(&mut ino, 0, t)?;
+            }
+            self.st.dir_add(
+                &mut dir,
+                Dirent {
+                    name: name.to_vec(),
+                    ino: blk,
+                    dtype: dtype(mode),
+                },
+            )
+        })();
+        if let Err(e) = res {
+            // Undo the allocation so an ENOSPC part-way leaks nothing.
+            self.st.put_inode(&ino)?;
+            self.st.free_inode(&ino)?;
+            self.st.put_inode(&dir)?;
+            return Err(e);
+        }
+        self.st.put_inode(&ino)?;
+        let now = Time::now();
+        dir.mtime = now;
+        dir.ctime = now;
+        if is_dir {
+            dir.nlink += 1;
+        }
+        self.st.put_inode(&dir)?;
+        self.remember(blk);
+        self.after_op()?;
+        Ok(self.attr(&ino))
+    }
+
+    /// Drops one name of `ino`; frees it now, or marks it unlinked while the kernel holds it.
+    fn drop_link(&mut self, ino: &mut Inode) -> Result<()> {
+        ino.ctime = Time::now();
+        if ino.is_dir() {
+            ino.nlink = 0;
+            self.st.dir_free(ino)?;
+        } else {
+            ino.nlink = ino.nlink.saturating_sub(1);
+        }
+        self.st.put_inode(ino)?;
+        if ino.nlink > 0 {
+            return Ok(());
+        }
+        if self.lookups.get(&ino.block).copied().unwrap_or(0) > 0 {
+            self.st.set_state(ino.block, BlockState::Unlinked)
+        } else {
+            self.st.free_inode(ino)
+        }
+    }
+
+    fn reap(&mut self, blk: u64) -> Result<()> {
+        if self.st.state(blk)? == BlockState::Unlinked {
+            let ino = self.st.inode(blk)?;
+            self.st.free_inode(&ino)?;
+            self.after_op()?;
+        }
+        Ok(())
+    }
+
+    /// True if `dir` is `anc` or lies below it.
+    fn is_within(&mut self, mut dir: u64, anc: u64) -> Result<bool> {
+        for _ in 0..100_000 {
+            if dir == anc {
+                return Ok(true);
+            }
+            if dir == self.root {
+                return Ok(false);
+            }
+            dir = self.st.inode(dir)?.parent;
+        }
+        Err(FsError::inconsistent(
+            dir,
+            "directory parent chain does not reach the root",
+        ))
+    }
+
+    fn rename(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        let (pb, npb) = (self.blk(parent), self.blk(newparent));
+        let pdir = self.load_dir(parent)?;
+        let ndir = self.load_dir(newparent)?;
+        let src = self.st.dir_lookup(&pdir, name)?.ok_or(FsError::NotFound)?;
+        let dst = self.st.dir_lookup(&ndir, newname)?;
+        let src_ino = self.st.inode(src.ino)?;
+        let now = Time::now();
+        if flags & RENAME_EXCHANGE != 0 {
+            let dst = dst.ok_or(FsError::NotFound)?;
+            let dst_ino = self.st.inode(dst.ino)?;
+            if pb != npb {
+                if src_ino.is_dir() && self.is_within(npb, src_ino.block)? {
+                    return Err(FsError::Invalid("cannot move a directory below itself"));
+                }
+                if dst_ino.is_dir() && self.is_within(pb, dst_ino.block)? {
+                    return Err(FsError::Invalid("cannot move a directory below itself"));
+                }
+            }
+            self.replace_entry(pb, name, dst.ino, dst.dtype, now)?;
+            self.replace_entry(npb, newname, src.ino, src.dtype, now)?;
+            if pb != npb {
+                self.reparent(src.ino, pb, npb, now)?;
+                self.reparent(dst.ino, npb, pb, now)?;
+            }
+            return Ok(());
+        }
+        if let Some(d) = &dst {
+            if flags & RENAME_NOREPLACE != 0 {
+                return Err(FsError::Exists);
+            }
+            if d.ino == src.ino {
+                return Ok(());
+            }
+        }
+        if src_ino.is_dir() && self.is_within(npb, src_ino.block)? {
+            return Err(FsError::Invalid("cannot move a directory below itself"));
+        }
+        if let Some(d) = dst {
+            let mut victim = self.st.inode(d.ino)?;
+            match (src_ino.is_dir(), victim.is_dir()) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) if victim.dir_entries != 0 => return Err(FsError::NotEmpty),
+                _ => {}
+            }
+            let mut nd = self.st.inode(npb)?;
+            self.st.dir_remove(&mut nd, newname)?;
+            if victim.is_dir() {
+                nd.nlink -= 1;
+            }
+            self.st.put_inode(&nd)?;
+            self.drop_link(&mut victim)?;
+        }
+        let mut pd = self.st.inode(pb)?;
+        self.st.dir_remove(&mut pd, name)?;
+        pd.mtime = now;
+        pd.ctime = now;
+        self.st.put_inode(&pd)?;
+        let mut nd = self.st.inode(npb)?;
+        self.st.dir_add(
+            &mut nd,
+            Dirent {
+                name: newname.to_vec(),
+                ino: src.ino,
+                dtype: src.dtype,
+            },
+        )?;
+        nd.mtime = now;
+        nd.ctime = now;
+        self.st.put_inode(&nd)?;
+        if pb != npb {
+            self.reparent(src.ino, pb, npb, now)?;
+        } else {
+            let mut s = self.st.inode(src.ino)?;
+            s.ctime = now;
+            self.st.put_inode(&s)?;
+        }
+        Ok(())
+    }
+
+    fn replace_entry(
+        &mut self,
+        dir: u64,
+        name: &[u8],
+        ino: u64,
+        dtype: u8,
+        now: Time,
+    ) -> Result<()> {
+        let mut d = self.st.inode(dir)?;
+        self.st.dir_remove(&mut d, name)?;
+        self.st.dir_add(
+            &mut d,
+            Dirent {
+                name: name.to_vec(),
+                ino,
+                dtype,
+            },
+        )?;
+        d.mtime = now;
+        d.ctime = now;
+        self.st.put_inode(&d)
+    }
+
+    /// Fixes parent pointer and link counts after `child` moved from `from` to `to`.
+    fn reparent(&mut self, child: u64, from: u64, to: u64, now: Time) -> Result<()> {
+        let mut c = self.st.inode(child)?;
+        c.ctime = now;
+        if c.is_dir() {
+            c.parent = to;
+            let mut f = self.st.inode(from)?;
+            f.nlink -= 1;
+            self.st.put_inode(&f)?;
+            let mut t = self.st.inode(to)?;
+            t.nlink += 1;
+            self.st.put_inode(&t)?;
+        }
+        self.st.put_inode(&c)
+    }
+}

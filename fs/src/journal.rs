@@ -1,0 +1,351 @@
+//! The per-node metadata journal: physical block logging with group commit, checkpoint and
+//! replay (jbd2-style, ordered data).
+//!
+//! A journal is a contiguous run of blocks: a header block, then a circular log. A
+//! transaction is one or more descriptor blocks (listing home addresses) each followed by
+//! the logged block images, then a commit block carrying the CRC of all images. Replay
+//! applies transactions in sequence order from the header's tail and stops at the first
+//! one that is missing, torn or out of sequence.
+
+use crate::block::BlockDevice;
+use crate::error::{FsError, Result};
+use crate::format::{
+    self, get_u32, get_u64, init_header, put_u32, put_u64, seal, BlockType, Superblock,
+};
+
+const JH_SEQ: usize = 24;
+const JH_TAIL: usize = 32;
+const JH_CLEAN: usize = 40;
+const JH_INDEX: usize = 44;
+const JH_UUID: usize = 48;
+const JD_SEQ: usize = 24;
+const JD_UUID: usize = 32;
+const JD_COUNT: usize = 48;
+const JD_TARGETS: usize = 56;
+const JC_NBLOCKS: usize = 48;
+const JC_CRC: usize = 52;
+
+/// Decoded journal header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalHeader {
+    /// Sequence number of the first transaction at `tail`.
+    pub seq: u64,
+    /// Log position (monotonic counter; block = position mod log length).
+    pub tail: u64,
+    /// Set on clean unmount: nothing to replay.
+    pub clean: bool,
+    pub index: u32,
+}
+
+impl JournalHeader {
+    pub fn encode(&self, bs: usize, blkno: u64, uuid: &[u8; 16]) -> Vec<u8> {
+        let mut b = vec![0u8; bs];
+        init_header(&mut b, BlockType::JournalHeader, blkno);
+        put_u64(&mut b, JH_SEQ, self.seq);
+        put_u64(&mut b, JH_TAIL, self.tail);
+        put_u32(&mut b, JH_CLEAN, u32::from(self.clean));
+        put_u32(&mut b, JH_INDEX, self.index);
+        b[JH_UUID..JH_UUID + 16].copy_from_slice(uuid);
+        seal(&mut b);
+        b
+    }
+    pub fn decode(b: &[u8], blkno: u64, uuid: &[u8; 16]) -> Result<Self> {
+        format::check(b, BlockType::JournalHeader, blkno)?;
+        if &b[JH_UUID..JH_UUID + 16] != uuid {
+            return Err(FsError::inconsistent(
+                blkno,
+                "journal header belongs to another filesystem",
+            ));
+        }
+        Ok(Self {
+            seq: get_u64(b, JH_SEQ),
+            tail: get_u64(b, JH_TAIL),
+            clean: get_u32(b, JH_CLEAN) != 0,
+            index: get_u32(b, JH_INDEX),
+        })
+    }
+}
+
+/// One node's journal while mounted.
+pub struct Journal {
+    bs: usize,
+    start: u64,
+    log_len: u64,
+    uuid: [u8; 16],
+    index: u32,
+    /// Lowest home block a logged block may have (everything below is sb/journals).
+    min_home: u64,
+    block_count: u64,
+    head: u64,
+    tail: u64,
+    next_seq: u64,
+    tail_seq: u64,
+}
+
+/// What replay found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplayStats {
+    pub was_clean: bool,
+    pub transactions: u64,
+    pub blocks: u64,
+}
+
+impl Journal {
+    fn new(sb: &Superblock, index: u32) -> Self {
+        let (start, len) = sb.journal_range(index);
+        Self {
+            bs: sb.block_size as usize,
+            start,
+            log_len: len - 1,
+            uuid: sb.uuid,
+            index,
+            min_home: sb.rg_start,
+            block_count: sb.block_count,
+            head: 0,
+            tail: 0,
+            next_seq: 1,
+            tail_seq: 1,
+        }
+    }
+
+    fn addr(&self, pos: u64) -> u64 {
+        self.start + 1 + pos % self.log_len
+    }
+
+    /// Writes an empty, clean journal (mkfs).
+    pub fn format(dev: &dyn BlockDevice, sb: &Superblock, index: u32) -> Result<()> {
+        let j = Self::new(sb, index);
+        let h = JournalHeader {
+            seq: 1,
+            tail: 0,
+            clean: true,
+            index,
+        };
+        dev.write_at(&h.encode(j.bs, j.start, &j.uuid), j.start * j.bs as u64)?;
+        Ok(())
+    }
+
+    pub fn read_header(
+        dev: &dyn BlockDevice,
+        sb: &Superblock,
+        index: u32,
+    ) -> Result<JournalHeader> {
+        let j = Self::new(sb, index);
+        let mut b = vec![0u8; j.bs];
+        dev.read_at(&mut b, j.start * j.bs as u64)?;
+        JournalHeader::decode(&b, j.start, &j.uuid)
+    }
+
+    /// Opens journal `index`, replaying it if the last unmount was not clean, and marks it
+    /// in use (not clean) so a crash from now on forces replay.
+    pub fn open(
+        dev: &dyn BlockDevice,
+        sb: &Superblock,
+        index: u32,
+        read_only: bool,
+    ) -> Result<(Self, ReplayStats)> {
+        let mut j = Self::new(sb, index);
+        let h = Self::read_header(dev, sb, index)?;
+        j.tail = h.tail;
+        j.head = h.tail;
+        j.next_seq = h.seq;
+        j.tail_seq = h.seq;
+        let mut stats = ReplayStats {
+            was_clean: h.clean,
+            ..Default::default()
+        };
+        if !h.clean {
+            if read_only {
+                return Err(FsError::ReadOnly);
+            }
+            stats = j.replay(dev)?;
+        }
+        if !read_only {
+            j.write_header(dev, false)?;
+        }
+        Ok((j, stats))
+    }
+
+    /// Applies every complete transaction from the tail, then empties the log.
+    fn replay(&mut self, dev: &dyn BlockDevice) -> Result<ReplayStats> {
+        let mut stats = ReplayStats::default();
+        let mut pos = self.tail;
+        let mut seq = self.next_seq;
+        while let Some((blocks, used)) = self.read_tx(dev, pos, seq)? {
+            for (home, data) in &blocks {
+                dev.write_at(data, home * self.bs as u64)?;
+            }
+            stats.transactions += 1;
+            stats.blocks += blocks.len() as u64;
+            pos += used;
+            seq += 1;
+        }
+        dev.flush()?;
+        self.head = pos;
+        self.tail = pos;
+        self.next_seq = seq;
+        self.tail_seq = seq;
+        tracing::info!(journal = self.index, ?stats, "journal replayed");
+        Ok(stats)
+    }
+
+    /// Reads and verifies the transaction with sequence `seq` at `pos`; None if there is none.
+    pub fn read_tx(
+        &self,
+        dev: &dyn BlockDevice,
+        pos: u64,
+        seq: u64,
+    ) -> Result<Option<(Vec<(u64, Vec<u8>)>, u64)>> {
+        let mut blocks = Vec::new();
+        let mut p = pos;
+        let mut crc = crc32fast::Hasher::new();
+        loop {
+            if p - pos >= self.log_len {
+                return Ok(None);
+            }
+            let addr = self.addr(p);
+            let mut b = vec![0u8; self.bs];
+            dev.read_at(&mut b, addr * self.bs as u64)?;
+            let ty = format::peek_type(&b);
+            if ty == Some(BlockType::JournalCommit as u16) {
+                let ok = format::check(&b, BlockType::JournalCommit, addr).is_ok()
+                    && get_u64(&b, JD_SEQ) == seq
+                    && b[JD_UUID..JD_UUID + 16] == self.uuid
+                    && get_u32(&b, JC_NBLOCKS) as usize == blocks.len()
+                    && get_u32(&b, JC_CRC) == crc.clone().finalize();
+                return Ok(ok.then_some((blocks, p + 1 - pos)));
+            }
+            if ty != Some(BlockType::JournalDesc as u16)
+                || format::check(&b, BlockType::JournalDesc, addr).is_err()
+                || get_u64(&b, JD_SEQ) != seq
+                || b[JD_UUID..JD_UUID + 16] != self.uuid
+            {
+                return Ok(None);
+            }
+            let count = get_u32(&b, JD_COUNT) as usize;
+            if count > (self.bs - JD_TARGETS) / 8 {
+                return Ok(None);
+            }
+            p += 1;
+            for i in 0..count {
+                let home = get_u64(&b, JD_TARGETS + 8 * i);
+                if home < self.min_home || home >= self.block_count || p - pos >= self.log_len {
+                    return Ok(None);
+                }
+                let mut data = vec![0u8; self.bs];
+                dev.read_at(&mut data, self.addr(p) * self.bs as u64)?;
+                // Logged images are sealed metadata; anything else means a torn log.
+                let Some(t) = format::peek_type(&data).and_then(BlockType::from_u16) else {
+                    return Ok(None);
+                };
+                if format::check(&data, t, home).is_err() {
+                    return Ok(None);
+                }
+                crc.update(&data);
+                blocks.push((home, data));
+                p += 1;
+            }
+        }
+    }
+
+    fn blocks_needed(&self, n: usize) -> u64 {
+        let per = (self.bs - JD_TARGETS) / 8;
+        (n.div_ceil(per) + n + 1) as u64
+    }
+
+    /// Largest transaction (in logged blocks) this journal can ever hold.
+    pub fn max_tx_blocks(&self) -> usize {
+        let per = (self.bs - JD_TARGETS) / 8;
+        let usable = self.log_len as usize - 2;
+        usable * per / (per + 1)
+    }
+
+    /// Commits sealed block images: log them, make them durable, then write them home.
+    ///
+    /// Ordered mode: data blocks were written before this call; the flush after the log
+    /// payload makes them durable before the commit block can be.
+    pub fn commit(&mut self, dev: &dyn BlockDevice, blocks: &[(u64, Vec<u8>)]) -> Result<()> {
+        let need = self.blocks_needed(blocks.len());
+        if need > self.log_len - 1 {
+            return Err(FsError::NoSpace);
+        }
+        if self.head + need - self.tail > self.log_len {
+            self.checkpoint(dev, false)?;
+        }
+        let seq = self.next_seq;
+        let per = (self.bs - JD_TARGETS) / 8;
+        let mut pos = self.head;
+        let mut crc = crc32fast::Hasher::new();
+        for chunk in blocks.chunks(per) {
+            let addr = self.addr(pos);
+            let mut d = vec![0u8; self.bs];
+            init_header(&mut d, BlockType::JournalDesc, addr);
+            put_u64(&mut d, JD_SEQ, seq);
+            d[JD_UUID..JD_UUID + 16].copy_from_slice(&self.uuid);
+            put_u32(&mut d, JD_COUNT, chunk.len() as u32);
+            for (i, (home, _)) in chunk.iter().enumerate() {
+                put_u64(&mut d, JD_TARGETS + 8 * i, *home);
+            }
+            seal(&mut d);
+            dev.write_at(&d, addr * self.bs as u64)?;
+            pos += 1;
+            for (_, data) in chunk {
+                crc.update(data);
+                dev.write_at(data, self.addr(pos) * self.bs as u64)?;
+                pos += 1;
+            }
+        }
+        dev.flush()?;
+        let addr = self.addr(pos);
+        let mut c = vec![0u8; self.bs];
+        init_header(&mut c, BlockType::JournalCommit, addr);
+        put_u64(&mut c, JD_SEQ, seq);
+        c[JD_UUID..JD_UUID + 16].copy_from_slice(&self.uuid);
+        put_u32(&mut c, JC_NBLOCKS, blocks.len() as u32);
+        put_u32(&mut c, JC_CRC, crc.finalize());
+        seal(&mut c);
+        dev.write_at(&c, addr * self.bs as u64)?;
+        dev.flush()?;
+        pos += 1;
+        // The transaction is durable; home writes may now reach the disk in any order.
+        for (home, data) in blocks {
+            dev.write_at(data, home * self.bs as u64)?;
+        }
+        self.head = pos;
+        self.next_seq = seq + 1;
+        Ok(())
+    }
+
+    /// Makes all home writes durable and frees the log. `clean` marks a clean unmount.
+    pub fn checkpoint(&mut self, dev: &dyn BlockDevice, clean: bool) -> Result<()> {
+        dev.flush()?;
+        self.tail = self.head;
+        self.tail_seq = self.next_seq;
+        self.write_header(dev, clean)?;
+        dev.flush()?;
+        Ok(())
+    }
+
+    fn write_header(&self, dev: &dyn BlockDevice, clean: bool) -> Result<()> {
+        let h = JournalHeader {
+            seq: self.tail_seq,
+            tail: self.tail,
+            clean,
+            index: self.index,
+        };
+        dev.write_at(
+            &h.encode(self.bs, self.start, &self.uuid),
+            self.start * self.bs as u64,
+        )?;
+        dev.flush()?;
+        Ok(())
+    }
+
+    /// Fraction of the log in use, for deciding when to checkpoint early.
+    pub fn used_blocks(&self) -> u64 {
+        self.head - self.tail
+    }
+    pub fn log_len(&self) -> u64 {
+        self.log_len
+    }
+}

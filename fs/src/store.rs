@@ -1,0 +1,486 @@
+//! The mounted filesystem's state below the POSIX layer: metadata block cache, running
+//! transaction, resource-group allocator and inode load/store.
+//!
+//! Every metadata change goes through `meta_mut`, which puts the block in the running
+//! transaction; `commit` journals all of them atomically. Freed blocks are not reused until
+//! the transaction that freed them commits, so a crash can never leave an old file pointing
+//! at a new file's data.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::block::BlockDevice;
+use crate::error::{FsError, Result};
+use crate::format::{self, init_header, BlockState, BlockType, RgHeader, Superblock, HDR_LEN};
+use crate::inode::Inode;
+use crate::journal::{Journal, ReplayStats};
+
+/// Clean metadata blocks kept in memory before eviction starts.
+const CACHE_CAP_BLOCKS: usize = 16384;
+
+pub struct Store {
+    pub dev: Arc<dyn BlockDevice>,
+    pub sb: Superblock,
+    pub bs: usize,
+    blocks: HashMap<u64, Box<[u8]>>,
+    dirty: BTreeSet<u64>,
+    pub rgs: Vec<RgHeader>,
+    /// Per group: first data index that may be free (scan hint).
+    hints: Vec<u32>,
+    pending_free: HashSet<u64>,
+    pub journal: Option<Journal>,
+    poisoned: bool,
+    alloc_rg: usize,
+}
+
+impl Store {
+    /// Opens the filesystem: superblock, journal (replayed if needed), group headers.
+    pub fn open(
+        dev: Arc<dyn BlockDevice>,
+        journal_index: u32,
+        read_only: bool,
+    ) -> Result<(Self, ReplayStats)> {
+        let sb = read_superblock(&*dev)?;
+        if journal_index >= sb.journal_count {
+            return Err(FsError::Invalid("journal index beyond the journal count"));
+        }
+        let (journal, stats) = Journal::open(&*dev, &sb, journal_index, read_only)?;
+        let mut s = Self::bare(dev, sb);
+        s.journal = (!read_only).then_some(journal);
+        s.load_rgs()?;
+        Ok((s, stats))
+    }
+
+    /// A store without a journal (mkfs and fsck write in place).
+    pub fn bare(dev: Arc<dyn BlockDevice>, sb: Superblock) -> Self {
+        let bs = sb.block_size as usize;
+        Store {
+            dev,
+            sb,
+            bs,
+            blocks: HashMap::new(),
+            dirty: BTreeSet::new(),
+            rgs: Vec::new(),
+            hints: Vec::new(),
+            pending_free: HashSet::new(),
+            journal: None,
+            poisoned: false,
+            alloc_rg: 0,
+        }
+    }
+
+    pub fn load_rgs(&mut self) -> Result<()> {
+        self.rgs.clear();
+        for i in 0..self.sb.rg_count {
+            let (start, _) = self.sb.rg_range(i);
+            let rg = RgHeader::decode(self.meta(start, BlockType::RgHeader)?, start)?;
+            if rg.index != i {
+                return Err(FsError::inconsistent(
+                    start,
+                    "resource group index mismatch",
+                ));
+            }
+            self.rgs.push(rg);
+        }
+        self.hints = vec![0; self.rgs.len()];
+        Ok(())
+    }
+
+    pub fn check_poison(&self) -> Result<()> {
+        if self.poisoned {
+            Err(FsError::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Reads a metadata block through the cache, verifying it on first load.
+    pub fn meta(&mut self, blk: u64, ty: BlockType) -> Result<&[u8]> {
+        self.load(blk, ty)?;
+        Ok(&self.blocks[&blk])
+    }
+
+    /// Like `meta`, and adds the block to the running transaction.
+    pub fn meta_mut(&mut self, blk: u64, ty: BlockType) -> Result<&mut [u8]> {
+        self.load(blk, ty)?;
+        self.dirty.insert(blk);
+        Ok(self.blocks.get_mut(&blk).expect("loaded"))
+    }
+
+    /// A new zeroed metadata block with a fresh header, in the running transaction.
+    pub fn meta_new(&mut self, blk: u64, ty: BlockType) -> &mut [u8] {
+        let mut b = vec![0u8; self.bs].into_boxed_slice();
+        init_header(&mut b, ty, blk);
+        self.blocks.insert(blk, b);
+        self.dirty.insert(blk);
+        self.blocks.get_mut(&blk).expect("inserted")
+    }
+
+    fn load(&mut self, blk: u64, ty: BlockType) -> Result<()> {
+        if let Some(b) = self.blocks.get(&blk) {
+            if format::get_u16(b, 4) != ty as u16 {
+                return Err(FsError::inconsistent(
+                    blk,
+                    format!("cached block is not a {ty:?} block"),
+                ));
+            }
+            return Ok(());
+        }
+        if blk >= self.sb.block_count {
+            return Err(FsError::inconsistent(
+                blk,
+                "block address beyond the end of the filesystem",
+            ));
+        }
+        let mut b = vec![0u8; self.bs].into_boxed_slice();
+        self.dev.read_at(&mut b, blk * self.bs as u64)?;
+        format::check(&b, ty, blk)?;
+        if self.blocks.len() >= CACHE_CAP_BLOCKS {
+            self.evict();
+        }
+        self.blocks.insert(blk, b);
+        Ok(())
+    }
+
+    fn evict(&mut self) {
+        let target = CACHE_CAP_BLOCKS * 3 / 4;
+        let excess = self.blocks.len().saturating_sub(target);
+        let victims: Vec<u64> = self
+            .blocks
+            .keys()
+            .filter(|k| !self.dirty.contains(k))
+            .take(excess)
+            .copied()
+            .collect();
+        for v in victims {
+            self.blocks.remove(&v);
+        }
+    }
+
+    /// Drops a freed metadata block from the cache and the transaction.
+    pub fn forget_block(&mut self, blk: u64) {
+        self.blocks.remove(&blk);
+        self.dirty.remove(&blk);
+    }
+
+    pub fn dirty_count(&self) -> usize {
+        self.dirty.len()
+    }
+
+    /// Journals every dirty block atomically (or writes in place when there is no journal).
+    pub fn commit(&mut self) -> Result<()> {
+        self.check_poison()?;
+        if self.dirty.is_empty() {
+            self.dev.flush().inspect_err(|_| self.poisoned = true)?;
+            return Ok(());
+        }
+        let mut out = Vec::with_capacity(self.dirty.len());
+        for blk in std::mem::take(&mut self.dirty) {
+            let b = self.blocks.get_mut(&blk).expect("dirty blocks stay cached");
+            format::seal(b);
+            out.push((blk, b.to_vec()));
+        }
+        let res = match self.journal.as_mut() {
+            Some(j) => j.commit(&*self.dev, &out),
+            None => write_in_place(&*self.dev, self.bs, &out),
+        };
+        if let Err(e) = res {
+            // The cache no longer matches anything durable; refuse further work.
+            self.poisoned = true;
+            return Err(e);
+        }
+        self.pending_free.clear();
+        if let Some(j) = self.journal.as_mut() {
+            if j.used_blocks() > j.log_len() / 2 {
+                j.checkpoint(&*self.dev, false)
+                    .inspect_err(|_| self.poisoned = true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits and checkpoints; `clean` marks the journal clean for unmount.
+    pub fn sync_all(&mut self, clean: bool) -> Result<()> {
+        self.commit()?;
+        if let Some(j) = self.journal.as_mut() {
+            j.checkpoint(&*self.dev, clean)
+                .inspect_err(|_| self.poisoned = true)?;
+        }
+        Ok(())
+    }
+
+    /// Largest number of dirty blocks one transaction may hold.
+    pub fn tx_limit(&self) -> usize {
+        self.journal
+            .as_ref()
+            .map_or(usize::MAX, |j| j.max_tx_blocks())
+    }
+
+    // ---- allocator -------------------------------------------------------------------
+
+    fn rg_of(&self, blk: u64) -> Option<usize> {
+        if blk < self.sb.rg_start || blk >= self.sb.block_count {
+            return None;
+        }
+        let i = ((blk - self.sb.rg_start) / u64::from(self.sb.rg_blocks)) as usize;
+        let rg = self.rgs.get(i)?;
+        (blk >= rg.data0 && blk < rg.data0 + u64::from(rg.data_count)).then_some(i)
+    }
+
+    fn bitmap_pos(&self, rg: usize, blk: u64) -> (u64, usize) {
+        let per = format::bitmap_blocks_per(self.bs) as u64;
+        let idx = blk - self.rgs[rg].data0;
+        let (start, _) = self.sb.rg_range(rg as u32);
+        (start + 1 + idx / per, (idx % per) as usize)
+    }
+
+    pub fn state(&mut self, blk: u64) -> Result<BlockState> {
+        let rg = self
+            .rg_of(blk)
+            .ok_or_else(|| FsError::inconsistent(blk, "block outside any data area"))?;
+        let (bm, bit) = self.bitmap_pos(rg, blk);
+        let b = self.meta(bm, BlockType::Bitmap)?;
+        Ok(BlockState::from_bits(
+            b[HDR_LEN + bit / 4] >> ((bit % 4) * 2),
+        ))
+    }
+
+    pub fn set_state(&mut self, blk: u64, st: BlockState) -> Result<()> {
+        let rg = self
+            .rg_of(blk)
+            .ok_or_else(|| FsError::inconsistent(blk, "block outside any data area"))?;
+        let (bm, bit) = self.bitmap_pos(rg, blk);
+        let b = self.meta_mut(bm, BlockType::Bitmap)?;
+        let byte = &mut b[HDR_LEN + bit / 4];
+        let shift = (bit % 4) * 2;
+        let old = BlockState::from_bits(*byte >> shift);
+        *byte = (*byte & !(3 << shift)) | ((st as u8) << shift);
+        let h = &mut self.rgs[rg];
+        let was_inode = matches!(old, BlockState::Inode | BlockState::Unlinked);
+        let is_inode = matches!(st, BlockState::Inode | BlockState::Unlinked);
+        match (old == BlockState::Free, st == BlockState::Free) {
+            (true, false) => h.free -= 1,
+            (false, true) => h.free += 1,
+            _ => {}
+        }
+        match (was_inode, is_inode) {
+            (false, true) => {
+                h.inodes += 1;
+                h.igeneration += 1;
+            }
+            (true, false) => h.inodes -= 1,
+            _ => {}
+        }
+        if st == BlockState::Free {
+            let idx = (blk - h.data0) as u32;
+            self.hints[rg] = self.hints[rg].min(idx);
+        }
+        self.write_rg(rg)
+    }
+
+    fn write_rg(&mut self, rg: usize) -> Result<()> {
+        let (start, _) = self.sb.rg_range(rg as u32);
+        let h = self.rgs[rg].clone();
+        let b = self.meta_mut(start, BlockType::RgHeader)?;
+        h.encode_into(b, start);
+        Ok(())
+    }
+
+    /// Allocates up to `want` contiguous blocks near `goal`, marking them `st`.
+    pub fn alloc(&mut self, goal: u64, want: u32, st: BlockState) -> Result<(u64, u32)> {
+        assert!(want > 0);
+        let n = self.rgs.len();
+        let first = self.rg_of(goal).unwrap_or(self.alloc_rg);
+        for k in 0..n {
+            let rg = (first + k) % n;
+            if self.rgs[rg].free == 0 {
+                continue;
+            }
+            let from = if k == 0 && self.rg_of(goal) == Some(rg) {
+                (goal - self.rgs[rg].data0) as u32
+            } else {
+                self.hints[rg]
+            };
+            let found = match self.scan_free(rg, from)? {
+                Some(i) => Some(i),
+                None if from > self.hints[rg] => self.scan_free(rg, self.hints[rg])?,
+                None => None,
+            };
+            let Some(idx) = found else { continue };
+            let data0 = self.rgs[rg].data0;
+            let count = self.rgs[rg].data_count;
+            let start = data0 + u64::from(idx);
+            let mut len = 0u32;
+            while len < want && idx + len < count {
+                let b = start + u64::from(len);
+                if self.pending_free.contains(&b) || self.state(b)? != BlockState::Free {
+                    break;
+                }
+                self.set_state(b, st)?;
+                len += 1;
+            }
+            if idx == self.hints[rg] {
+                self.hints[rg] = idx + len;
+            }
+            self.alloc_rg = rg;
+            return Ok((start, len));
+        }
+        Err(FsError::NoSpace)
+    }
+
+    /// First free, not-pending data index at or after `from` in group `rg`.
+    fn scan_free(&mut self, rg: usize, from: u32) -> Result<Option<u32>> {
+        let per = format::bitmap_blocks_per(self.bs) as u32;
+        let count = self.rgs[rg].data_count;
+        let data0 = self.rgs[rg].data0;
+        let (start, _) = self.sb.rg_range(rg as u32);
+        let mut i = from;
+        while i < count {
+            let bm = start + 1 + u64::from(i / per);
+            self.meta(bm, BlockType::Bitmap)?;
+            let b = &self.blocks[&bm];
+            let end = count.min((i / per + 1) * per);
+            let mut found = None;
+            while i < end {
+                let bit = (i % per) as usize;
+                let byte = b[HDR_LEN + bit / 4];
+                if bit % 4 == 0
+                    && byte & 0b01010101 == 0b01010101
+                    && byte & 0b10101010 == 0
+                    && i + 4 <= end
+                {
+                    // All four blocks are Used: skip the byte at once.
+                    i += 4;
+                    continue;
+                }
+                if (byte >> ((bit % 4) * 2)) & 3 == 0
+                    && !self.pending_free.contains(&(data0 + u64::from(i)))
+                {
+                    found = Some(i);
+                    break;
+                }
+                i += 1;
+            }
+            if found.is_some() {
+                return Ok(found);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Frees a block run; the blocks become allocatable after the next commit.
+    pub fn free_run(&mut self, start: u64, len: u64) -> Result<()> {
+        for b in start..start + len {
+            self.set_state(b, BlockState::Free)?;
+            self.pending_free.insert(b);
+            self.forget_block(b);
+        }
+        Ok(())
+    }
+
+    pub fn free_blocks(&self) -> u64 {
+        self.rgs.iter().map(|r| u64::from(r.free)).sum()
+    }
+    pub fn data_blocks(&self) -> u64 {
+        self.rgs.iter().map(|r| u64::from(r.data_count)).sum()
+    }
+    pub fn inode_count(&self) -> u64 {
+        self.rgs.iter().map(|r| u64::from(r.inodes)).sum()
+    }
+
+    /// Blocks in state `Unlinked` (orphans left by a crash while files were open).
+    pub fn unlinked_inodes(&mut self) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        let per = format::bitmap_blocks_per(self.bs) as u64;
+        for rg in 0..self.rgs.len() {
+            let (start, _) = self.sb.rg_range(rg as u32);
+            let (data0, count) = (self.rgs[rg].data0, u64::from(self.rgs[rg].data_count));
+            for bmi in 0..u64::from(self.rgs[rg].bitmap_blocks) {
+                let b = self.meta(start + 1 + bmi, BlockType::Bitmap)?.to_vec();
+                for bit in 0..per.min(count.saturating_sub(bmi * per)) {
+                    let v = (b[HDR_LEN + (bit / 4) as usize] >> ((bit % 4) * 2)) & 3;
+                    if v == BlockState::Unlinked as u8 {
+                        out.push(data0 + bmi * per + bit);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- inodes ----------------------------------------------------------------------
+
+    /// Loads an inode, refusing block numbers that are not allocated inodes.
+    pub fn inode(&mut self, blk: u64) -> Result<Inode> {
+        match self.rg_of(blk).map(|_| self.state(blk)).transpose()? {
+            Some(BlockState::Inode | BlockState::Unlinked) => {}
+            _ => return Err(FsError::Stale(blk)),
+        }
+        let b = self.meta(blk, BlockType::Inode)?;
+        Inode::decode(b, blk)
+    }
+
+    pub fn put_inode(&mut self, ino: &Inode) -> Result<()> {
+        let b = self.meta_mut(ino.block, BlockType::Inode)?;
+        ino.encode_into(b);
+        Ok(())
+    }
+
+    /// Allocates an inode block near `goal`.
+    pub fn alloc_inode_block(&mut self, goal: u64) -> Result<(u64, u64)> {
+        let (blk, _) = self.alloc(goal, 1, BlockState::Inode)?;
+        let rg = self.rg_of(blk).expect("allocated in a group");
+        let generation = self.rgs[rg].igeneration;
+        self.meta_new(blk, BlockType::Inode);
+        Ok((blk, generation))
+    }
+
+    pub fn read_data(&self, buf: &mut [u8], blk: u64) -> Result<()> {
+        self.dev.read_at(buf, blk * self.bs as u64)?;
+        Ok(())
+    }
+    pub fn write_data(&self, buf: &[u8], blk: u64) -> Result<()> {
+        self.dev.write_at(buf, blk * self.bs as u64)?;
+        Ok(())
+    }
+}
+
+fn write_in_place(dev: &dyn BlockDevice, bs: usize, blocks: &[(u64, Vec<u8>)]) -> Result<()> {
+    for (blk, data) in blocks {
+        dev.write_at(data, blk * bs as u64)?;
+    }
+    dev.flush()?;
+    Ok(())
+}
+
+/// Reads and validates the superblock, with a clear error for foreign or short devices.
+pub fn read_superblock(dev: &dyn BlockDevice) -> Result<Superblock> {
+    let size = dev.size_bytes();
+    if size < 4096 {
+        return Err(FsError::Corrupt(format::FormatError::Invalid {
+            block: 0,
+            what: format!("device of {size} bytes is too small to be a tandem filesystem"),
+        }));
+    }
+    let mut b = vec![0u8; 4096];
+    dev.read_at(&mut b, 0)?;
+    let bs = format::get_u32(&b, 28) as usize;
+    if (format::MIN_BLOCK_SIZE as usize..=format::MAX_BLOCK_SIZE as usize).contains(&bs)
+        && bs > 4096
+        && bs as u64 <= size
+    {
+        b = vec![0u8; bs];
+        dev.read_at(&mut b, 0)?;
+    }
+    let sb = Superblock::decode(&b)?;
+    if sb.block_count * u64::from(sb.block_size) > size {
+        return Err(FsError::Corrupt(format::FormatError::Invalid {
+            block: 0,
+            what: format!(
+                "filesystem needs {} bytes but the device has only {size} (truncated image?)",
+                sb.block_count * u64::from(sb.block_size)
+            ),
+        }));
+    }
+    Ok(sb)
+}
