@@ -4,9 +4,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{FsError, Result};
-use crate::format::{
-    check, get_u16, get_u32, get_u64, init_header, put_u16, put_u32, put_u64, BlockType,
-};
+use crate::format::{get_u16, get_u32, get_u64, init_header, put_u16, put_u32, put_u64, BlockType};
 
 /// Payload starts here; everything before is header + fixed fields.
 pub const INODE_PAYLOAD: usize = 160;

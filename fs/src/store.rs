@@ -218,7 +218,8 @@ impl Store {
 
     // ---- allocator -------------------------------------------------------------------
 
-    fn rg_of(&self, blk: u64) -> Option<usize> {
+    /// The resource group whose data area holds `blk`.
+    pub fn rg_of(&self, blk: u64) -> Option<usize> {
         if blk < self.sb.rg_start || blk >= self.sb.block_count {
             return None;
         }
@@ -418,6 +419,59 @@ impl Store {
         }
         let b = self.meta(blk, BlockType::Inode)?;
         Inode::decode(b, blk)
+    }
+
+    /// Loads an inode without consulting the bitmap (fsck walks before trusting bitmaps).
+    pub fn inode_raw(&mut self, blk: u64) -> Result<Inode> {
+        if self.rg_of(blk).is_none() {
+            return Err(FsError::inconsistent(
+                blk,
+                "inode address outside every data area",
+            ));
+        }
+        let b = self.meta(blk, BlockType::Inode)?;
+        Inode::decode(b, blk)
+    }
+
+    /// Rewrites every bitmap block and group header from `states` (one byte per block,
+    /// a `BlockState` value), the way fsck repairs allocation metadata.
+    pub fn rebuild_bitmaps(&mut self, states: &[u8]) -> Result<()> {
+        let per = format::bitmap_blocks_per(self.bs) as u64;
+        for i in 0..self.sb.rg_count {
+            let (start, len) = self.sb.rg_range(i);
+            let (bm, data) = format::rg_geometry(len, self.bs);
+            let data0 = start + 1 + u64::from(bm);
+            let mut h = RgHeader {
+                index: i,
+                bitmap_blocks: bm,
+                data0,
+                data_count: data,
+                free: 0,
+                inodes: 0,
+                igeneration: 1,
+            };
+            if let Some(old) = self.rgs.get(i as usize) {
+                h.igeneration = old.igeneration.max(1);
+            }
+            for k in 0..u64::from(bm) {
+                let b = self.meta_new(start + 1 + k, BlockType::Bitmap);
+                for bit in 0..per.min(u64::from(data).saturating_sub(k * per)) {
+                    let blk = data0 + k * per + bit;
+                    let st = states[blk as usize] & 3;
+                    b[HDR_LEN + (bit / 4) as usize] |= st << ((bit % 4) * 2);
+                }
+            }
+            for blk in data0..data0 + u64::from(data) {
+                match BlockState::from_bits(states[blk as usize]) {
+                    BlockState::Free => h.free += 1,
+                    BlockState::Inode | BlockState::Unlinked => h.inodes += 1,
+                    BlockState::Used => {}
+                }
+            }
+            let b = self.meta_new(start, BlockType::RgHeader);
+            h.encode_into(b, start);
+        }
+        self.load_rgs()
     }
 
     pub fn put_inode(&mut self, ino: &Inode) -> Result<()> {
