@@ -133,8 +133,8 @@ pub struct StatFs {
 struct Inner {
     st: Store,
     root: u64,
-    /// Kernel lookup counts; an unlinked inode lives until its count reaches zero.
-    lookups: HashMap<u64, u64>,
+    /// Open file handles per inode; an unlinked inode lives until its last close.
+    opens: HashMap<u64, u32>,
     /// readdir snapshots taken at opendir, so offsets stay stable while entries change.
     dirs: HashMap<u64, Vec<DirEntry>>,
     next_fh: u64,
@@ -169,7 +169,7 @@ impl Fs {
         let inner = Inner {
             st,
             root,
-            lookups: HashMap::new(),
+            opens: HashMap::new(),
             dirs: HashMap::new(),
             next_fh: 1,
             opts,
@@ -181,6 +181,19 @@ impl Fs {
             },
             stats,
         ))
+    }
+
+    /// Runs `op`; on ENOSPC while freed blocks await commit, commits and retries once
+    /// (ext4 does the same): freed blocks only become reusable once their free is durable.
+    fn with_retry<T>(&self, mut op: impl FnMut(&mut Inner) -> Result<T>) -> Result<T> {
+        let mut g = self.inner.lock();
+        match op(&mut g) {
+            Err(FsError::NoSpace) if g.st.has_pending_free() => {
+                g.st.commit()?;
+                op(&mut g)
+            }
+            r => r,
+        }
     }
 
     pub fn block_size(&self) -> u32 {
@@ -215,22 +228,28 @@ impl Fs {
         }
         let ent = g.st.dir_lookup(&dir, name)?.ok_or(FsError::NotFound)?;
         let ino = g.st.inode(ent.ino)?;
-        g.remember(ino.block);
         Ok(g.attr(&ino))
     }
 
-    pub fn forget(&self, ino: u64, n: u64) {
+    /// Opens a file: an unlinked file stays readable until the matching `release`.
+    pub fn open(&self, ino: u64) -> Result<()> {
+        let mut g = self.inner.lock();
+        let i = g.load(ino)?;
+        *g.opens.entry(i.block).or_insert(0) += 1;
+        Ok(())
+    }
+
+    /// Closes a handle from `open`/`create`; frees the inode if it was the last one of an
+    /// unlinked file.
+    pub fn release(&self, ino: u64) {
         let mut g = self.inner.lock();
         let blk = g.blk(ino);
-        let left = match g.lookups.get_mut(&blk) {
-            Some(c) => {
-                *c = c.saturating_sub(n);
-                *c
-            }
-            None => return,
+        let Some(c) = g.opens.get_mut(&blk) else {
+            return;
         };
-        if left == 0 {
-            g.lookups.remove(&blk);
+        *c -= 1;
+        if *c == 0 {
+            g.opens.remove(&blk);
             if let Err(e) = g.reap(blk) {
                 tracing::warn!(ino, error = %e, "could not free an unlinked inode; fsck or the next mount will");
             }
@@ -296,34 +315,20 @@ impl Fs {
                 "mknod cannot make directories or symlinks",
             ));
         }
-        self.inner.lock().create(
-            ctx,
-            parent,
-            name,
-            kind | (mode & !umask & 0o7777),
-            rdev,
-            None,
-        )
+        let mode = kind | (mode & !umask & 0o7777);
+        self.with_retry(|g| g.create(ctx, parent, name, mode, rdev, None))
     }
 
     pub fn mkdir(&self, ctx: Ctx, parent: u64, name: &[u8], mode: u32, umask: u32) -> Result<Attr> {
-        self.inner.lock().create(
-            ctx,
-            parent,
-            name,
-            S_IFDIR | (mode & !umask & 0o7777),
-            0,
-            None,
-        )
+        let mode = S_IFDIR | (mode & !umask & 0o7777);
+        self.with_retry(|g| g.create(ctx, parent, name, mode, 0, None))
     }
 
     pub fn symlink(&self, ctx: Ctx, parent: u64, name: &[u8], target: &[u8]) -> Result<Attr> {
         if target.is_empty() || target.len() > 4095 {
             return Err(FsError::NameTooLong);
         }
-        self.inner
-            .lock()
-            .create(ctx, parent, name, S_IFLNK | 0o777, 0, Some(target))
+        self.with_retry(|g| g.create(ctx, parent, name, S_IFLNK | 0o777, 0, Some(target)))
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -365,7 +370,6 @@ impl Fs {
         i.nlink += 1;
         i.ctime = now;
         g.st.put_inode(&i)?;
-        g.remember(i.block);
         g.after_op()?;
         Ok(g.attr(&i))
     }
@@ -462,37 +466,40 @@ impl Fs {
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<u32> {
-        let mut g = self.inner.lock();
-        g.writable()?;
-        let mut i = g.load(ino)?;
-        if i.is_dir() {
-            return Err(FsError::IsDir);
-        }
-        let res = g.st.file_write(&mut i, off, data);
-        let now = Time::now();
-        i.mtime = now;
-        i.ctime = now;
-        g.st.put_inode(&i)?;
-        res?;
-        g.after_op()?;
-        Ok(data.len() as u32)
+        self.with_retry(|g| {
+            g.writable()?;
+            let mut i = g.load(ino)?;
+            if i.is_dir() {
+                return Err(FsError::IsDir);
+            }
+            let res = g.st.file_write(&mut i, off, data);
+            let now = Time::now();
+            i.mtime = now;
+            i.ctime = now;
+            // Stored even on failure: blocks allocated before ENOSPC stay owned, not leaked.
+            g.st.put_inode(&i)?;
+            res?;
+            g.after_op()?;
+            Ok(data.len() as u32)
+        })
     }
 
     pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> Result<()> {
-        let mut g = self.inner.lock();
-        g.writable()?;
-        let mut i = g.load(ino)?;
-        if i.is_dir() {
-            return Err(FsError::IsDir);
-        }
-        let res = g.st.file_fallocate(&mut i, off, len, mode);
-        i.ctime = Time::now();
-        if mode & crate::data::FALLOC_FL_PUNCH_HOLE != 0 {
-            i.mtime = i.ctime;
-        }
-        g.st.put_inode(&i)?;
-        res?;
-        g.after_op()
+        self.with_retry(|g| {
+            g.writable()?;
+            let mut i = g.load(ino)?;
+            if i.is_dir() {
+                return Err(FsError::IsDir);
+            }
+            let res = g.st.file_fallocate(&mut i, off, len, mode);
+            i.ctime = Time::now();
+            if mode & crate::data::FALLOC_FL_PUNCH_HOLE != 0 {
+                i.mtime = i.ctime;
+            }
+            g.st.put_inode(&i)?;
+            res?;
+            g.after_op()
+        })
     }
 
     /// Makes everything written so far durable (the whole running transaction, group commit).
@@ -547,8 +554,7 @@ impl Fs {
         Ok(snap.iter().skip(offset as usize).cloned().collect())
     }
 
-    /// readdirplus: `add` returns false when the reply buffer is full; entries it accepted
-    /// (other than "." and "..") count as kernel lookups.
+    /// readdirplus: `add` returns false when the reply buffer is full.
     pub fn readdirplus(
         &self,
         fh: u64,
@@ -571,9 +577,6 @@ impl Fs {
             let attr = g.attr(&ino);
             if !add(&e, &attr) {
                 break;
-            }
-            if e.name != b"." && e.name != b".." {
-                g.remember(ino.block);
             }
         }
         Ok(())
@@ -623,13 +626,14 @@ impl Fs {
     }
 
     fn change_xattr(&self, ino: u64, name: &[u8], value: Option<&[u8]>, flags: i32) -> Result<()> {
-        let mut g = self.inner.lock();
-        g.writable()?;
-        let mut i = g.load(ino)?;
-        g.st.xattr_set(&mut i, name, value, flags)?;
-        i.ctime = Time::now();
-        g.st.put_inode(&i)?;
-        g.after_op()
+        self.with_retry(|g| {
+            g.writable()?;
+            let mut i = g.load(ino)?;
+            g.st.xattr_set(&mut i, name, value, flags)?;
+            i.ctime = Time::now();
+            g.st.put_inode(&i)?;
+            g.after_op()
+        })
     }
 }
 
@@ -680,11 +684,6 @@ impl Inner {
             Err(FsError::ReadOnly)
         } else {
             Ok(())
-        }
-    }
-    fn remember(&mut self, blk: u64) {
-        if blk != self.root {
-            *self.lookups.entry(blk).or_insert(0) += 1;
         }
     }
 
@@ -784,12 +783,11 @@ impl Inner {
             dir.nlink += 1;
         }
         self.st.put_inode(&dir)?;
-        self.remember(blk);
         self.after_op()?;
         Ok(self.attr(&ino))
     }
 
-    /// Drops one name of `ino`; frees it now, or marks it unlinked while the kernel holds it.
+    /// Drops one name of `ino`; frees it now, or marks it unlinked while it is still open.
     fn drop_link(&mut self, ino: &mut Inode) -> Result<()> {
         ino.ctime = Time::now();
         if ino.is_dir() {
@@ -802,7 +800,7 @@ impl Inner {
         if ino.nlink > 0 {
             return Ok(());
         }
-        if self.lookups.get(&ino.block).copied().unwrap_or(0) > 0 {
+        if self.opens.get(&ino.block).copied().unwrap_or(0) > 0 {
             self.st.set_state(ino.block, BlockState::Unlinked)
         } else {
             self.st.free_inode(ino)

@@ -163,6 +163,11 @@ impl Store {
         self.dirty.remove(&blk);
     }
 
+    /// True if blocks freed by the running transaction wait for its commit.
+    pub fn has_pending_free(&self) -> bool {
+        !self.pending_free.is_empty()
+    }
+
     pub fn dirty_count(&self) -> usize {
         self.dirty.len()
     }

@@ -43,3 +43,28 @@ fn create_write_read_small_and_large() {
     assert_eq!(&r[..6], b"hello\n");
     assert!(r[6..5000].iter().all(|&c| c == 0));
 }
+
+#[test]
+fn space_is_reusable_after_unlink_of_a_file_that_filled_the_disk() {
+    let (_d, fs) = fresh(16 << 20);
+    let f = fs.mknod(CTX, ROOT_INO, b"fill", 0o644, 0, 0).unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    let mut off = 0;
+    let err = loop {
+        match fs.write(f.ino, off, &chunk) {
+            Ok(_) => off += chunk.len() as u64,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.errno(), libc::ENOSPC);
+    assert_eq!(
+        fs.mknod(CTX, ROOT_INO, b"x", 0o644, 0, 0)
+            .unwrap_err()
+            .errno(),
+        libc::ENOSPC
+    );
+    fs.unlink(ROOT_INO, b"fill").unwrap();
+    let g = fs.mknod(CTX, ROOT_INO, b"after", 0o644, 0, 0).unwrap();
+    fs.write(g.ino, 0, &chunk).unwrap();
+    assert_eq!(fs.statfs().bfree, fs.statfs().blocks - 1 - 256 - 1);
+}
