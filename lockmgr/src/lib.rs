@@ -2,6 +2,11 @@
 //!
 //! - `types`: ids, modes, flags, value blocks.
 //! - `table`: the pure lock-table state machine (Raft log entries in, effects out).
+//! - `log_cache`: the in-memory Raft log that raft-rs reads, rebuilt from durable records.
+//! - `node`: one replica, sans-IO (raft-rs Ready loop, batching, retries, failure detection).
 
+pub mod log_cache;
+pub mod mem_sink;
+pub mod node;
 pub mod table;
 pub mod types;

@@ -1,0 +1,764 @@
+//! One lock-manager replica, sans-IO: a raft-rs `RawNode` over the lock table plus the
+//! per-node duties around it (proposal batching and retry, failure detection, self-fencing,
+//! snapshots). The daemon and the deterministic simulation drive the very same code:
+//! events in (`tick`, `step`, `propose`, …), then `process()` returns messages to send and
+//! effects for this node's client sessions. Durable writes go through a `LogSink` and are
+//! synced before anything that depends on them leaves the node.
+
+use crate::log_cache::{LogCache, LogRecord};
+use crate::table::{Command, Effect, EndReason, LockTable};
+use crate::types::{ReqId, SessionId};
+use protobuf::Message as _;
+use raft::prelude::{
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, Snapshot,
+};
+use raft::{ProgressState, RawNode, SnapshotStatus, StateRole};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use tandem_common::NodeId;
+
+/// Version byte of the entry payload (`Batch`) and snapshot payload (`SnapshotData`).
+pub const ENTRY_FORMAT_VERSION: u8 = 1;
+/// Most commands folded into one Raft entry.
+const MAX_COMMANDS_PER_ENTRY: usize = 1024;
+
+/// Tuning of one replica; all durations in ticks.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub id: NodeId,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Re-propose an unapplied command after this long (leader change, lost message).
+    pub retry_ticks: u64,
+    /// A node that hears no leader this long ends its own sessions (clients must stop).
+    pub self_fence_ticks: u64,
+    /// The leader declares a voter down after hearing nothing from it this long. Must exceed
+    /// `self_fence_ticks + election_ticks` so a cut-off node always fences itself first.
+    pub node_dead_ticks: u64,
+    pub snapshot_every_entries: u64,
+    /// With at least three voters a declared-down node is considered fenced by quorum loss.
+    pub quorum_fencing: bool,
+    /// Witnesses vote and store the log but serve no clients.
+    pub witness: bool,
+    /// Election timeout range `[min, max)` in ticks; `None` = raft-rs default
+    /// `[election, 2 * election)`. The simulation pins it because raft-rs draws the timeout
+    /// from the thread RNG, which would make runs unreproducible.
+    pub election_ticks_range: Option<(usize, usize)>,
+}
+
+impl CoreConfig {
+    pub fn new(id: NodeId, election_ticks: usize, heartbeat_ticks: usize) -> Self {
+        let e = election_ticks as u64;
+        Self {
+            id,
+            election_ticks,
+            heartbeat_ticks,
+            retry_ticks: e,
+            self_fence_ticks: 4 * e,
+            node_dead_ticks: 8 * e,
+            snapshot_every_entries: 10_000,
+            quorum_fencing: true,
+            witness: false,
+            election_ticks_range: None,
+        }
+    }
+}
+
+/// Where durable records go: a WAL file in the daemon, a kept copy in the simulation.
+pub trait LogSink {
+    fn write(&mut self, rec: &LogRecord) -> Result<(), SinkError>;
+    /// Makes every earlier write durable (one fsync for the whole Ready: group commit).
+    fn sync(&mut self) -> Result<(), SinkError>;
+    /// Called after a snapshot record: the sink may rewrite itself from `log` to drop
+    /// compacted entries.
+    fn compact(&mut self, log: &LogCache) -> Result<(), SinkError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("durable log failure: {0}")]
+pub struct SinkError(pub String);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("log record does not fit the log: {0}")]
+    Log(#[from] crate::log_cache::LogCacheError),
+    #[error("snapshot is unreadable: {0}")]
+    Snapshot(String),
+    #[error("the replica stopped after an earlier durable-log failure")]
+    Poisoned,
+}
+
+/// The payload of a normal Raft entry.
+#[derive(Serialize, Deserialize)]
+struct Batch {
+    version: u8,
+    cmds: Vec<Command>,
+}
+
+/// The payload of a snapshot.
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    version: u8,
+    table: LockTable,
+}
+
+fn bincode_cfg() -> impl bincode::config::Config {
+    bincode::config::standard()
+}
+
+/// Identifies a proposal so retries and their application can be matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Key {
+    Open(SessionId),
+    Req(SessionId, ReqId),
+    Close(SessionId),
+    Restart(NodeId, u64),
+    Other,
+}
+
+fn key_of(cmd: &Command) -> Key {
+    match cmd {
+        Command::OpenSession { session, .. } => Key::Open(*session),
+        Command::CloseSession { session } => Key::Close(*session),
+        Command::Lock { session, req, .. }
+        | Command::Convert { session, req, .. }
+        | Command::Unlock { session, req, .. }
+        | Command::Cancel { session, req, .. }
+        | Command::FenceAck { session, req, .. }
+        | Command::RecoveryDone { session, req, .. } => Key::Req(*session, *req),
+        Command::NodeRestart { node, incarnation } => Key::Restart(*node, *incarnation),
+        Command::NodeDown { .. } => Key::Other,
+    }
+}
+
+/// Liveness probes beside Raft. A follower pings its leader every heartbeat interval and
+/// trusts its sessions only while the leader answers: round-trip evidence, so a one-way cut
+/// (leader hears nothing, follower still hears heartbeats) cannot leave a follower's
+/// clients holding locks that the leader has already declared orphaned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Probe {
+    /// Sent at the sender's tick `0`.
+    Ping(u64),
+    /// Echo of a `Ping`, only from a node that is leader when it receives the ping.
+    Pong(u64),
+}
+
+/// What one `process()` produced.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub messages: Vec<Message>,
+    pub probes: Vec<(NodeId, Probe)>,
+    /// Effects for sessions of this node's current incarnation, in log order.
+    pub effects: Vec<Effect>,
+}
+
+/// A membership change requested by an operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberChange {
+    AddVoter(NodeId),
+    AddLearner(NodeId),
+    Remove(NodeId),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeHealth {
+    pub node: NodeId,
+    pub up: bool,
+    pub fenced: bool,
+    pub orphaned_locks: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CoreStatus {
+    pub id: NodeId,
+    pub role: String,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_index: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    pub sessions: usize,
+    pub last_token: u64,
+    pub nodes: Vec<NodeHealth>,
+}
+
+pub struct NodeCore<K: LogSink> {
+    raw: RawNode<LogCache>,
+    sink: K,
+    table: LockTable,
+    cfg: CoreConfig,
+    incarnation: u64,
+    now: u64,
+    applied: u64,
+    last_snapshot_index: u64,
+    pending: BTreeMap<Key, (Command, u64)>,
+    outbox: Vec<Command>,
+    last_heard: BTreeMap<u64, u64>,
+    last_leader_contact: u64,
+    was_leader: bool,
+    down_proposed: BTreeMap<NodeId, u64>,
+    local_sessions: BTreeSet<SessionId>,
+    /// Snapshots sent to peers, by send tick: raft-rs pauses a peer until the snapshot is
+    /// reported, so a lost snapshot message must be reported as failed to be resent.
+    snapshots_sent: BTreeMap<u64, u64>,
+    out: Output,
+    poisoned: bool,
+}
+
+fn raft_id(n: NodeId) -> u64 {
+    u64::from(n.0)
+}
+
+fn node_id(id: u64) -> Option<NodeId> {
+    u8::try_from(id).ok().map(NodeId)
+}
+
+fn decode_snapshot(snap: &Snapshot) -> Result<LockTable, CoreError> {
+    if snap.data.is_empty() {
+        return Ok(LockTable::new());
+    }
+    let (data, _): (SnapshotData, usize) =
+        bincode::serde::decode_from_slice(&snap.data, bincode_cfg())
+            .map_err(|e| CoreError::Snapshot(e.to_string()))?;
+    if data.version != ENTRY_FORMAT_VERSION {
+        return Err(CoreError::Snapshot(format!(
+            "snapshot format {} (this build reads {ENTRY_FORMAT_VERSION})",
+            data.version
+        )));
+    }
+    Ok(data.table)
+}
+
+impl<K: LogSink> NodeCore<K> {
+    /// Starts a replica from its durable log. `incarnation` must differ on every start.
+    pub fn new(
+        cfg: CoreConfig,
+        log: LogCache,
+        sink: K,
+        incarnation: u64,
+    ) -> Result<Self, CoreError> {
+        let table = decode_snapshot(log.latest_snapshot())?;
+        let applied = log.latest_snapshot().get_metadata().index;
+        let raft_cfg = raft::Config {
+            id: raft_id(cfg.id),
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            min_election_tick: cfg.election_ticks_range.map_or(0, |r| r.0),
+            max_election_tick: cfg.election_ticks_range.map_or(0, |r| r.1),
+            ..Default::default()
+        };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&raft_cfg, log, &logger)?;
+        let mut core = Self {
+            raw,
+            sink,
+            table,
+            incarnation,
+            now: 0,
+            applied,
+            last_snapshot_index: applied,
+            pending: BTreeMap::new(),
+            outbox: Vec::new(),
+            last_heard: BTreeMap::new(),
+            last_leader_contact: 0,
+            was_leader: false,
+            down_proposed: BTreeMap::new(),
+            local_sessions: BTreeSet::new(),
+            snapshots_sent: BTreeMap::new(),
+            out: Output::default(),
+            poisoned: false,
+            cfg,
+        };
+        if !core.cfg.witness {
+            core.announce_incarnation();
+        }
+        Ok(core)
+    }
+
+    fn announce_incarnation(&mut self) {
+        self.submit(Command::NodeRestart {
+            node: self.cfg.id,
+            incarnation: self.incarnation,
+        });
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.cfg.id
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    pub fn table(&self) -> &LockTable {
+        &self.table
+    }
+
+    pub fn log(&self) -> &LogCache {
+        self.raw.store()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raw.raft.state == StateRole::Leader
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        match self.raw.raft.leader_id {
+            0 => None,
+            id => node_id(id),
+        }
+    }
+
+    /// True once our current incarnation is known to the table (sessions may be opened).
+    pub fn is_ready_for_sessions(&self) -> bool {
+        !self.cfg.witness
+            && self
+                .table
+                .nodes()
+                .get(&self.cfg.id)
+                .is_some_and(|r| r.incarnation == self.incarnation && r.up)
+    }
+
+    /// Queues a command for proposal; it is re-proposed until it is applied.
+    pub fn submit(&mut self, cmd: Command) {
+        let key = key_of(&cmd);
+        if key != Key::Other {
+            self.pending.insert(key, (cmd.clone(), self.now));
+        }
+        self.outbox.push(cmd);
+    }
+
+    /// Proposes a membership change. The result is reported as `Effect::Done` to `session`.
+    pub fn change_members(
+        &mut self,
+        session: SessionId,
+        req: ReqId,
+        change: MemberChange,
+    ) -> Result<(), CoreError> {
+        let mut cc = ConfChange::default();
+        let (ty, node) = match change {
+            MemberChange::AddVoter(n) => (ConfChangeType::AddNode, n),
+            MemberChange::AddLearner(n) => (ConfChangeType::AddLearnerNode, n),
+            MemberChange::Remove(n) => (ConfChangeType::RemoveNode, n),
+        };
+        cc.set_change_type(ty);
+        cc.node_id = raft_id(node);
+        let context = bincode::serde::encode_to_vec((session, req), bincode_cfg())
+            .map_err(|e| CoreError::Snapshot(e.to_string()))?;
+        self.raw.propose_conf_change(context, cc)?;
+        Ok(())
+    }
+
+    /// One clock tick: raft timers, retries, failure detection, self-fencing.
+    pub fn tick(&mut self) {
+        self.now += 1;
+        self.raw.tick();
+        let leader = self.is_leader();
+        if leader && !self.was_leader {
+            // Fresh leader: give every peer a full timeout before judging it.
+            for v in self.raw.store().conf_state().voters.clone() {
+                self.last_heard.insert(v, self.now);
+            }
+        }
+        self.was_leader = leader;
+        if leader {
+            self.last_leader_contact = self.now;
+            self.detect_dead_nodes();
+            self.expire_snapshots();
+        } else if let Some(l) = self.leader() {
+            if self
+                .now
+                .is_multiple_of(self.cfg.heartbeat_ticks.max(1) as u64)
+            {
+                self.out.probes.push((l, Probe::Ping(self.now)));
+            }
+        }
+        if !leader && self.now.saturating_sub(self.last_leader_contact) > self.cfg.self_fence_ticks
+        {
+            self.self_fence();
+        }
+        let retry: Vec<Command> = self
+            .pending
+            .values_mut()
+            .filter(|(_, sent)| self.now.saturating_sub(*sent) >= self.cfg.retry_ticks)
+            .map(|(cmd, sent)| {
+                *sent = self.now;
+                cmd.clone()
+            })
+            .collect();
+        self.outbox.extend(retry);
+    }
+
+    fn expire_snapshots(&mut self) {
+        let timeout = 3 * self.cfg.retry_ticks;
+        let expired: Vec<u64> = self
+            .snapshots_sent
+            .iter()
+            .filter(|(_, sent)| self.now.saturating_sub(**sent) > timeout)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in expired {
+            self.snapshots_sent.remove(&peer);
+            let stuck = self
+                .raw
+                .raft
+                .prs()
+                .get(peer)
+                .is_some_and(|p| p.state == ProgressState::Snapshot);
+            if stuck {
+                self.raw.report_snapshot(peer, SnapshotStatus::Failure);
+            }
+        }
+    }
+
+    fn detect_dead_nodes(&mut self) {
+        let voters = self.raw.store().conf_state().voters.clone();
+        let fenced = self.cfg.quorum_fencing && voters.len() >= 3;
+        for v in voters {
+            let Some(node) = node_id(v) else { continue };
+            if node == self.cfg.id {
+                continue;
+            }
+            let silent = self
+                .now
+                .saturating_sub(*self.last_heard.get(&v).unwrap_or(&0));
+            let up = self.table.nodes().get(&node).is_some_and(|r| r.up);
+            let recently = self
+                .down_proposed
+                .get(&node)
+                .is_some_and(|t| self.now.saturating_sub(*t) < self.cfg.retry_ticks);
+            if silent > self.cfg.node_dead_ticks && up && !recently {
+                self.down_proposed.insert(node, self.now);
+                self.outbox.push(Command::NodeDown { node, fenced });
+            }
+        }
+    }
+
+    /// Cut off from any leader for too long: the rest of the cluster may soon declare us
+    /// down and hand our locks to recovery, so our clients must stop now. A new incarnation
+    /// makes the table orphan the old sessions once we can talk to a leader again.
+    fn self_fence(&mut self) {
+        self.last_leader_contact = self.now;
+        if self.cfg.witness || self.local_sessions.is_empty() {
+            return;
+        }
+        self.end_local_sessions(EndReason::NodeDown);
+    }
+
+    fn end_local_sessions(&mut self, reason: EndReason) {
+        for session in std::mem::take(&mut self.local_sessions) {
+            self.out.effects.push(Effect::SessionEnded {
+                session,
+                reason: reason.clone(),
+            });
+        }
+        let old = self.incarnation;
+        self.pending.retain(|k, _| match k {
+            Key::Open(s) | Key::Req(s, _) | Key::Close(s) => s.incarnation != old,
+            Key::Restart(..) | Key::Other => false,
+        });
+        self.outbox.clear();
+        self.incarnation = self.incarnation.wrapping_add(1);
+        self.announce_incarnation();
+    }
+
+    /// A message from a peer (already authenticated by the transport).
+    pub fn step(&mut self, msg: Message) {
+        self.last_heard.insert(msg.from, self.now);
+        // Errors here are about stale or unknown peers; raft-rs already ignores them.
+        let _ = self.raw.step(msg);
+    }
+
+    /// A liveness probe from a peer.
+    pub fn on_probe(&mut self, from: NodeId, probe: Probe) {
+        self.last_heard.insert(raft_id(from), self.now);
+        match probe {
+            Probe::Ping(seq) if self.is_leader() => self.out.probes.push((from, Probe::Pong(seq))),
+            Probe::Ping(_) => {}
+            Probe::Pong(sent_at) => {
+                // The leader heard us no earlier than `sent_at`, our clock.
+                if Some(from) == self.leader() && sent_at <= self.now {
+                    self.last_leader_contact = self.last_leader_contact.max(sent_at);
+                }
+            }
+        }
+    }
+
+    pub fn report_unreachable(&mut self, peer: NodeId) {
+        self.raw.report_unreachable(raft_id(peer));
+    }
+
+    /// Proposes queued commands and handles every pending Ready.
+    pub fn process(&mut self) -> Result<Output, CoreError> {
+        if self.poisoned {
+            return Err(CoreError::Poisoned);
+        }
+        self.flush_outbox();
+        let result = (|| {
+            while self.raw.has_ready() {
+                self.on_ready()?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            // A failed fsync may have lost writes: never carry on as if it had not.
+            self.poisoned = true;
+            return Err(e);
+        }
+        Ok(std::mem::take(&mut self.out))
+    }
+
+    fn flush_outbox(&mut self) {
+        let cmds = std::mem::take(&mut self.outbox);
+        for chunk in cmds.chunks(MAX_COMMANDS_PER_ENTRY) {
+            let batch = Batch {
+                version: ENTRY_FORMAT_VERSION,
+                cmds: chunk.to_vec(),
+            };
+            let Ok(data) = bincode::serde::encode_to_vec(&batch, bincode_cfg()) else {
+                continue;
+            };
+            // Dropped proposals (no leader yet) stay in `pending` and are retried.
+            let _ = self.raw.propose(Vec::new(), data);
+        }
+    }
+
+    /// The Ready order documented in raft-rs (`src/lib.rs`, "Processing the Ready State").
+    fn on_ready(&mut self) -> Result<(), CoreError> {
+        let mut rd = self.raw.ready();
+        // 1. Messages that need no persistence go out first (leader appends in parallel).
+        let messages = rd.take_messages();
+        self.note_snapshots(&messages);
+        self.out.messages.extend(messages);
+        let mut wrote = false;
+        // 2. A snapshot from the leader replaces our state.
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.install_snapshot(snap)?;
+            wrote = true;
+        }
+        // 3. Apply committed entries.
+        let committed = rd.take_committed_entries();
+        self.apply_entries(committed)?;
+        // 4. Append new entries, 5. persist the hard state, with one sync for both.
+        if !rd.entries().is_empty() {
+            let rec = LogRecord::Entries(rd.take_entries());
+            self.write(rec)?;
+            wrote = true;
+        }
+        if let Some(hs) = rd.hs() {
+            let rec = LogRecord::HardState(hs.clone());
+            self.write(rec)?;
+            wrote = true;
+        }
+        if wrote || rd.must_sync() {
+            self.sink.sync()?;
+        }
+        // 6. Only now may messages that promise persisted state (votes, append acks) leave.
+        self.out.messages.extend(rd.take_persisted_messages());
+        // 7. Advance; the light ready carries the new commit index and more to apply.
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            let mut hs = self.raw.store().hard_state().clone();
+            hs.commit = commit;
+            // Not synced on its own: a lost commit index is recomputed from the leader.
+            self.write(LogRecord::HardState(hs))?;
+        }
+        let messages = light.take_messages();
+        self.note_snapshots(&messages);
+        self.out.messages.extend(messages);
+        let committed = light.take_committed_entries();
+        self.apply_entries(committed)?;
+        self.raw.advance_apply();
+        self.maybe_snapshot()?;
+        Ok(())
+    }
+
+    fn note_snapshots(&mut self, messages: &[Message]) {
+        for m in messages {
+            if m.get_msg_type() == raft::prelude::MessageType::MsgSnapshot {
+                self.snapshots_sent.insert(m.to, self.now);
+            }
+        }
+    }
+
+    fn write(&mut self, rec: LogRecord) -> Result<(), CoreError> {
+        self.sink.write(&rec)?;
+        self.raw.mut_store().apply(&rec)?;
+        Ok(())
+    }
+
+    fn install_snapshot(&mut self, snap: Snapshot) -> Result<(), CoreError> {
+        let table = decode_snapshot(&snap)?;
+        let index = snap.get_metadata().index;
+        self.write(LogRecord::Snapshot(snap))?;
+        self.table = table;
+        self.applied = index;
+        self.last_snapshot_index = index;
+        // We skipped log entries and with them effects for our sessions (opened, granted,
+        // ended): their clients can no longer trust what they hold or wait for, so end them
+        // like a restart would; the new incarnation orphans whatever they held.
+        if !self.cfg.witness {
+            self.end_local_sessions(EndReason::Restarted);
+        }
+        Ok(())
+    }
+
+    fn apply_entries(&mut self, entries: Vec<Entry>) -> Result<(), CoreError> {
+        for entry in entries {
+            if entry.index <= self.applied {
+                continue;
+            }
+            self.applied = entry.index;
+            match entry.get_entry_type() {
+                EntryType::EntryNormal => self.apply_normal(&entry.data),
+                EntryType::EntryConfChange => {
+                    let Ok(cc) = ConfChange::parse_from_bytes(&entry.data) else {
+                        continue;
+                    };
+                    let result = self.raw.apply_conf_change(&cc);
+                    self.after_conf_change(result, &entry.context)?;
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let Ok(cc) = ConfChangeV2::parse_from_bytes(&entry.data) else {
+                        continue;
+                    };
+                    let result = self.raw.apply_conf_change(&cc);
+                    self.after_conf_change(result, &entry.context)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_normal(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return; // a new leader's empty entry
+        }
+        // Every replica skips an undecodable entry alike, so they stay identical.
+        let Ok((batch, _)) = bincode::serde::decode_from_slice::<Batch, _>(data, bincode_cfg())
+        else {
+            tracing::warn!("skipping an undecodable log entry");
+            return;
+        };
+        if batch.version != ENTRY_FORMAT_VERSION {
+            tracing::warn!(
+                version = batch.version,
+                "skipping a log entry of unknown format"
+            );
+            return;
+        }
+        for cmd in &batch.cmds {
+            self.pending.remove(&key_of(cmd));
+            let effects = self.table.apply(cmd);
+            for fx in effects {
+                self.route(fx);
+            }
+        }
+    }
+
+    fn route(&mut self, fx: Effect) {
+        let s = fx.session();
+        if s.node != self.cfg.id || s.incarnation != self.incarnation {
+            return;
+        }
+        match &fx {
+            Effect::SessionOpened { session } => {
+                self.local_sessions.insert(*session);
+            }
+            Effect::SessionEnded { session, .. } => {
+                self.local_sessions.remove(session);
+            }
+            _ => {}
+        }
+        self.out.effects.push(fx);
+    }
+
+    fn after_conf_change(
+        &mut self,
+        result: raft::Result<ConfState>,
+        context: &[u8],
+    ) -> Result<(), CoreError> {
+        let cs = match result {
+            Ok(cs) => cs,
+            Err(e) => {
+                tracing::warn!(error = %e, "membership change rejected");
+                return Ok(());
+            }
+        };
+        self.write(LogRecord::ConfState(cs))?;
+        if let Ok(((session, req), _)) =
+            bincode::serde::decode_from_slice::<(SessionId, ReqId), _>(context, bincode_cfg())
+        {
+            self.route(Effect::Done { session, req });
+        }
+        Ok(())
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<(), CoreError> {
+        if self.applied < self.last_snapshot_index + self.cfg.snapshot_every_entries {
+            return Ok(());
+        }
+        let data = bincode::serde::encode_to_vec(
+            SnapshotData {
+                version: ENTRY_FORMAT_VERSION,
+                table: self.table.clone(),
+            },
+            bincode_cfg(),
+        )
+        .map_err(|e| CoreError::Snapshot(e.to_string()))?;
+        let mut snap = Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
+        let meta = snap.mut_metadata();
+        meta.index = self.applied;
+        meta.term = raft::Storage::term(self.raw.store(), self.applied)?;
+        meta.set_conf_state(self.raw.store().conf_state().clone());
+        self.write(LogRecord::Snapshot(snap))?;
+        self.sink.sync()?;
+        self.sink.compact(self.raw.store())?;
+        self.last_snapshot_index = self.applied;
+        Ok(())
+    }
+
+    pub fn status(&self) -> CoreStatus {
+        let cs = self.raw.store().conf_state();
+        let ids = |v: &[u64]| v.iter().filter_map(|id| node_id(*id)).collect::<Vec<_>>();
+        CoreStatus {
+            id: self.cfg.id,
+            role: format!("{:?}", self.raw.raft.state),
+            leader: self.leader(),
+            term: self.raw.raft.term,
+            commit_index: self.raw.raft.raft_log.committed,
+            applied_index: self.applied,
+            last_index: self.raw.raft.raft_log.last_index(),
+            voters: ids(&cs.voters),
+            learners: ids(&cs.learners),
+            sessions: self.table.session_count(),
+            last_token: self.table.last_token().0,
+            nodes: self
+                .table
+                .nodes()
+                .iter()
+                .map(|(n, r)| NodeHealth {
+                    node: *n,
+                    up: r.up,
+                    fenced: r.fenced,
+                    orphaned_locks: self.table.orphan_count(*n),
+                })
+                .collect(),
+        }
+    }
+}
