@@ -235,7 +235,16 @@ where
         frame::write_msg(stream, Channel::Handshake, &msg).await?;
         stream.flush().await.map_err(FrameError::Io)?;
         let client: ClientProof =
-            frame::read_msg(stream, Channel::Handshake, MAX_HANDSHAKE_FRAME).await?;
+            match frame::read_msg(stream, Channel::Handshake, MAX_HANDSHAKE_FRAME).await {
+                Ok(p) => p,
+                // The dialer checks our proof first and hangs up when it is wrong.
+                Err(FrameError::Closed) => {
+                    return Err(AuthError::BadProof(
+                        "the dialer hung up after our proof: the shared secrets differ",
+                    ))
+                }
+                Err(e) => return Err(e.into()),
+            };
         if !check(&accept.secret, b"tandem-client", &t, &client.proof) {
             let reason = "authentication failed: wrong shared secret".to_string();
             let _ = frame::write_msg(stream, Channel::Handshake, &refuse(reason)).await;

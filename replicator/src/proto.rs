@@ -49,6 +49,8 @@ pub struct PeerState {
     pub protocol: Protocol,
     pub allow_two_primaries: bool,
     pub crashed_primary: bool,
+    /// This node is receiving a resync from some peer (others must not start one).
+    pub sync_target: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,6 +170,7 @@ mod tests {
             protocol: Protocol::C,
             allow_two_primaries: true,
             crashed_primary: false,
+            sync_target: false,
         }));
         rt(PeerMsg::Uuids {
             current: 5,

@@ -332,7 +332,17 @@ impl Resource {
             protocol: self.settings.protocol,
             allow_two_primaries: self.settings.allow_two_primaries,
             crashed_primary: g.crashed,
+            sync_target: self.is_sync_target(),
         }
+    }
+
+    /// Whether some peer is currently resyncing us.
+    pub fn is_sync_target(&self) -> bool {
+        self.inner
+            .lock()
+            .peers
+            .values()
+            .any(|p| p.repl == ReplState::SyncTarget && p.sync.is_some())
     }
 
     fn next_seq(&self) -> u64 {
@@ -578,6 +588,8 @@ impl Resource {
         }
         tracing::warn!(resource = %self.name(), peer = %conn.peer, %reason, "connection lost");
         self.set_repl(conn.peer, ReplState::Off);
+        // Others may now need to (re)start a resync to us, or see our new state.
+        self.broadcast_state().await;
         let standalone = self.peer_view(conn.peer).is_some_and(|p| p.standalone);
         self.set_conn_state(
             conn.peer,

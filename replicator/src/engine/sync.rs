@@ -115,13 +115,18 @@ impl Resource {
                 self.check_all_in_sync();
                 Ok(())
             }
+            Decision::SyncSource if st.sync_target => {
+                // Another node is already syncing this peer; re-decide when it reports.
+                self.set_repl(conn.peer, ReplState::Established);
+                Ok(())
+            }
             Decision::SyncSource => {
                 self.start_resync(conn.clone());
                 Ok(())
             }
             Decision::SyncTarget => {
-                // The source starts; until then we are a target waiting for data.
-                self.set_repl(conn.peer, ReplState::SyncTarget);
+                // The source starts the resync (SyncStart); until then stay idle.
+                self.set_repl(conn.peer, ReplState::Established);
                 Ok(())
             }
             Decision::SplitBrain => {
@@ -149,13 +154,11 @@ impl Resource {
             return;
         }
         let (decision, rule) = decide(&self.generation(), &peer_generation(st));
-        match decision {
-            Decision::SyncSource => {
-                tracing::info!(resource = %self.name(), peer = %view.name, %rule, "state changed: starting resync");
-                self.start_resync(conn.clone());
-            }
-            Decision::SyncTarget => self.set_repl(conn.peer, ReplState::SyncTarget),
-            _ => {}
+        // Only the source acts; the target switches to SyncTarget on SyncStart. A peer that
+        // is already being synced by another node is left alone until it reports back.
+        if decision == Decision::SyncSource && !st.sync_target {
+            tracing::info!(resource = %self.name(), peer = %view.name, %rule, "state changed: starting resync");
+            self.start_resync(conn.clone());
         }
     }
 
@@ -331,7 +334,6 @@ impl Resource {
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 self.set_disk(DiskState::Inconsistent);
-                self.set_repl(conn.peer, ReplState::SyncTarget);
                 self.update_peer(conn.peer, |p| {
                     p.sync = Some(SyncProgress {
                         total_bytes,
@@ -339,6 +341,8 @@ impl Resource {
                         started: Instant::now(),
                     })
                 });
+                self.set_repl(conn.peer, ReplState::SyncTarget);
+                self.broadcast_state().await;
                 Ok(())
             }
             PeerMsg::SyncData { seq, offset, data } => {
