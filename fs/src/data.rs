@@ -137,7 +137,7 @@ impl Store {
         ino.payload.fill(0);
         if ext.len() * EXTENT_LEN <= ino.payload_cap() {
             for l in old {
-                self.free_run(l, 1)?;
+                self.free_meta(l)?;
                 ino.blocks -= 1;
             }
             ino.flags &= !FLAG_EXT_INDIRECT;
@@ -154,7 +154,7 @@ impl Store {
         }
         while old.len() > need {
             let l = old.pop().expect("non-empty");
-            self.free_run(l, 1)?;
+            self.free_meta(l)?;
             ino.blocks -= 1;
         }
         while old.len() < need {
@@ -261,6 +261,9 @@ impl Store {
         }
         let bs = self.bs as u64;
         let mut ext = self.extents(ino)?;
+        if off > ino.size {
+            self.zero_gap(ino, &ext, off)?;
+        }
         let first = off / bs;
         let last = (end - 1) / bs;
         let mut l = first;
@@ -375,6 +378,17 @@ impl Store {
         Ok(())
     }
 
+    /// Zeroes stale bytes between EOF and `new_start` in EOF's block before the file grows
+    /// over them. Safe in place: they lie past the durable EOF.
+    fn zero_gap(&mut self, ino: &Inode, ext: &[Extent], new_start: u64) -> Result<()> {
+        let bs = self.bs as u64;
+        if ino.size % bs == 0 {
+            return Ok(());
+        }
+        let block_end = ino.size.div_ceil(bs) * bs;
+        self.zero_partial(ext, ino.size, new_start.min(block_end))
+    }
+
     pub fn file_truncate(&mut self, ino: &mut Inode, size: u64) -> Result<()> {
         if size > MAX_FILE_SIZE {
             return Err(FsError::FileTooBig);
@@ -398,11 +412,13 @@ impl Store {
                 self.free_run(p, n)?;
                 ino.blocks -= n;
             }
-            // Stale bytes past the new end must read as zeros if the file grows again.
-            if size % bs != 0 {
-                self.zero_partial(&ext, size, (size / bs + 1) * bs)?;
-            }
+            // The bytes past the new end in its last block are left alone (zeroing them in
+            // place before the commit would corrupt the old, still-durable file on a
+            // crash); they are zeroed when the file grows again (`zero_gap`).
             self.set_extents(ino, &ext)?;
+        } else if size > ino.size {
+            let ext = self.extents(ino)?;
+            self.zero_gap(ino, &ext, size)?;
         }
         ino.size = size;
         Ok(())
@@ -479,6 +495,10 @@ impl Store {
             res?;
         }
         if mode & FALLOC_FL_KEEP_SIZE == 0 && end > ino.size {
+            if !ino.is_inline() {
+                let ext = self.extents(ino)?;
+                self.zero_gap(ino, &ext, end)?;
+            }
             if ino.is_inline() {
                 ino.payload_len = end as u32;
             }
@@ -495,13 +515,13 @@ impl Store {
                 self.free_run(e.physical, u64::from(e.len))?;
             }
             for l in Self::leaf_ptrs(ino) {
-                self.free_run(l, 1)?;
+                self.free_meta(l)?;
             }
         }
         if ino.xattr_block != 0 {
-            self.free_run(ino.xattr_block, 1)?;
+            self.free_meta(ino.xattr_block)?;
         }
-        self.free_run(ino.block, 1)
+        self.free_meta(ino.block)
     }
 }
 

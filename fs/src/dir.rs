@@ -370,7 +370,7 @@ impl Store {
     /// Frees the leaves of an (empty) directory before the inode itself is freed.
     pub fn dir_free(&mut self, dir: &mut Inode) -> Result<()> {
         for l in self.dir_leaves(dir)? {
-            self.free_run(l, 1)?;
+            self.free_meta(l)?;
             dir.blocks -= 1;
         }
         dir.flags = (dir.flags & !FLAG_EXHASH) | FLAG_INLINE;

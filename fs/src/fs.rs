@@ -183,13 +183,13 @@ impl Fs {
         ))
     }
 
-    /// Runs `op`; on ENOSPC while freed blocks await commit, commits and retries once
-    /// (ext4 does the same): freed blocks only become reusable once their free is durable.
+    /// Runs `op`; on ENOSPC while freed blocks await commit or checkpoint, makes them
+    /// reusable and retries once (ext4 does the same for blocks freed by running transactions).
     fn with_retry<T>(&self, mut op: impl FnMut(&mut Inner) -> Result<T>) -> Result<T> {
         let mut g = self.inner.lock();
         match op(&mut g) {
-            Err(FsError::NoSpace) if g.st.has_pending_free() => {
-                g.st.commit()?;
+            Err(FsError::NoSpace) if g.st.has_held_blocks() => {
+                g.st.sync_all(false)?;
                 op(&mut g)
             }
             r => r,

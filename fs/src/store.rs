@@ -28,6 +28,10 @@ pub struct Store {
     /// Per group: first data index that may be free (scan hint).
     hints: Vec<u32>,
     pending_free: HashSet<u64>,
+    /// Freed metadata blocks whose old images may still be in the journal: reusing one
+    /// before the log is checkpointed would let replay overwrite its new contents (the
+    /// problem jbd2 solves with revoke records).
+    held_until_checkpoint: HashSet<u64>,
     pub journal: Option<Journal>,
     poisoned: bool,
     alloc_rg: usize,
@@ -63,6 +67,7 @@ impl Store {
             rgs: Vec::new(),
             hints: Vec::new(),
             pending_free: HashSet::new(),
+            held_until_checkpoint: HashSet::new(),
             journal: None,
             poisoned: false,
             alloc_rg: 0,
@@ -163,11 +168,6 @@ impl Store {
         self.dirty.remove(&blk);
     }
 
-    /// True if blocks freed by the running transaction wait for its commit.
-    pub fn has_pending_free(&self) -> bool {
-        !self.pending_free.is_empty()
-    }
-
     pub fn dirty_count(&self) -> usize {
         self.dirty.len()
     }
@@ -195,11 +195,14 @@ impl Store {
             return Err(e);
         }
         self.pending_free.clear();
-        if let Some(j) = self.journal.as_mut() {
-            if j.used_blocks() > j.log_len() / 2 {
+        match self.journal.as_mut() {
+            Some(j) if j.used_blocks() > j.log_len() / 2 => {
                 j.checkpoint(&*self.dev, false)
                     .inspect_err(|_| self.poisoned = true)?;
+                self.held_until_checkpoint.clear();
             }
+            Some(_) => {}
+            None => self.held_until_checkpoint.clear(),
         }
         Ok(())
     }
@@ -211,7 +214,13 @@ impl Store {
             j.checkpoint(&*self.dev, clean)
                 .inspect_err(|_| self.poisoned = true)?;
         }
+        self.held_until_checkpoint.clear();
         Ok(())
+    }
+
+    /// True if freed blocks wait for a commit or checkpoint before they can be reused.
+    pub fn has_held_blocks(&self) -> bool {
+        !self.pending_free.is_empty() || !self.held_until_checkpoint.is_empty()
     }
 
     /// Largest number of dirty blocks one transaction may hold.
@@ -319,7 +328,7 @@ impl Store {
             let mut len = 0u32;
             while len < want && idx + len < count {
                 let b = start + u64::from(len);
-                if self.pending_free.contains(&b) || self.state(b)? != BlockState::Free {
+                if self.is_held(b) || self.state(b)? != BlockState::Free {
                     break;
                 }
                 self.set_state(b, st)?;
@@ -359,9 +368,7 @@ impl Store {
                     i += 4;
                     continue;
                 }
-                if (byte >> ((bit % 4) * 2)) & 3 == 0
-                    && !self.pending_free.contains(&(data0 + u64::from(i)))
-                {
+                if (byte >> ((bit % 4) * 2)) & 3 == 0 && !self.is_held(data0 + u64::from(i)) {
                     found = Some(i);
                     break;
                 }
@@ -382,6 +389,17 @@ impl Store {
             self.forget_block(b);
         }
         Ok(())
+    }
+
+    /// Frees one metadata block (inode, leaf, xattr); reusable after the next checkpoint.
+    pub fn free_meta(&mut self, blk: u64) -> Result<()> {
+        self.free_run(blk, 1)?;
+        self.held_until_checkpoint.insert(blk);
+        Ok(())
+    }
+
+    fn is_held(&self, blk: u64) -> bool {
+        self.pending_free.contains(&blk) || self.held_until_checkpoint.contains(&blk)
     }
 
     pub fn free_blocks(&self) -> u64 {

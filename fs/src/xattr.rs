@@ -105,7 +105,7 @@ impl Store {
         }
         if all.is_empty() {
             if ino.xattr_block != 0 {
-                self.free_run(ino.xattr_block, 1)?;
+                self.free_meta(ino.xattr_block)?;
                 ino.blocks -= 1;
                 ino.xattr_block = 0;
             }
