@@ -460,6 +460,7 @@ impl Fs {
             {
                 i.atime = now;
                 g.st.put_inode(&i)?;
+                g.after_op()?;
             }
         }
         Ok(data)

@@ -1,0 +1,239 @@
+//! fsck and mount on damaged images: bit flips in metadata and truncated images must give
+//! reports or clear errors, never panics; a repaired image must check clean and mount.
+
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tandem_fs::format::{self, LockProto};
+use tandem_fs::fs::{Ctx, Fs, FsOptions, ROOT_INO};
+use tandem_fs::fsck::{fsck, FsckOptions};
+use tandem_fs::mkfs::{mkfs, MkfsOptions};
+use tandem_fs::{BlockDevice, FaultDevice};
+
+const CTX: Ctx = Ctx { uid: 0, gid: 0 };
+const BS: usize = 4096;
+
+/// A small filesystem using every metadata structure: inline and extent files, extent
+/// leaves, a hashed directory, symlinks, hard links and xattrs.
+fn populated_image() -> Vec<u8> {
+    let dev = Arc::new(FaultDevice::new(24 << 20));
+    let opts = MkfsOptions {
+        lock_table: "t:fsck".into(),
+        journals: 2,
+        journal_mib: Some(1),
+        block_size: BS as u32,
+        lock_proto: LockProto::NoLock,
+    };
+    mkfs(dev.clone() as Arc<dyn BlockDevice>, &opts).unwrap();
+    let (fs, _) = Fs::mount(dev.clone(), FsOptions::default()).unwrap();
+    let d = fs.mkdir(CTX, ROOT_INO, b"dir", 0o755, 0).unwrap();
+    for i in 0..400 {
+        let f = fs
+            .mknod(
+                CTX,
+                d.ino,
+                format!("file-with-a-longish-name-{i}").as_bytes(),
+                0o644,
+                0,
+                0,
+            )
+            .unwrap();
+        fs.write(f.ino, 0, format!("content {i}").as_bytes())
+            .unwrap();
+    }
+    let frag = fs.mknod(CTX, ROOT_INO, b"fragmented", 0o644, 0, 0).unwrap();
+    for k in 0..400u64 {
+        fs.write(frag.ino, k * 2 * BS as u64, &[k as u8; 100])
+            .unwrap();
+    }
+    let big = fs.mknod(CTX, ROOT_INO, b"big", 0o644, 0, 0).unwrap();
+    fs.write(big.ino, 0, &vec![7u8; 300_000]).unwrap();
+    fs.setxattr(big.ino, b"user.a", b"value", 0).unwrap();
+    fs.symlink(CTX, ROOT_INO, b"link", b"big").unwrap();
+    fs.link(big.ino, d.ino, b"hardlink").unwrap();
+    let sub = fs.mkdir(CTX, d.ino, b"sub", 0o755, 0).unwrap();
+    fs.mknod(CTX, sub.ino, b"leaf", 0o600, 0, 0).unwrap();
+    fs.shutdown().unwrap();
+    dev.image()
+}
+
+fn metadata_blocks(img: &[u8]) -> Vec<usize> {
+    (0..img.len() / BS)
+        .filter(|&b| format::peek_type(&img[b * BS..(b + 1) * BS]).is_some())
+        .collect()
+}
+
+fn check(img: Vec<u8>, repair: bool) -> Result<tandem_fs::fsck::FsckReport, tandem_fs::FsError> {
+    let mut sink = |_: &str| {};
+    fsck(
+        Arc::new(FaultDevice::from_image(img)),
+        FsckOptions { repair },
+        &mut sink,
+    )
+}
+
+/// Walks and reads everything; errors are fine, panics are not.
+fn read_everything(fs: &Fs) -> usize {
+    let mut n = 0;
+    let mut stack = vec![ROOT_INO];
+    while let Some(ino) = stack.pop() {
+        let Ok(fh) = fs.opendir(ino) else { continue };
+        for e in fs.readdir(fh, 2).unwrap_or_default() {
+            n += 1;
+            if let Ok(a) = fs.getattr(e.ino) {
+                if a.kind == tandem_fs::fs::FileKind::Dir {
+                    stack.push(e.ino);
+                } else {
+                    let _ = fs.read(e.ino, 0, 1 << 20);
+                    let _ = fs.listxattr(e.ino);
+                }
+            }
+        }
+        fs.releasedir(fh);
+    }
+    n
+}
+
+#[test]
+fn pristine_image_is_clean() {
+    let r = check(populated_image(), false).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(r.exit_code(), 0);
+    assert!(r.files >= 403 && r.dirs == 3, "{r:?}");
+}
+
+#[test]
+fn bit_flips_are_detected_and_repaired_without_panics() {
+    let base = populated_image();
+    let meta = metadata_blocks(&base);
+    let seed = std::env::var("TANDEM_FSCK_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut detected = 0;
+    for round in 0..120 {
+        let mut img = base.clone();
+        for _ in 0..rng.gen_range(1..4) {
+            let blk = if rng.gen_bool(0.85) {
+                meta[rng.gen_range(0..meta.len())]
+            } else {
+                rng.gen_range(0..img.len() / BS)
+            };
+            let bit = rng.gen_range(0..BS * 8);
+            img[blk * BS + bit / 8] ^= 1 << (bit % 8);
+        }
+        let report = check(img.clone(), false);
+        if report.as_ref().map_or(true, |r| !r.problems.is_empty()) {
+            detected += 1;
+        }
+        // Mounting the damaged image must fail cleanly or work; reading must not panic.
+        if let Ok((fs, _)) = Fs::mount(
+            Arc::new(FaultDevice::from_image(img.clone())),
+            FsOptions::default(),
+        ) {
+            read_everything(&fs);
+        }
+        let dev = Arc::new(FaultDevice::from_image(img));
+        let mut sink = |_: &str| {};
+        let Ok(_) = fsck(dev.clone(), FsckOptions { repair: true }, &mut sink) else {
+            continue;
+        };
+        let after = check(dev.image(), false)
+            .unwrap_or_else(|e| panic!("round {round}: re-check after repair failed: {e}"));
+        assert!(
+            after.problems.is_empty(),
+            "round {round}: problems remain after repair: {:?}",
+            after.problems
+        );
+        let (fs, _) = Fs::mount(dev, FsOptions::default())
+            .unwrap_or_else(|e| panic!("round {round}: repaired image does not mount: {e}"));
+        read_everything(&fs);
+        fs.shutdown().unwrap();
+    }
+    assert!(detected > 80, "only {detected} of 120 corruptions detected");
+}
+
+#[test]
+fn truncated_and_foreign_images_give_clear_errors() {
+    let base = populated_image();
+    let used_len = format::Superblock::decode(&base[..BS]).unwrap().block_count as usize * BS;
+    for len in [0, 100, 4096, 8192, base.len() / 2, used_len - BS] {
+        let img = base[..len].to_vec();
+        let err = check(img.clone(), false).expect_err("truncated image must not check clean");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("too small") || msg.contains("truncated") || msg.contains("needs"),
+            "{len}: {msg}"
+        );
+        assert!(Fs::mount(Arc::new(FaultDevice::from_image(img)), FsOptions::default()).is_err());
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let err = Fs::mount(
+        Arc::new(FaultDevice::from_image(zeros)),
+        FsOptions::default(),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("not a tandem filesystem"), "{err}");
+}
+
+#[test]
+fn too_new_format_version_is_refused() {
+    let mut img = populated_image();
+    format::put_u32(&mut img, 24, format::FORMAT_VERSION + 1);
+    format::seal(&mut img[..BS]);
+    let err = Fs::mount(Arc::new(FaultDevice::from_image(img)), FsOptions::default())
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("newer than supported"), "{err}");
+}
+
+#[test]
+fn orphans_go_to_lost_and_found() {
+    let mut img = populated_image();
+    // Zero the "dir" directory's entry area in the root inode: its whole subtree is orphaned.
+    let sb = format::Superblock::decode(&img[..BS]).unwrap();
+    let root = sb.root_block as usize * BS;
+    let payload = root + tandem_fs::inode::INODE_PAYLOAD;
+    let used = format::get_u32(&img, root + 136) as usize;
+    let ents = img[payload..payload + used].to_vec();
+    // Keep only entries not named "dir".
+    let mut kept = Vec::new();
+    let mut p = 0;
+    while p < ents.len() {
+        let n = ents[p + 13] as usize;
+        if &ents[p + 14..p + 14 + n] != b"dir" {
+            kept.extend_from_slice(&ents[p..p + 14 + n]);
+        }
+        p += 14 + n;
+    }
+    img[payload..payload + used].fill(0);
+    img[payload..payload + kept.len()].copy_from_slice(&kept);
+    format::put_u32(&mut img, root + 136, kept.len() as u32);
+    let entries = format::get_u64(&img, root + 144);
+    format::put_u64(&mut img, root + 144, entries - 1);
+    format::seal(&mut img[root..root + BS]);
+    let r = check(img.clone(), false).unwrap();
+    assert!(
+        r.problems.iter().any(|p| p.contains("orphan")),
+        "{:?}",
+        r.problems
+    );
+    let dev = Arc::new(FaultDevice::from_image(img));
+    let mut sink = |_: &str| {};
+    fsck(dev.clone(), FsckOptions { repair: true }, &mut sink).unwrap();
+    let (fs, _) = Fs::mount(dev, FsOptions::default()).unwrap();
+    let lf = fs.lookup(ROOT_INO, b"lost+found").unwrap();
+    let fh = fs.opendir(lf.ino).unwrap();
+    let names: Vec<Vec<u8>> = fs
+        .readdir(fh, 2)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names.len(), 1, "the orphaned directory is attached once");
+    let moved = fs.lookup(lf.ino, &names[0]).unwrap();
+    assert!(fs.lookup(moved.ino, b"file-with-a-longish-name-7").is_ok());
+}
