@@ -558,7 +558,7 @@ impl Resource {
         let conn = Conn::new(peer, epoch, out);
         let old = self.update_peer(peer, |p| {
             p.last_error = None;
-            std::mem::replace(&mut p.conn, Some(conn.clone()))
+            p.conn.replace(conn.clone())
         });
         if let Some(Some(old)) = old {
             old.close();

@@ -171,7 +171,7 @@ impl Superblock {
             bitmap_offset: get_u64(b, tail + 8),
             bitmap_bytes_per_peer: get_u64(b, tail + 16),
         };
-        if sb.usable_size_bytes == 0 || sb.usable_size_bytes % 4096 != 0 {
+        if sb.usable_size_bytes == 0 || !sb.usable_size_bytes.is_multiple_of(4096) {
             return Err(FormatError::BadField("usable size"));
         }
         Ok(sb)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Tandem's tools, tests and demo use, when missing.
+# Safe to run repeatedly; does nothing when everything is present or when not root.
+set -euo pipefail
+pkgs=(iproute2 fuse3 libnbd-bin qemu-utils fio psmisc util-linux procps)
+pkgs+=("$@")
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: missing packages ${missing[*]} (run as root to install them)" >&2
+  exit 1
+fi
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+if ! apt-get install -y -qq "${missing[@]}" >/tmp/tandem-apt.log 2>&1; then
+  apt-get update -qq >>/tmp/tandem-apt.log 2>&1
+  apt-get install -y -qq "${missing[@]}" >>/tmp/tandem-apt.log 2>&1 || {
+    tail -20 /tmp/tandem-apt.log >&2; exit 1; }
+fi

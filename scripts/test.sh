@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command (README, CI): formatting, lints, every crate's tests, the namespace
+# scenarios and the fuzz-corpus replays. Needs root for namespaces and FUSE.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+./scripts/install-deps.sh
+export CARGO_TERM_COLOR=never
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== build binaries (tests drive the real daemons)"
+cargo build --workspace --bins
+echo "== cargo test"
+cargo test --workspace -- --test-threads=2
+if [ -f fuzz/Cargo.toml ]; then
+  echo "== fuzz corpus replay (stable toolchain)"
+  cargo test --manifest-path fuzz/Cargo.toml -- --test-threads=2
+fi

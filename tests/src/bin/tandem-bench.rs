@@ -1,0 +1,214 @@
+//! tandem-bench: replicator benchmark. Prints, in one run, the raw backing file against
+//! the replicated volume (1 node, 2 nodes protocol C, 3 nodes, in network namespaces):
+//! sequential 1 MiB write MB/s, 4 KiB QD1 write+flush latency p50/p99, and 4 KiB QD32
+//! random write IOPS, with ratios. Not part of the test suite's pass/fail.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+use tandem_replicator::nbd::client::NbdClient;
+use tandem_tests::{Cluster, ResourceSpec};
+
+#[derive(Parser)]
+#[command(
+    name = "tandem-bench",
+    about = "Replicator benchmark: raw disk vs replicated, with ratios"
+)]
+struct Args {
+    /// Volume size in MiB (also the sequential write size).
+    #[arg(long, default_value_t = 256)]
+    size_mib: u64,
+    /// QD1 write+flush samples.
+    #[arg(long, default_value_t = 400)]
+    qd1_samples: usize,
+    /// Seconds of QD32 random writes per configuration.
+    #[arg(long, default_value_t = 3)]
+    qd32_secs: u64,
+    /// Directory for the raw file (same filesystem as the cluster's disks).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: String,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Result3 {
+    seq_mb_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    iops: f64,
+}
+
+trait Target: Send + Sync {
+    fn client(&self) -> Box<dyn Io>;
+}
+
+trait Io: Send {
+    fn write(&mut self, buf: &[u8], off: u64);
+    fn flush(&mut self);
+}
+
+struct RawFile(std::fs::File);
+impl Io for RawFile {
+    fn write(&mut self, buf: &[u8], off: u64) {
+        self.0.write_all_at(buf, off).expect("raw write");
+    }
+    fn flush(&mut self) {
+        self.0.sync_data().expect("raw fdatasync");
+    }
+}
+struct RawTarget(std::path::PathBuf);
+impl Target for RawTarget {
+    fn client(&self) -> Box<dyn Io> {
+        Box::new(RawFile(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.0)
+                .expect("open raw"),
+        ))
+    }
+}
+
+struct Nbd(NbdClient);
+impl Io for Nbd {
+    fn write(&mut self, buf: &[u8], off: u64) {
+        self.0.write_at(buf, off, false).expect("nbd write");
+    }
+    fn flush(&mut self) {
+        self.0.flush().expect("nbd flush");
+    }
+}
+struct NbdTarget(std::path::PathBuf);
+impl Target for NbdTarget {
+    fn client(&self) -> Box<dyn Io> {
+        Box::new(Nbd(
+            NbdClient::connect_unix(&self.0, "www").expect("nbd connect")
+        ))
+    }
+}
+
+fn measure(t: &dyn Target, size_bytes: u64, args: &Args) -> Result3 {
+    // Sequential 1 MiB writes of the whole volume, then one flush.
+    let mut io = t.client();
+    let chunk = vec![0xA5u8; 1 << 20];
+    let start = Instant::now();
+    let mut off = 0;
+    while off < size_bytes {
+        io.write(&chunk, off);
+        off += chunk.len() as u64;
+    }
+    io.flush();
+    let seq_mb_s = size_bytes as f64 / start.elapsed().as_secs_f64() / 1e6;
+    // QD1 4 KiB write + flush.
+    let block = vec![0x5Au8; 4096];
+    let mut lat = Vec::with_capacity(args.qd1_samples);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for _ in 0..args.qd1_samples {
+        let off = rng.gen_range(0..size_bytes / 4096) * 4096;
+        let s = Instant::now();
+        io.write(&block, off);
+        io.flush();
+        lat.push(s.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let p50_us = lat[lat.len() / 2];
+    let p99_us = lat[lat.len() * 99 / 100];
+    // QD32: 32 clients with random 4 KiB writes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|s| {
+        for i in 0..32u64 {
+            let mut io = t.client();
+            let stop = stop.clone();
+            let ops = ops.clone();
+            s.spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(100 + i);
+                let block = vec![i as u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    let off = rng.gen_range(0..size_bytes / 4096) * 4096;
+                    io.write(&block, off);
+                    ops.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_secs(args.qd32_secs));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let iops = ops.load(Ordering::Relaxed) as f64 / args.qd32_secs as f64;
+    Result3 {
+        seq_mb_s,
+        p50_us,
+        p99_us,
+        iops,
+    }
+}
+
+fn cluster(nodes: usize, size_mib: u64) -> anyhow::Result<Cluster> {
+    let mut c = Cluster::builder()
+        .nodes(nodes)
+        .resource(ResourceSpec {
+            size: format!("{size_mib}MiB"),
+            ..ResourceSpec::default()
+        })
+        .start()?;
+    if nodes == 1 {
+        c.adm(0, &["create-md", "www"])?;
+        c.start_replicator(0)?;
+        c.adm(0, &["up", "www"])?;
+        c.adm(0, &["primary", "--force", "www"])?;
+    } else {
+        c.bring_up_fresh("www")?;
+    }
+    Ok(c)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let size_bytes = args.size_mib << 20;
+    let raw_path =
+        Path::new(&args.dir).join(format!("tandem-bench-raw-{}.img", std::process::id()));
+    std::fs::write(&raw_path, b"")?;
+    OpenOptions::new()
+        .write(true)
+        .open(&raw_path)?
+        .set_len(size_bytes)?;
+    eprintln!("measuring raw file {} ...", raw_path.display());
+    let raw = measure(&RawTarget(raw_path.clone()), size_bytes, &args);
+    let _ = std::fs::remove_file(&raw_path);
+    let mut rows = vec![("raw backing file".to_string(), raw)];
+    for nodes in [1usize, 2, 3] {
+        eprintln!("measuring {nodes}-node cluster ...");
+        let c = cluster(nodes, args.size_mib)?;
+        let r = measure(&NbdTarget(c.nbd_socket(0, "www")), size_bytes, &args);
+        rows.push((
+            format!(
+                "replicated, {nodes} node{}, protocol C",
+                if nodes > 1 { "s" } else { "" }
+            ),
+            r,
+        ));
+        drop(c);
+    }
+    println!(
+        "| configuration | seq 1MiB write MB/s (ratio) | 4KiB write+flush p50 µs (Δ vs raw) | p99 µs | QD32 4KiB IOPS (ratio) |"
+    );
+    println!("|---|---|---|---|---|");
+    for (name, r) in &rows {
+        println!(
+            "| {name} | {:.0} ({:.2}×) | {:.0} ({:+.0}) | {:.0} | {:.0} ({:.2}×) |",
+            r.seq_mb_s,
+            r.seq_mb_s / raw.seq_mb_s,
+            r.p50_us,
+            r.p50_us - raw.p50_us,
+            r.p99_us,
+            r.iops,
+            r.iops / raw.iops
+        );
+    }
+    Ok(())
+}
