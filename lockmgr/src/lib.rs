@@ -4,9 +4,16 @@
 //! - `table`: the pure lock-table state machine (Raft log entries in, effects out).
 //! - `log_cache`: the in-memory Raft log that raft-rs reads, rebuilt from durable records.
 //! - `node`: one replica, sans-IO (raft-rs Ready loop, batching, retries, failure detection).
+//! - `wal`: the durable, checksummed Raft log; `proto`: the client wire protocol.
+//! - `daemon`: `tandem-lockd` (replica thread, peer transport, client socket).
+//! - `client`: the async client library.
 
+pub mod client;
+pub mod daemon;
 pub mod log_cache;
 pub mod mem_sink;
 pub mod node;
+pub mod proto;
 pub mod table;
 pub mod types;
+pub mod wal;

@@ -297,6 +297,10 @@ impl<K: LogSink> NodeCore<K> {
         self.cfg.id
     }
 
+    pub fn is_witness(&self) -> bool {
+        self.cfg.witness
+    }
+
     pub fn incarnation(&self) -> u64 {
         self.incarnation
     }

@@ -1,0 +1,316 @@
+//! The client socket: a Unix socket (mode 0600, root or the daemon's own user only) that
+//! speaks `proto::ClientRequest`/`ClientReply` frames. One connection = one session; when
+//! the connection closes, for any reason, the session is closed and its locks released.
+
+use super::core_thread::{CoreInput, Replies};
+use crate::proto::{
+    ClientReply, ClientRequest, CLIENT_PROTOCOL_MAX, CLIENT_PROTOCOL_MIN, MAX_REQUEST_FRAME_BYTES,
+};
+use crate::table::{Command, LockError};
+use crate::types::{ReqId, SessionId};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::time::Duration;
+use tandem_common::frame::{self, Channel};
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Hands an input to the core thread without blocking the async workers.
+pub async fn send_to_core(core: &SyncSender<CoreInput>, input: CoreInput) -> Result<(), ()> {
+    match core.try_send(input) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Disconnected(_)) => Err(()),
+        Err(TrySendError::Full(input)) => {
+            let core = core.clone();
+            tokio::task::spawn_blocking(move || core.send(input).map_err(|_| ()))
+                .await
+                .map_err(|_| ())?
+        }
+    }
+}
+
+pub async fn listen(listener: UnixListener, core: SyncSender<CoreInput>) {
+    // SAFETY: geteuid has no preconditions.
+    let my_uid = unsafe { libc::geteuid() };
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a client failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == 0 || cred.uid() == my_uid => {}
+            Ok(cred) => {
+                tracing::warn!(uid = cred.uid(), "refusing a client that is not root");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read client credentials");
+                continue;
+            }
+        }
+        let core = core.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve(stream, core).await {
+                tracing::info!(error = %e, "client connection closed");
+            }
+        });
+    }
+}
+
+async fn write(w: &mut BufWriter<OwnedWriteHalf>, reply: &ClientReply) -> Result<(), String> {
+    frame::write_msg(w, Channel::LockClient, reply)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn serve(stream: UnixStream, core: SyncSender<CoreInput>) -> Result<(), String> {
+    let (mut r, w) = stream.into_split();
+    let mut w = BufWriter::new(w);
+    let hello: ClientRequest = match tokio::time::timeout(
+        HELLO_TIMEOUT,
+        frame::read_msg(&mut r, Channel::LockClient, MAX_REQUEST_FRAME_BYTES),
+    )
+    .await
+    {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
+            let _ = write(
+                &mut w,
+                &ClientReply::Error {
+                    message: e.to_string(),
+                },
+            )
+            .await;
+            let _ = w.flush().await;
+            return Err(e.to_string());
+        }
+        Err(_) => return Err("no hello in time".into()),
+    };
+    let ClientRequest::Hello {
+        min_version,
+        max_version,
+        client,
+        open_session,
+    } = hello
+    else {
+        let message = "the first message must be Hello".to_string();
+        let _ = write(
+            &mut w,
+            &ClientReply::Error {
+                message: message.clone(),
+            },
+        )
+        .await;
+        let _ = w.flush().await;
+        return Err(message);
+    };
+    let version = max_version.min(CLIENT_PROTOCOL_MAX);
+    if version < min_version.max(CLIENT_PROTOCOL_MIN) {
+        let message = format!(
+            "no common protocol version (client {min_version}..={max_version}, daemon {CLIENT_PROTOCOL_MIN}..={CLIENT_PROTOCOL_MAX})"
+        );
+        let _ = write(
+            &mut w,
+            &ClientReply::Error {
+                message: message.clone(),
+            },
+        )
+        .await;
+        let _ = w.flush().await;
+        return Err(message);
+    }
+    let (replies, mut reply_rx) = mpsc::unbounded_channel::<ClientReply>();
+    let session = if open_session {
+        let (opened, opened_rx) = oneshot::channel();
+        send_to_core(
+            &core,
+            CoreInput::Open {
+                client,
+                replies: replies.clone(),
+                opened,
+            },
+        )
+        .await
+        .map_err(|_| "the replica stopped".to_string())?;
+        // Welcome follows from the core once the session is committed.
+        match opened_rx.await {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(message)) => {
+                let _ = write(
+                    &mut w,
+                    &ClientReply::Error {
+                        message: message.clone(),
+                    },
+                )
+                .await;
+                let _ = w.flush().await;
+                return Err(message);
+            }
+            Err(_) => return Err("the replica stopped".into()),
+        }
+    } else {
+        let _ = replies.send(ClientReply::Welcome {
+            version,
+            session: None,
+        });
+        None
+    };
+    let writer = tokio::spawn(async move {
+        while let Some(first) = reply_rx.recv().await {
+            let mut closing =
+                matches!(first, ClientReply::Ended { .. } | ClientReply::Error { .. });
+            write(&mut w, &first).await?;
+            while !closing {
+                let Ok(more) = reply_rx.try_recv() else { break };
+                closing = matches!(more, ClientReply::Ended { .. } | ClientReply::Error { .. });
+                write(&mut w, &more).await?;
+            }
+            w.flush().await.map_err(|e| e.to_string())?;
+            if closing {
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+        Ok::<(), String>(())
+    });
+    let result = read_loop(&mut r, session, &replies, &core).await;
+    if let Err(message) = &result {
+        let _ = replies.send(ClientReply::Error {
+            message: message.clone(),
+        });
+    }
+    if let Some(s) = session {
+        let _ = send_to_core(&core, CoreInput::Gone(s)).await;
+    }
+    drop(replies);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    result
+}
+
+async fn read_loop(
+    r: &mut tokio::net::unix::OwnedReadHalf,
+    session: Option<SessionId>,
+    replies: &Replies,
+    core: &SyncSender<CoreInput>,
+) -> Result<(), String> {
+    loop {
+        let req: ClientRequest =
+            match frame::read_msg(r, Channel::LockClient, MAX_REQUEST_FRAME_BYTES).await {
+                Ok(m) => m,
+                Err(frame::FrameError::Closed) => return Ok(()),
+                Err(e) => return Err(format!("bad request frame: {e}")),
+            };
+        let no_session = |req: ReqId| ClientReply::Failed {
+            req,
+            lock: None,
+            error: LockError::NoSession,
+        };
+        let input = match (req, session) {
+            (ClientRequest::Hello { .. }, _) => return Err("duplicate Hello".into()),
+            (ClientRequest::Status { req }, _) => CoreInput::Status {
+                req,
+                replies: replies.clone(),
+            },
+            (ClientRequest::Locks { req, lockspace }, _) => CoreInput::Locks {
+                req,
+                lockspace,
+                replies: replies.clone(),
+            },
+            (ClientRequest::Member { req, change }, Some(session)) => CoreInput::Member {
+                session,
+                req,
+                change,
+            },
+            (req, None) => {
+                let id = request_id(&req);
+                let _ = replies.send(no_session(id));
+                continue;
+            }
+            (req, Some(session)) => match to_command(req, session) {
+                Some(cmd) => CoreInput::Submit(cmd),
+                None => return Err("unexpected request".into()),
+            },
+        };
+        send_to_core(core, input)
+            .await
+            .map_err(|_| "the replica stopped".to_string())?;
+    }
+}
+
+fn request_id(req: &ClientRequest) -> ReqId {
+    match req {
+        ClientRequest::Hello { .. } => ReqId(0),
+        ClientRequest::Lock { req, .. }
+        | ClientRequest::Convert { req, .. }
+        | ClientRequest::Unlock { req, .. }
+        | ClientRequest::Cancel { req, .. }
+        | ClientRequest::FenceAck { req, .. }
+        | ClientRequest::RecoveryDone { req, .. }
+        | ClientRequest::Member { req, .. }
+        | ClientRequest::Status { req }
+        | ClientRequest::Locks { req, .. } => *req,
+    }
+}
+
+/// Session requests become log commands verbatim; the table validates them.
+fn to_command(req: ClientRequest, session: SessionId) -> Option<Command> {
+    Some(match req {
+        ClientRequest::Lock {
+            req,
+            lockspace,
+            resource,
+            mode,
+            flags,
+        } => Command::Lock {
+            session,
+            req,
+            lockspace,
+            resource,
+            mode,
+            flags,
+        },
+        ClientRequest::Convert {
+            req,
+            lock,
+            mode,
+            flags,
+            lvb,
+        } => Command::Convert {
+            session,
+            req,
+            lock,
+            mode,
+            flags,
+            lvb,
+        },
+        ClientRequest::Unlock { req, lock, lvb } => Command::Unlock {
+            session,
+            req,
+            lock,
+            lvb,
+        },
+        ClientRequest::Cancel { req, lock } => Command::Cancel { session, req, lock },
+        ClientRequest::FenceAck { req, node } => Command::FenceAck { session, req, node },
+        ClientRequest::RecoveryDone {
+            req,
+            node,
+            lockspace,
+        } => Command::RecoveryDone {
+            session,
+            req,
+            node,
+            lockspace,
+        },
+        ClientRequest::Hello { .. }
+        | ClientRequest::Member { .. }
+        | ClientRequest::Status { .. }
+        | ClientRequest::Locks { .. } => return None,
+    })
+}

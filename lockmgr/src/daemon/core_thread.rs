@@ -1,0 +1,260 @@
+//! The replica's own thread: owns the `NodeCore`, drains every queued input before each
+//! `process()` (so one fsync covers everything that arrived meanwhile: group commit), ticks
+//! on time, and hands messages to the peer senders and effects to client connections.
+
+use super::peer::PeerFrame;
+use crate::node::{CoreError, LogSink, MemberChange, NodeCore, Probe};
+use crate::proto::{ClientReply, CLIENT_PROTOCOL_MAX};
+use crate::table::{Command, Effect, EndReason, LockError};
+use crate::types::{ReqId, SessionId};
+use protobuf::Message as _;
+use raft::prelude::Message;
+use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+use tandem_common::NodeId;
+use tokio::sync::mpsc::{Sender, UnboundedSender};
+use tokio::sync::oneshot;
+
+pub type Replies = UnboundedSender<ClientReply>;
+
+pub enum CoreInput {
+    Raft(Box<Message>),
+    Probe(NodeId, Probe),
+    /// A client connection asks for a session; answered with its id (or a refusal).
+    Open {
+        client: String,
+        replies: Replies,
+        opened: oneshot::Sender<Result<SessionId, String>>,
+    },
+    Submit(Command),
+    /// The connection of this session closed: release its locks.
+    Gone(SessionId),
+    Member {
+        session: SessionId,
+        req: ReqId,
+        change: MemberChange,
+    },
+    Status {
+        req: ReqId,
+        replies: Replies,
+    },
+    Locks {
+        req: ReqId,
+        lockspace: String,
+        replies: Replies,
+    },
+}
+
+struct WaitingOpen {
+    client: String,
+    replies: Replies,
+    opened: oneshot::Sender<Result<SessionId, String>>,
+}
+
+pub struct CoreThread<K: LogSink> {
+    pub core: NodeCore<K>,
+    pub inputs: Receiver<CoreInput>,
+    pub peers: BTreeMap<NodeId, Sender<PeerFrame>>,
+    pub tick: Duration,
+}
+
+impl<K: LogSink> CoreThread<K> {
+    /// Runs until every input sender is gone or the durable log fails.
+    pub fn run(mut self) -> Result<(), CoreError> {
+        let mut sessions: BTreeMap<SessionId, Replies> = BTreeMap::new();
+        let mut waiting: Vec<WaitingOpen> = Vec::new();
+        let mut next_session: u64 = 0;
+        let mut next_tick = Instant::now() + self.tick;
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            let first = match self.inputs.recv_timeout(timeout) {
+                Ok(input) => Some(input),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            };
+            let mut batch: Vec<CoreInput> = first.into_iter().collect();
+            // Group commit: everything already queued joins this Ready.
+            while batch.len() < 65_536 {
+                match self.inputs.try_recv() {
+                    Ok(input) => batch.push(input),
+                    Err(_) => break,
+                }
+            }
+            for input in batch {
+                self.handle(input, &mut sessions, &mut waiting);
+            }
+            if Instant::now() >= next_tick {
+                self.core.tick();
+                next_tick += self.tick;
+                if next_tick < Instant::now() {
+                    next_tick = Instant::now() + self.tick;
+                }
+            }
+            if self.core.is_ready_for_sessions() {
+                for w in waiting.drain(..) {
+                    next_session += 1;
+                    let session = SessionId {
+                        node: self.core.id(),
+                        incarnation: self.core.incarnation(),
+                        seq: next_session,
+                    };
+                    if w.opened.send(Ok(session)).is_ok() {
+                        sessions.insert(session, w.replies);
+                        self.core.submit(Command::OpenSession {
+                            session,
+                            client: w.client,
+                        });
+                    }
+                }
+            }
+            let out = self.core.process()?;
+            for m in out.messages {
+                let Ok(to) = u8::try_from(m.to) else { continue };
+                if let Some(tx) = self.peers.get(&NodeId(to)) {
+                    // A full queue means the peer is slow or gone; Raft resends.
+                    let _ = tx.try_send(PeerFrame::Raft(m.write_to_bytes().unwrap_or_default()));
+                }
+            }
+            for (to, probe) in out.probes {
+                if let Some(tx) = self.peers.get(&to) {
+                    let _ = tx.try_send(PeerFrame::Probe(probe));
+                }
+            }
+            for fx in out.effects {
+                deliver(&mut sessions, fx);
+            }
+            // Self-fenced or resynchronised: sessions of the old incarnation are void, even
+            // those still opening.
+            let incarnation = self.core.incarnation();
+            sessions.retain(|s, replies| {
+                if s.incarnation == incarnation {
+                    return true;
+                }
+                let _ = replies.send(ClientReply::Ended {
+                    reason: EndReason::Restarted,
+                });
+                false
+            });
+        }
+    }
+
+    fn handle(
+        &mut self,
+        input: CoreInput,
+        sessions: &mut BTreeMap<SessionId, Replies>,
+        waiting: &mut Vec<WaitingOpen>,
+    ) {
+        match input {
+            CoreInput::Raft(m) => self.core.step(*m),
+            CoreInput::Probe(from, p) => self.core.on_probe(from, p),
+            CoreInput::Open {
+                client,
+                replies,
+                opened,
+            } => {
+                if self.is_witness() {
+                    let _ = opened.send(Err("this node is a witness and serves no locks".into()));
+                } else {
+                    waiting.push(WaitingOpen {
+                        client,
+                        replies,
+                        opened,
+                    });
+                }
+            }
+            CoreInput::Submit(cmd) => self.core.submit(cmd),
+            CoreInput::Gone(session) => {
+                if sessions.remove(&session).is_some() {
+                    self.core.submit(Command::CloseSession { session });
+                }
+            }
+            CoreInput::Member {
+                session,
+                req,
+                change,
+            } => {
+                if let Err(e) = self.core.change_members(session, req, change) {
+                    if let Some(r) = sessions.get(&session) {
+                        let _ = r.send(ClientReply::Failed {
+                            req,
+                            lock: None,
+                            error: LockError::Invalid(format!("membership change refused: {e}")),
+                        });
+                    }
+                }
+            }
+            CoreInput::Status { req, replies } => {
+                let _ = replies.send(ClientReply::Status {
+                    req,
+                    status: self.core.status(),
+                });
+            }
+            CoreInput::Locks {
+                req,
+                lockspace,
+                replies,
+            } => {
+                let _ = replies.send(ClientReply::Locks {
+                    req,
+                    resources: self.core.table().resources_in(&lockspace),
+                });
+            }
+        }
+    }
+
+    fn is_witness(&self) -> bool {
+        self.core.is_witness()
+    }
+}
+
+fn deliver(sessions: &mut BTreeMap<SessionId, Replies>, fx: Effect) {
+    let session = fx.session();
+    let Some(replies) = sessions.get(&session) else {
+        return;
+    };
+    let (reply, last) = match fx {
+        Effect::SessionOpened { session } => (
+            ClientReply::Welcome {
+                version: CLIENT_PROTOCOL_MAX,
+                session: Some(session),
+            },
+            false,
+        ),
+        Effect::SessionEnded { reason, .. } => (ClientReply::Ended { reason }, true),
+        Effect::Granted {
+            req,
+            lock,
+            mode,
+            token,
+            lvb,
+            lvb_valid,
+            ..
+        } => (
+            ClientReply::Granted {
+                req,
+                lock,
+                mode,
+                token,
+                lvb,
+                lvb_valid,
+            },
+            false,
+        ),
+        Effect::Failed {
+            req: ReqId(0),
+            error: LockError::Refused(message),
+            ..
+        } => (ClientReply::Error { message }, true),
+        Effect::Failed {
+            req, lock, error, ..
+        } => (ClientReply::Failed { req, lock, error }, false),
+        Effect::Blocking { lock, wanted, .. } => (ClientReply::Blocking { lock, wanted }, false),
+        Effect::Unlocked { req, lock, .. } => (ClientReply::Unlocked { req, lock }, false),
+        Effect::Done { req, .. } => (ClientReply::Done { req }, false),
+    };
+    let _ = replies.send(reply);
+    if last {
+        sessions.remove(&session);
+    }
+}

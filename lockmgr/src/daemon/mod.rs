@@ -1,0 +1,144 @@
+//! `tandem-lockd`: wires the replica thread to the peer transport and the client socket.
+//! Startup order: config, durable log, replica thread, peer listener and dialers, client
+//! socket. Any durable-log failure stops the daemon (exit status 1): a replica that may have
+//! lost acknowledged writes must not keep voting.
+
+pub mod clients;
+pub mod core_thread;
+pub mod peer;
+
+use crate::log_cache::LogCache;
+use crate::node::{CoreConfig, NodeCore};
+use crate::wal;
+use core_thread::{CoreInput, CoreThread};
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tandem_common::ClusterConfig;
+
+/// Inputs queued for the replica thread before senders wait.
+const CORE_QUEUE: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] tandem_common::ConfigError),
+    #[error("no shared secret: set cluster.secret or cluster.secret-file")]
+    NoSecret,
+    #[error(transparent)]
+    Wal(#[from] wal::WalError),
+    #[error("cannot start the replica: {0}")]
+    Core(#[from] crate::node::CoreError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("the replica thread stopped: {0}")]
+    Stopped(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub config: PathBuf,
+    pub node: String,
+    /// Start with an empty log and wait to be added by `tandem-lockctl member add`.
+    pub join: bool,
+}
+
+/// Runs the daemon until the replica stops (durable-log failure) or the process is killed.
+pub fn run(opts: Options) -> Result<(), DaemonError> {
+    let config = Arc::new(ClusterConfig::load(&opts.config)?);
+    let me = config.node(&opts.node)?.clone();
+    let secret = Arc::new(config.cluster_secret().ok_or(DaemonError::NoSecret)?);
+    let state_dir = config.node_state_dir(&me.name).join("lockd");
+    std::fs::create_dir_all(&state_dir).map_err(io(format!("creating {}", state_dir.display())))?;
+    let _ = std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700));
+    let voters: Vec<u64> = config.nodes.iter().map(|n| u64::from(n.id)).collect();
+    let initial = if opts.join {
+        LogCache::default()
+    } else {
+        LogCache::bootstrap(&voters)
+    };
+    let (log, sink) = wal::open(&state_dir, initial)?;
+    let lm = &config.lockmgr;
+    let mut cfg = CoreConfig::new(me.node_id(), lm.election_ticks, lm.heartbeat_ticks);
+    cfg.witness = me.witness;
+    let incarnation = rand::random::<u64>() >> 1;
+    let core = NodeCore::new(cfg, log, sink, incarnation)?;
+    tracing::info!(node = %me.name, id = me.id, incarnation, witness = me.witness, "tandem-lockd starting");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(io("starting the async runtime"))?;
+    let (core_tx, core_rx) = std::sync::mpsc::sync_channel::<CoreInput>(CORE_QUEUE);
+    let mut peers = BTreeMap::new();
+    let mut dialers = Vec::new();
+    for n in config.nodes.iter().filter(|n| n.id != me.id) {
+        let (tx, rx) = tokio::sync::mpsc::channel(peer::PEER_QUEUE_FRAMES);
+        peers.insert(n.node_id(), tx);
+        dialers.push((n.node_id(), n.lock_addr(), rx));
+    }
+    let thread = CoreThread {
+        core,
+        inputs: core_rx,
+        peers,
+        tick: Duration::from_millis(lm.tick_ms),
+    };
+    let replica = std::thread::Builder::new()
+        .name("lockd-replica".into())
+        .spawn(move || thread.run())
+        .map_err(io("starting the replica thread"))?;
+
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(me.lock_addr())
+            .await
+            .map_err(io(format!("listening on {}", me.lock_addr())))?;
+        tokio::spawn(peer::listen(
+            listener,
+            config.clone(),
+            me.node_id(),
+            secret.clone(),
+            core_tx.clone(),
+        ));
+        for (peer_id, addr, rx) in dialers {
+            tokio::spawn(peer::dial_forever(
+                peer_id,
+                addr,
+                me.node_id(),
+                secret.clone(),
+                rx,
+            ));
+        }
+        let socket = config.lockd_socket(&me.name);
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        }
+        let _ = std::fs::remove_file(&socket);
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .map_err(io(format!("binding {}", socket.display())))?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(io(format!("chmod {}", socket.display())))?;
+        tokio::spawn(clients::listen(listener, core_tx.clone()));
+        tracing::info!(socket = %socket.display(), peer_port = me.lock_port, "serving");
+        drop(core_tx);
+        // The replica thread ends only on failure (every listener keeps a sender).
+        let result = tokio::task::spawn_blocking(move || replica.join())
+            .await
+            .map_err(|e| DaemonError::Stopped(e.to_string()))?;
+        match result {
+            Ok(Ok(())) => Err(DaemonError::Stopped("input queue closed".into())),
+            Ok(Err(e)) => Err(DaemonError::Stopped(e.to_string())),
+            Err(_) => Err(DaemonError::Stopped("the replica thread panicked".into())),
+        }
+    })
+}
