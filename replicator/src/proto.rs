@@ -72,6 +72,8 @@ pub enum PeerMsg {
     Write {
         seq: u64,
         offset: u64,
+        // serde_bytes: one memcpy instead of a serde call per byte.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         fua: bool,
         ack: AckMode,

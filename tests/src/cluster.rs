@@ -41,6 +41,8 @@ pub struct ResourceSpec {
     pub size: String,
     pub protocol: String,
     pub allow_two_primaries: bool,
+    /// "uring" or "posix".
+    pub io_engine: String,
 }
 
 impl Default for ResourceSpec {
@@ -50,6 +52,7 @@ impl Default for ResourceSpec {
             size: "32MiB".into(),
             protocol: "C".into(),
             allow_two_primaries: true,
+            io_engine: "uring".into(),
         }
     }
 }
@@ -169,8 +172,8 @@ impl Cluster {
         }
         for r in &self.resources {
             s += &format!(
-                "[[resource]]\nname = \"{}\"\nsize = \"{}\"\nprotocol = \"{}\"\nallow-two-primaries = {}\n",
-                r.name, r.size, r.protocol, r.allow_two_primaries
+                "[[resource]]\nname = \"{}\"\nsize = \"{}\"\nprotocol = \"{}\"\nallow-two-primaries = {}\nio-engine = \"{}\"\n",
+                r.name, r.size, r.protocol, r.allow_two_primaries, r.io_engine
             );
             for i in 0..self.net.nodes.len() {
                 s += &format!(

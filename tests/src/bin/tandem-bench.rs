@@ -74,6 +74,41 @@ impl Target for RawTarget {
     }
 }
 
+/// N copies written by one client, flushed in parallel: what the hardware gives when the
+/// same bytes must reach N files on this one disk (the floor for an N-node cluster here).
+struct MultiRaw(Vec<std::fs::File>);
+impl Io for MultiRaw {
+    fn write(&mut self, buf: &[u8], off: u64) {
+        for f in &self.0 {
+            f.write_all_at(buf, off).expect("raw write");
+        }
+    }
+    fn flush(&mut self) {
+        std::thread::scope(|s| {
+            for f in &self.0 {
+                s.spawn(move || f.sync_data().expect("raw fdatasync"));
+            }
+        });
+    }
+}
+struct MultiRawTarget(Vec<std::path::PathBuf>);
+impl Target for MultiRawTarget {
+    fn client(&self) -> Box<dyn Io> {
+        Box::new(MultiRaw(
+            self.0
+                .iter()
+                .map(|p| {
+                    OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(p)
+                        .expect("open raw")
+                })
+                .collect(),
+        ))
+    }
+}
+
 struct Nbd(NbdClient);
 impl Io for Nbd {
     fn write(&mut self, buf: &[u8], off: u64) {
@@ -153,6 +188,7 @@ fn cluster(nodes: usize, size_mib: u64) -> anyhow::Result<Cluster> {
         .nodes(nodes)
         .resource(ResourceSpec {
             size: format!("{size_mib}MiB"),
+            io_engine: std::env::var("TANDEM_IO_ENGINE").unwrap_or_else(|_| "uring".into()),
             ..ResourceSpec::default()
         })
         .start()?;
@@ -170,17 +206,28 @@ fn cluster(nodes: usize, size_mib: u64) -> anyhow::Result<Cluster> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let size_bytes = args.size_mib << 20;
-    let raw_path =
-        Path::new(&args.dir).join(format!("tandem-bench-raw-{}.img", std::process::id()));
-    std::fs::write(&raw_path, b"")?;
-    OpenOptions::new()
-        .write(true)
-        .open(&raw_path)?
-        .set_len(size_bytes)?;
-    eprintln!("measuring raw file {} ...", raw_path.display());
-    let raw = measure(&RawTarget(raw_path.clone()), size_bytes, &args);
-    let _ = std::fs::remove_file(&raw_path);
+    let raw_paths: Vec<_> = (0..3)
+        .map(|i| {
+            Path::new(&args.dir).join(format!("tandem-bench-raw-{}-{i}.img", std::process::id()))
+        })
+        .collect();
+    for p in &raw_paths {
+        std::fs::write(p, b"")?;
+        OpenOptions::new()
+            .write(true)
+            .open(p)?
+            .set_len(size_bytes)?;
+    }
+    eprintln!("measuring raw file {} ...", raw_paths[0].display());
+    let raw = measure(&RawTarget(raw_paths[0].clone()), size_bytes, &args);
     let mut rows = vec![("raw backing file".to_string(), raw)];
+    for n in [2usize, 3] {
+        let r = measure(&MultiRawTarget(raw_paths[..n].to_vec()), size_bytes, &args);
+        rows.push((format!("raw, {n} copies on this one disk (no network)"), r));
+    }
+    for p in &raw_paths {
+        let _ = std::fs::remove_file(p);
+    }
     for nodes in [1usize, 2, 3] {
         eprintln!("measuring {nodes}-node cluster ...");
         let c = cluster(nodes, args.size_mib)?;
