@@ -204,6 +204,7 @@ pub struct NodeCore<K: LogSink> {
     was_leader: bool,
     down_proposed: BTreeMap<NodeId, u64>,
     local_sessions: BTreeSet<SessionId>,
+    pending_conf: BTreeMap<(SessionId, ReqId), (MemberChange, u64)>,
     /// Snapshots sent to peers, by send tick: raft-rs pauses a peer until the snapshot is
     /// reported, so a lost snapshot message must be reported as failed to be resent.
     snapshots_sent: BTreeMap<u64, u64>,
@@ -275,6 +276,7 @@ impl<K: LogSink> NodeCore<K> {
             was_leader: false,
             down_proposed: BTreeMap::new(),
             local_sessions: BTreeSet::new(),
+            pending_conf: BTreeMap::new(),
             snapshots_sent: BTreeMap::new(),
             out: Output::default(),
             poisoned: false,
@@ -343,13 +345,15 @@ impl<K: LogSink> NodeCore<K> {
         self.outbox.push(cmd);
     }
 
-    /// Proposes a membership change. The result is reported as `Effect::Done` to `session`.
-    pub fn change_members(
-        &mut self,
-        session: SessionId,
-        req: ReqId,
-        change: MemberChange,
-    ) -> Result<(), CoreError> {
+    /// Proposes a membership change, re-proposed until applied (raft-rs silently drops a
+    /// conf change while an earlier one, or a new leader's first entry, is unapplied). The
+    /// result is reported as `Effect::Done` to `session`.
+    pub fn change_members(&mut self, session: SessionId, req: ReqId, change: MemberChange) {
+        self.pending_conf.insert((session, req), (change, self.now));
+        self.propose_conf(session, req, change);
+    }
+
+    fn propose_conf(&mut self, session: SessionId, req: ReqId, change: MemberChange) {
         let mut cc = ConfChange::default();
         let (ty, node) = match change {
             MemberChange::AddVoter(n) => (ConfChangeType::AddNode, n),
@@ -358,10 +362,11 @@ impl<K: LogSink> NodeCore<K> {
         };
         cc.set_change_type(ty);
         cc.node_id = raft_id(node);
-        let context = bincode::serde::encode_to_vec((session, req), bincode_cfg())
-            .map_err(|e| CoreError::Snapshot(e.to_string()))?;
-        self.raw.propose_conf_change(context, cc)?;
-        Ok(())
+        let Ok(context) = bincode::serde::encode_to_vec((session, req), bincode_cfg()) else {
+            return;
+        };
+        // Dropped (no leader yet): the retry timer proposes it again.
+        let _ = self.raw.propose_conf_change(context, cc);
     }
 
     /// One clock tick: raft timers, retries, failure detection, self-fencing.
@@ -402,6 +407,18 @@ impl<K: LogSink> NodeCore<K> {
             })
             .collect();
         self.outbox.extend(retry);
+        let conf: Vec<((SessionId, ReqId), MemberChange)> = self
+            .pending_conf
+            .iter_mut()
+            .filter(|(_, (_, sent))| self.now.saturating_sub(*sent) >= self.cfg.retry_ticks)
+            .map(|(k, (change, sent))| {
+                *sent = self.now;
+                (*k, *change)
+            })
+            .collect();
+        for ((session, req), change) in conf {
+            self.propose_conf(session, req, change);
+        }
     }
 
     fn expire_snapshots(&mut self) {
@@ -694,17 +711,18 @@ impl<K: LogSink> NodeCore<K> {
         result: raft::Result<ConfState>,
         context: &[u8],
     ) -> Result<(), CoreError> {
-        let cs = match result {
-            Ok(cs) => cs,
-            Err(e) => {
-                tracing::warn!(error = %e, "membership change rejected");
-                return Ok(());
-            }
-        };
-        self.write(LogRecord::ConfState(cs))?;
-        if let Ok(((session, req), _)) =
+        let origin =
             bincode::serde::decode_from_slice::<(SessionId, ReqId), _>(context, bincode_cfg())
-        {
+                .ok()
+                .map(|(o, _)| o);
+        let first = origin.is_some_and(|o| self.pending_conf.remove(&o).is_some());
+        match result {
+            Ok(cs) => self.write(LogRecord::ConfState(cs))?,
+            // Applied twice after a retry, or invalid (removing a non-member): either way
+            // the configuration is what the operator asked for or unchanged.
+            Err(e) => tracing::warn!(error = %e, "membership change not applied"),
+        }
+        if let (Some((session, req)), true) = (origin, first) {
             self.route(Effect::Done { session, req });
         }
         Ok(())

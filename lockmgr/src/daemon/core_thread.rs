@@ -173,17 +173,7 @@ impl<K: LogSink> CoreThread<K> {
                 session,
                 req,
                 change,
-            } => {
-                if let Err(e) = self.core.change_members(session, req, change) {
-                    if let Some(r) = sessions.get(&session) {
-                        let _ = r.send(ClientReply::Failed {
-                            req,
-                            lock: None,
-                            error: LockError::Invalid(format!("membership change refused: {e}")),
-                        });
-                    }
-                }
-            }
+            } => self.core.change_members(session, req, change),
             CoreInput::Status { req, replies } => {
                 let _ = replies.send(ClientReply::Status {
                     req,
