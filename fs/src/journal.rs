@@ -25,6 +25,9 @@ const JD_TARGETS: usize = 56;
 const JC_NBLOCKS: usize = 48;
 const JC_CRC: usize = 52;
 
+/// Block images of one transaction with their home addresses.
+pub type LoggedBlocks = Vec<(u64, Vec<u8>)>;
+
 /// Decoded journal header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JournalHeader {
@@ -195,7 +198,7 @@ impl Journal {
         dev: &dyn BlockDevice,
         pos: u64,
         seq: u64,
-    ) -> Result<Option<(Vec<(u64, Vec<u8>)>, u64)>> {
+    ) -> Result<Option<(LoggedBlocks, u64)>> {
         let mut blocks = Vec::new();
         let mut p = pos;
         let mut crc = crc32fast::Hasher::new();

@@ -85,7 +85,7 @@ fn run(a: Args) -> anyhow::Result<()> {
         println!(
             "Journals:          {} x {} MB",
             sb.journal_count,
-            u64::from(sb.journal_blocks) * u64::from(sb.block_size) >> 20
+            (u64::from(sb.journal_blocks) * u64::from(sb.block_size)) >> 20
         );
         println!("Locking protocol:  {}", sb.lock_proto.as_str());
         println!("Lock table:        {}", sb.lock_table);
