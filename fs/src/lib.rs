@@ -17,6 +17,8 @@ pub mod fuse;
 pub mod inode;
 pub mod journal;
 pub mod mkfs;
+#[cfg(feature = "nbd")]
+pub mod nbd;
 pub mod store;
 pub mod target;
 pub mod xattr;

@@ -92,15 +92,13 @@ fn mkfs_rejects_bad_arguments_clearly() {
     assert!(!st.success() && err.contains("lock_dlm"), "{err}");
     let (st, _, err) = tool(&["mkfs", "-t", "c:f", "-b", "3000", "-s", "16M", img]);
     assert!(!st.success() && err.contains("block size"), "{err}");
-    let (st, _, err) = tool(&[
-        "mkfs",
-        "-t",
-        "c:f",
-        "-s",
-        "16M",
-        "nbd+unix:///x?socket=/nonexistent",
-    ]);
-    assert!(!st.success() && err.contains("nbd"), "{err}");
+    let (st, _, err) = tool(&["mkfs", "-t", "c:f", "nbd+unix:///x?socket=/nonexistent"]);
+    assert!(
+        !st.success() && err.contains("cannot connect to NBD export"),
+        "{err}"
+    );
+    let (st, _, err) = tool(&["mkfs", "-t", "c:f", "-s", "1G", "nbd+unix:///x?socket=/s"]);
+    assert!(!st.success() && err.contains("image files"), "{err}");
     let (st, out, _) = tool(&[
         "mkfs", "-t", "c:f", "-j", "3", "-b", "1024", "-s", "16M", img,
     ]);

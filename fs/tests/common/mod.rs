@@ -84,6 +84,19 @@ impl Mount {
         m
     }
 
+    /// Mounts an existing TARGET (image path or NBD URI) at `dir`; `tmp` holds the log.
+    pub fn adopt(tmp_parent: &Path, target: &str, dir: &Path) -> Self {
+        let tmp = tempfile::tempdir_in(tmp_parent).unwrap();
+        let mut m = Mount {
+            tmp,
+            image: PathBuf::from(target),
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        m.mount("");
+        m
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.join(rel)
     }

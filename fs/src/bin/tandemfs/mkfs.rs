@@ -48,6 +48,9 @@ fn run(a: Args) -> anyhow::Result<()> {
             a.lock_proto
         )
     })?;
+    if a.size.is_some() && a.target.starts_with("nbd") {
+        anyhow::bail!("-s creates image files; an NBD export has the size its server gives it");
+    }
     if let Some(size) = &a.size {
         let bytes = tandem_common::size::parse_size_bytes(size).map_err(anyhow::Error::msg)?;
         let f = OpenOptions::new()

@@ -182,12 +182,17 @@ fn run(o: Opts) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("commit".into())
             .spawn(move || {
+                let mut last = std::time::Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(every.min(Duration::from_millis(100)));
+                    // Short naps so unmount does not wait a whole interval for this thread.
+                    std::thread::sleep(every.min(Duration::from_millis(50)));
+                    if last.elapsed() < every {
+                        continue;
+                    }
+                    last = std::time::Instant::now();
                     // Group commit: one journal transaction for everything since the last one.
                     if let Err(e) = fs.commit() {
                         tracing::error!(error = %e, "periodic journal commit failed");
-                        std::thread::sleep(every);
                     }
                 }
             })?
