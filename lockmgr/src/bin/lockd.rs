@@ -18,6 +18,9 @@ struct Args {
     /// (for a node whose state directory was wiped).
     #[arg(long)]
     join: bool,
+    /// Snapshot the lock table and compact the Raft log every this many applied entries.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_every: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -27,6 +30,7 @@ fn main() -> anyhow::Result<()> {
         config: args.config,
         node: args.node,
         join: args.join,
+        snapshot_every_entries: args.snapshot_every,
     })?;
     Ok(())
 }

@@ -51,6 +51,8 @@ pub struct Options {
     pub node: String,
     /// Start with an empty log and wait to be added by `tandem-lockctl member add`.
     pub join: bool,
+    /// Snapshot the table (and compact the log) every this many applied entries.
+    pub snapshot_every_entries: u64,
 }
 
 /// Runs the daemon until the replica stops (durable-log failure) or the process is killed.
@@ -71,6 +73,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     let lm = &config.lockmgr;
     let mut cfg = CoreConfig::new(me.node_id(), lm.election_ticks, lm.heartbeat_ticks);
     cfg.witness = me.witness;
+    cfg.snapshot_every_entries = opts.snapshot_every_entries.max(1);
     let incarnation = rand::random::<u64>() >> 1;
     let core = NodeCore::new(cfg, log, sink, incarnation)?;
     tracing::info!(node = %me.name, id = me.id, incarnation, witness = me.witness, "tandem-lockd starting");
