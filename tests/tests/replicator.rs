@@ -299,3 +299,67 @@ fn wrong_secret_and_garbage_are_refused_without_harm() {
         crc32fast::hash(&vec![0u8; VOLUME_BYTES as usize])
     );
 }
+
+#[test]
+fn protocols_a_and_b_replicate_and_flush_makes_copies_identical() {
+    for protocol in ["A", "B"] {
+        let mut c = Cluster::builder()
+            .nodes(2)
+            .resource(ResourceSpec {
+                protocol: protocol.into(),
+                allow_two_primaries: false,
+                ..ResourceSpec::default()
+            })
+            .start()
+            .unwrap();
+        c.bring_up_fresh("www").unwrap();
+        let st = c.status_json(0).unwrap();
+        assert_eq!(st[0]["protocol"], protocol);
+        // Without allow-two-primaries the second node may not promote.
+        let out = c.tandemadm(1, &["primary", "www"]).unwrap();
+        assert!(
+            !out.status.success(),
+            "second Primary accepted under protocol {protocol}"
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains("allow-two-primaries"));
+        let data = random_file(&c, "data.bin", 6 << 20, 9);
+        // nbdcopy flushes at the end: after it returns every copy must match.
+        let (ok, text) =
+            run_tool("nbdcopy", &[data.to_str().unwrap(), &c.nbd_uri(0, "www")]).unwrap();
+        assert!(ok, "protocol {protocol}: {text}");
+        assert_all_copies(&c, volume_crc_of(&data));
+    }
+}
+
+#[test]
+fn trim_and_write_zeroes_zero_every_copy() {
+    let mut c = Cluster::builder().nodes(2).start().unwrap();
+    c.bring_up_fresh("www").unwrap();
+    let uri = c.nbd_uri(0, "www");
+    let (ok, text) = run_tool(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x77 0 4M",
+            "-c",
+            "write -z 0 1M",
+            "-c",
+            "discard 2M 1M",
+            "-c",
+            "write -f -P 0x33 3M 4096",
+            "-c",
+            "flush",
+        ],
+    )
+    .unwrap();
+    assert!(ok, "{text}");
+    let mut expect = vec![0x77u8; 4 << 20];
+    expect[..1 << 20].fill(0);
+    expect[2 << 20..3 << 20].fill(0);
+    expect[3 << 20..(3 << 20) + 4096].fill(0x33);
+    expect.resize(VOLUME_BYTES as usize, 0);
+    assert_all_copies(&c, crc32fast::hash(&expect));
+}
