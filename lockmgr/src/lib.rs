@@ -8,8 +8,10 @@
 //! - `daemon`: `tandem-lockd` (replica thread, peer transport, client socket).
 //! - `client`: the async client library.
 
+pub mod bench;
 pub mod client;
 pub mod daemon;
+pub mod fuzzing;
 pub mod log_cache;
 pub mod mem_sink;
 pub mod node;

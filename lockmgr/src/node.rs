@@ -579,9 +579,10 @@ impl<K: LogSink> NodeCore<K> {
             wrote = true;
         }
         if let Some(hs) = rd.hs() {
+            // A commit-index-only change needs no sync of its own (raft-rs `must_sync`):
+            // a lost commit index is learned again from the leader.
             let rec = LogRecord::HardState(hs.clone());
             self.write(rec)?;
-            wrote = true;
         }
         if wrote || rd.must_sync() {
             self.sink.sync()?;

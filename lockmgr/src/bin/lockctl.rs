@@ -59,6 +59,18 @@ enum Cmd {
     FenceAck { node: String },
     /// Report that NODE's journal in LOCKSPACE was replayed: purge its orphaned locks.
     RecoveryDone { node: String, lockspace: String },
+    /// Benchmark the cluster through this node (single-client latency, N clients on
+    /// distinct resources, 8 clients on one resource) beside the disk's fsync latency.
+    Bench {
+        #[arg(long, default_value_t = 64)]
+        clients: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value = "bench:lockmgr")]
+        lockspace: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Change Raft membership.
     Member {
         #[command(subcommand)]
@@ -128,6 +140,18 @@ async fn run(args: Args) -> Result<ExitCode> {
                     .map(|n| n.name.clone())
                     .unwrap_or_else(|| format!("id{id}"))
             };
+            let health = if s.leader.is_none() {
+                "NO QUORUM: no leader, lock requests wait".to_string()
+            } else if s.nodes.iter().any(|n| !n.up && !n.fenced) {
+                "DEGRADED: a failed node awaits fence-ack".to_string()
+            } else if s.nodes.iter().any(|n| n.orphaned_locks > 0) {
+                "RECOVERING: orphaned locks await recovery-done".to_string()
+            } else if s.nodes.iter().any(|n| !n.up) {
+                "degraded: a node is down".to_string()
+            } else {
+                "ok".to_string()
+            };
+            println!("health:       {health}");
             println!("node:         {} (id {})", name(s.id), s.id);
             println!("role:         {}", s.role);
             println!(
@@ -266,6 +290,40 @@ async fn run(args: Args) -> Result<ExitCode> {
             let client = Client::connect(&socket, "tandem-lockctl").await?;
             client.recovery_done(id, &lockspace).await?;
             println!("orphaned locks of {node} in {lockspace} purged");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Bench {
+            clients,
+            seconds,
+            lockspace,
+            json,
+        } => {
+            let state = config.node_state_dir(&args.node).join("lockd");
+            let r = tandem_lockmgr::bench::run(
+                &socket,
+                &state,
+                &lockspace,
+                clients.max(1),
+                std::time::Duration::from_secs(seconds.max(1)),
+            )
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("disk fdatasync p50:               {} us", r.fsync_p50_us);
+                println!(
+                    "single client lock+unlock:        p50 {} us, p99 {} us",
+                    r.single_p50_us, r.single_p99_us
+                );
+                println!(
+                    "{} clients, distinct resources:   {:.0} lock+unlock pairs/s",
+                    r.parallel_clients, r.parallel_pairs_per_s
+                );
+                println!(
+                    "{} clients, one resource:          {:.0} hand-offs/s",
+                    r.contended_clients, r.contended_handoffs_per_s
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Member { change } => {
