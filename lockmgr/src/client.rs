@@ -264,6 +264,44 @@ impl Client {
         Self::grant(self.call(req, msg).await?)
     }
 
+    /// Like `lock`, but gives up after `timeout`: the request is cancelled and
+    /// `LockError::Cancelled` returned — unless the grant won the race, in which case the
+    /// grant is returned as usual.
+    pub async fn lock_timeout(
+        &self,
+        lockspace: &str,
+        resource: &[u8],
+        mode: Mode,
+        flags: Flags,
+        timeout: std::time::Duration,
+    ) -> Result<Grant, ClientError> {
+        let req = self.next();
+        let (tx, mut rx) = oneshot::channel();
+        self.pending.lock().insert(req, tx);
+        let msg = ClientRequest::Lock {
+            req,
+            lockspace: lockspace.to_string(),
+            resource: resource.to_vec(),
+            mode,
+            flags,
+        };
+        self.out.send(msg).map_err(|_| ClientError::Closed)?;
+        if let Ok(reply) = tokio::time::timeout(timeout, &mut rx).await {
+            return Self::grant(reply.map_err(|_| ClientError::Closed)?);
+        }
+        let cancel = self.next();
+        // The cancel's own reply (Done, or NotPending if the grant came first) does not
+        // matter: the lock request's outcome arrives on `rx` either way.
+        let (ctx, _crx) = oneshot::channel();
+        self.pending.lock().insert(cancel, ctx);
+        let msg = ClientRequest::CancelRequest {
+            req: cancel,
+            target: req,
+        };
+        self.out.send(msg).map_err(|_| ClientError::Closed)?;
+        Self::grant(rx.await.map_err(|_| ClientError::Closed)?)
+    }
+
     /// Converts a held lock; `lvb` is stored when lowering from PW/EX.
     pub async fn convert(
         &self,

@@ -128,6 +128,7 @@ fn key_of(cmd: &Command) -> Key {
         | Command::Convert { session, req, .. }
         | Command::Unlock { session, req, .. }
         | Command::Cancel { session, req, .. }
+        | Command::CancelRequest { session, req, .. }
         | Command::FenceAck { session, req, .. }
         | Command::RecoveryDone { session, req, .. } => Key::Req(*session, *req),
         Command::NodeRestart { node, incarnation } => Key::Restart(*node, *incarnation),

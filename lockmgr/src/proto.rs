@@ -51,6 +51,11 @@ pub enum ClientRequest {
         req: ReqId,
         lock: LockId,
     },
+    /// Cancels this session's pending request `target` (e.g. a lock that took too long).
+    CancelRequest {
+        req: ReqId,
+        target: ReqId,
+    },
     FenceAck {
         req: ReqId,
         node: NodeId,
@@ -160,6 +165,10 @@ mod tests {
             ClientRequest::Cancel {
                 req: ReqId(4),
                 lock: LockId(3),
+            },
+            ClientRequest::CancelRequest {
+                req: ReqId(10),
+                target: ReqId(1),
             },
             ClientRequest::FenceAck {
                 req: ReqId(5),

@@ -475,6 +475,19 @@ async fn disconnecting_client_releases_its_locks() {
     let waiter = tokio::spawn(async move { b.lock(LS, b"held", Mode::EX, Flags::default()).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!waiter.is_finished());
+    // A third client gives up waiting: its request is cancelled, not left queued.
+    let c = cluster.client(3).await;
+    let e = c
+        .lock_timeout(
+            LS,
+            b"held",
+            Mode::PR,
+            Flags::default(),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Lock(LockError::Cancelled)), "{e}");
     drop(a); // the connection closes: the session and its locks go away
     within("grant after disconnect", waiter)
         .await

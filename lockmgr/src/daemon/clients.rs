@@ -251,6 +251,7 @@ fn request_id(req: &ClientRequest) -> ReqId {
         | ClientRequest::Convert { req, .. }
         | ClientRequest::Unlock { req, .. }
         | ClientRequest::Cancel { req, .. }
+        | ClientRequest::CancelRequest { req, .. }
         | ClientRequest::FenceAck { req, .. }
         | ClientRequest::RecoveryDone { req, .. }
         | ClientRequest::Member { req, .. }
@@ -297,6 +298,11 @@ fn to_command(req: ClientRequest, session: SessionId) -> Option<Command> {
             lvb,
         },
         ClientRequest::Cancel { req, lock } => Command::Cancel { session, req, lock },
+        ClientRequest::CancelRequest { req, target } => Command::CancelRequest {
+            session,
+            req,
+            target,
+        },
         ClientRequest::FenceAck { req, node } => Command::FenceAck { session, req, node },
         ClientRequest::RecoveryDone {
             req,

@@ -67,6 +67,13 @@ pub enum Command {
         req: ReqId,
         lock: LockId,
     },
+    /// Cancels the still-pending request `target` of this session (a client does not know
+    /// the lock id of a new request until it is granted).
+    CancelRequest {
+        session: SessionId,
+        req: ReqId,
+        target: ReqId,
+    },
     /// The leader stopped hearing from `node`: its sessions end and their granted locks are
     /// orphaned. `fenced` is set when quorum eviction already guarantees the node cannot act.
     NodeDown {
@@ -315,6 +322,7 @@ impl LockTable {
             | Command::Convert { session, req, .. }
             | Command::Unlock { session, req, .. }
             | Command::Cancel { session, req, .. }
+            | Command::CancelRequest { session, req, .. }
             | Command::FenceAck { session, req, .. }
             | Command::RecoveryDone { session, req, .. } => {
                 let Some(s) = self.sessions.get_mut(session) else {
@@ -420,6 +428,24 @@ impl LockTable {
                 lvb,
             } => self.unlock(*session, *req, *lock, *lvb, fx),
             Command::Cancel { session, req, lock } => self.cancel(*session, *req, *lock, fx),
+            Command::CancelRequest {
+                session,
+                req,
+                target,
+            } => {
+                let lock = self.sessions[session]
+                    .locks
+                    .iter()
+                    .find(|id| {
+                        self.locks[*id]
+                            .pending
+                            .as_ref()
+                            .is_some_and(|p| p.req == *target)
+                    })
+                    .copied()
+                    .ok_or((None, LockError::NotPending))?;
+                self.cancel(*session, *req, lock, fx)
+            }
             Command::FenceAck { session, req, node } => {
                 let rec = self
                     .nodes

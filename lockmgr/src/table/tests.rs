@@ -291,6 +291,51 @@ fn cancel_removes_a_waiter_and_keeps_a_converters_grant() {
 }
 
 #[test]
+fn a_pending_request_can_be_cancelled_by_its_request_id() {
+    let mut t = T::new();
+    t.must_lock(sid(1, 1), "r", Mode::EX);
+    let fx = t.apply(Command::Lock {
+        session: sid(2, 1),
+        req: ReqId(77),
+        lockspace: LS.into(),
+        resource: b"r".to_vec(),
+        mode: Mode::PR,
+        flags: Flags::default(),
+    });
+    assert!(grants(&fx).is_empty());
+    let fx = t.apply(Command::CancelRequest {
+        session: sid(2, 1),
+        req: ReqId(78),
+        target: ReqId(77),
+    });
+    assert!(fx.contains(&Effect::Done {
+        session: sid(2, 1),
+        req: ReqId(78)
+    }));
+    assert!(fx.iter().any(|e| matches!(
+        e,
+        Effect::Failed {
+            req: ReqId(77),
+            error: LockError::Cancelled,
+            ..
+        }
+    )));
+    assert!(t.table.resources_in(LS)[0].waiting.is_empty());
+    let fx = t.apply(Command::CancelRequest {
+        session: sid(2, 1),
+        req: ReqId(79),
+        target: ReqId(77),
+    });
+    assert!(matches!(
+        fx[0],
+        Effect::Failed {
+            error: LockError::NotPending,
+            ..
+        }
+    ));
+}
+
+#[test]
 fn closing_a_session_releases_its_locks() {
     let mut t = T::new();
     t.must_lock(sid(1, 1), "r", Mode::EX);
@@ -546,10 +591,15 @@ fn seeded_random_operations_keep_invariants() {
                     lock,
                     lvb: None,
                 },
-                (85..=92, Some(lock)) => Command::Cancel {
+                (85..=89, Some(lock)) => Command::Cancel {
                     session: s,
                     req,
                     lock,
+                },
+                (90..=92, _) => Command::CancelRequest {
+                    session: s,
+                    req,
+                    target: ReqId(req.0.saturating_sub(rng.gen_range(1..20))),
                 },
                 (93..=95, _) => Command::CloseSession { session: s },
                 (96..=97, _) => {
