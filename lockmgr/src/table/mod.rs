@@ -737,7 +737,11 @@ impl LockTable {
             fenced: false,
         });
         if !rec.up {
-            rec.fenced |= fenced;
+            if fenced && !rec.fenced {
+                rec.fenced = true;
+                // RECOVERY requests may now pass this node's orphans.
+                self.regrant_all(fx);
+            }
             return;
         }
         rec.up = false;
