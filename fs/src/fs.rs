@@ -547,12 +547,33 @@ impl Fs {
 
     /// Entries from `offset` on, from the snapshot taken at opendir.
     pub fn readdir(&self, fh: u64, offset: u64) -> Result<Vec<DirEntry>> {
+        let mut out = Vec::new();
+        self.readdir_with(fh, offset, |e| {
+            out.push(e.clone());
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Feeds entries from `offset` on to `add` until it returns false (reply buffer full).
+    /// Only the entries handed out are touched, so listing a huge directory stays linear.
+    pub fn readdir_with(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(&DirEntry) -> bool,
+    ) -> Result<()> {
         let g = self.inner.lock();
         let snap = g
             .dirs
             .get(&fh)
             .ok_or(FsError::Invalid("unknown directory handle"))?;
-        Ok(snap.iter().skip(offset as usize).cloned().collect())
+        for e in snap.iter().skip(offset as usize) {
+            if !add(e) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// readdirplus: `add` returns false when the reply buffer is full.
@@ -563,12 +584,14 @@ impl Fs {
         mut add: impl FnMut(&DirEntry, &Attr) -> bool,
     ) -> Result<()> {
         let mut g = self.inner.lock();
-        let snap = g
-            .dirs
-            .get(&fh)
-            .ok_or(FsError::Invalid("unknown directory handle"))?;
-        let ents: Vec<DirEntry> = snap.iter().skip(offset as usize).cloned().collect();
-        for e in ents {
+        let mut k = offset as usize;
+        loop {
+            let snap = g
+                .dirs
+                .get(&fh)
+                .ok_or(FsError::Invalid("unknown directory handle"))?;
+            let Some(e) = snap.get(k).cloned() else { break };
+            k += 1;
             let ino = match g.load(e.ino) {
                 Ok(i) => i,
                 // Removed since opendir: skip it, as if it was never there.

@@ -365,20 +365,16 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir(fh.0, offset) {
-            Ok(ents) => {
-                for e in ents {
-                    if reply.add(
-                        INodeNo(e.ino),
-                        e.offset,
-                        kind(e.kind),
-                        OsStr::from_bytes(&e.name),
-                    ) {
-                        break;
-                    }
-                }
-                reply.ok();
-            }
+        let r = self.fs.readdir_with(fh.0, offset, |e| {
+            !reply.add(
+                INodeNo(e.ino),
+                e.offset,
+                kind(e.kind),
+                OsStr::from_bytes(&e.name),
+            )
+        });
+        match r {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }

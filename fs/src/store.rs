@@ -311,8 +311,10 @@ impl Store {
             if self.rgs[rg].free == 0 {
                 continue;
             }
+            // Nothing below the hint is free, so starting there never skips a candidate
+            // and keeps allocation O(1) amortised while a group fills up.
             let from = if k == 0 && self.rg_of(goal) == Some(rg) {
-                (goal - self.rgs[rg].data0) as u32
+                ((goal - self.rgs[rg].data0) as u32).max(self.hints[rg])
             } else {
                 self.hints[rg]
             };
@@ -337,6 +339,7 @@ impl Store {
             if idx == self.hints[rg] {
                 self.hints[rg] = idx + len;
             }
+            debug_assert!(self.hints[rg] <= self.rgs[rg].data_count);
             self.alloc_rg = rg;
             return Ok((start, len));
         }
@@ -350,35 +353,37 @@ impl Store {
         let data0 = self.rgs[rg].data0;
         let (start, _) = self.sb.rg_range(rg as u32);
         let mut i = from;
-        while i < count {
+        // First block that is free in the bitmap (held or not): the new scan hint.
+        let mut first_free = None;
+        let mut found = None;
+        'outer: while i < count {
             let bm = start + 1 + u64::from(i / per);
             self.meta(bm, BlockType::Bitmap)?;
             let b = &self.blocks[&bm];
             let end = count.min((i / per + 1) * per);
-            let mut found = None;
             while i < end {
                 let bit = (i % per) as usize;
                 let byte = b[HDR_LEN + bit / 4];
-                if bit % 4 == 0
-                    && byte & 0b01010101 == 0b01010101
-                    && byte & 0b10101010 == 0
-                    && i + 4 <= end
+                // A byte whose four 2-bit states are all non-zero has no free block.
+                if bit % 4 == 0 && (byte | (byte >> 1)) & 0b0101_0101 == 0b0101_0101 && i + 4 <= end
                 {
-                    // All four blocks are Used: skip the byte at once.
                     i += 4;
                     continue;
                 }
-                if (byte >> ((bit % 4) * 2)) & 3 == 0 && !self.is_held(data0 + u64::from(i)) {
-                    found = Some(i);
-                    break;
+                if (byte >> ((bit % 4) * 2)) & 3 == 0 {
+                    first_free.get_or_insert(i);
+                    if !self.is_held(data0 + u64::from(i)) {
+                        found = Some(i);
+                        break 'outer;
+                    }
                 }
                 i += 1;
             }
-            if found.is_some() {
-                return Ok(found);
-            }
         }
-        Ok(None)
+        if from <= self.hints[rg] {
+            self.hints[rg] = first_free.unwrap_or(count);
+        }
+        Ok(found)
     }
 
     /// Frees a block run; the blocks become allocatable after the next commit.

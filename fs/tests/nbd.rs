@@ -1,6 +1,8 @@
 //! The filesystem on an NBD export: mkfs, mount, write, remount and fsck through
 //! `nbd+unix://` URIs, served by nbdkit's memory plugin (apt package `nbdkit`).
 
+#![cfg(feature = "nbd")]
+
 mod common;
 
 use std::process::{Child, Command, Stdio};

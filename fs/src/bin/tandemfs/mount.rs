@@ -38,7 +38,10 @@ fn parse(args: Vec<String>) -> anyhow::Result<Opts> {
         foreground: false,
         fs: FsOptions::default(),
         allow_other: false,
-        ttl: Duration::from_secs(1),
+        // One daemon owns the filesystem and the kernel invalidates what it changes itself,
+        // so long kernel caching is safe on a single node (the cluster mount will
+        // invalidate through FUSE notifications when it loses a glock).
+        ttl: Duration::from_secs(60),
         commit: Duration::from_secs(1),
         threads: 2,
     };
