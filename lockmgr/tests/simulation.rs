@@ -292,11 +292,14 @@ impl Sim {
                     Mode::EX,
                     Mode::EX,
                 ][self.rng.gen_range(0..7)];
-                let flags = if self.rng.gen_bool(0.1) {
-                    Flags::NOQUEUE
-                } else {
-                    Flags::default()
-                };
+                let mut flags = Flags::default();
+                if self.rng.gen_bool(0.1) {
+                    flags = flags | Flags::NOQUEUE;
+                }
+                // Journal recovery: may pass orphans of fenced nodes, never live holders.
+                if self.rng.gen_bool(0.1) {
+                    flags = flags | Flags::RECOVERY;
+                }
                 let c = &mut self.clients[ci];
                 c.next_req += 1;
                 let req = ReqId(c.next_req);
