@@ -27,6 +27,8 @@ fn main() {
             allow_two_primaries: true,
             crashed_primary: false,
             sync_target: false,
+            bitmap_uuid_for_you: 0,
+            discard_my_data: false,
         }),
         PeerMsg::Write {
             seq: 1,

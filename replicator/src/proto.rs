@@ -51,6 +51,10 @@ pub struct PeerState {
     pub crashed_primary: bool,
     /// This node is receiving a resync from some peer (others must not start one).
     pub sync_target: bool,
+    /// The generation the sender's dirty bitmap for the receiver counts from (0 = none).
+    pub bitmap_uuid_for_you: u64,
+    /// `connect --discard-my-data` was given: the sender wants to become sync target.
+    pub discard_my_data: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +177,8 @@ mod tests {
             allow_two_primaries: true,
             crashed_primary: false,
             sync_target: false,
+            bitmap_uuid_for_you: 0,
+            discard_my_data: false,
         }));
         rt(PeerMsg::Uuids {
             current: 5,

@@ -11,6 +11,8 @@ pub struct Generation {
     pub history: [u64; 2],
     /// Stopped while Primary without demoting: may hold writes no peer acknowledged.
     pub crashed: bool,
+    /// The generation our dirty bitmap for the other side counts from (0 = no bitmap).
+    pub bitmap: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +23,10 @@ pub enum Decision {
     SyncSource,
     /// The peer holds the good data.
     SyncTarget,
+    /// The peer is exactly the generation our bitmap counts from: send only dirty blocks.
+    BitmapSource,
+    /// Mirror of `BitmapSource`.
+    BitmapTarget,
     /// Both changed since they last shared a generation.
     SplitBrain,
     /// No common ancestry at all: refuse to connect.
@@ -32,6 +38,8 @@ impl Decision {
         match self {
             Decision::SyncSource => Decision::SyncTarget,
             Decision::SyncTarget => Decision::SyncSource,
+            Decision::BitmapSource => Decision::BitmapTarget,
+            Decision::BitmapTarget => Decision::BitmapSource,
             other => other,
         }
     }
@@ -47,6 +55,15 @@ fn has_data(g: &Generation) -> bool {
 /// Returns the decision and the name of the rule that made it.
 pub fn decide(me: &Generation, peer: &Generation) -> (Decision, &'static str) {
     let (mine, theirs) = (has_data(me), has_data(peer));
+    // Bitmap rules first: they also resume an interrupted bitmap resync, where the target
+    // is Inconsistent but still at the generation our bitmap counts from.
+    let i_track_peer = mine && me.bitmap != 0 && me.bitmap == peer.current;
+    let peer_tracks_me = theirs && peer.bitmap != 0 && peer.bitmap == me.current;
+    match (i_track_peer, peer_tracks_me) {
+        (true, false) => return (Decision::BitmapSource, "source-use-bitmap"),
+        (false, true) => return (Decision::BitmapTarget, "target-use-bitmap"),
+        _ => {}
+    }
     match (mine, theirs) {
         (false, false) => return (Decision::NoSync, "both-without-data"),
         (true, false) => return (Decision::SyncSource, "peer-without-data"),
@@ -97,6 +114,7 @@ mod tests {
             current,
             history,
             crashed: false,
+            bitmap: 0,
         }
     }
 
@@ -151,10 +169,17 @@ mod tests {
         ];
         let mut crashed = g(UpToDate, 5, [0, 0]);
         crashed.crashed = true;
-        let cases =
-            cases
-                .into_iter()
-                .chain([(crashed, g(UpToDate, 5, [0, 0]), Decision::SyncTarget)]);
+        let mut tracking = g(UpToDate, 6, [5, 0]);
+        tracking.bitmap = 5;
+        let resuming = g(Inconsistent, 5, [0, 0]);
+        let mut both = g(UpToDate, 7, [5, 0]);
+        both.bitmap = 5;
+        let cases = cases.into_iter().chain([
+            (crashed, g(UpToDate, 5, [0, 0]), Decision::SyncTarget),
+            (tracking, g(UpToDate, 5, [0, 0]), Decision::BitmapSource),
+            (tracking, resuming, Decision::BitmapSource),
+            (tracking, both, Decision::SplitBrain),
+        ]);
         for (a, b, want) in cases {
             assert_eq!(decide(&a, &b).0, want, "{a:?} vs {b:?}");
             assert_eq!(decide(&b, &a).0, want.mirror(), "mirror {b:?} vs {a:?}");

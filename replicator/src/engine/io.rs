@@ -62,60 +62,22 @@ impl Resource {
         Ok(())
     }
 
-    /// Peers that must receive application writes now: connected and either in sync or
-    /// being synced from us (a SyncTarget gets new writes too, the resync fills the rest).
-    fn replication_targets(&self) -> (Vec<Arc<Conn>>, bool) {
+    /// Peers that must receive application writes now (connected and either in sync or
+    /// being synced from us: a SyncTarget gets new writes too, the resync fills the rest),
+    /// and the peers that will miss them.
+    fn replication_targets(&self) -> (Vec<Arc<Conn>>, Vec<NodeId>) {
         let inner = self.inner.lock();
-        let mut all_present = true;
         let mut targets = Vec::new();
-        for p in inner.peers.values() {
+        let mut missing = Vec::new();
+        for (id, p) in &inner.peers {
             match (&p.conn, p.repl) {
                 (Some(c), ReplState::Established | ReplState::SyncSource) => {
-                    targets.push(c.clone());
-                    // A peer we are still syncing is not yet a full copy.
-                    if p.repl == ReplState::SyncSource {
-                        all_present = false;
-                    }
+                    targets.push(c.clone())
                 }
-                _ => all_present = false,
+                _ => missing.push(*id),
             }
         }
-        (targets, all_present)
-    }
-
-    /// Mints a new current generation once per peer-loss episode, before the first write
-    /// that some peer will not get, and tells the connected peers (who get the same data).
-    pub(super) async fn ensure_generation_for_missing_peers(&self) -> Result<(), EngineError> {
-        if self.rotated.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let _g = self.rotation_lock.lock().await;
-        if self.rotated.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let fresh = rand::random::<u64>() | 1;
-        self.persist(|sb| {
-            sb.history_uuids = [sb.current_uuid, sb.history_uuids[0]];
-            sb.current_uuid = fresh;
-        })
-        .await?;
-        self.rotated.store(true, Ordering::Release);
-        let g = self.generation();
-        tracing::info!(resource = %self.name(), current = format_args!("{:016X}", g.current),
-            "new current generation: a peer is missing writes");
-        let msg = PeerMsg::Uuids {
-            current: g.current,
-            history: g.history,
-        };
-        for c in self.connections() {
-            c.send(&msg).await;
-        }
-        Ok(())
-    }
-
-    /// Called when every peer is connected and in sync: the next loss mints again.
-    pub(super) fn all_peers_in_sync(&self) {
-        self.rotated.store(false, Ordering::Release);
+        (targets, missing)
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, IoError> {
@@ -210,13 +172,12 @@ impl Resource {
         // In-flight registry for dual-primary conflict detection (held until acked).
         let _inflight = self.inflight.register(offset, len);
         let range = self.ranges.lock(offset, len).await;
-        let (targets, all_present) = self.replication_targets();
-        if !all_present {
-            self.ensure_generation_for_missing_peers().await?;
-        }
+        let (targets, missing) = self.replication_targets();
+        self.record_missed_write(&missing, offset, len).await?;
         let mut waits = Vec::with_capacity(targets.len());
         for c in &targets {
             let rx = (ack != AckMode::None).then(|| c.expect_ack(seq));
+            self.count_sent_write(c);
             if c.send_frame(frame.clone()).await {
                 waits.push((c.peer, rx));
             } else {
@@ -248,10 +209,8 @@ impl Resource {
         };
         let (local, lost) = tokio::join!(local, remote);
         local?;
-        if !lost.is_empty() {
-            // Those peers may lack this write: record that before acknowledging it.
-            self.ensure_generation_for_missing_peers().await?;
-        }
+        // Those peers may lack this write: record it before acknowledging.
+        self.record_missed_write(&lost, offset, len).await?;
         Ok(())
     }
 
@@ -266,23 +225,24 @@ impl Resource {
         for c in &targets {
             let rx = c.expect_ack(seq);
             if c.send(&PeerMsg::Flush { seq }).await {
-                waits.push(rx);
+                waits.push((c.peer, rx));
             }
         }
         let local = self.backing.sync();
         let remote = async {
-            let mut lost = 0;
-            for rx in waits {
+            let mut lost = Vec::new();
+            for (peer, rx) in waits {
                 if !matches!(rx.await, Ok(Ok(()))) {
-                    lost += 1;
+                    lost.push(peer);
                 }
             }
             lost
         };
         let (local, lost) = tokio::join!(local, remote);
         local?;
-        if lost > 0 && self.role() == Role::Primary {
-            self.ensure_generation_for_missing_peers().await?;
+        if !lost.is_empty() && self.role() == Role::Primary {
+            // Their earlier writes are bitmapped; mark the generation so they resync.
+            self.ensure_bitmap_generation(&lost).await?;
         }
         Ok(())
     }

@@ -5,7 +5,9 @@
 //! Locking: `inner` (a parking_lot mutex) is held only for short, non-async sections; the
 //! metadata is written under `meta` (a tokio mutex, because writes fsync).
 
+pub mod bitmap;
 pub mod decide;
+mod dirty;
 mod io;
 pub mod ranges;
 mod status;
@@ -101,6 +103,9 @@ pub struct Conn {
     out: mpsc::Sender<Arc<Vec<u8>>>,
     pending: Mutex<BTreeMap<u64, oneshot::Sender<Result<(), String>>>>,
     closed: AtomicBool,
+    /// Application writes queued on this connection (protocols A/B: decides what a
+    /// broken connection may have lost).
+    pub writes_sent: AtomicU64,
     /// Flips to true on close so the session's reader wakes up.
     closed_signal: tokio::sync::watch::Sender<bool>,
 }
@@ -113,6 +118,7 @@ impl Conn {
             out,
             pending: Mutex::new(BTreeMap::new()),
             closed: AtomicBool::new(false),
+            writes_sent: AtomicU64::new(0),
             closed_signal: tokio::sync::watch::channel(false).0,
         })
     }
@@ -200,16 +206,20 @@ pub struct Resource {
     backing: Backing,
     usable_bytes: u64,
     meta: tokio::sync::Mutex<(MetaStore, Superblock)>,
-    /// Copy of the generation for lock-free reads in hot paths.
-    generation: Mutex<Generation>,
+    /// Copy of the persisted superblock for lock-free reads in hot paths.
+    sb_cache: Mutex<Superblock>,
+    /// Dirty bitmap per peer (with its slot in the metadata), see `dirty.rs`.
+    bitmaps: Mutex<BTreeMap<NodeId, (usize, bitmap::DirtyBitmap)>>,
     inner: Mutex<Inner>,
     ranges: Arc<RangeLocks>,
     inflight: Arc<RangeLocks>,
     next_seq: AtomicU64,
     next_epoch: AtomicU64,
-    /// True once the current generation was minted for writes some peer is missing.
-    rotated: AtomicBool,
+    /// Serialises generation changes made on the write path.
     rotation_lock: tokio::sync::Mutex<()>,
+    /// Blocks written by application writes since this node became a SyncTarget: resync
+    /// data must not overwrite them (it may be older).
+    sync_shadow: Mutex<Option<bitmap::DirtyBitmap>>,
     events: broadcast::Sender<String>,
     /// Wakes the dialers (on `connect`, `down`).
     pub wake: tokio::sync::Notify,
@@ -237,12 +247,15 @@ impl Resource {
             store.write(&mut sb)?;
             tracing::warn!(resource = %res.name, "was Primary when it stopped: marked crashed-primary, will resync from a peer");
         }
-        let generation = Generation {
-            disk: sb.disk_state,
-            current: sb.current_uuid,
-            history: sb.history_uuids,
-            crashed: sb.flags & FLAG_CRASHED_PRIMARY != 0,
-        };
+        let mut bitmaps = BTreeMap::new();
+        for (slot, p) in sb.peers.iter().enumerate() {
+            let bytes = store.read_bitmap(&sb, slot)?;
+            let bm = bitmap::DirtyBitmap::from_bytes(sb.usable_size_bytes, &bytes);
+            if bm.count_bits() > 0 {
+                tracing::info!(resource = %res.name, peer = %p.node_id, dirty_bytes = bm.dirty_bytes(), "dirty bitmap loaded");
+            }
+            bitmaps.insert(p.node_id, (slot, bm));
+        }
         let peers = settings
             .peers
             .iter()
@@ -272,7 +285,8 @@ impl Resource {
                 disk: sb.disk_state,
                 peers,
             }),
-            generation: Mutex::new(generation),
+            sb_cache: Mutex::new(sb.clone()),
+            bitmaps: Mutex::new(bitmaps),
             meta: tokio::sync::Mutex::new((store, sb)),
             settings,
             backing,
@@ -280,8 +294,8 @@ impl Resource {
             inflight: RangeLocks::new(),
             next_seq: AtomicU64::new(1),
             next_epoch: AtomicU64::new(1),
-            rotated: AtomicBool::new(false),
             rotation_lock: tokio::sync::Mutex::new(()),
+            sync_shadow: Mutex::new(None),
             events,
             wake: tokio::sync::Notify::new(),
             down: AtomicBool::new(false),
@@ -305,7 +319,21 @@ impl Resource {
         self.inner.lock().disk
     }
     pub fn generation(&self) -> Generation {
-        *self.generation.lock()
+        self.generation_for(None)
+    }
+
+    /// Our generation as seen by one peer: includes our bitmap uuid for that peer.
+    pub fn generation_for(&self, peer: Option<NodeId>) -> Generation {
+        let sb = self.sb_cache.lock();
+        Generation {
+            disk: sb.disk_state,
+            current: sb.current_uuid,
+            history: sb.history_uuids,
+            crashed: sb.flags & FLAG_CRASHED_PRIMARY != 0,
+            bitmap: peer
+                .and_then(|id| sb.peers.iter().find(|p| p.node_id == id))
+                .map_or(0, |p| p.bitmap_uuid),
+        }
     }
     pub fn is_down(&self) -> bool {
         self.down.load(Ordering::Acquire)
@@ -321,8 +349,8 @@ impl Resource {
         let _ = self.events.send(line);
     }
 
-    pub fn local_state(&self) -> PeerState {
-        let g = self.generation();
+    pub fn local_state(&self, peer: NodeId) -> PeerState {
+        let g = self.generation_for(Some(peer));
         PeerState {
             role: self.role(),
             disk: self.disk(),
@@ -333,6 +361,8 @@ impl Resource {
             allow_two_primaries: self.settings.allow_two_primaries,
             crashed_primary: g.crashed,
             sync_target: self.is_sync_target(),
+            bitmap_uuid_for_you: g.bitmap,
+            discard_my_data: self.peer_view(peer).is_some_and(|p| p.discard_my_data),
         }
     }
 
@@ -359,12 +389,7 @@ impl Resource {
         // async workers' queue without an extra thread hop.
         tokio::task::block_in_place(|| store.write(&mut next))?;
         *sb = next;
-        *self.generation.lock() = Generation {
-            disk: sb.disk_state,
-            current: sb.current_uuid,
-            history: sb.history_uuids,
-            crashed: sb.flags & FLAG_CRASHED_PRIMARY != 0,
-        };
+        *self.sb_cache.lock() = sb.clone();
         Ok(())
     }
 
@@ -382,9 +407,9 @@ impl Resource {
 
     /// Sends our state to every connected peer (after any change).
     async fn broadcast_state(&self) {
-        let msg = PeerMsg::State(self.local_state());
         for conn in self.connections() {
-            conn.send(&msg).await;
+            conn.send(&PeerMsg::State(self.local_state(conn.peer)))
+                .await;
         }
     }
 

@@ -60,6 +60,12 @@ impl Resource {
     pub fn status(&self) -> ResourceStatus {
         use std::sync::atomic::Ordering::Relaxed;
         let g = self.generation();
+        let dirty: std::collections::BTreeMap<_, _> = self
+            .settings
+            .peers
+            .iter()
+            .map(|(id, _)| (*id, self.bitmap_dirty_bytes(*id)))
+            .collect();
         let inner = self.inner.lock();
         let connections = inner
             .peers
@@ -90,7 +96,8 @@ impl Resource {
                     (Some(s), _) => s.total_bytes - s.done_bytes.min(s.total_bytes),
                     (None, ReplState::Established) => 0,
                     (None, _) if peer_disk == DiskState::Inconsistent => self.usable_bytes,
-                    _ => 0,
+                    // Disconnected: what our bitmap says the peer is missing.
+                    _ => dirty.get(id).copied().unwrap_or(0),
                 };
                 PeerStatus {
                     peer_node_id: id.0,

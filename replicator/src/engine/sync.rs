@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tandem_common::frame::{self, Channel};
 
+use super::bitmap::DirtyBitmap;
 use super::decide::{decide, Decision, Generation};
 use super::{Conn, Resource, SyncProgress};
 use crate::meta::format::FLAG_CRASHED_PRIMARY;
@@ -99,11 +100,22 @@ impl Resource {
         let discard = self
             .update_peer(conn.peer, |p| std::mem::take(&mut p.discard_my_data))
             .unwrap_or(false);
-        let me = self.generation();
+        let me = self.generation_for(Some(conn.peer));
         let peer = peer_generation(st);
         let (mut decision, mut rule) = decide(&me, &peer);
-        if discard && peer.current != 0 {
-            (decision, rule) = (Decision::SyncTarget, "discard-my-data");
+        match (discard, st.discard_my_data) {
+            (true, true) => {
+                return Err(SessionEnd::standalone(
+                    "both sides asked to discard their data (connect --discard-my-data on one node only)",
+                ))
+            }
+            (true, false) if peer.current != 0 => {
+                (decision, rule) = (Decision::SyncTarget, "discard-my-data")
+            }
+            (false, true) if me.current != 0 => {
+                (decision, rule) = (Decision::SyncSource, "peer-discards-its-data")
+            }
+            _ => {}
         }
         tracing::info!(resource = %self.name(), peer = %name, ?decision, %rule,
             local = format_args!("{:016X}:{:016X}", me.current, me.history[0]),
@@ -112,19 +124,22 @@ impl Resource {
         match decision {
             Decision::NoSync => {
                 self.set_repl(conn.peer, ReplState::Established);
-                self.check_all_in_sync();
                 Ok(())
             }
-            Decision::SyncSource if st.sync_target => {
+            Decision::SyncSource | Decision::BitmapSource if st.sync_target => {
                 // Another node is already syncing this peer; re-decide when it reports.
                 self.set_repl(conn.peer, ReplState::Established);
                 Ok(())
             }
             Decision::SyncSource => {
-                self.start_resync(conn.clone());
+                self.start_resync(conn.clone(), false);
                 Ok(())
             }
-            Decision::SyncTarget => {
+            Decision::BitmapSource => {
+                self.start_resync(conn.clone(), true);
+                Ok(())
+            }
+            Decision::SyncTarget | Decision::BitmapTarget => {
                 // The source starts the resync (SyncStart); until then stay idle.
                 self.set_repl(conn.peer, ReplState::Established);
                 Ok(())
@@ -153,12 +168,17 @@ impl Resource {
         if view.repl != ReplState::Established {
             return;
         }
-        let (decision, rule) = decide(&self.generation(), &peer_generation(st));
+        let (decision, rule) = decide(&self.generation_for(Some(conn.peer)), &peer_generation(st));
         // Only the source acts; the target switches to SyncTarget on SyncStart. A peer that
         // is already being synced by another node is left alone until it reports back.
-        if decision == Decision::SyncSource && !st.sync_target {
+        let bitmap = match decision {
+            Decision::SyncSource => false,
+            Decision::BitmapSource => true,
+            _ => return,
+        };
+        if !st.sync_target {
             tracing::info!(resource = %self.name(), peer = %view.name, %rule, "state changed: starting resync");
-            self.start_resync(conn.clone());
+            self.start_resync(conn.clone(), bitmap);
         }
     }
 
@@ -168,21 +188,21 @@ impl Resource {
         }
     }
 
-    fn check_all_in_sync(&self) {
-        let inner = self.inner.lock();
-        if inner
-            .peers
-            .values()
-            .all(|p| p.conn.is_some() && p.repl == ReplState::Established)
-        {
-            drop(inner);
-            self.all_peers_in_sync();
-        }
-    }
-
-    fn start_resync(self: &Arc<Self>, conn: Arc<Conn>) {
+    fn start_resync(self: &Arc<Self>, conn: Arc<Conn>, use_bitmap: bool) {
+        // The work list: our bitmap for this peer, or every block for a full sync.
+        let work = if use_bitmap {
+            self.bitmaps
+                .lock()
+                .get(&conn.peer)
+                .map(|(_, bm)| bm.clone())
+                .unwrap_or_else(|| DirtyBitmap::new(self.usable_bytes))
+        } else {
+            let mut all = DirtyBitmap::new(self.usable_bytes);
+            all.set_all();
+            all
+        };
+        let total = work.dirty_bytes();
         self.set_repl(conn.peer, ReplState::SyncSource);
-        let total = self.usable_bytes;
         self.update_peer(conn.peer, |p| {
             p.sync = Some(SyncProgress {
                 total_bytes: total,
@@ -190,93 +210,116 @@ impl Resource {
                 started: Instant::now(),
             })
         });
+        tracing::info!(resource = %self.name(), peer = %conn.peer, bytes = total,
+            mode = if use_bitmap { "bitmap" } else { "full" }, "resync started (SyncSource)");
         let me = self.clone();
         tokio::spawn(async move {
-            match me.run_resync(&conn).await {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::warn!(resource = %me.name(), peer = %conn.peer, error = %e, "resync interrupted; it restarts on reconnect");
-                    conn.close();
-                }
+            if let Err(e) = me.run_resync(&conn, work).await {
+                tracing::warn!(resource = %me.name(), peer = %conn.peer, error = %e,
+                    "resync interrupted; it resumes on reconnect");
+                conn.close();
             }
         });
     }
 
-    /// SyncSource: streams the whole volume in chunks with a bounded window of unacked
-    /// chunks. Application writes keep flowing; range locks order them with the chunks.
-    async fn run_resync(self: &Arc<Self>, conn: &Arc<Conn>) -> Result<(), String> {
-        let total = self.usable_bytes;
+    /// SyncSource: streams the blocks set in `work` in runs of up to 1 MiB with a bounded
+    /// window of unacked chunks. Application writes keep flowing; range locks order them
+    /// with the chunks. Acked blocks leave our bitmap for the peer.
+    async fn run_resync(
+        self: &Arc<Self>,
+        conn: &Arc<Conn>,
+        work: DirtyBitmap,
+    ) -> Result<(), String> {
+        let total = work.dirty_bytes();
         if !conn.send(&PeerMsg::SyncStart { total_bytes: total }).await {
             return Err("connection closed".into());
         }
         let started = Instant::now();
         let mut window = std::collections::VecDeque::new();
-        let mut offset = 0u64;
+        let mut sent = 0u64;
         let mut acked = 0u64;
-        while offset < total {
+        let mut next = work.next_run(0, SYNC_CHUNK_BYTES);
+        while next.is_some() || !window.is_empty() {
             if conn.is_closed() || self.is_down() {
                 return Err("connection closed".into());
             }
-            let len = SYNC_CHUNK_BYTES.min(total - offset);
-            let seq = self.next_seq();
-            let rx = conn.expect_ack(seq);
-            {
-                let _range = self.ranges.lock(offset, len).await;
-                let data = self
-                    .backing
-                    .read_at(offset, len as usize)
-                    .await
+            if let Some((offset, len)) = next.filter(|_| window.len() < SYNC_WINDOW_CHUNKS) {
+                let seq = self.next_seq();
+                let rx = conn.expect_ack(seq);
+                {
+                    let _range = self.ranges.lock(offset, len).await;
+                    let data = self
+                        .backing
+                        .read_at(offset, len as usize)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let f = frame::encode(
+                        Channel::Replication,
+                        &PeerMsg::SyncData { seq, offset, data },
+                    )
                     .map_err(|e| e.to_string())?;
-                let f = frame::encode(
-                    Channel::Replication,
-                    &PeerMsg::SyncData { seq, offset, data },
-                )
-                .map_err(|e| e.to_string())?;
-                if !conn.send_frame(Arc::new(f)).await {
-                    return Err("connection closed".into());
-                }
-            }
-            self.stats
-                .resync_sent_bytes
-                .fetch_add(len, Ordering::Relaxed);
-            window.push_back((rx, len));
-            offset += len;
-            while window.len() >= SYNC_WINDOW_CHUNKS || (offset >= total && !window.is_empty()) {
-                let (rx, len) = window.pop_front().expect("non-empty");
-                match rx.await {
-                    Ok(Ok(())) => acked += len,
-                    Ok(Err(e)) => return Err(format!("peer failed a resync write: {e}")),
-                    Err(_) => return Err("connection closed".into()),
-                }
-                self.update_peer(conn.peer, |p| {
-                    if let Some(s) = p.sync.as_mut() {
-                        s.done_bytes = acked;
+                    if !conn.send_frame(Arc::new(f)).await {
+                        return Err("connection closed".into());
                     }
-                });
-            }
-            if let Some(rate) = self.settings.resync_rate_bytes_per_s {
-                let due = Duration::from_secs_f64(offset as f64 / rate.max(1) as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    tokio::time::sleep(wait).await;
                 }
+                self.stats
+                    .resync_sent_bytes
+                    .fetch_add(len, Ordering::Relaxed);
+                window.push_back((rx, offset, len));
+                sent += len;
+                next = work.next_run(offset + len, SYNC_CHUNK_BYTES);
+                if let Some(rate) = self.settings.resync_rate_bytes_per_s {
+                    let due = Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                continue;
             }
+            let (rx, offset, len) = window.pop_front().expect("window not empty");
+            match rx.await {
+                Ok(Ok(())) => acked += len,
+                Ok(Err(e)) => return Err(format!("peer failed a resync write: {e}")),
+                Err(_) => return Err("connection closed".into()),
+            }
+            if let Some((_, bm)) = self.bitmaps.lock().get_mut(&conn.peer) {
+                bm.clear_range(offset, len);
+            }
+            self.update_peer(conn.peer, |p| {
+                if let Some(s) = p.sync.as_mut() {
+                    s.done_bytes = acked;
+                }
+            });
         }
         let g = self.generation();
-        if !conn
-            .send(&PeerMsg::SyncDone {
-                current: g.current,
-                history: g.history,
-            })
-            .await
-        {
+        let done = PeerMsg::SyncDone {
+            current: g.current,
+            history: g.history,
+        };
+        if !conn.send(&done).await {
             return Err("connection closed".into());
         }
+        // The peer has everything: forget its bitmap and bitmap generation.
+        let peer = conn.peer;
+        if let Some((_, bm)) = self.bitmaps.lock().get_mut(&peer) {
+            bm.clear_all();
+        }
+        self.persist(|sb| {
+            for p in sb.peers.iter_mut().filter(|p| p.node_id == peer) {
+                p.bitmap_uuid = 0;
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        self.persist_whole_bitmap(peer)
+            .await
+            .map_err(|e| e.to_string())?;
         let secs = started.elapsed().as_secs_f64().max(1e-6);
-        tracing::info!(resource = %self.name(), peer = %conn.peer, bytes = total,
+        tracing::info!(resource = %self.name(), %peer, bytes = total,
             mib_per_s = format_args!("{:.1}", total as f64 / secs / 1048576.0), "resync done (SyncSource)");
-        self.update_peer(conn.peer, |p| p.sync = None);
-        self.set_repl(conn.peer, ReplState::Established);
-        self.check_all_in_sync();
+        self.update_peer(peer, |p| p.sync = None);
+        self.set_repl(peer, ReplState::Established);
+        conn.send(&PeerMsg::State(self.local_state(peer))).await;
         Ok(())
     }
 
@@ -296,6 +339,7 @@ impl Resource {
             } => {
                 let len = data.len() as u64;
                 self.check_conflict(conn, offset, len)?;
+                self.shadow_app_write(offset, len);
                 let r = async {
                     self.backing.write_at(offset, data).await?;
                     if fua {
@@ -314,6 +358,7 @@ impl Resource {
                 ack,
             } => {
                 self.check_conflict(conn, offset, len)?;
+                self.shadow_app_write(offset, len);
                 let r = async {
                     self.backing.write_zeroes(offset, len).await?;
                     if fua {
@@ -334,6 +379,7 @@ impl Resource {
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 self.set_disk(DiskState::Inconsistent);
+                *self.sync_shadow.lock() = Some(DirtyBitmap::new(self.usable_bytes));
                 self.update_peer(conn.peer, |p| {
                     p.sync = Some(SyncProgress {
                         total_bytes,
@@ -355,7 +401,7 @@ impl Resource {
                         "resync data beyond the end of the volume",
                     ));
                 }
-                let r = self.backing.write_at(offset, data).await;
+                let r = self.write_sync_data(offset, data).await;
                 self.stats
                     .resync_received_bytes
                     .fetch_add(len, Ordering::Relaxed);
@@ -380,11 +426,11 @@ impl Resource {
                 .await
                 .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 tracing::info!(resource = %self.name(), peer = %conn.peer, "resync done (SyncTarget): UpToDate");
+                *self.sync_shadow.lock() = None;
                 self.set_disk(DiskState::UpToDate);
                 self.update_peer(conn.peer, |p| p.sync = None);
                 self.set_repl(conn.peer, ReplState::Established);
                 self.broadcast_state().await;
-                self.check_all_in_sync();
                 Ok(())
             }
             PeerMsg::Uuids { current, history } => {
@@ -414,7 +460,6 @@ impl Resource {
                     self.set_disk(DiskState::UpToDate);
                     self.set_repl(conn.peer, ReplState::Established);
                     self.broadcast_state().await;
-                    self.check_all_in_sync();
                     Ok(())
                 } else {
                     Err(SessionEnd::standalone(
@@ -483,15 +528,59 @@ impl Resource {
         self.on_disconnected(conn, &end.reason, next).await;
         if self.role() == Role::Primary
             && self.settings.protocol != tandem_common::config::Protocol::C
-            && self.disk() == DiskState::UpToDate
+            && conn.writes_sent.load(Ordering::Relaxed) > 0
         {
-            self.rotated.store(false, Ordering::Release);
-            if let Err(e) = self.ensure_generation_for_missing_peers().await {
-                tracing::error!(resource = %self.name(), error = %e, "cannot record new generation");
+            if let Err(e) = self.mark_all_for(conn.peer).await {
+                tracing::error!(resource = %self.name(), error = %e, "cannot record the peer's missed writes");
             }
         }
     }
 }
+
+impl Resource {
+    /// A replicated application write landed while we are a SyncTarget: remember its
+    /// blocks so older resync data cannot overwrite them.
+    fn shadow_app_write(&self, offset: u64, len: u64) {
+        if let Some(shadow) = self.sync_shadow.lock().as_mut() {
+            shadow.set_range(offset, len);
+        }
+    }
+
+    /// Writes resync data, skipping blocks an application write already replaced.
+    async fn write_sync_data(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<(), crate::backing::BackingError> {
+        let skip: Vec<bool> = match self.sync_shadow.lock().as_ref() {
+            None => Vec::new(),
+            Some(sh) => (0..data.len().div_ceil(BLOCK))
+                .map(|i| sh.is_set(offset + (i * BLOCK) as u64))
+                .collect(),
+        };
+        if !skip.iter().any(|&s| s) {
+            return self.backing.write_at(offset, data).await;
+        }
+        let mut i = 0;
+        while i < skip.len() {
+            if skip[i] {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < skip.len() && !skip[i] {
+                i += 1;
+            }
+            let (a, b) = (start * BLOCK, (i * BLOCK).min(data.len()));
+            self.backing
+                .write_at(offset + a as u64, data[a..b].to_vec())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+const BLOCK: usize = super::bitmap::BLOCK_BYTES as usize;
 
 fn peer_generation(st: &PeerState) -> Generation {
     Generation {
@@ -499,5 +588,6 @@ fn peer_generation(st: &PeerState) -> Generation {
         current: st.current_uuid,
         history: st.history_uuids,
         crashed: st.crashed_primary,
+        bitmap: st.bitmap_uuid_for_you,
     }
 }

@@ -133,6 +133,39 @@ impl MetaStore {
         self.file.sync_data().map_err(io_err(&self.path))
     }
 
+    fn bitmap_base(&self, sb: &Superblock, slot: usize) -> u64 {
+        self.base + sb.bitmap_offset + slot as u64 * sb.bitmap_bytes_per_peer
+    }
+
+    /// Reads the on-disk dirty bitmap of peer slot `slot`.
+    pub fn read_bitmap(&self, sb: &Superblock, slot: usize) -> Result<Vec<u8>, MetaError> {
+        let mut buf = vec![0u8; sb.bitmap_bytes_per_peer as usize];
+        self.file
+            .read_exact_at(&mut buf, self.bitmap_base(sb, slot))
+            .map_err(io_err(&self.path))?;
+        Ok(buf)
+    }
+
+    /// Writes changed 4 KiB bitmap pages of peer slot `slot` and makes them durable.
+    pub fn write_bitmap_pages(
+        &self,
+        sb: &Superblock,
+        slot: usize,
+        pages: &[(usize, Vec<u8>)],
+    ) -> Result<(), MetaError> {
+        let base = self.bitmap_base(sb, slot);
+        for (page, bytes) in pages {
+            let at = *page as u64 * 4096;
+            if at + bytes.len() as u64 > sb.bitmap_bytes_per_peer {
+                continue;
+            }
+            self.file
+                .write_all_at(bytes, base + at)
+                .map_err(io_err(&self.path))?;
+        }
+        self.file.sync_data().map_err(io_err(&self.path))
+    }
+
     /// Zeroes both slots (`wipe-md`).
     pub fn wipe(&self) -> Result<(), MetaError> {
         self.file

@@ -1,0 +1,152 @@
+//! Dirty-bitmap bookkeeping on the write path: before a write that some peer will not get
+//! is acknowledged, that peer gets a bitmap generation (minting a new current generation
+//! the first time) and the write's blocks are set in its bitmap and made durable. A later
+//! reconnect then resyncs exactly those blocks.
+
+use std::sync::atomic::Ordering;
+
+use tandem_common::NodeId;
+
+use super::{EngineError, Resource};
+use crate::proto::PeerMsg;
+
+type PagesBySlot = Vec<(usize, Vec<(usize, Vec<u8>)>)>;
+
+impl Resource {
+    /// Records that `missing` peers did not get `[offset, offset+len)`.
+    pub(super) async fn record_missed_write(
+        &self,
+        missing: &[NodeId],
+        offset: u64,
+        len: u64,
+    ) -> Result<(), EngineError> {
+        if missing.is_empty() {
+            return Ok(());
+        }
+        self.ensure_bitmap_generation(missing).await?;
+        let changed: PagesBySlot = {
+            let mut bms = self.bitmaps.lock();
+            let mut out = Vec::new();
+            for p in missing {
+                if let Some((slot, bm)) = bms.get_mut(p) {
+                    let pages = bm.set_range(offset, len);
+                    if !pages.is_empty() {
+                        out.push((
+                            *slot,
+                            pages.iter().map(|&pg| (pg, bm.page_bytes(pg))).collect(),
+                        ));
+                    }
+                }
+            }
+            out
+        };
+        self.persist_bitmap_pages(changed).await
+    }
+
+    pub(super) async fn persist_bitmap_pages(
+        &self,
+        changed: PagesBySlot,
+    ) -> Result<(), EngineError> {
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let guard = self.meta.lock().await;
+        let (store, sb) = &*guard;
+        tokio::task::block_in_place(|| {
+            for (slot, pages) in &changed {
+                store.write_bitmap_pages(sb, *slot, pages)?;
+            }
+            Ok::<_, crate::meta::MetaError>(())
+        })?;
+        Ok(())
+    }
+
+    /// Persists the whole bitmap of one peer (after a resync cleared it, or set it).
+    pub(super) async fn persist_whole_bitmap(&self, peer: NodeId) -> Result<(), EngineError> {
+        let changed: PagesBySlot = {
+            let bms = self.bitmaps.lock();
+            bms.get(&peer)
+                .map(|(slot, bm)| {
+                    vec![(
+                        *slot,
+                        (0..bm.page_count())
+                            .map(|pg| (pg, bm.page_bytes(pg)))
+                            .collect(),
+                    )]
+                })
+                .unwrap_or_default()
+        };
+        self.persist_bitmap_pages(changed).await
+    }
+
+    /// Gives each missing peer without one a bitmap generation (our current), and then
+    /// mints a new current generation so the divergence is visible at reconnect.
+    pub(super) async fn ensure_bitmap_generation(
+        &self,
+        missing: &[NodeId],
+    ) -> Result<(), EngineError> {
+        let needed = {
+            let sb = self.sb_cache.lock();
+            sb.peers
+                .iter()
+                .any(|p| missing.contains(&p.node_id) && p.bitmap_uuid == 0)
+        };
+        if !needed {
+            return Ok(());
+        }
+        let _g = self.rotation_lock.lock().await;
+        let fresh = rand::random::<u64>() | 1;
+        let mut minted = false;
+        self.persist(|sb| {
+            let current = sb.current_uuid;
+            for p in sb.peers.iter_mut() {
+                if missing.contains(&p.node_id) && p.bitmap_uuid == 0 {
+                    p.bitmap_uuid = current;
+                    minted = true;
+                }
+            }
+            if minted {
+                sb.history_uuids = [current, sb.history_uuids[0]];
+                sb.current_uuid = fresh;
+            }
+        })
+        .await?;
+        if minted {
+            let g = self.generation();
+            tracing::info!(resource = %self.name(), ?missing, current = format_args!("{:016X}", g.current),
+                "new current generation; dirty bitmap started for the missing peer(s)");
+            let msg = PeerMsg::Uuids {
+                current: g.current,
+                history: g.history,
+            };
+            for c in self.connections() {
+                if !missing.contains(&c.peer) {
+                    c.send(&msg).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Protocols A and B: after a connection that carried writes breaks we do not know
+    /// which of them arrived, so the whole volume is marked for that peer.
+    pub(super) async fn mark_all_for(&self, peer: NodeId) -> Result<(), EngineError> {
+        self.ensure_bitmap_generation(&[peer]).await?;
+        if let Some((_, bm)) = self.bitmaps.lock().get_mut(&peer) {
+            bm.set_all();
+        }
+        self.persist_whole_bitmap(peer).await
+    }
+
+    /// Bytes our bitmap says `peer` is missing.
+    pub fn bitmap_dirty_bytes(&self, peer: NodeId) -> u64 {
+        self.bitmaps
+            .lock()
+            .get(&peer)
+            .map_or(0, |(_, bm)| bm.dirty_bytes())
+    }
+
+    pub(super) fn count_sent_write(&self, conn: &super::Conn) {
+        conn.writes_sent.fetch_add(1, Ordering::Relaxed);
+    }
+}

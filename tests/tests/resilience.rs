@@ -1,0 +1,218 @@
+//! Replicator resilience with real processes in namespaces: link cuts, kill -9, split
+//! brain. Quick resync must move only the blocks that changed, in the right direction.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use tandem_replicator::nbd::client::NbdClient;
+use tandem_tests::oracle::{block_data, WriteLog, BLOCK_BYTES};
+use tandem_tests::{file_crc, run_tool, Cluster};
+
+const VOLUME_BYTES: u64 = 32 << 20;
+
+fn num(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+fn conn_state(c: &Cluster, node: usize) -> String {
+    c.status_json(node).unwrap()[0]["connections"][0]["connection-state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn wait_state(c: &Cluster, node: usize, want: &str) {
+    c.wait_for(Duration::from_secs(20), || Ok(conn_state(c, node) == want))
+        .unwrap_or_else(|e| panic!("n{} never reached {want}: {e}", node + 1));
+}
+
+fn assert_identical(c: &Cluster) {
+    let a = file_crc(&c.disk_path(0, "www"), 0, VOLUME_BYTES).unwrap();
+    for i in 1..c.node_count() {
+        assert_eq!(
+            file_crc(&c.disk_path(i, "www"), 0, VOLUME_BYTES).unwrap(),
+            a,
+            "n{} differs from n1",
+            i + 1
+        );
+    }
+}
+
+/// Writes `count` scattered 4 KiB blocks through a node's export.
+fn scatter(c: &Cluster, node: usize, count: u64, seed: u64) {
+    let mut client = NbdClient::connect_unix(&c.nbd_socket(node, "www"), "www").unwrap();
+    for i in 0..count {
+        let block = (i * 97 + seed * 13) % (VOLUME_BYTES / BLOCK_BYTES as u64);
+        client
+            .write_at(
+                &block_data(block, seed * 1000 + i),
+                block * BLOCK_BYTES as u64,
+                false,
+            )
+            .unwrap();
+    }
+    client.flush().unwrap();
+}
+
+#[test]
+fn link_cut_then_heal_resyncs_only_dirty_blocks_in_the_right_direction() {
+    let mut c = Cluster::builder().nodes(2).start().unwrap();
+    c.bring_up_fresh("www").unwrap();
+    scatter(&c, 0, 64, 1);
+    assert_identical(&c);
+    c.net.cut(1).unwrap();
+    wait_state(&c, 0, "Connecting");
+    scatter(&c, 0, 10, 2);
+    let st = c.status_json(0).unwrap();
+    assert_eq!(
+        num(&st[0]["connections"][0]["out-of-sync-bytes"]),
+        10 * 4096,
+        "{st}"
+    );
+    let before = num(&c.status_json(1).unwrap()[0]["resync-received-bytes"]);
+    c.net.heal(1).unwrap();
+    c.adm(0, &["wait-sync", "www", "--timeout-s", "60"])
+        .unwrap();
+    c.adm(1, &["wait-sync", "www", "--timeout-s", "60"])
+        .unwrap();
+    let moved = num(&c.status_json(1).unwrap()[0]["resync-received-bytes"]) - before;
+    assert_eq!(
+        moved,
+        10 * 4096,
+        "resync moved {moved} bytes, expected only the 10 dirty blocks"
+    );
+    assert_eq!(
+        num(&c.status_json(0).unwrap()[0]["resync-received-bytes"]),
+        0,
+        "wrong direction"
+    );
+    assert!(c.log(0, "replicatord").contains("rule=source-use-bitmap"));
+    assert_identical(&c);
+}
+
+#[test]
+fn killed_secondary_restarts_and_gets_only_what_it_missed() {
+    let mut c = Cluster::builder().nodes(2).start().unwrap();
+    c.bring_up_fresh("www").unwrap();
+    scatter(&c, 0, 16, 3);
+    c.kill9(1);
+    wait_state(&c, 0, "Connecting");
+    scatter(&c, 0, 7, 4);
+    c.start_replicator(1).unwrap();
+    c.adm(1, &["up", "www"]).unwrap();
+    c.adm(1, &["wait-sync", "www", "--timeout-s", "60"])
+        .unwrap();
+    c.adm(0, &["wait-sync", "www", "--timeout-s", "60"])
+        .unwrap();
+    let got = num(&c.status_json(1).unwrap()[0]["resync-received-bytes"]);
+    assert_eq!(got, 7 * 4096, "restarted secondary received {got} bytes");
+    assert_identical(&c);
+}
+
+#[test]
+fn killed_primary_under_load_restarts_resyncs_and_loses_no_acknowledged_write() {
+    let mut c = Cluster::builder().nodes(2).start().unwrap();
+    c.bring_up_fresh("www").unwrap();
+    let log = Arc::new(Mutex::new(WriteLog::default()));
+    let blocks = 256u64;
+    let writer = {
+        let log = log.clone();
+        let sock = c.nbd_socket(0, "www");
+        std::thread::spawn(move || {
+            let mut client = NbdClient::connect_unix(&sock, "www").unwrap();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            for generation in 1.. {
+                let block = 1000 + rng.gen_range(0..blocks);
+                log.lock().unwrap().begin(block, generation);
+                if client
+                    .write_at(
+                        &block_data(block, generation),
+                        block * BLOCK_BYTES as u64,
+                        false,
+                    )
+                    .is_err()
+                {
+                    return;
+                }
+                log.lock().unwrap().ack(block, generation);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1000));
+    c.kill9(0);
+    writer.join().unwrap();
+    wait_state(&c, 1, "Connecting");
+    // The survivor takes over and writes; then the crashed Primary comes back.
+    c.adm(1, &["primary", "www"]).unwrap();
+    scatter(&c, 1, 5, 6);
+    c.start_replicator(0).unwrap();
+    c.adm(0, &["up", "www"]).unwrap();
+    for i in 0..2 {
+        c.adm(i, &["wait-sync", "www", "--timeout-s", "90"])
+            .unwrap();
+    }
+    assert_identical(&c);
+    // Every write the old Primary acknowledged is on both copies (the survivor's own
+    // writes went to blocks outside 1000..1256).
+    let log = log.lock().unwrap().clone();
+    for i in 0..2 {
+        let disk = std::fs::read(c.disk_path(i, "www")).unwrap();
+        for block in 1000..1000 + blocks {
+            let at = block as usize * BLOCK_BYTES;
+            if let Err(e) = log.check(block, &disk[at..at + BLOCK_BYTES]) {
+                panic!("n{}: {e}", i + 1);
+            }
+        }
+    }
+}
+
+#[test]
+fn split_brain_is_detected_and_discard_my_data_recovers() {
+    let mut c = Cluster::builder().nodes(2).start().unwrap();
+    c.bring_up_fresh("www").unwrap();
+    c.adm(1, &["primary", "www"]).unwrap();
+    c.net.cut(1).unwrap();
+    wait_state(&c, 0, "Connecting");
+    wait_state(&c, 1, "Connecting");
+    scatter(&c, 0, 5, 7);
+    scatter(&c, 1, 3, 8);
+    c.net.heal(1).unwrap();
+    wait_state(&c, 0, "StandAlone");
+    wait_state(&c, 1, "StandAlone");
+    let log = c.log(0, "replicatord") + &c.log(1, "replicatord");
+    assert!(log.contains("Split-Brain detected"), "{log}");
+    // Copies differ and stay apart until a human decides.
+    assert_ne!(
+        file_crc(&c.disk_path(0, "www"), 0, VOLUME_BYTES).unwrap(),
+        file_crc(&c.disk_path(1, "www"), 0, VOLUME_BYTES).unwrap()
+    );
+    // n2 is the victim: its changes are discarded.
+    let out = c
+        .tandemadm(1, &["connect", "--discard-my-data", "www"])
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "discard-my-data accepted on a Primary"
+    );
+    c.adm(1, &["secondary", "www"]).unwrap();
+    c.adm(1, &["connect", "--discard-my-data", "www"]).unwrap();
+    c.adm(0, &["connect", "www"]).unwrap();
+    c.adm(1, &["wait-sync", "www", "--timeout-s", "90"])
+        .unwrap();
+    c.adm(0, &["wait-sync", "www", "--timeout-s", "90"])
+        .unwrap();
+    assert_identical(&c);
+    // n1's writes survived, n2's are gone.
+    let mut client = NbdClient::connect_unix(&c.nbd_socket(1, "www"), "www").unwrap();
+    for i in 0..5u64 {
+        let block = (i * 97 + 7 * 13) % (VOLUME_BYTES / BLOCK_BYTES as u64);
+        let mut buf = vec![0u8; BLOCK_BYTES];
+        client
+            .read_at(&mut buf, block * BLOCK_BYTES as u64)
+            .unwrap();
+        assert_eq!(buf, block_data(block, 7000 + i));
+    }
+    let (ok, text) = run_tool("nbdinfo", &[&c.nbd_uri(1, "www")]).unwrap();
+    assert!(ok, "{text}");
+}
