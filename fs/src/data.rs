@@ -138,7 +138,7 @@ impl Store {
         if ext.len() * EXTENT_LEN <= ino.payload_cap() {
             for l in old {
                 self.free_meta(l)?;
-                ino.blocks -= 1;
+                ino.blocks = ino.blocks.saturating_sub(1);
             }
             ino.flags &= !FLAG_EXT_INDIRECT;
             for (i, e) in ext.iter().enumerate() {
@@ -155,7 +155,7 @@ impl Store {
         while old.len() > need {
             let l = old.pop().expect("non-empty");
             self.free_meta(l)?;
-            ino.blocks -= 1;
+            ino.blocks = ino.blocks.saturating_sub(1);
         }
         while old.len() < need {
             let goal = old.last().copied().unwrap_or(ino.block);
@@ -410,7 +410,7 @@ impl Store {
             let keep = size.div_ceil(bs);
             for (p, n, _) in punch(&mut ext, keep, u64::MAX - keep) {
                 self.free_run(p, n)?;
-                ino.blocks -= n;
+                ino.blocks = ino.blocks.saturating_sub(n);
             }
             // The bytes past the new end in its last block are left alone (zeroing them in
             // place before the commit would corrupt the old, still-durable file on a
@@ -447,7 +447,7 @@ impl Store {
             if full_start < full_end {
                 for (p, n, _) in punch(&mut ext, full_start, full_end - full_start) {
                     self.free_run(p, n)?;
-                    ino.blocks -= n;
+                    ino.blocks = ino.blocks.saturating_sub(n);
                 }
             }
             self.zero_partial(&ext, off, end.min(full_start * bs))?;

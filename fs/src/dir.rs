@@ -66,6 +66,31 @@ fn parse_ents(buf: &[u8], used: usize, blk: u64) -> Result<Vec<Dirent>> {
     Ok(out)
 }
 
+/// Finds `name` in packed entries without decoding the others (the hot path of lookup,
+/// create and unlink). Bounds are checked; the block CRC was verified when it was read.
+fn find_ent(buf: &[u8], used: usize, name: &[u8], hash: u32) -> Option<(usize, Dirent)> {
+    let used = used.min(buf.len());
+    let mut p = 0;
+    while p + ENT_HDR <= used {
+        let n = buf[p + 13] as usize;
+        if n == 0 || p + ENT_HDR + n > used {
+            return None;
+        }
+        if get_u32(buf, p + 8) == hash && &buf[p + ENT_HDR..p + ENT_HDR + n] == name {
+            return Some((
+                p,
+                Dirent {
+                    ino: get_u64(buf, p),
+                    dtype: buf[p + 12],
+                    name: name.to_vec(),
+                },
+            ));
+        }
+        p += ENT_HDR + n;
+    }
+    None
+}
+
 struct Leaf {
     depth: u16,
     next: u64,
@@ -141,10 +166,6 @@ impl Store {
         }
     }
 
-    fn ents_size(ents: &[Dirent]) -> usize {
-        ents.iter().map(|e| ent_len(&e.name)).sum()
-    }
-
     /// All entries (without "." and ".."), in on-disk order.
     pub fn dir_list(&mut self, dir: &Inode) -> Result<Vec<Dirent>> {
         if dir.flags & FLAG_EXHASH == 0 {
@@ -198,18 +219,19 @@ impl Store {
     }
 
     pub fn dir_lookup(&mut self, dir: &Inode, name: &[u8]) -> Result<Option<Dirent>> {
+        let hash = name_hash(name);
         if dir.flags & FLAG_EXHASH == 0 {
-            let ents = parse_ents(&dir.payload, dir.payload_len as usize, dir.block)?;
-            return Ok(ents.into_iter().find(|e| e.name == name));
+            return Ok(find_ent(&dir.payload, dir.payload_len as usize, name, hash).map(|(_, e)| e));
         }
-        let mut cur = Self::table(dir)[Self::slot(name_hash(name), dir.dir_depth)];
+        let mut cur = Self::table(dir)[Self::slot(hash, dir.dir_depth)];
         let mut hops = 0;
         while cur != 0 && hops < 1 << 20 {
-            let leaf = self.read_leaf(cur)?;
-            if let Some(e) = leaf.ents.into_iter().find(|e| e.name == name) {
+            let b = self.meta(cur, BlockType::DirLeaf)?;
+            let used = get_u32(b, 28) as usize;
+            if let Some((_, e)) = find_ent(&b[LEAF_HDR..], used, name, hash) {
                 return Ok(Some(e));
             }
-            cur = leaf.next;
+            cur = get_u64(b, 32);
             hops += 1;
         }
         Ok(None)
@@ -218,7 +240,6 @@ impl Store {
     /// Adds an entry; the caller has checked that the name is absent.
     pub fn dir_add(&mut self, dir: &mut Inode, ent: Dirent) -> Result<()> {
         if dir.flags & FLAG_EXHASH == 0 {
-            let mut ents = parse_ents(&dir.payload, dir.payload_len as usize, dir.block)?;
             let used = dir.payload_len as usize;
             if used + ent_len(&ent.name) <= dir.payload_cap() {
                 encode_ent(&mut dir.payload[used..], &ent);
@@ -227,6 +248,7 @@ impl Store {
                 return Ok(());
             }
             // Convert: one leaf holding everything, table of depth 0.
+            let mut ents = parse_ents(&dir.payload, used, dir.block)?;
             let (leaf_blk, _) = self.alloc(dir.block + 1, 1, BlockState::Used)?;
             dir.blocks += 1;
             ents.sort_by_key(|e| name_hash(&e.name));
@@ -252,15 +274,21 @@ impl Store {
             let mut cur = head;
             let mut last = head;
             while cur != 0 {
-                let mut leaf = self.read_leaf(cur)?;
-                if Self::ents_size(&leaf.ents) + need <= room {
-                    leaf.ents.push(ent);
-                    self.write_leaf(cur, &leaf, false)?;
+                let b = self.meta(cur, BlockType::DirLeaf)?;
+                let used = get_u32(b, 28) as usize;
+                let next = get_u64(b, 32);
+                if used + need <= room {
+                    // Append in place: no need to decode the leaf.
+                    let b = self.meta_mut(cur, BlockType::DirLeaf)?;
+                    encode_ent(&mut b[LEAF_HDR + used..], &ent);
+                    put_u32(b, 28, (used + need) as u32);
+                    let count = get_u16(b, 26);
+                    put_u16(b, 26, count + 1);
                     dir.dir_entries += 1;
                     return Ok(());
                 }
                 last = cur;
-                cur = leaf.next;
+                cur = next;
             }
             let head_leaf = self.read_leaf(head)?;
             if head_leaf.depth < dir.dir_depth && head_leaf.next == 0 {
@@ -337,32 +365,37 @@ impl Store {
 
     /// Removes `name`, returning its entry.
     pub fn dir_remove(&mut self, dir: &mut Inode, name: &[u8]) -> Result<Dirent> {
+        let hash = name_hash(name);
         if dir.flags & FLAG_EXHASH == 0 {
-            let mut ents = parse_ents(&dir.payload, dir.payload_len as usize, dir.block)?;
-            let i = ents
-                .iter()
-                .position(|e| e.name == name)
-                .ok_or(FsError::NotFound)?;
-            let gone = ents.remove(i);
-            dir.payload.fill(0);
-            let mut p = 0;
-            for e in &ents {
-                p += encode_ent(&mut dir.payload[p..], e);
-            }
-            dir.payload_len = p as u32;
-            dir.dir_entries -= 1;
+            let used = dir.payload_len as usize;
+            let (p, gone) = find_ent(&dir.payload, used, name, hash).ok_or(FsError::NotFound)?;
+            let len = ent_len(name);
+            dir.payload.copy_within(p + len..used, p);
+            dir.payload[used - len..used].fill(0);
+            dir.payload_len -= len as u32;
+            dir.dir_entries = dir.dir_entries.saturating_sub(1);
             return Ok(gone);
         }
-        let mut cur = Self::table(dir)[Self::slot(name_hash(name), dir.dir_depth)];
-        while cur != 0 {
-            let mut leaf = self.read_leaf(cur)?;
-            if let Some(i) = leaf.ents.iter().position(|e| e.name == name) {
-                let gone = leaf.ents.remove(i);
-                self.write_leaf(cur, &leaf, false)?;
-                dir.dir_entries -= 1;
+        let mut cur = Self::table(dir)[Self::slot(hash, dir.dir_depth)];
+        let mut hops = 0;
+        while cur != 0 && hops < 1 << 20 {
+            let b = self.meta(cur, BlockType::DirLeaf)?;
+            let used = get_u32(b, 28) as usize;
+            let next = get_u64(b, 32);
+            if let Some((p, gone)) = find_ent(&b[LEAF_HDR..], used, name, hash) {
+                let b = self.meta_mut(cur, BlockType::DirLeaf)?;
+                let len = ent_len(name);
+                let area = &mut b[LEAF_HDR..];
+                area.copy_within(p + len..used, p);
+                area[used - len..used].fill(0);
+                put_u32(b, 28, (used - len) as u32);
+                let count = get_u16(b, 26);
+                put_u16(b, 26, count.saturating_sub(1));
+                dir.dir_entries = dir.dir_entries.saturating_sub(1);
                 return Ok(gone);
             }
-            cur = leaf.next;
+            cur = next;
+            hops += 1;
         }
         Err(FsError::NotFound)
     }
@@ -371,7 +404,7 @@ impl Store {
     pub fn dir_free(&mut self, dir: &mut Inode) -> Result<()> {
         for l in self.dir_leaves(dir)? {
             self.free_meta(l)?;
-            dir.blocks -= 1;
+            dir.blocks = dir.blocks.saturating_sub(1);
         }
         dir.flags = (dir.flags & !FLAG_EXHASH) | FLAG_INLINE;
         dir.payload.fill(0);

@@ -247,7 +247,7 @@ impl Fs {
         let Some(c) = g.opens.get_mut(&blk) else {
             return;
         };
-        *c -= 1;
+        *c = c.saturating_sub(1);
         if *c == 0 {
             g.opens.remove(&blk);
             if let Err(e) = g.reap(blk) {
@@ -416,7 +416,7 @@ impl Fs {
         let now = Time::now();
         dir.mtime = now;
         dir.ctime = now;
-        dir.nlink -= 1;
+        dir.nlink = dir.nlink.saturating_sub(1);
         g.st.put_inode(&dir)?;
         g.drop_link(&mut victim)?;
         g.after_op()
@@ -913,7 +913,7 @@ impl Inner {
             let mut nd = self.st.inode(npb)?;
             self.st.dir_remove(&mut nd, newname)?;
             if victim.is_dir() {
-                nd.nlink -= 1;
+                nd.nlink = nd.nlink.saturating_sub(1);
             }
             self.st.put_inode(&nd)?;
             self.drop_link(&mut victim)?;
@@ -975,7 +975,7 @@ impl Inner {
         if c.is_dir() {
             c.parent = to;
             let mut f = self.st.inode(from)?;
-            f.nlink -= 1;
+            f.nlink = f.nlink.saturating_sub(1);
             self.st.put_inode(&f)?;
             let mut t = self.st.inode(to)?;
             t.nlink += 1;

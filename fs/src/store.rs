@@ -15,6 +15,9 @@ use crate::format::{self, init_header, BlockState, BlockType, RgHeader, Superblo
 use crate::inode::Inode;
 use crate::journal::{Journal, ReplayStats};
 
+/// Scan hint of a group whose first free block has not been looked for since mount.
+const HINT_UNKNOWN: u32 = u32::MAX;
+
 /// Clean metadata blocks kept in memory before eviction starts.
 const CACHE_CAP_BLOCKS: usize = 16384;
 
@@ -87,7 +90,7 @@ impl Store {
             }
             self.rgs.push(rg);
         }
-        self.hints = vec![0; self.rgs.len()];
+        self.hints = vec![HINT_UNKNOWN; self.rgs.len()];
         Ok(())
     }
 
@@ -274,7 +277,7 @@ impl Store {
         let was_inode = matches!(old, BlockState::Inode | BlockState::Unlinked);
         let is_inode = matches!(st, BlockState::Inode | BlockState::Unlinked);
         match (old == BlockState::Free, st == BlockState::Free) {
-            (true, false) => h.free -= 1,
+            (true, false) => h.free = h.free.saturating_sub(1),
             (false, true) => h.free += 1,
             _ => {}
         }
@@ -283,12 +286,14 @@ impl Store {
                 h.inodes += 1;
                 h.igeneration += 1;
             }
-            (true, false) => h.inodes -= 1,
+            (true, false) => h.inodes = h.inodes.saturating_sub(1),
             _ => {}
         }
         if st == BlockState::Free {
             let idx = (blk - h.data0) as u32;
-            self.hints[rg] = self.hints[rg].min(idx);
+            if self.hints[rg] != HINT_UNKNOWN {
+                self.hints[rg] = self.hints[rg].min(idx);
+            }
         }
         self.write_rg(rg)
     }
@@ -310,6 +315,11 @@ impl Store {
             let rg = (first + k) % n;
             if self.rgs[rg].free == 0 {
                 continue;
+            }
+            if self.hints[rg] == HINT_UNKNOWN {
+                // One scan per group per mount finds the first free block.
+                self.hints[rg] = 0;
+                self.scan_free(rg, 0)?;
             }
             // Nothing below the hint is free, so starting there never skips a candidate
             // and keeps allocation O(1) amortised while a group fills up.

@@ -106,7 +106,7 @@ impl Store {
         if all.is_empty() {
             if ino.xattr_block != 0 {
                 self.free_meta(ino.xattr_block)?;
-                ino.blocks -= 1;
+                ino.blocks = ino.blocks.saturating_sub(1);
                 ino.xattr_block = 0;
             }
             return Ok(());

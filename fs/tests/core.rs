@@ -68,3 +68,38 @@ fn space_is_reusable_after_unlink_of_a_file_that_filled_the_disk() {
     fs.write(g.ino, 0, &chunk).unwrap();
     assert_eq!(fs.statfs().bfree, fs.statfs().blocks - 1 - 256 - 1);
 }
+
+#[test]
+fn hashed_directories_split_double_and_chain() {
+    // 1 KiB blocks: the hash table tops out at 64 leaves, so 5000 entries also chain.
+    let dev = Arc::new(FaultDevice::new(32 << 20));
+    let opts = MkfsOptions {
+        lock_table: "t:dir".into(),
+        journals: 1,
+        journal_mib: Some(1),
+        block_size: 1024,
+        lock_proto: LockProto::NoLock,
+    };
+    mkfs(dev.clone() as Arc<dyn BlockDevice>, &opts).unwrap();
+    let (fs, _) = Fs::mount(dev.clone(), FsOptions::default()).unwrap();
+    let d = fs.mkdir(CTX, ROOT_INO, b"d", 0o755, 0).unwrap();
+    let n = 5000;
+    for i in 0..n {
+        fs.mknod(CTX, d.ino, format!("name-{i}").as_bytes(), 0o644, 0, 0)
+            .unwrap();
+    }
+    for i in (0..n).step_by(3) {
+        fs.unlink(d.ino, format!("name-{i}").as_bytes()).unwrap();
+    }
+    for i in 0..n {
+        let found = fs.lookup(d.ino, format!("name-{i}").as_bytes()).is_ok();
+        assert_eq!(found, i % 3 != 0, "name-{i}");
+    }
+    let fh = fs.opendir(d.ino).unwrap();
+    assert_eq!(fs.readdir(fh, 2).unwrap().len(), n - n.div_ceil(3));
+    fs.shutdown().unwrap();
+    let mut sink = |_: &str| {};
+    let rep =
+        tandem_fs::fsck::fsck(dev, tandem_fs::fsck::FsckOptions::default(), &mut sink).unwrap();
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+}
