@@ -83,7 +83,7 @@ fn hashed_directories_split_double_and_chain() {
     mkfs(dev.clone() as Arc<dyn BlockDevice>, &opts).unwrap();
     let (fs, _) = Fs::mount(dev.clone(), FsOptions::default()).unwrap();
     let d = fs.mkdir(CTX, ROOT_INO, b"d", 0o755, 0).unwrap();
-    let n = 5000;
+    let n: usize = 5000;
     for i in 0..n {
         fs.mknod(CTX, d.ino, format!("name-{i}").as_bytes(), 0o644, 0, 0)
             .unwrap();
