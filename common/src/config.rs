@@ -162,6 +162,54 @@ pub struct ResourceConfig {
     /// Full-sync rate limit in bytes/s ("100MiB"); absent = unlimited.
     #[serde(default)]
     pub resync_rate: Option<String>,
+    /// `off` (default), `majority`, `all`, or a number of nodes (as a string or integer).
+    #[serde(default)]
+    pub quorum: Option<toml::Value>,
+    /// What a Primary without quorum does with writes: `io-error` or `suspend-io`.
+    #[serde(default)]
+    pub on_no_quorum: OnNoQuorum,
+}
+
+/// Quorum policy of a resource (DRBD's `quorum`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Quorum {
+    #[default]
+    Off,
+    Majority,
+    All,
+    Nodes(u8),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnNoQuorum {
+    /// Fail writes with EIO (DRBD's io-error).
+    #[default]
+    IoError,
+    /// Hold writes until quorum returns (DRBD's suspend-io).
+    SuspendIo,
+}
+
+impl ResourceConfig {
+    /// The quorum policy; validated at load time.
+    pub fn quorum_policy(&self) -> Result<Quorum, String> {
+        match &self.quorum {
+            None => Ok(Quorum::Off),
+            Some(toml::Value::String(s)) => match s.as_str() {
+                "off" => Ok(Quorum::Off),
+                "majority" => Ok(Quorum::Majority),
+                "all" => Ok(Quorum::All),
+                n => n
+                    .parse::<u8>()
+                    .map(Quorum::Nodes)
+                    .map_err(|_| format!("{n:?} is not off, majority, all or a node count")),
+            },
+            Some(toml::Value::Integer(n)) if (1..=16).contains(n) => Ok(Quorum::Nodes(*n as u8)),
+            Some(other) => Err(format!(
+                "{other} is not off, majority, all or a node count 1..=16"
+            )),
+        }
+    }
 }
 
 impl ResourceConfig {
@@ -318,7 +366,7 @@ impl ClusterConfig {
             if let Some(size) = &res.size {
                 let bytes =
                     parse_size_bytes(size).map_err(|m| invalid(format!("{key}.size"), m))?;
-                if bytes < 1 << 20 || bytes % 4096 != 0 {
+                if bytes < 1 << 20 || !bytes.is_multiple_of(4096) {
                     return Err(invalid(
                         format!("{key}.size"),
                         "must be at least 1MiB and a multiple of 4KiB",
@@ -333,6 +381,17 @@ impl ClusterConfig {
                     return Err(invalid(
                         format!("{key}.secret"),
                         "the shared secret must be at least 8 characters",
+                    ));
+                }
+            }
+            let quorum = res
+                .quorum_policy()
+                .map_err(|m| invalid(format!("{key}.quorum"), m))?;
+            if let Quorum::Nodes(n) = quorum {
+                if n as usize > self.resource_node_names(res).len() || n == 0 {
+                    return Err(invalid(
+                        format!("{key}.quorum"),
+                        format!("{n} is more than the resource's nodes"),
                     ));
                 }
             }

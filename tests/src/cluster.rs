@@ -43,6 +43,8 @@ pub struct ResourceSpec {
     pub allow_two_primaries: bool,
     /// "uring" or "posix".
     pub io_engine: String,
+    /// Extra `key = value` lines for the resource section.
+    pub extra: String,
 }
 
 impl Default for ResourceSpec {
@@ -53,6 +55,7 @@ impl Default for ResourceSpec {
             protocol: "C".into(),
             allow_two_primaries: true,
             io_engine: "uring".into(),
+            extra: String::new(),
         }
     }
 }
@@ -175,6 +178,10 @@ impl Cluster {
                 "[[resource]]\nname = \"{}\"\nsize = \"{}\"\nprotocol = \"{}\"\nallow-two-primaries = {}\nio-engine = \"{}\"\n",
                 r.name, r.size, r.protocol, r.allow_two_primaries, r.io_engine
             );
+            s += &r.extra;
+            if !r.extra.is_empty() && !r.extra.ends_with('\n') {
+                s += "\n";
+            }
             for i in 0..self.net.nodes.len() {
                 s += &format!(
                     "[resource.on.n{}]\ndisk = \"{}\"\n",

@@ -216,3 +216,58 @@ fn split_brain_is_detected_and_discard_my_data_recovers() {
     let (ok, text) = run_tool("nbdinfo", &[&c.nbd_uri(1, "www")]).unwrap();
     assert!(ok, "{text}");
 }
+
+#[test]
+fn isolated_primary_without_quorum_fails_writes_and_resyncs_from_the_majority() {
+    let mut c = Cluster::builder()
+        .nodes(3)
+        .resource(tandem_tests::ResourceSpec {
+            allow_two_primaries: true,
+            extra: "quorum = \"majority\"\non-no-quorum = \"io-error\"\n".into(),
+            ..Default::default()
+        })
+        .start()
+        .unwrap();
+    c.bring_up_fresh("www").unwrap();
+    scatter(&c, 0, 8, 10);
+    assert_eq!(c.status_json(0).unwrap()[0]["quorum"], true);
+    c.net.cut(0).unwrap();
+    c.wait_for(Duration::from_secs(20), || {
+        Ok(c.status_json(0)?[0]["quorum"] == false)
+    })
+    .unwrap();
+    // The isolated Primary refuses writes: EIO, nothing acknowledged.
+    let mut client = NbdClient::connect_unix(&c.nbd_socket(0, "www"), "www").unwrap();
+    let err = client
+        .write_at(&block_data(3, 99), 3 * BLOCK_BYTES as u64, false)
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc_eio()), "{err}");
+    // The majority carries on.
+    c.wait_for(Duration::from_secs(20), || {
+        Ok(c.status_json(1)?[0]["quorum"] == true)
+    })
+    .unwrap();
+    c.adm(1, &["primary", "www"]).unwrap();
+    scatter(&c, 1, 6, 11);
+    c.net.heal(0).unwrap();
+    for i in 0..3 {
+        c.adm(i, &["wait-sync", "www", "--timeout-s", "90"])
+            .unwrap();
+    }
+    assert_identical(&c);
+    let mut check = NbdClient::connect_unix(&c.nbd_socket(0, "www"), "www").unwrap();
+    for i in 0..6u64 {
+        let block = (i * 97 + 11 * 13) % (VOLUME_BYTES / BLOCK_BYTES as u64);
+        let mut buf = vec![0u8; BLOCK_BYTES];
+        check.read_at(&mut buf, block * BLOCK_BYTES as u64).unwrap();
+        assert_eq!(
+            buf,
+            block_data(block, 11000 + i),
+            "majority write missing on n1"
+        );
+    }
+}
+
+fn libc_eio() -> i32 {
+    5
+}

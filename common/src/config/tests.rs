@@ -86,3 +86,26 @@ fn unknown_node_lists_known() {
     let e = c.node("node7").unwrap_err().to_string();
     assert!(e.contains("node1, node2"), "{e}");
 }
+
+#[test]
+fn quorum_values() {
+    let c = ClusterConfig::parse(&EXAMPLE.replace(
+        "size = \"64MiB\"",
+        "size = \"64MiB\"\nquorum = \"majority\"\non-no-quorum = \"suspend-io\"",
+    ))
+    .unwrap();
+    let r = c.resource("www").unwrap();
+    assert_eq!(r.quorum_policy().unwrap(), Quorum::Majority);
+    assert_eq!(r.on_no_quorum, OnNoQuorum::SuspendIo);
+    let c =
+        ClusterConfig::parse(&EXAMPLE.replace("size = \"64MiB\"", "size = \"64MiB\"\nquorum = 2"))
+            .unwrap();
+    assert_eq!(
+        c.resource("www").unwrap().quorum_policy().unwrap(),
+        Quorum::Nodes(2)
+    );
+    let e = err_of(&EXAMPLE.replace("size = \"64MiB\"", "size = \"64MiB\"\nquorum = \"most\""));
+    assert!(e.contains("resource.www.quorum"), "{e}");
+    let e = err_of(&EXAMPLE.replace("size = \"64MiB\"", "size = \"64MiB\"\nquorum = 3"));
+    assert!(e.contains("resource.www.quorum"), "{e}");
+}

@@ -90,6 +90,20 @@ pub fn decide(me: &Generation, peer: &Generation) -> (Decision, &'static str) {
         (false, true) => return (Decision::SyncTarget, "local-current-in-peer-history"),
         _ => {}
     }
+    // One side failed writes it had already applied (crash or lost quorum): it takes the
+    // other side's copy, provided the two share ancestry.
+    let related = me.history.iter().chain(peer.history.iter()).any(|h| {
+        *h != 0
+            && (me.history.contains(h) || *h == me.current)
+            && (peer.history.contains(h) || *h == peer.current)
+    });
+    if related {
+        match (me.crashed, peer.crashed) {
+            (true, false) => return (Decision::SyncTarget, "local-lost-writes"),
+            (false, true) => return (Decision::SyncSource, "peer-lost-writes"),
+            _ => {}
+        }
+    }
     if me.history[0] != 0 && me.history[0] == peer.history[0] {
         (Decision::SplitBrain, "common-parent")
     } else if me
@@ -172,6 +186,8 @@ mod tests {
         let mut tracking = g(UpToDate, 6, [5, 0]);
         tracking.bitmap = 5;
         let resuming = g(Inconsistent, 5, [0, 0]);
+        let mut lost = g(UpToDate, 7, [5, 0]);
+        lost.crashed = true;
         let mut both = g(UpToDate, 7, [5, 0]);
         both.bitmap = 5;
         let cases = cases.into_iter().chain([
@@ -179,6 +195,7 @@ mod tests {
             (tracking, g(UpToDate, 5, [0, 0]), Decision::BitmapSource),
             (tracking, resuming, Decision::BitmapSource),
             (tracking, both, Decision::SplitBrain),
+            (lost, g(UpToDate, 8, [5, 0]), Decision::SyncTarget),
         ]);
         for (a, b, want) in cases {
             assert_eq!(decide(&a, &b).0, want, "{a:?} vs {b:?}");

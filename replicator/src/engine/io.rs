@@ -30,6 +30,10 @@ pub enum IoError {
     TooLarge(u64),
     #[error("resource is down")]
     Down,
+    #[error(
+        "no quorum: this node and its connected peers are not a majority (on-no-quorum = io-error)"
+    )]
+    NoQuorum,
     #[error("local disk error: {0}")]
     Disk(#[from] BackingError),
     #[error("{0}")]
@@ -78,6 +82,25 @@ impl Resource {
             }
         }
         (targets, missing)
+    }
+
+    /// Quorum gate for writes and flushes: fail (io-error) or wait (suspend-io).
+    async fn wait_for_quorum(&self) -> Result<(), IoError> {
+        loop {
+            let notified = self.quorum_changed.notified();
+            if self.has_quorum() {
+                return Ok(());
+            }
+            if self.is_down() {
+                return Err(IoError::Down);
+            }
+            match self.settings.on_no_quorum {
+                tandem_common::config::OnNoQuorum::IoError => return Err(IoError::NoQuorum),
+                tandem_common::config::OnNoQuorum::SuspendIo => {
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), notified).await;
+                }
+            }
+        }
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, IoError> {
@@ -169,6 +192,7 @@ impl Resource {
         frame: Arc<Vec<u8>>,
         local: impl std::future::Future<Output = Result<(), BackingError>>,
     ) -> Result<(), IoError> {
+        self.wait_for_quorum().await?;
         // In-flight registry for dual-primary conflict detection (held until acked).
         let _inflight = self.inflight.register(offset, len);
         let range = self.ranges.lock(offset, len).await;
@@ -211,6 +235,15 @@ impl Resource {
         local?;
         // Those peers may lack this write: record it before acknowledging.
         self.record_missed_write(&lost, offset, len).await?;
+        let needed = self.quorum_needed();
+        if needed > 0 && 1 + targets.len() - lost.len() < needed {
+            // Our disk has a write the majority may never see: never acknowledge it, and
+            // take a peer's copy at the next connect.
+            self.persist(|sb| sb.flags |= crate::meta::format::FLAG_LOST_QUORUM)
+                .await?;
+            tracing::error!(resource = %self.name(), "write lost quorum while in flight: failed with EIO, local copy will be resynced from a peer");
+            return Err(IoError::NoQuorum);
+        }
         Ok(())
     }
 
@@ -219,6 +252,7 @@ impl Resource {
         if self.is_down() {
             return Err(IoError::Down);
         }
+        self.wait_for_quorum().await?;
         let seq = self.next_seq();
         let (targets, _) = self.replication_targets();
         let mut waits = Vec::new();

@@ -23,13 +23,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use tandem_common::config::{ClusterConfig, Protocol, ResourceConfig};
+use tandem_common::config::{ClusterConfig, OnNoQuorum, Protocol, Quorum, ResourceConfig};
 use tandem_common::frame::{self, Channel};
 use tandem_common::NodeId;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::backing::Backing;
-use crate::meta::format::{Superblock, FLAG_CRASHED_PRIMARY, FLAG_WAS_PRIMARY};
+use crate::meta::format::{Superblock, FLAG_CRASHED_PRIMARY, FLAG_LOST_QUORUM, FLAG_WAS_PRIMARY};
 use crate::meta::{self, MetaStore};
 use crate::proto::{PeerMsg, PeerState};
 use crate::state::{ConnState, DiskState, ReplState, Role};
@@ -55,6 +55,8 @@ pub struct Settings {
     pub protocol: Protocol,
     pub allow_two_primaries: bool,
     pub resync_rate_bytes_per_s: Option<u64>,
+    pub quorum: Quorum,
+    pub on_no_quorum: OnNoQuorum,
     /// Every other member: id and name.
     pub peers: Vec<(NodeId, String)>,
     pub secret: Vec<u8>,
@@ -80,6 +82,8 @@ impl Settings {
             protocol: res.protocol,
             allow_two_primaries: res.allow_two_primaries,
             resync_rate_bytes_per_s: res.resync_rate_bytes_per_s(),
+            quorum: res.quorum_policy().map_err(EngineError::Refused)?,
+            on_no_quorum: res.on_no_quorum,
             peers,
             secret: config
                 .secret_for(res)
@@ -223,6 +227,8 @@ pub struct Resource {
     events: broadcast::Sender<String>,
     /// Wakes the dialers (on `connect`, `down`).
     pub wake: tokio::sync::Notify,
+    /// Wakes writers suspended for quorum (on every connection change).
+    quorum_changed: tokio::sync::Notify,
     down: AtomicBool,
     pub stats: Stats,
 }
@@ -298,6 +304,7 @@ impl Resource {
             sync_shadow: Mutex::new(None),
             events,
             wake: tokio::sync::Notify::new(),
+            quorum_changed: tokio::sync::Notify::new(),
             down: AtomicBool::new(false),
             stats: Stats::default(),
         });
@@ -329,7 +336,7 @@ impl Resource {
             disk: sb.disk_state,
             current: sb.current_uuid,
             history: sb.history_uuids,
-            crashed: sb.flags & FLAG_CRASHED_PRIMARY != 0,
+            crashed: sb.flags & (FLAG_CRASHED_PRIMARY | FLAG_LOST_QUORUM) != 0,
             bitmap: peer
                 .and_then(|id| sb.peers.iter().find(|p| p.node_id == id))
                 .map_or(0, |p| p.bitmap_uuid),
@@ -589,7 +596,31 @@ impl Resource {
             old.close();
         }
         self.set_conn_state(peer, ConnState::Connected);
+        self.quorum_changed.notify_waiters();
         conn
+    }
+
+    /// Nodes needed for quorum (0 = quorum off).
+    pub fn quorum_needed(&self) -> usize {
+        let total = 1 + self.settings.peers.len();
+        match self.settings.quorum {
+            Quorum::Off => 0,
+            Quorum::Majority => total / 2 + 1,
+            Quorum::All => total,
+            Quorum::Nodes(n) => n as usize,
+        }
+    }
+
+    /// This node plus the peers it is connected to form a quorum.
+    pub fn has_quorum(&self) -> bool {
+        let votes = 1 + self
+            .inner
+            .lock()
+            .peers
+            .values()
+            .filter(|p| p.conn.is_some())
+            .count();
+        votes >= self.quorum_needed()
     }
 
     /// The session for `conn` ended (error or shutdown).
@@ -612,6 +643,11 @@ impl Resource {
             return;
         }
         tracing::warn!(resource = %self.name(), peer = %conn.peer, %reason, "connection lost");
+        self.quorum_changed.notify_waiters();
+        if self.quorum_needed() > 0 && !self.has_quorum() {
+            tracing::warn!(resource = %self.name(), policy = ?self.settings.on_no_quorum, "quorum lost");
+            self.emit("change", "device", "quorum:no");
+        }
         self.set_repl(conn.peer, ReplState::Off);
         // Others may now need to (re)start a resync to us, or see our new state.
         self.broadcast_state().await;

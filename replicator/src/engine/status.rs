@@ -53,6 +53,8 @@ pub struct ResourceStatus {
     pub resync_sent_bytes: u64,
     pub resync_received_bytes: u64,
     pub concurrent_write_conflicts: u64,
+    /// Whether this node has quorum (always true with `quorum = off`).
+    pub quorum: bool,
     pub connections: Vec<PeerStatus>,
 }
 
@@ -66,6 +68,7 @@ impl Resource {
             .iter()
             .map(|(id, _)| (*id, self.bitmap_dirty_bytes(*id)))
             .collect();
+        let quorum = self.has_quorum();
         let inner = self.inner.lock();
         let connections = inner
             .peers
@@ -138,6 +141,7 @@ impl Resource {
             resync_sent_bytes: self.stats.resync_sent_bytes.load(Relaxed),
             resync_received_bytes: self.stats.resync_received_bytes.load(Relaxed),
             concurrent_write_conflicts: self.stats.conflicts.load(Relaxed),
+            quorum,
             connections,
         }
     }

@@ -421,7 +421,7 @@ impl Resource {
                     sb.current_uuid = current;
                     sb.history_uuids = history;
                     sb.disk_state = DiskState::UpToDate;
-                    sb.flags &= !FLAG_CRASHED_PRIMARY;
+                    sb.flags &= !(FLAG_CRASHED_PRIMARY | crate::meta::format::FLAG_LOST_QUORUM);
                 })
                 .await
                 .map_err(|e| SessionEnd::retry(e.to_string()))?;

@@ -16,6 +16,8 @@ pub const BITMAP_BLOCK_BYTES: u32 = 4096;
 pub const FLAG_CONSISTENT: u32 = 1;
 pub const FLAG_WAS_PRIMARY: u32 = 2;
 pub const FLAG_CRASHED_PRIMARY: u32 = 4;
+/// A write reached our disk but failed for lack of quorum: take a peer's copy.
+pub const FLAG_LOST_QUORUM: u32 = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PeerSlot {
