@@ -155,15 +155,17 @@ impl Cluster {
 
     async fn wait_for<F: Fn(&CoreStatus) -> bool>(&self, i: usize, what: &str, f: F) {
         let start = Instant::now();
+        let mut last = None;
         loop {
             if let Some(s) = self.status(i).await {
                 if f(&s) {
                     return;
                 }
+                last = Some(s);
             }
             assert!(
                 start.elapsed() < DEADLINE,
-                "n{i}: timed out waiting for {what}"
+                "n{i}: timed out waiting for {what}; last status {last:?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -258,31 +260,55 @@ async fn lock_hands_off_across_nodes_with_callback_and_value_block() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_continue_after_leader_kill_and_restarted_node_catches_up() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
     let mut cluster = Cluster::start(3);
     let leader = cluster.leader(&[1, 2, 3]).await;
     let others: Vec<usize> = (1..=3).filter(|i| *i != leader).collect();
-    let c1 = cluster.client(others[0]).await;
-    let c2 = cluster.client(others[1]).await;
-    for round in 0..5u8 {
-        let g = c1
-            .lock(LS, &[round], Mode::EX, Flags::default())
-            .await
-            .unwrap();
-        c1.unlock(g.lock, None).await.unwrap();
+    // Load: six clients on the two surviving nodes, half on one contended resource.
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loops = Vec::new();
+    for k in 0..6usize {
+        let c = cluster.client(others[k % 2]).await;
+        let (done, stop) = (done.clone(), stop.clone());
+        loops.push(tokio::spawn(async move {
+            let resource = if k % 2 == 0 {
+                b"shared".to_vec()
+            } else {
+                vec![k as u8]
+            };
+            let mut mine = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let g = c
+                    .lock(LS, &resource, Mode::EX, Flags::default())
+                    .await
+                    .unwrap();
+                c.unlock(g.lock, None).await.unwrap();
+                done.fetch_add(1, Ordering::Relaxed);
+                mine += 1;
+            }
+            mine
+        }));
     }
-    cluster.kill(leader);
-    // Both clients keep working through the re-election; they only see latency.
-    let work = async {
-        for round in 0..20u8 {
-            let c = if round % 2 == 0 { &c1 } else { &c2 };
-            let g = c
-                .lock(LS, b"shared", Mode::EX, Flags::default())
-                .await
-                .unwrap();
-            c.unlock(g.lock, None).await.unwrap();
+    let wait_ops = |target: u64| {
+        let done = done.clone();
+        async move {
+            while done.load(Ordering::Relaxed) < target {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     };
-    within("locking after the leader died", work).await;
+    within("load before the kill", wait_ops(30)).await;
+    cluster.kill(leader); // SIGKILL under load
+    let at_kill = done.load(Ordering::Relaxed);
+    // Every client keeps working through the re-election; they only see latency.
+    within("load after the leader died", wait_ops(at_kill + 100)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        let mine = within("client loop", l).await.unwrap();
+        assert!(mine > 0);
+    }
     let new_leader = cluster.leader(&others).await;
     assert_ne!(new_leader, leader);
     // Restart the killed node on its data directory: it catches up and serves again.
@@ -509,6 +535,12 @@ async fn two_nodes_and_a_witness_survive_a_node_loss() {
     let c1 = cluster.client(1).await;
     let g = c1.lock(LS, b"w", Mode::EX, Flags::default()).await.unwrap();
     c1.unlock(g.lock, None).await.unwrap();
+    // n2 must have announced itself: a node that never joined has nothing to declare down.
+    cluster
+        .wait_for(3, "n2 up", |s| {
+            s.nodes.iter().any(|n| n.node == NodeId(2) && n.up)
+        })
+        .await;
     cluster.kill(2);
     // n1 and the witness are a majority: locking goes on.
     let g = within(

@@ -174,6 +174,14 @@ async fn run(args: Args) -> Result<ExitCode> {
                 };
                 println!("  {:<12} {health}", name(n.node));
             }
+            for v in s.voters.iter().chain(&s.learners) {
+                if !s.nodes.iter().any(|n| n.node == *v) {
+                    println!(
+                        "  {:<12} not announced yet (daemon never reached the cluster)",
+                        name(*v)
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Locks { lockspace, json } => {
