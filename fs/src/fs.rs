@@ -139,11 +139,49 @@ struct Inner {
     dirs: HashMap<u64, Vec<DirEntry>>,
     next_fh: u64,
     opts: FsOptions,
+    /// The running transaction is near the journal's capacity; commit after this op.
+    commit_wanted: bool,
 }
 
 pub struct Fs {
     inner: Mutex<Inner>,
+    /// Serialises commits; always taken before `inner`, never while holding it.
+    commit_lock: Mutex<()>,
     block_size: u32,
+}
+
+/// The filesystem lock for one operation. When the operation leaves the running
+/// transaction too big, the guard commits right after unlocking, so commits never run
+/// their I/O under the lock.
+struct OpGuard<'a> {
+    fs: &'a Fs,
+    g: Option<parking_lot::MutexGuard<'a, Inner>>,
+}
+
+impl std::ops::Deref for OpGuard<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        self.g.as_ref().expect("held until drop")
+    }
+}
+
+impl std::ops::DerefMut for OpGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        self.g.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for OpGuard<'_> {
+    fn drop(&mut self) {
+        let Some(mut g) = self.g.take() else { return };
+        let wanted = std::mem::take(&mut g.commit_wanted);
+        drop(g);
+        if wanted {
+            if let Err(e) = self.fs.commit() {
+                tracing::error!(error = %e, "journal commit failed");
+            }
+        }
+    }
 }
 
 impl Fs {
@@ -173,10 +211,12 @@ impl Fs {
             dirs: HashMap::new(),
             next_fh: 1,
             opts,
+            commit_wanted: false,
         };
         Ok((
             Self {
                 inner: Mutex::new(inner),
+                commit_lock: Mutex::new(()),
                 block_size,
             },
             stats,
@@ -186,14 +226,28 @@ impl Fs {
     /// Runs `op`; on ENOSPC while freed blocks await commit or checkpoint, makes them
     /// reusable and retries once (ext4 does the same for blocks freed by running transactions).
     fn with_retry<T>(&self, mut op: impl FnMut(&mut Inner) -> Result<T>) -> Result<T> {
-        let mut g = self.inner.lock();
-        match op(&mut g) {
-            Err(FsError::NoSpace) if g.st.has_held_blocks() => {
-                g.st.sync_all(false)?;
-                op(&mut g)
+        {
+            let mut g = self.op();
+            match op(&mut g) {
+                Err(FsError::NoSpace) if g.st.has_held_blocks() => {}
+                r => return r,
             }
-            r => r,
         }
+        self.sync(false)?;
+        op(&mut self.op())
+    }
+
+    fn op(&self) -> OpGuard<'_> {
+        OpGuard {
+            fs: self,
+            g: Some(self.inner.lock()),
+        }
+    }
+
+    /// Commit and checkpoint (`clean` also marks the journal clean, for unmount).
+    fn sync(&self, clean: bool) -> Result<()> {
+        let _c = self.commit_lock.lock();
+        self.inner.lock().st.sync_all(clean)
     }
 
     pub fn block_size(&self) -> u32 {
@@ -201,12 +255,23 @@ impl Fs {
     }
 
     /// Commits the running transaction (group commit; also called by the commit thread).
+    /// The journal I/O runs without the filesystem lock, so operations continue meanwhile
+    /// and land in the next transaction.
     pub fn commit(&self) -> Result<()> {
-        self.inner.lock().st.commit()
+        let _c = self.commit_lock.lock();
+        let (blocks, dev, journal, bs) = {
+            let mut g = self.inner.lock();
+            let blocks = g.st.prepare_commit()?;
+            (blocks, g.st.dev.clone(), g.st.journal.clone(), g.st.bs)
+        };
+        let res = crate::store::write_tx(&*dev, bs, journal.as_deref(), &blocks);
+        self.inner.lock().st.finish_commit(&res);
+        res.map(|_| ())
     }
 
     /// Commit + checkpoint + clean flag: what unmount does.
     pub fn shutdown(&self) -> Result<()> {
+        let _c = self.commit_lock.lock();
         let mut g = self.inner.lock();
         if g.opts.read_only {
             return Ok(());
@@ -220,7 +285,7 @@ impl Fs {
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         check_name(name)?;
         let dir = g.load(parent)?;
         if !dir.is_dir() {
@@ -233,7 +298,7 @@ impl Fs {
 
     /// Opens a file: an unlinked file stays readable until the matching `release`.
     pub fn open(&self, ino: u64) -> Result<()> {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         let i = g.load(ino)?;
         *g.opens.entry(i.block).or_insert(0) += 1;
         Ok(())
@@ -242,7 +307,7 @@ impl Fs {
     /// Closes a handle from `open`/`create`; frees the inode if it was the last one of an
     /// unlinked file.
     pub fn release(&self, ino: u64) {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         let blk = g.blk(ino);
         let Some(c) = g.opens.get_mut(&blk) else {
             return;
@@ -257,13 +322,13 @@ impl Fs {
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         let i = g.load(ino)?;
         Ok(g.attr(&i))
     }
 
     pub fn setattr(&self, ino: u64, s: SetAttr) -> Result<Attr> {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         g.writable()?;
         let mut i = g.load(ino)?;
         let now = Time::now();
@@ -332,7 +397,7 @@ impl Fs {
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         let i = g.load(ino)?;
         if i.kind() != S_IFLNK {
             return Err(FsError::Invalid("not a symlink"));
@@ -341,7 +406,7 @@ impl Fs {
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr> {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         g.writable()?;
         check_name(newname)?;
         let mut i = g.load(ino)?;
@@ -375,7 +440,7 @@ impl Fs {
     }
 
     pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         g.writable()?;
         check_name(name)?;
         let mut dir = g.load_dir(parent)?;
@@ -394,7 +459,7 @@ impl Fs {
     }
 
     pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         g.writable()?;
         if name == b"." {
             return Err(FsError::Invalid("cannot remove '.'"));
@@ -430,7 +495,7 @@ impl Fs {
         newname: &[u8],
         flags: u32,
     ) -> Result<()> {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         g.writable()?;
         check_name(name)?;
         check_name(newname)?;
@@ -444,7 +509,7 @@ impl Fs {
     }
 
     pub fn read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         let mut i = g.load(ino)?;
         if i.is_dir() {
             return Err(FsError::IsDir);
@@ -509,7 +574,7 @@ impl Fs {
     }
 
     pub fn opendir(&self, ino: u64) -> Result<u64> {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         let dir = g.load_dir(ino)?;
         let parent = if dir.block == g.root {
             ROOT_INO
@@ -563,7 +628,7 @@ impl Fs {
         offset: u64,
         mut add: impl FnMut(&DirEntry) -> bool,
     ) -> Result<()> {
-        let g = self.inner.lock();
+        let g = self.op();
         let snap = g
             .dirs
             .get(&fh)
@@ -583,7 +648,7 @@ impl Fs {
         offset: u64,
         mut add: impl FnMut(&DirEntry, &Attr) -> bool,
     ) -> Result<()> {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         let mut k = offset as usize;
         loop {
             let snap = g
@@ -607,11 +672,11 @@ impl Fs {
     }
 
     pub fn releasedir(&self, fh: u64) {
-        self.inner.lock().dirs.remove(&fh);
+        self.op().dirs.remove(&fh);
     }
 
     pub fn statfs(&self) -> StatFs {
-        let g = self.inner.lock();
+        let g = self.op();
         let free = g.st.free_blocks();
         StatFs {
             blocks: g.st.data_blocks(),
@@ -624,14 +689,14 @@ impl Fs {
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         let i = g.load(ino)?;
         g.st.xattr_get(&i, name)
     }
 
     /// Names, each NUL-terminated, as listxattr(2) returns them.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
-        let mut g = self.inner.lock();
+        let mut g = self.op();
         let i = g.load(ino)?;
         let mut out = Vec::new();
         for (n, _) in g.st.xattrs(&i)? {
@@ -712,9 +777,11 @@ impl Inner {
     }
 
     /// Commits early when the running transaction nears what the journal can hold.
+    /// Asks for a commit (run by `OpGuard` after unlocking) when the running transaction
+    /// nears what the journal can hold.
     fn after_op(&mut self) -> Result<()> {
         if self.st.dirty_count() > self.st.tx_limit() / 2 {
-            self.st.commit()?;
+            self.commit_wanted = true;
         }
         Ok(())
     }

@@ -9,11 +9,13 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use crate::block::BlockDevice;
 use crate::error::{FsError, Result};
 use crate::format::{self, init_header, BlockState, BlockType, RgHeader, Superblock, HDR_LEN};
 use crate::inode::Inode;
-use crate::journal::{Journal, ReplayStats};
+use crate::journal::{Journal, LoggedBlocks, ReplayStats};
 
 /// Scan hint of a group whose first free block has not been looked for since mount.
 const HINT_UNKNOWN: u32 = u32::MAX;
@@ -35,7 +37,13 @@ pub struct Store {
     /// before the log is checkpointed would let replay overwrite its new contents (the
     /// problem jbd2 solves with revoke records).
     held_until_checkpoint: HashSet<u64>,
-    pub journal: Option<Journal>,
+    /// Shared so a commit's I/O can run without the filesystem lock (see `Fs::commit`).
+    pub journal: Option<Arc<Mutex<Journal>>>,
+    /// Blocks freed by the transaction whose commit is in flight: still not reusable.
+    committing_free: HashSet<u64>,
+    /// Blocks of the in-flight commit: must stay cached until their home writes are issued.
+    committing: HashSet<u64>,
+    tx_limit: usize,
     poisoned: bool,
     alloc_rg: usize,
 }
@@ -53,7 +61,8 @@ impl Store {
         }
         let (journal, stats) = Journal::open(&*dev, &sb, journal_index, read_only)?;
         let mut s = Self::bare(dev, sb);
-        s.journal = (!read_only).then_some(journal);
+        s.tx_limit = journal.max_tx_blocks();
+        s.journal = (!read_only).then(|| Arc::new(Mutex::new(journal)));
         s.load_rgs()?;
         Ok((s, stats))
     }
@@ -72,6 +81,9 @@ impl Store {
             pending_free: HashSet::new(),
             held_until_checkpoint: HashSet::new(),
             journal: None,
+            committing_free: HashSet::new(),
+            committing: HashSet::new(),
+            tx_limit: usize::MAX,
             poisoned: false,
             alloc_rg: 0,
         }
@@ -156,7 +168,7 @@ impl Store {
         let victims: Vec<u64> = self
             .blocks
             .keys()
-            .filter(|k| !self.dirty.contains(k))
+            .filter(|k| !self.dirty.contains(k) && !self.committing.contains(k))
             .take(excess)
             .copied()
             .collect();
@@ -175,46 +187,54 @@ impl Store {
         self.dirty.len()
     }
 
-    /// Journals every dirty block atomically (or writes in place when there is no journal).
-    pub fn commit(&mut self) -> Result<()> {
+    /// First half of a commit, under the filesystem lock: seals and copies every dirty
+    /// block, and moves this transaction's freed blocks to the in-flight set.
+    pub fn prepare_commit(&mut self) -> Result<LoggedBlocks> {
         self.check_poison()?;
-        if self.dirty.is_empty() {
-            self.dev.flush().inspect_err(|_| self.poisoned = true)?;
-            return Ok(());
-        }
+        assert!(
+            self.committing_free.is_empty() && self.committing.is_empty(),
+            "one commit at a time"
+        );
         let mut out = Vec::with_capacity(self.dirty.len());
         for blk in std::mem::take(&mut self.dirty) {
             let b = self.blocks.get_mut(&blk).expect("dirty blocks stay cached");
             format::seal(b);
             out.push((blk, b.to_vec()));
+            self.committing.insert(blk);
         }
-        let res = match self.journal.as_mut() {
-            Some(j) => j.commit(&*self.dev, &out),
-            None => write_in_place(&*self.dev, self.bs, &out),
-        };
-        if let Err(e) = res {
-            // The cache no longer matches anything durable; refuse further work.
-            self.poisoned = true;
-            return Err(e);
-        }
-        self.pending_free.clear();
-        match self.journal.as_mut() {
-            Some(j) if j.used_blocks() > j.log_len() / 2 => {
-                j.checkpoint(&*self.dev, false)
-                    .inspect_err(|_| self.poisoned = true)?;
-                self.held_until_checkpoint.clear();
+        self.committing_free = std::mem::take(&mut self.pending_free);
+        Ok(out)
+    }
+
+    /// Second half, under the lock again: `res` is what `write_tx` returned.
+    pub fn finish_commit(&mut self, res: &Result<bool>) {
+        self.committing.clear();
+        match res {
+            Ok(checkpointed) => {
+                self.committing_free.clear();
+                if *checkpointed {
+                    self.held_until_checkpoint.clear();
+                }
             }
-            Some(_) => {}
-            None => self.held_until_checkpoint.clear(),
+            // The cache no longer matches anything durable; refuse further work.
+            Err(_) => self.poisoned = true,
         }
-        Ok(())
+    }
+
+    /// A whole commit while holding the lock (mount, mkfs, fsck, unmount: no concurrency).
+    pub fn commit(&mut self) -> Result<()> {
+        let blocks = self.prepare_commit()?;
+        let res = write_tx(&*self.dev, self.bs, self.journal.as_deref(), &blocks);
+        self.finish_commit(&res);
+        res.map(|_| ())
     }
 
     /// Commits and checkpoints; `clean` marks the journal clean for unmount.
     pub fn sync_all(&mut self, clean: bool) -> Result<()> {
         self.commit()?;
-        if let Some(j) = self.journal.as_mut() {
-            j.checkpoint(&*self.dev, clean)
+        if let Some(j) = self.journal.as_ref() {
+            j.lock()
+                .checkpoint(&*self.dev, clean)
                 .inspect_err(|_| self.poisoned = true)?;
         }
         self.held_until_checkpoint.clear();
@@ -223,14 +243,14 @@ impl Store {
 
     /// True if freed blocks wait for a commit or checkpoint before they can be reused.
     pub fn has_held_blocks(&self) -> bool {
-        !self.pending_free.is_empty() || !self.held_until_checkpoint.is_empty()
+        !self.pending_free.is_empty()
+            || !self.committing_free.is_empty()
+            || !self.held_until_checkpoint.is_empty()
     }
 
     /// Largest number of dirty blocks one transaction may hold.
     pub fn tx_limit(&self) -> usize {
-        self.journal
-            .as_ref()
-            .map_or(usize::MAX, |j| j.max_tx_blocks())
+        self.tx_limit
     }
 
     // ---- allocator -------------------------------------------------------------------
@@ -414,7 +434,9 @@ impl Store {
     }
 
     fn is_held(&self, blk: u64) -> bool {
-        self.pending_free.contains(&blk) || self.held_until_checkpoint.contains(&blk)
+        self.pending_free.contains(&blk)
+            || self.committing_free.contains(&blk)
+            || self.held_until_checkpoint.contains(&blk)
     }
 
     pub fn free_blocks(&self) -> u64 {
@@ -535,6 +557,33 @@ impl Store {
         self.dev.write_at(buf, blk * self.bs as u64)?;
         Ok(())
     }
+}
+
+/// Writes a prepared transaction: through the journal (then checkpoints if the log is over
+/// half full) or, without a journal, in place. Returns whether the log was checkpointed
+/// after this transaction, which makes held metadata blocks reusable.
+pub fn write_tx(
+    dev: &dyn BlockDevice,
+    bs: usize,
+    journal: Option<&Mutex<Journal>>,
+    blocks: &[(u64, Vec<u8>)],
+) -> Result<bool> {
+    let Some(j) = journal else {
+        write_in_place(dev, bs, blocks)?;
+        return Ok(true);
+    };
+    let mut j = j.lock();
+    if blocks.is_empty() {
+        // Nothing to log, but fsync still promises that written data is durable.
+        dev.flush()?;
+        return Ok(false);
+    }
+    j.commit(dev, blocks)?;
+    if j.used_blocks() > j.log_len() / 2 {
+        j.checkpoint(dev, false)?;
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 fn write_in_place(dev: &dyn BlockDevice, bs: usize, blocks: &[(u64, Vec<u8>)]) -> Result<()> {

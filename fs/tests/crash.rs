@@ -344,3 +344,75 @@ fn kill_minus_nine_of_the_daemon_keeps_fsynced_files() {
     let (code, out) = common::fsck(&m.image, "-n");
     assert_eq!(code, 0, "{out}");
 }
+
+#[test]
+fn concurrent_writers_and_commits_recover_every_fsynced_file() {
+    for seed in 0..6u64 {
+        let (dev, fs) = new_fs(32 << 20);
+        let fs = Arc::new(fs);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let committer = {
+            let (fs, stop) = (fs.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = fs.commit();
+                    std::thread::sleep(std::time::Duration::from_micros(300));
+                }
+            })
+        };
+        let workers: Vec<_> = (0..3u64)
+            .map(|w| {
+                let fs = fs.clone();
+                std::thread::spawn(move || {
+                    let mut rng = StdRng::seed_from_u64(seed * 10 + w);
+                    let d = fs
+                        .mkdir(CTX, ROOT_INO, format!("w{w}").as_bytes(), 0o755, 0)
+                        .unwrap();
+                    let mut synced = BTreeMap::new();
+                    for i in 0..60 {
+                        let name = format!("f{}", rng.gen_range(0..12));
+                        let data: Vec<u8> =
+                            (0..rng.gen_range(0..12000)).map(|_| rng.gen()).collect();
+                        // Replace atomically: write a temp file, then rename over the name.
+                        let tmp = format!("tmp{i}");
+                        let a = fs.mknod(CTX, d.ino, tmp.as_bytes(), 0o644, 0, 0).unwrap();
+                        fs.write(a.ino, 0, &data).unwrap();
+                        if rng.gen_bool(0.3) {
+                            fs.fsync(a.ino).unwrap();
+                            fs.rename(d.ino, tmp.as_bytes(), d.ino, name.as_bytes(), 0)
+                                .unwrap();
+                            fs.fsync(d.ino).unwrap();
+                            synced.insert(name, data);
+                        } else {
+                            fs.rename(d.ino, tmp.as_bytes(), d.ino, name.as_bytes(), 0)
+                                .unwrap();
+                            synced.remove(&name);
+                        }
+                    }
+                    (w, synced)
+                })
+            })
+            .collect();
+        let results: Vec<_> = workers.into_iter().map(|h| h.join().unwrap()).collect();
+        let img = dev.crash_image(CrashMode::Torn, seed);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        committer.join().unwrap();
+        let dev2 = Arc::new(FaultDevice::from_image(img));
+        let (fs2, _) = Fs::mount(dev2.clone(), FsOptions::default()).unwrap();
+        let tree = dump(&fs2);
+        for (w, synced) in results {
+            for (name, data) in synced {
+                let got = tree.get(&format!("/w{w}/{name}"));
+                assert_eq!(
+                    got,
+                    Some(&Node::File(data)),
+                    "seed {seed}: /w{w}/{name} lost"
+                );
+            }
+        }
+        fs2.shutdown().unwrap();
+        let mut sink = |_: &str| {};
+        let rep = fsck(dev2, FsckOptions { repair: false }, &mut sink).unwrap();
+        assert!(rep.problems.is_empty(), "seed {seed}: {:?}", rep.problems);
+    }
+}
