@@ -115,6 +115,18 @@ pub enum PeerMsg {
         current: u64,
         history: [u64; 2],
     },
+    // --- online verify ---
+    /// Checksum these blocks (after everything queued before this message).
+    VerifyRequest {
+        seq: u64,
+        offset: u64,
+        len: u64,
+    },
+    /// crc32 of each 4 KiB block of the requested range.
+    VerifyReply {
+        seq: u64,
+        crcs: Vec<u32>,
+    },
     // --- liveness ---
     Ping,
     Pong,
@@ -136,6 +148,8 @@ impl PeerMsg {
             PeerMsg::SyncStart { .. } => "SyncStart",
             PeerMsg::SyncData { .. } => "SyncData",
             PeerMsg::SyncDone { .. } => "SyncDone",
+            PeerMsg::VerifyRequest { .. } => "VerifyRequest",
+            PeerMsg::VerifyReply { .. } => "VerifyReply",
             PeerMsg::Ping => "Ping",
             PeerMsg::Pong => "Pong",
         }
@@ -215,6 +229,15 @@ mod tests {
         rt(PeerMsg::SyncDone {
             current: 1,
             history: [0, 0],
+        });
+        rt(PeerMsg::VerifyRequest {
+            seq: 1,
+            offset: 0,
+            len: 8192,
+        });
+        rt(PeerMsg::VerifyReply {
+            seq: 1,
+            crcs: vec![1, 2],
         });
         rt(PeerMsg::Ping);
         rt(PeerMsg::Pong);

@@ -60,6 +60,8 @@ words!(
         SyncTarget = "SyncTarget",
         PausedSyncS = "PausedSyncS",
         PausedSyncT = "PausedSyncT",
+        VerifyS = "VerifyS",
+        VerifyT = "VerifyT",
     }
 );
 

@@ -271,3 +271,52 @@ fn isolated_primary_without_quorum_fails_writes_and_resyncs_from_the_majority() 
 fn libc_eio() -> i32 {
     5
 }
+
+#[test]
+fn verify_finds_a_block_corrupted_behind_our_back_and_invalidate_repairs_it() {
+    use std::os::unix::fs::FileExt;
+    let mut c = Cluster::builder().nodes(2).start().unwrap();
+    c.bring_up_fresh("www").unwrap();
+    scatter(&c, 0, 32, 12);
+    let clean = c.adm(0, &["verify", "www"]).unwrap();
+    assert!(clean.contains("0 block(s) out of sync"), "{clean}");
+    // Flip bytes of one block on n2's disk without the daemon knowing.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(c.disk_path(1, "www"))
+        .unwrap();
+    f.write_all_at(&[0xEE; 100], 100 * 4096 + 7).unwrap();
+    f.sync_all().unwrap();
+    let out = c.adm(0, &["verify", "www"]).unwrap();
+    assert!(out.contains("1 block(s) out of sync"), "{out}");
+    assert!(c.log(0, "replicatord").contains("Out of sync"));
+    c.adm(1, &["invalidate", "www"]).unwrap();
+    c.wait_for(Duration::from_secs(5), || {
+        Ok(c.status_json(1)?[0]["disk-state"] != "UpToDate"
+            || num(&c.status_json(1)?[0]["resync-received-bytes"]) > 0)
+    })
+    .unwrap();
+    c.adm(1, &["wait-sync", "www", "--timeout-s", "90"])
+        .unwrap();
+    c.adm(0, &["wait-sync", "www", "--timeout-s", "90"])
+        .unwrap();
+    assert_identical(&c);
+    let again = c.adm(0, &["verify", "www"]).unwrap();
+    assert!(again.contains("0 block(s) out of sync"), "{again}");
+    // invalidate-remote with verify's findings moves only the bad block.
+    f.write_all_at(&[0xAB; 10], 200 * 4096).unwrap();
+    let out = c.adm(0, &["verify", "www"]).unwrap();
+    assert!(out.contains("1 block(s) out of sync"), "{out}");
+    let before = num(&c.status_json(1).unwrap()[0]["resync-received-bytes"]);
+    c.adm(0, &["invalidate-remote", "www"]).unwrap();
+    c.wait_for(Duration::from_secs(30), || {
+        Ok(num(&c.status_json(1)?[0]["resync-received-bytes"]) > before
+            && c.status_json(0)?[0]["connections"][0]["replication-state"] == "Established")
+    })
+    .unwrap();
+    assert_eq!(
+        num(&c.status_json(1).unwrap()[0]["resync-received-bytes"]) - before,
+        4096
+    );
+    assert_identical(&c);
+}

@@ -89,6 +89,20 @@ enum Cmd {
         #[arg(long)]
         clear_bitmap: bool,
     },
+    /// Online verify against every connected peer: compare block checksums, report and
+    /// mark differing blocks out of sync (repair with invalidate / invalidate-remote).
+    Verify {
+        resource: String,
+        /// Start it and return without waiting for the result.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// This node's data is bad: become Inconsistent and resync it from a peer.
+    Invalidate { resource: String },
+    /// The peers' data is bad: resync them from here (only verify's findings, if any).
+    InvalidateRemote { resource: String },
+    /// Mark this disconnected Secondary's data Outdated.
+    Outdate { resource: String },
     /// Wait until every peer of a resource is Established and UpToDate.
     WaitSync {
         resource: String,
@@ -263,6 +277,42 @@ fn run(args: Args) -> anyhow::Result<()> {
             print!("{}", toml::to_string_pretty(&c)?);
             Ok(())
         }
+        Cmd::Verify { resource, no_wait } => rt.block_on(async {
+            each_async(&ctx, &resource, |r| Request::Verify { resource: r }).await?;
+            if no_wait {
+                return Ok(());
+            }
+            let mut last_pct = -1.0;
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let list = status(&ctx, Some(resource.clone())).await?;
+                let running: Vec<_> = list[0].connections.iter().filter_map(|c| c.verify.as_ref()).collect();
+                if running.is_empty() {
+                    for c in &list[0].connections {
+                        if let Some(n) = c.last_verify_out_of_sync_blocks {
+                            println!(
+                                "{resource}: verify with {} done: {n} block(s) out of sync ({}){}",
+                                c.name,
+                                format_bytes(n * 4096),
+                                if n > 0 { "; repair: `tandemadm invalidate-remote` here, or `tandemadm invalidate` on the peer" } else { "" }
+                            );
+                        }
+                    }
+                    return Ok(());
+                }
+                let pct = running.iter().map(|v| v.percent_done).fold(100.0, f64::min);
+                if pct - last_pct >= 10.0 {
+                    let eta = running.iter().filter_map(|v| v.eta_s).max();
+                    println!("{resource}: verify {pct:.1}% done{}", eta.map(|e| format!(", eta {e}s")).unwrap_or_default());
+                    last_pct = pct;
+                }
+            }
+        }),
+        Cmd::Invalidate { resource } => rt.block_on(each_async(&ctx, &resource, |r| Request::Invalidate { resource: r })),
+        Cmd::InvalidateRemote { resource } => {
+            rt.block_on(each_async(&ctx, &resource, |r| Request::InvalidateRemote { resource: r }))
+        }
+        Cmd::Outdate { resource } => rt.block_on(each_async(&ctx, &resource, |r| Request::Outdate { resource: r })),
         Cmd::WaitSync {
             resource,
             timeout_s,

@@ -41,6 +41,18 @@ pub enum Request {
         resource: String,
         clear_bitmap: bool,
     },
+    Verify {
+        resource: String,
+    },
+    Invalidate {
+        resource: String,
+    },
+    InvalidateRemote {
+        resource: String,
+    },
+    Outdate {
+        resource: String,
+    },
     /// Streams events2-style lines; `now` = dump current state and stop.
     Events {
         resource: Option<String>,

@@ -116,6 +116,37 @@ async fn handle(daemon: Arc<Daemon>, mut s: UnixStream) -> anyhow::Result<()> {
             },
             Err(e) => err(e),
         },
+        Request::Verify { resource } => match need(&resource) {
+            Ok(r) => match r.start_verify() {
+                Ok(peers) => ok(format!(
+                    "{resource}: online verify started against {}",
+                    peers.join(", ")
+                )),
+                Err(e) => err(e),
+            },
+            Err(e) => err(e),
+        },
+        Request::Invalidate { resource } => match need(&resource) {
+            Ok(r) => match r.invalidate().await {
+                Ok(()) => ok(format!("{resource}: Inconsistent, resyncing from a peer")),
+                Err(e) => err(e),
+            },
+            Err(e) => err(e),
+        },
+        Request::InvalidateRemote { resource } => match need(&resource) {
+            Ok(r) => match r.invalidate_remote().await {
+                Ok(peers) => ok(format!("{resource}: resyncing {}", peers.join(", "))),
+                Err(e) => err(e),
+            },
+            Err(e) => err(e),
+        },
+        Request::Outdate { resource } => match need(&resource) {
+            Ok(r) => match r.outdate().await {
+                Ok(()) => ok(format!("{resource}: Outdated")),
+                Err(e) => err(e),
+            },
+            Err(e) => err(e),
+        },
         Request::Status { resource } => {
             let list: Vec<_> = daemon
                 .up_resources()

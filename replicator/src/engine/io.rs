@@ -75,7 +75,7 @@ impl Resource {
         let mut missing = Vec::new();
         for (id, p) in &inner.peers {
             match (&p.conn, p.repl) {
-                (Some(c), ReplState::Established | ReplState::SyncSource) => {
+                (Some(c), ReplState::Established | ReplState::SyncSource | ReplState::VerifyS) => {
                     targets.push(c.clone())
                 }
                 _ => missing.push(*id),

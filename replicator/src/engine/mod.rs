@@ -12,6 +12,7 @@ mod io;
 pub mod ranges;
 mod status;
 mod sync;
+mod verify;
 
 pub use io::IoError;
 pub use status::{PeerStatus, ResourceStatus, SyncProgressView};
@@ -110,6 +111,8 @@ pub struct Conn {
     /// Application writes queued on this connection (protocols A/B: decides what a
     /// broken connection may have lost).
     pub writes_sent: AtomicU64,
+    /// Verify requests waiting for the peer's checksums.
+    verify_pending: Mutex<BTreeMap<u64, oneshot::Sender<Vec<u32>>>>,
     /// Flips to true on close so the session's reader wakes up.
     closed_signal: tokio::sync::watch::Sender<bool>,
 }
@@ -123,6 +126,7 @@ impl Conn {
             pending: Mutex::new(BTreeMap::new()),
             closed: AtomicBool::new(false),
             writes_sent: AtomicU64::new(0),
+            verify_pending: Mutex::new(BTreeMap::new()),
             closed_signal: tokio::sync::watch::channel(false).0,
         })
     }
@@ -163,6 +167,7 @@ impl Conn {
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.pending.lock().clear();
+        self.verify_pending.lock().clear();
         self.closed_signal.send_replace(true);
     }
 
@@ -185,6 +190,10 @@ pub struct PeerView {
     pub last_error: Option<String>,
     /// `connect --discard-my-data` was requested for the next handshake.
     pub discard_my_data: bool,
+    /// Progress of an online verify we run against this peer.
+    pub verify: Option<SyncProgress>,
+    /// Blocks found different by the last completed verify.
+    pub last_verify_oos_blocks: Option<u64>,
 }
 
 struct Inner {
@@ -278,6 +287,8 @@ impl Resource {
                         standalone: false,
                         last_error: None,
                         discard_my_data: false,
+                        verify: None,
+                        last_verify_oos_blocks: None,
                     },
                 )
             })

@@ -31,6 +31,10 @@ pub struct PeerStatus {
     pub out_of_sync_bytes: u64,
     pub percent_in_sync: f64,
     pub sync: Option<SyncProgressView>,
+    /// Online verify in progress against this peer.
+    pub verify: Option<SyncProgressView>,
+    /// Blocks the last completed verify found different.
+    pub last_verify_out_of_sync_blocks: Option<u64>,
     pub last_error: Option<String>,
 }
 
@@ -74,7 +78,7 @@ impl Resource {
             .peers
             .iter()
             .map(|(id, p)| {
-                let sync = p.sync.as_ref().map(|s| {
+                let view = |s: &super::SyncProgress| {
                     let secs = s.started.elapsed().as_secs_f64().max(1e-3);
                     let speed = (s.done_bytes as f64 / secs) as u64;
                     let left = s.total_bytes.saturating_sub(s.done_bytes);
@@ -89,7 +93,9 @@ impl Resource {
                         speed_bytes_per_s: speed,
                         eta_s: (speed > 0).then(|| left / speed),
                     }
-                });
+                };
+                let sync = p.sync.as_ref().map(view);
+                let verify = p.verify.as_ref().map(view);
                 let connected = p.conn.is_some();
                 let peer_disk = match (&p.state, connected) {
                     (Some(s), true) => s.disk,
@@ -120,6 +126,8 @@ impl Resource {
                             - (out_of_sync as f64 * 1000.0 / self.usable_bytes as f64).ceil() / 10.0
                     },
                     sync,
+                    verify,
+                    last_verify_out_of_sync_blocks: p.last_verify_oos_blocks,
                     last_error: p.last_error.clone(),
                 }
             })

@@ -188,7 +188,7 @@ impl Resource {
         }
     }
 
-    fn start_resync(self: &Arc<Self>, conn: Arc<Conn>, use_bitmap: bool) {
+    pub(super) fn start_resync(self: &Arc<Self>, conn: Arc<Conn>, use_bitmap: bool) {
         // The work list: our bitmap for this peer, or every block for a full sync.
         let work = if use_bitmap {
             self.bitmaps
@@ -467,6 +467,10 @@ impl Resource {
                     ))
                 }
             }
+            PeerMsg::VerifyRequest { seq, offset, len } => self
+                .answer_verify(conn, seq, offset, len)
+                .await
+                .map_err(SessionEnd::retry),
             other => Err(SessionEnd::retry(format!(
                 "unexpected {} in the ordered stream",
                 other.kind()

@@ -116,6 +116,7 @@ async fn reader_loop(
             }
             PeerMsg::RecvAck { seq } | PeerMsg::WriteAck { seq } => conn.complete(seq, Ok(())),
             PeerMsg::NegAck { seq, reason } => conn.complete(seq, Err(reason)),
+            PeerMsg::VerifyReply { seq, crcs } => conn.complete_verify(seq, crcs),
             PeerMsg::Ping => {
                 conn.send(&PeerMsg::Pong).await;
             }
