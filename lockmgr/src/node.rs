@@ -339,6 +339,13 @@ impl<K: LogSink> NodeCore<K> {
 
     /// Queues a command for proposal; it is re-proposed until it is applied.
     pub fn submit(&mut self, cmd: Command) {
+        if let Command::CloseSession { session } = &cmd {
+            // Nothing of a closed session may be retried after the close.
+            self.pending.retain(|k, _| match k {
+                Key::Open(s) | Key::Req(s, _) => s != session,
+                _ => true,
+            });
+        }
         let key = key_of(&cmd);
         if key != Key::Other {
             self.pending.insert(key, (cmd.clone(), self.now));

@@ -275,6 +275,16 @@ impl Sim {
                     client: "sim".into(),
                 })
             }
+            // Give up on a session still opening, or close an open one: the close may be
+            // applied before a retried open or request of the same session.
+            CState::Opening | CState::Requesting { .. }
+                if self.chaos && self.rng.gen_bool(0.01) =>
+            {
+                let session = self.clients[ci].session.expect("has a session");
+                self.clients[ci].session = None;
+                self.clients[ci].state = CState::NoSession;
+                Some(Command::CloseSession { session })
+            }
             CState::Ready if self.chaos && self.rng.gen_bool(0.003) => {
                 let session = self.clients[ci].session.expect("ready has a session");
                 self.clients[ci].session = None;

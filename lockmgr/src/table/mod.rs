@@ -19,6 +19,8 @@ pub use resource::is_weaker_or_equal;
 
 /// Bound on remembered out-of-order request ids per session (duplicate suppression window).
 const MAX_REQ_WINDOW: usize = 4096;
+/// Bound on remembered sessions closed before their open was applied.
+const MAX_CLOSED_EARLY: usize = 4096;
 
 /// A resource: lockspace plus resource name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -270,6 +272,7 @@ pub struct LockTable {
     nodes: BTreeMap<NodeId, NodeRecord>,
     next_lock_id: u64,
     last_token: u64,
+    closed_early: BTreeSet<SessionId>,
 }
 
 /// A read-only view of one lock for `tandem-lockctl locks`.
@@ -312,6 +315,13 @@ impl LockTable {
                         reason: EndReason::Closed,
                     });
                     self.regrant_all(&mut fx);
+                } else {
+                    // Closed before its (lost, retried) open was applied: remember, so a late
+                    // open cannot create a session nobody will ever close.
+                    self.closed_early.insert(*session);
+                    while self.closed_early.len() > MAX_CLOSED_EARLY {
+                        self.closed_early.pop_first();
+                    }
                 }
             }
             Command::NodeDown { node, fenced } => self.node_down(*node, *fenced, &mut fx),
@@ -359,7 +369,9 @@ impl LockTable {
             up: true,
             fenced: false,
         });
-        let refuse = if rec.incarnation != session.incarnation {
+        let refuse = if self.closed_early.remove(&session) {
+            Some("the session was closed before it opened".to_string())
+        } else if rec.incarnation != session.incarnation {
             Some("the daemon that opened it has restarted".to_string())
         } else if !rec.up && !rec.fenced {
             Some(format!(
@@ -763,6 +775,8 @@ impl LockTable {
     }
 
     fn node_restart(&mut self, node: NodeId, incarnation: u64, fx: &mut Vec<Effect>) {
+        self.closed_early
+            .retain(|s| s.node != node || s.incarnation == incarnation);
         let doomed: Vec<SessionId> = self
             .sessions
             .keys()

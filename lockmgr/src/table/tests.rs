@@ -353,6 +353,25 @@ fn closing_a_session_releases_its_locks() {
 }
 
 #[test]
+fn an_open_applied_after_its_close_is_refused() {
+    let mut t = T::new();
+    let late = sid(1, 50);
+    assert!(t.apply(Command::CloseSession { session: late }).is_empty());
+    let fx = t.apply(Command::OpenSession {
+        session: late,
+        client: "late".into(),
+    });
+    assert!(matches!(
+        fx[0],
+        Effect::Failed {
+            error: LockError::Refused(_),
+            ..
+        }
+    ));
+    assert!(!t.table.has_session(late));
+}
+
+#[test]
 fn duplicate_proposals_apply_once() {
     let mut t = T::new();
     let cmd = Command::Lock {
