@@ -24,6 +24,11 @@ use crate::fs::{Attr, Ctx, FileKind, Fs, SetAttr};
 /// Largest write the kernel may send in one request.
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 
+/// Keep cached pages across opens (we are the only writer), and skip FLUSH on close: it
+/// has nothing to do (close promises no durability and locks are kernel-local), and it
+/// would cost a round trip per file.
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+
 pub struct FuseFs {
     fs: Arc<Fs>,
     ttl: Duration,
@@ -273,7 +278,7 @@ impl Filesystem for FuseFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(ino.0) {
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(()) => reply.opened(FileHandle(0), OPEN_FLAGS),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -492,10 +497,25 @@ impl Filesystem for FuseFs {
                 &fattr(&a),
                 Generation(a.generation),
                 FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE,
+                OPEN_FLAGS,
             ),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Programs probe files with TCGETS (isatty); answer quietly and at once.
+        reply.error(Errno::from_i32(libc::ENOTTY));
     }
 
     fn fallocate(
