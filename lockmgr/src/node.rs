@@ -327,14 +327,15 @@ impl<K: LogSink> NodeCore<K> {
         }
     }
 
-    /// True once our current incarnation is known to the table (sessions may be opened).
+    /// True once our current incarnation is known to the table and the table would accept
+    /// a session from us (up, or down but fenced: opening a session brings the node back).
     pub fn is_ready_for_sessions(&self) -> bool {
         !self.cfg.witness
             && self
                 .table
                 .nodes()
                 .get(&self.cfg.id)
-                .is_some_and(|r| r.incarnation == self.incarnation && r.up)
+                .is_some_and(|r| r.incarnation == self.incarnation && (r.up || r.fenced))
     }
 
     /// Queues a command for proposal; it is re-proposed until it is applied.

@@ -757,13 +757,15 @@ impl LockTable {
             return;
         }
         rec.up = false;
-        rec.fenced = fenced;
         let doomed: Vec<SessionId> = self
             .sessions
             .keys()
             .filter(|s| s.node == node)
             .copied()
             .collect();
+        // A node that held no sessions leaves nothing to protect: no fencing needed for it
+        // to come back.
+        rec.fenced = fenced || doomed.is_empty();
         for s in doomed {
             self.end_session(s, true);
             fx.push(Effect::SessionEnded {

@@ -473,6 +473,24 @@ fn dead_nodes_locks_are_orphaned_until_fence_and_recovery() {
 }
 
 #[test]
+fn a_node_without_sessions_needs_no_fencing_to_return() {
+    let mut t = T::new();
+    for s in 1..=3 {
+        t.apply(Command::CloseSession { session: sid(2, s) });
+    }
+    t.apply(Command::NodeDown {
+        node: NodeId(2),
+        fenced: false,
+    });
+    assert!(t.table.nodes()[&NodeId(2)].fenced);
+    let fx = t.apply(Command::OpenSession {
+        session: sid(2, 7),
+        client: "back".into(),
+    });
+    assert_eq!(fx, vec![Effect::SessionOpened { session: sid(2, 7) }]);
+}
+
+#[test]
 fn a_down_unfenced_node_cannot_open_sessions() {
     let mut t = T::new();
     t.apply(Command::NodeDown {
