@@ -168,6 +168,54 @@ pub struct ResourceConfig {
     /// What a Primary without quorum does with writes: `io-error` or `suspend-io`.
     #[serde(default)]
     pub on_no_quorum: OnNoQuorum,
+    /// Automatic split-brain recovery when neither node is Primary.
+    #[serde(default)]
+    pub after_sb_0pri: AfterSb0Pri,
+    /// ... when one node is Primary.
+    #[serde(default)]
+    pub after_sb_1pri: AfterSb1Pri,
+    /// ... when both are Primary (only `disconnect`: a human must decide).
+    #[serde(default)]
+    pub after_sb_2pri: AfterSb2Pri,
+    /// Command run on split brain, with TANDEM_RESOURCE and TANDEM_PEER set.
+    #[serde(default)]
+    pub split_brain_handler: Option<String>,
+}
+
+/// DRBD's `after-sb-0pri`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AfterSb0Pri {
+    #[default]
+    Disconnect,
+    /// The side without changes since the split is overwritten.
+    DiscardZeroChanges,
+    /// The side with fewer changed blocks is overwritten (tie: higher node id loses).
+    DiscardLeastChanges,
+    /// The side that became Primary last is overwritten.
+    DiscardYoungerPrimary,
+    /// The side that became Primary first is overwritten.
+    DiscardOlderPrimary,
+}
+
+/// DRBD's `after-sb-1pri`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AfterSb1Pri {
+    #[default]
+    Disconnect,
+    /// Apply the after-sb-0pri policy if it discards the Secondary, else disconnect.
+    Consensus,
+    /// The Secondary is overwritten.
+    DiscardSecondary,
+}
+
+/// DRBD's `after-sb-2pri`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AfterSb2Pri {
+    #[default]
+    Disconnect,
 }
 
 /// Quorum policy of a resource (DRBD's `quorum`).

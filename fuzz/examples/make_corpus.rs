@@ -29,6 +29,8 @@ fn main() {
             sync_target: false,
             bitmap_uuid_for_you: 0,
             discard_my_data: false,
+            changes_bytes: 0,
+            primary_since_ms: 0,
         }),
         PeerMsg::Write {
             seq: 1,

@@ -55,6 +55,10 @@ pub struct PeerState {
     pub bitmap_uuid_for_you: u64,
     /// `connect --discard-my-data` was given: the sender wants to become sync target.
     pub discard_my_data: bool,
+    /// Bytes the sender changed that the receiver lacks (its bitmap for the receiver).
+    pub changes_bytes: u64,
+    /// When the sender last became Primary, ms since the epoch (0 = not / unknown).
+    pub primary_since_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +197,8 @@ mod tests {
             sync_target: false,
             bitmap_uuid_for_you: 0,
             discard_my_data: false,
+            changes_bytes: 0,
+            primary_since_ms: 0,
         }));
         rt(PeerMsg::Uuids {
             current: 5,

@@ -320,3 +320,81 @@ fn verify_finds_a_block_corrupted_behind_our_back_and_invalidate_repairs_it() {
     );
     assert_identical(&c);
 }
+
+fn split(c: &mut Cluster, n1_blocks: u64, n2_blocks: u64) {
+    c.net.cut(1).unwrap();
+    wait_state(c, 0, "Connecting");
+    wait_state(c, 1, "Connecting");
+    scatter(c, 0, n1_blocks, 21);
+    scatter(c, 1, n2_blocks, 22);
+}
+
+fn assert_has_n1_writes(c: &Cluster, count: u64) {
+    let mut client = NbdClient::connect_unix(&c.nbd_socket(1, "www"), "www").unwrap();
+    for i in 0..count {
+        let block = (i * 97 + 21 * 13) % (VOLUME_BYTES / BLOCK_BYTES as u64);
+        let mut buf = vec![0u8; BLOCK_BYTES];
+        client
+            .read_at(&mut buf, block * BLOCK_BYTES as u64)
+            .unwrap();
+        assert_eq!(
+            buf,
+            block_data(block, 21000 + i),
+            "n1's write missing on n2"
+        );
+    }
+}
+
+#[test]
+fn after_sb_policies_resolve_split_brain_automatically_and_call_the_handler() {
+    // 1pri: discard-secondary.
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    let extra = format!(
+        "after-sb-0pri = \"discard-least-changes\"\nafter-sb-1pri = \"discard-secondary\"\nsplit-brain-handler = \"echo $TANDEM_RESOURCE $TANDEM_PEER >> {}\"\n",
+        marker.path().display()
+    );
+    let spec = tandem_tests::ResourceSpec {
+        extra,
+        ..Default::default()
+    };
+    let mut c = Cluster::builder()
+        .nodes(2)
+        .resource(spec.clone())
+        .start()
+        .unwrap();
+    c.bring_up_fresh("www").unwrap();
+    c.adm(1, &["primary", "www"]).unwrap();
+    split(&mut c, 5, 3);
+    c.adm(1, &["secondary", "www"]).unwrap();
+    c.net.heal(1).unwrap();
+    for i in 0..2 {
+        c.adm(i, &["wait-sync", "www", "--timeout-s", "90"])
+            .unwrap();
+    }
+    assert_identical(&c);
+    assert_has_n1_writes(&c, 5);
+    assert!(c
+        .log(1, "replicatord")
+        .contains("our changes are discarded"));
+    c.wait_for(Duration::from_secs(5), || {
+        Ok(std::fs::read_to_string(marker.path())?.contains("www"))
+    })
+    .unwrap();
+    drop(c);
+
+    // 0pri: discard-least-changes (n2 changed less).
+    let mut c = Cluster::builder().nodes(2).resource(spec).start().unwrap();
+    c.bring_up_fresh("www").unwrap();
+    c.adm(1, &["primary", "www"]).unwrap();
+    split(&mut c, 6, 2);
+    c.adm(0, &["secondary", "www"]).unwrap();
+    c.adm(1, &["secondary", "www"]).unwrap();
+    c.net.heal(1).unwrap();
+    for i in 0..2 {
+        c.adm(i, &["wait-sync", "www", "--timeout-s", "90"])
+            .unwrap();
+    }
+    assert_identical(&c);
+    assert_has_n1_writes(&c, 6);
+    assert!(c.log(0, "replicatord").contains("discard-least-changes"));
+}

@@ -203,3 +203,168 @@ mod tests {
         }
     }
 }
+
+/// One side of a split brain, for the automatic recovery policies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SbSide {
+    pub primary: bool,
+    /// Bytes this side changed since the split (its bitmap for the other side).
+    pub changes_bytes: u64,
+    pub node_id: u8,
+    /// When this side last became Primary (ms since the epoch; 0 = unknown).
+    pub primary_since_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SbPolicy {
+    pub zero: tandem_common::config::AfterSb0Pri,
+    pub one: tandem_common::config::AfterSb1Pri,
+}
+
+/// DRBD's after-sb-0pri / 1pri / 2pri: `SyncSource` = our data survives, `SyncTarget` =
+/// ours is discarded, `SplitBrain` = disconnect and wait for a human. Symmetric:
+/// `resolve(p, a, b)` mirrors `resolve(p, b, a)`.
+pub fn resolve_split_brain(
+    policy: SbPolicy,
+    me: &SbSide,
+    peer: &SbSide,
+) -> (Decision, &'static str) {
+    use tandem_common::config::{AfterSb0Pri, AfterSb1Pri};
+    let keep_me = |me_wins: bool| {
+        if me_wins {
+            Decision::SyncSource
+        } else {
+            Decision::SyncTarget
+        }
+    };
+    let zero = |me: &SbSide, peer: &SbSide| -> (Decision, &'static str) {
+        match policy.zero {
+            AfterSb0Pri::Disconnect => (Decision::SplitBrain, "after-sb-0pri=disconnect"),
+            AfterSb0Pri::DiscardZeroChanges => match (me.changes_bytes, peer.changes_bytes) {
+                (0, 0) => (
+                    keep_me(me.node_id < peer.node_id),
+                    "discard-zero-changes(tie:node-id)",
+                ),
+                (0, _) => (Decision::SyncTarget, "discard-zero-changes"),
+                (_, 0) => (Decision::SyncSource, "discard-zero-changes"),
+                _ => (Decision::SplitBrain, "discard-zero-changes(both-changed)"),
+            },
+            AfterSb0Pri::DiscardLeastChanges => {
+                if me.changes_bytes == peer.changes_bytes {
+                    (
+                        keep_me(me.node_id < peer.node_id),
+                        "discard-least-changes(tie:node-id)",
+                    )
+                } else {
+                    (
+                        keep_me(me.changes_bytes > peer.changes_bytes),
+                        "discard-least-changes",
+                    )
+                }
+            }
+            AfterSb0Pri::DiscardYoungerPrimary | AfterSb0Pri::DiscardOlderPrimary => {
+                if me.primary_since_ms == 0
+                    || peer.primary_since_ms == 0
+                    || me.primary_since_ms == peer.primary_since_ms
+                {
+                    return (Decision::SplitBrain, "primary-age-unknown");
+                }
+                let me_older = me.primary_since_ms < peer.primary_since_ms;
+                if policy.zero == AfterSb0Pri::DiscardYoungerPrimary {
+                    (keep_me(me_older), "discard-younger-primary")
+                } else {
+                    (keep_me(!me_older), "discard-older-primary")
+                }
+            }
+        }
+    };
+    match (me.primary, peer.primary) {
+        (false, false) => zero(me, peer),
+        (true, true) => (Decision::SplitBrain, "after-sb-2pri=disconnect"),
+        (me_primary, _) => match policy.one {
+            AfterSb1Pri::Disconnect => (Decision::SplitBrain, "after-sb-1pri=disconnect"),
+            AfterSb1Pri::DiscardSecondary => (keep_me(me_primary), "discard-secondary"),
+            AfterSb1Pri::Consensus => {
+                let (d, rule) = zero(me, peer);
+                let discards_secondary = match d {
+                    Decision::SyncSource => me_primary,
+                    Decision::SyncTarget => !me_primary,
+                    _ => false,
+                };
+                if discards_secondary {
+                    (d, rule)
+                } else {
+                    (Decision::SplitBrain, "consensus(no-agreement)")
+                }
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod sb_tests {
+    use super::*;
+    use tandem_common::config::{AfterSb0Pri, AfterSb1Pri};
+
+    #[test]
+    fn every_policy_is_symmetric_and_sane() {
+        let zeros = [
+            AfterSb0Pri::Disconnect,
+            AfterSb0Pri::DiscardZeroChanges,
+            AfterSb0Pri::DiscardLeastChanges,
+            AfterSb0Pri::DiscardYoungerPrimary,
+            AfterSb0Pri::DiscardOlderPrimary,
+        ];
+        let ones = [
+            AfterSb1Pri::Disconnect,
+            AfterSb1Pri::Consensus,
+            AfterSb1Pri::DiscardSecondary,
+        ];
+        let sides = |p, c, n, t| SbSide {
+            primary: p,
+            changes_bytes: c,
+            node_id: n,
+            primary_since_ms: t,
+        };
+        for zero in zeros {
+            for one in ones {
+                let policy = SbPolicy { zero, one };
+                for a in [
+                    sides(false, 0, 1, 0),
+                    sides(true, 4096, 1, 10),
+                    sides(false, 8192, 1, 5),
+                ] {
+                    for b in [
+                        sides(false, 0, 2, 0),
+                        sides(true, 4096, 2, 20),
+                        sides(false, 12288, 2, 7),
+                    ] {
+                        let (x, _) = resolve_split_brain(policy, &a, &b);
+                        let (y, _) = resolve_split_brain(policy, &b, &a);
+                        assert_eq!(x, y.mirror(), "{policy:?} {a:?} {b:?}");
+                        // A Primary is never discarded automatically.
+                        if a.primary && !b.primary {
+                            assert_ne!(x, Decision::SyncTarget, "{policy:?} discarded a Primary");
+                        }
+                    }
+                }
+            }
+        }
+        let p = SbPolicy {
+            zero: AfterSb0Pri::DiscardLeastChanges,
+            one: AfterSb1Pri::DiscardSecondary,
+        };
+        assert_eq!(
+            resolve_split_brain(p, &sides(false, 4096, 1, 0), &sides(false, 8192, 2, 0)).0,
+            Decision::SyncTarget
+        );
+        assert_eq!(
+            resolve_split_brain(p, &sides(true, 4096, 1, 0), &sides(false, 8192, 2, 0)).0,
+            Decision::SyncSource
+        );
+        assert_eq!(
+            resolve_split_brain(p, &sides(true, 1, 1, 0), &sides(true, 1, 2, 0)).0,
+            Decision::SplitBrain
+        );
+    }
+}

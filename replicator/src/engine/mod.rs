@@ -58,6 +58,8 @@ pub struct Settings {
     pub resync_rate_bytes_per_s: Option<u64>,
     pub quorum: Quorum,
     pub on_no_quorum: OnNoQuorum,
+    pub sb_policy: decide::SbPolicy,
+    pub split_brain_handler: Option<String>,
     /// Every other member: id and name.
     pub peers: Vec<(NodeId, String)>,
     pub secret: Vec<u8>,
@@ -85,6 +87,11 @@ impl Settings {
             resync_rate_bytes_per_s: res.resync_rate_bytes_per_s(),
             quorum: res.quorum_policy().map_err(EngineError::Refused)?,
             on_no_quorum: res.on_no_quorum,
+            sb_policy: decide::SbPolicy {
+                zero: res.after_sb_0pri,
+                one: res.after_sb_1pri,
+            },
+            split_brain_handler: res.split_brain_handler.clone(),
             peers,
             secret: config
                 .secret_for(res)
@@ -238,6 +245,8 @@ pub struct Resource {
     pub wake: tokio::sync::Notify,
     /// Wakes writers suspended for quorum (on every connection change).
     quorum_changed: tokio::sync::Notify,
+    /// When this node last became Primary (ms since the epoch), for after-sb policies.
+    primary_since_ms: AtomicU64,
     down: AtomicBool,
     pub stats: Stats,
 }
@@ -316,6 +325,7 @@ impl Resource {
             events,
             wake: tokio::sync::Notify::new(),
             quorum_changed: tokio::sync::Notify::new(),
+            primary_since_ms: AtomicU64::new(0),
             down: AtomicBool::new(false),
             stats: Stats::default(),
         });
@@ -381,6 +391,8 @@ impl Resource {
             sync_target: self.is_sync_target(),
             bitmap_uuid_for_you: g.bitmap,
             discard_my_data: self.peer_view(peer).is_some_and(|p| p.discard_my_data),
+            changes_bytes: self.bitmap_dirty_bytes(peer),
+            primary_since_ms: self.primary_since_ms.load(Ordering::Relaxed),
         }
     }
 
@@ -531,6 +543,10 @@ impl Resource {
         }
         self.persist(|sb| sb.flags |= FLAG_WAS_PRIMARY).await?;
         self.inner.lock().role = Role::Primary;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.primary_since_ms.store(now_ms, Ordering::Relaxed);
         self.emit("change", "resource", "role:Primary");
         self.broadcast_state().await;
         self.reevaluate_all().await;
@@ -544,6 +560,7 @@ impl Resource {
             return Ok(());
         }
         self.inner.lock().role = Role::Secondary;
+        self.primary_since_ms.store(0, Ordering::Relaxed);
         self.persist(|sb| sb.flags &= !FLAG_WAS_PRIMARY).await?;
         self.emit("change", "resource", "role:Secondary");
         self.broadcast_state().await;

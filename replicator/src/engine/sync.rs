@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tandem_common::frame::{self, Channel};
 
 use super::bitmap::DirtyBitmap;
-use super::decide::{decide, Decision, Generation};
+use super::decide::{decide, resolve_split_brain, Decision, Generation, SbSide};
 use super::{Conn, Resource, SyncProgress};
 use crate::meta::format::FLAG_CRASHED_PRIMARY;
 use crate::proto::{AckMode, PeerMsg, PeerState};
@@ -145,7 +145,36 @@ impl Resource {
                 Ok(())
             }
             Decision::SplitBrain => {
-                tracing::error!(resource = %self.name(), peer = %name, %rule,
+                self.run_split_brain_handler(&name);
+                let mine = SbSide {
+                    primary: self.role() == Role::Primary,
+                    changes_bytes: self.bitmap_dirty_bytes(conn.peer),
+                    node_id: self.settings.node_id.0,
+                    primary_since_ms: self.primary_since_ms.load(Ordering::Relaxed),
+                };
+                let theirs = SbSide {
+                    primary: st.role == Role::Primary,
+                    changes_bytes: st.changes_bytes,
+                    node_id: conn.peer.0,
+                    primary_since_ms: st.primary_since_ms,
+                };
+                let (resolved, policy_rule) = resolve_split_brain(self.settings.sb_policy, &mine, &theirs);
+                match resolved {
+                    Decision::SyncSource => {
+                        tracing::warn!(resource = %self.name(), peer = %name, %rule, policy = policy_rule,
+                            "Split-Brain detected, resolved automatically: our data survives, the peer's changes are discarded");
+                        self.start_resync(conn.clone(), false);
+                        return Ok(());
+                    }
+                    Decision::SyncTarget => {
+                        tracing::warn!(resource = %self.name(), peer = %name, %rule, policy = policy_rule,
+                            "Split-Brain detected, resolved automatically: our changes are discarded, resyncing from the peer");
+                        self.set_repl(conn.peer, ReplState::Established);
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+                tracing::error!(resource = %self.name(), peer = %name, %rule, policy = policy_rule,
                     "Split-Brain detected, dropping connection! Resolve with `tandemadm disconnect`, `tandemadm secondary` and `tandemadm connect --discard-my-data` on the node whose changes are to be discarded");
                 self.emit("call", "helper", &format!("peer-node-id:{} helper:split-brain", conn.peer));
                 Err(SessionEnd::standalone("split brain detected"))
@@ -426,6 +455,21 @@ impl Resource {
                 .await
                 .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 tracing::info!(resource = %self.name(), peer = %conn.peer, "resync done (SyncTarget): UpToDate");
+                // Whatever we had changed that this peer lacked is overwritten now.
+                let peer = conn.peer;
+                if let Some((_, bm)) = self.bitmaps.lock().get_mut(&peer) {
+                    bm.clear_all();
+                }
+                self.persist(|sb| {
+                    for p in sb.peers.iter_mut().filter(|p| p.node_id == peer) {
+                        p.bitmap_uuid = 0;
+                    }
+                })
+                .await
+                .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                self.persist_whole_bitmap(peer)
+                    .await
+                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 *self.sync_shadow.lock() = None;
                 self.set_disk(DiskState::UpToDate);
                 self.update_peer(conn.peer, |p| p.sync = None);
@@ -542,6 +586,32 @@ impl Resource {
 }
 
 impl Resource {
+    /// Runs the configured split-brain handler (not waited for; its exit is logged).
+    fn run_split_brain_handler(&self, peer: &str) {
+        let Some(cmd) = self.settings.split_brain_handler.clone() else {
+            return;
+        };
+        let resource = self.name().to_string();
+        let peer = peer.to_string();
+        tokio::spawn(async move {
+            let out = tokio::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(&cmd)
+                .env("TANDEM_RESOURCE", &resource)
+                .env("TANDEM_PEER", &peer)
+                .status()
+                .await;
+            match out {
+                Ok(s) => {
+                    tracing::info!(%resource, handler = %cmd, status = %s, "split-brain handler finished")
+                }
+                Err(e) => {
+                    tracing::error!(%resource, handler = %cmd, error = %e, "cannot run split-brain handler")
+                }
+            }
+        });
+    }
+
     /// A replicated application write landed while we are a SyncTarget: remember its
     /// blocks so older resync data cannot overwrite them.
     fn shadow_app_write(&self, offset: u64, len: u64) {
