@@ -45,6 +45,8 @@ pub enum FsError {
     Stale(u64),
     #[error("read-only filesystem")]
     ReadOnly,
+    #[error("journal {0} needs replay: mount read-write once or run fsck.tandem -y")]
+    NeedsRecovery(u32),
     #[error("corrupt metadata: {0}")]
     Corrupt(FormatError),
     #[error("metadata inconsistency in block {block}: {what}")]
@@ -79,6 +81,7 @@ impl FsError {
             FsError::TooManyLinks => libc::EMLINK,
             FsError::Stale(_) => libc::ESTALE,
             FsError::ReadOnly => libc::EROFS,
+            FsError::NeedsRecovery(_) => libc::EROFS,
             FsError::Corrupt(_) => libc::EIO,
             FsError::Inconsistent { .. } => libc::EIO,
             FsError::Io(_) => libc::EIO,

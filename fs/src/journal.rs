@@ -159,7 +159,7 @@ impl Journal {
         };
         if !h.clean {
             if read_only {
-                return Err(FsError::ReadOnly);
+                return Err(FsError::NeedsRecovery(index));
             }
             stats = j.replay(dev)?;
         }
@@ -350,5 +350,132 @@ impl Journal {
     }
     pub fn log_len(&self) -> u64 {
         self.log_len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::{CrashMode, FaultDevice};
+    use crate::format::{LockProto, FORMAT_VERSION};
+
+    const BS: usize = 1024;
+
+    fn sb(journal_blocks: u32) -> Superblock {
+        Superblock {
+            version: FORMAT_VERSION,
+            block_size: BS as u32,
+            block_count: 4096,
+            uuid: [3; 16],
+            lock_proto: LockProto::NoLock,
+            lock_table: "t:j".into(),
+            journal_count: 1,
+            journal_blocks,
+            journal_start: 1,
+            rg_start: 1 + u64::from(journal_blocks),
+            rg_blocks: 1024,
+            rg_count: 1,
+            root_block: 1 + u64::from(journal_blocks) + 2,
+            created_secs: 0,
+        }
+    }
+
+    fn image(home: u64, fill: u8) -> (u64, Vec<u8>) {
+        let mut b = vec![fill; BS];
+        init_header(&mut b, BlockType::Inode, home);
+        seal(&mut b);
+        (home, b)
+    }
+
+    fn home_fill(dev: &FaultDevice, home: u64) -> u8 {
+        let mut b = vec![0u8; BS];
+        dev.read_at(&mut b, home * BS as u64).unwrap();
+        b[100]
+    }
+
+    #[test]
+    fn multi_descriptor_transactions_replay_whole_or_not_at_all() {
+        let sb = sb(1024);
+        let dev = FaultDevice::new(4096 * BS as u64);
+        Journal::format(&dev, &sb, 0).unwrap();
+        dev.flush().unwrap();
+        let (mut j, _) = Journal::open(&dev, &sb, 0, false).unwrap();
+        // 300 blocks need three descriptors at 1 KiB ((1024-56)/8 = 121 per descriptor).
+        let tx: Vec<_> = (0..300).map(|i| image(sb.rg_start + 10 + i, 7)).collect();
+        j.commit(&dev, &tx).unwrap();
+        // Power cut right after the commit record: home writes were never flushed.
+        let img = dev.crash_image(CrashMode::DropAll, 0);
+        let dev2 = FaultDevice::from_image(img);
+        let (_, stats) = Journal::open(&dev2, &sb, 0, false).unwrap();
+        assert_eq!((stats.transactions, stats.blocks), (1, 300));
+        assert!((0..300).all(|i| home_fill(&dev2, sb.rg_start + 10 + i) == 7));
+    }
+
+    #[test]
+    fn torn_or_missing_commit_discards_the_transaction() {
+        let sb = sb(1024);
+        let dev = FaultDevice::new(4096 * BS as u64);
+        Journal::format(&dev, &sb, 0).unwrap();
+        dev.flush().unwrap();
+        let (mut j, _) = Journal::open(&dev, &sb, 0, false).unwrap();
+        j.commit(&dev, &[image(sb.rg_start + 5, 1)]).unwrap();
+        j.commit(
+            &dev,
+            &[image(sb.rg_start + 5, 2), image(sb.rg_start + 6, 2)],
+        )
+        .unwrap();
+        // Corrupt the second commit block (log positions: 0 desc, 1 img, 2 commit, 3 desc,
+        // 4-5 images, 6 commit).
+        let mut img = dev.crash_image(CrashMode::DropAll, 0);
+        let commit2 = (sb.journal_start + 1 + 6) as usize * BS;
+        img[commit2 + 60] ^= 0xff;
+        let dev2 = FaultDevice::from_image(img);
+        let (_, stats) = Journal::open(&dev2, &sb, 0, false).unwrap();
+        assert_eq!(stats.transactions, 1);
+        assert_eq!(
+            home_fill(&dev2, sb.rg_start + 5),
+            1,
+            "first transaction applied"
+        );
+        assert_eq!(
+            home_fill(&dev2, sb.rg_start + 6),
+            0,
+            "second transaction dropped whole"
+        );
+    }
+
+    #[test]
+    fn the_log_wraps_around_and_still_replays_in_order() {
+        let sb = sb(40);
+        let dev = FaultDevice::new(4096 * BS as u64);
+        Journal::format(&dev, &sb, 0).unwrap();
+        dev.flush().unwrap();
+        let (mut j, _) = Journal::open(&dev, &sb, 0, false).unwrap();
+        for round in 0..50u8 {
+            let tx: Vec<_> = (0..5).map(|i| image(sb.rg_start + i, round)).collect();
+            j.commit(&dev, &tx).unwrap();
+            if j.used_blocks() > j.log_len() / 2 {
+                j.checkpoint(&dev, false).unwrap();
+            }
+        }
+        assert!(j.head > 3 * j.log_len, "the log wrapped several times");
+        let img = dev.crash_image(CrashMode::DropAll, 0);
+        let dev2 = FaultDevice::from_image(img);
+        Journal::open(&dev2, &sb, 0, false).unwrap();
+        assert!(
+            (0..5).all(|i| home_fill(&dev2, sb.rg_start + i) == 49),
+            "last transaction wins"
+        );
+    }
+
+    #[test]
+    fn a_transaction_larger_than_the_log_is_refused() {
+        let sb = sb(40);
+        let dev = FaultDevice::new(4096 * BS as u64);
+        Journal::format(&dev, &sb, 0).unwrap();
+        let (mut j, _) = Journal::open(&dev, &sb, 0, false).unwrap();
+        let tx: Vec<_> = (0..60).map(|i| image(sb.rg_start + i, 1)).collect();
+        assert!(matches!(j.commit(&dev, &tx), Err(FsError::NoSpace)));
+        assert!(j.max_tx_blocks() < 40);
     }
 }

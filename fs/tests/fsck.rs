@@ -237,3 +237,41 @@ fn orphans_go_to_lost_and_found() {
     let moved = fs.lookup(lf.ino, &names[0]).unwrap();
     assert!(fs.lookup(moved.ino, b"file-with-a-longish-name-7").is_ok());
 }
+
+#[test]
+fn repair_mode_replays_a_dirty_journal_first() {
+    let dev = Arc::new(FaultDevice::new(16 << 20));
+    let opts = MkfsOptions {
+        lock_table: "t:replay".into(),
+        journals: 1,
+        journal_mib: Some(1),
+        block_size: BS as u32,
+        lock_proto: LockProto::NoLock,
+    };
+    mkfs(dev.clone() as Arc<dyn BlockDevice>, &opts).unwrap();
+    let (fs, _) = Fs::mount(dev.clone(), FsOptions::default()).unwrap();
+    for i in 0..50 {
+        let f = fs
+            .mknod(CTX, ROOT_INO, format!("f{i}").as_bytes(), 0o644, 0, 0)
+            .unwrap();
+        fs.write(f.ino, 0, &vec![i as u8; 5000]).unwrap();
+    }
+    fs.fsync(ROOT_INO).unwrap();
+    // Power loss: the journal holds the only durable copy of the new metadata.
+    let img = dev.crash_image(tandem_fs::CrashMode::DropAll, 0);
+    let ro = Fs::mount(
+        Arc::new(FaultDevice::from_image(img.clone())),
+        FsOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    );
+    assert!(ro.err().unwrap().to_string().contains("needs replay"));
+    let dev2 = Arc::new(FaultDevice::from_image(img));
+    let mut sink = |_: &str| {};
+    let rep = fsck(dev2.clone(), FsckOptions { repair: true }, &mut sink).unwrap();
+    assert_eq!(rep.journals_replayed, 1);
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+    let again = check(dev2.image(), false).unwrap();
+    assert!(again.problems.is_empty() && again.files == 50, "{again:?}");
+}
