@@ -130,13 +130,21 @@ pub struct StatFs {
     pub namelen: u32,
 }
 
+/// An open directory: its listing, fixed until the next rewind.
+struct DirHandle {
+    ino: u64,
+    /// True until the first read: a read from offset 0 after that is a rewind.
+    fresh: bool,
+    ents: Vec<DirEntry>,
+}
+
 struct Inner {
     st: Store,
     root: u64,
     /// Open file handles per inode; an unlinked inode lives until its last close.
     opens: HashMap<u64, u32>,
     /// readdir snapshots taken at opendir, so offsets stay stable while entries change.
-    dirs: HashMap<u64, Vec<DirEntry>>,
+    dirs: HashMap<u64, DirHandle>,
     next_fh: u64,
     opts: FsOptions,
     /// The running transaction is near the journal's capacity; commit after this op.
@@ -575,38 +583,17 @@ impl Fs {
 
     pub fn opendir(&self, ino: u64) -> Result<u64> {
         let mut g = self.op();
-        let dir = g.load_dir(ino)?;
-        let parent = if dir.block == g.root {
-            ROOT_INO
-        } else {
-            g.ino_of(dir.parent)
-        };
-        let mut snap = vec![
-            DirEntry {
-                ino,
-                offset: 1,
-                kind: FileKind::Dir,
-                name: b".".to_vec(),
-            },
-            DirEntry {
-                ino: parent,
-                offset: 2,
-                kind: FileKind::Dir,
-                name: b"..".to_vec(),
-            },
-        ];
-        for (k, e) in g.st.dir_list(&dir)?.into_iter().enumerate() {
-            let kind = FileKind::from_mode(u32::from(e.dtype) << 12);
-            snap.push(DirEntry {
-                ino: g.ino_of(e.ino),
-                offset: k as u64 + 3,
-                kind,
-                name: e.name,
-            });
-        }
+        let snap = g.snapshot(ino)?;
         let fh = g.next_fh;
         g.next_fh += 1;
-        g.dirs.insert(fh, snap);
+        g.dirs.insert(
+            fh,
+            DirHandle {
+                ino,
+                fresh: true,
+                ents: snap,
+            },
+        );
         Ok(fh)
     }
 
@@ -628,12 +615,13 @@ impl Fs {
         offset: u64,
         mut add: impl FnMut(&DirEntry) -> bool,
     ) -> Result<()> {
-        let g = self.op();
-        let snap = g
+        let mut g = self.op();
+        g.refresh_on_rewind(fh, offset)?;
+        let h = g
             .dirs
             .get(&fh)
             .ok_or(FsError::Invalid("unknown directory handle"))?;
-        for e in snap.iter().skip(offset as usize) {
+        for e in h.ents.iter().skip(offset as usize) {
             if !add(e) {
                 break;
             }
@@ -649,13 +637,16 @@ impl Fs {
         mut add: impl FnMut(&DirEntry, &Attr) -> bool,
     ) -> Result<()> {
         let mut g = self.op();
+        g.refresh_on_rewind(fh, offset)?;
         let mut k = offset as usize;
         loop {
-            let snap = g
+            let h = g
                 .dirs
                 .get(&fh)
                 .ok_or(FsError::Invalid("unknown directory handle"))?;
-            let Some(e) = snap.get(k).cloned() else { break };
+            let Some(e) = h.ents.get(k).cloned() else {
+                break;
+            };
             k += 1;
             let ino = match g.load(e.ino) {
                 Ok(i) => i,
@@ -767,6 +758,63 @@ impl Inner {
             Err(FsError::NotDir)
         }
     }
+    /// The entries a new directory handle lists: ".", "..", then the directory in order.
+    fn snapshot(&mut self, ino: u64) -> Result<Vec<DirEntry>> {
+        let dir = self.load_dir(ino)?;
+        let parent = if dir.block == self.root {
+            ROOT_INO
+        } else {
+            self.ino_of(dir.parent)
+        };
+        let mut snap = vec![
+            DirEntry {
+                ino,
+                offset: 1,
+                kind: FileKind::Dir,
+                name: b".".to_vec(),
+            },
+            DirEntry {
+                ino: parent,
+                offset: 2,
+                kind: FileKind::Dir,
+                name: b"..".to_vec(),
+            },
+        ];
+        for (k, e) in self.st.dir_list(&dir)?.into_iter().enumerate() {
+            let kind = FileKind::from_mode(u32::from(e.dtype) << 12);
+            snap.push(DirEntry {
+                ino: self.ino_of(e.ino),
+                offset: k as u64 + 3,
+                kind,
+                name: e.name,
+            });
+        }
+        Ok(snap)
+    }
+
+    /// rewinddir(3) shows the directory as it is now: reading from offset 0 takes a new
+    /// snapshot (the first read after opendir reuses the one opendir took).
+    fn refresh_on_rewind(&mut self, fh: u64, offset: u64) -> Result<()> {
+        let Some(h) = self.dirs.get_mut(&fh) else {
+            return Ok(());
+        };
+        let rewind = offset == 0 && !h.fresh;
+        h.fresh = false;
+        if rewind {
+            let ino = h.ino;
+            let ents = self.snapshot(ino)?;
+            self.dirs.insert(
+                fh,
+                DirHandle {
+                    ino,
+                    fresh: false,
+                    ents,
+                },
+            );
+        }
+        Ok(())
+    }
+
     fn writable(&self) -> Result<()> {
         self.st.check_poison()?;
         if self.opts.read_only {

@@ -573,3 +573,75 @@ fn statfs_reports_sizes() {
         "256 data blocks and the inode block"
     );
 }
+
+#[test]
+fn rewinddir_sees_new_entries_and_special_files_work() {
+    let m = Mount::new("32M", "");
+    fs::write(m.path("one"), b"").unwrap();
+    let c = cpath(&m.dir);
+    // SAFETY: opendir/readdir/rewinddir/closedir on a valid path, used in order.
+    unsafe {
+        let d = libc::opendir(c.as_ptr());
+        assert!(!d.is_null());
+        let count = |d: *mut libc::DIR| {
+            let mut n = 0;
+            while !libc::readdir(d).is_null() {
+                n += 1;
+            }
+            n
+        };
+        assert_eq!(count(d), 3);
+        fs::write(m.path("two"), b"").unwrap();
+        libc::rewinddir(d);
+        assert_eq!(count(d), 4, "after rewinddir the new entry is listed");
+        libc::closedir(d);
+    }
+    let fifo = cpath(&m.path("fifo"));
+    // SAFETY: valid path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(
+        &fs::metadata(m.path("fifo")).unwrap().file_type()
+    ));
+    let sock = cpath(&m.path("sock"));
+    // SAFETY: valid path; a socket node needs no device number.
+    assert_eq!(
+        unsafe { libc::mknod(sock.as_ptr(), libc::S_IFSOCK | 0o600, 0) },
+        0
+    );
+    assert!(std::os::unix::fs::FileTypeExt::is_socket(
+        &fs::metadata(m.path("sock")).unwrap().file_type()
+    ));
+}
+
+#[test]
+fn writes_by_other_users_clear_setuid_and_ro_mounts_refuse_writes() {
+    let mut m = Mount::new("32M", "allow_other");
+    fs::write(m.path("prog"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(m.path("prog"), fs::Permissions::from_mode(0o4777)).unwrap();
+    let p = m.path("prog");
+    std::thread::spawn(move || {
+        // SAFETY: changes only this thread's filesystem ids.
+        unsafe {
+            libc::setfsgid(1000);
+            libc::setfsuid(1000);
+        }
+        OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap()
+            .write_all(b"echo hi\n")
+            .unwrap();
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        fs::metadata(m.path("prog")).unwrap().mode() & 0o7777,
+        0o0777,
+        "setuid is dropped on write"
+    );
+    m.unmount();
+    m.mount("ro");
+    assert_eq!(fs::read(m.path("prog")).unwrap(), b"#!/bin/sh\necho hi\n");
+    assert_eq!(errno(fs::write(m.path("new"), b"x")), libc::EROFS);
+    assert_eq!(errno(fs::remove_file(m.path("prog"))), libc::EROFS);
+}
