@@ -31,6 +31,7 @@ fn main() {
             discard_my_data: false,
             changes_bytes: 0,
             primary_since_ms: 0,
+            crashed_extents: None,
         }),
         PeerMsg::Write {
             seq: 1,

@@ -59,6 +59,8 @@ pub struct PeerState {
     pub changes_bytes: u64,
     /// When the sender last became Primary, ms since the epoch (0 = not / unknown).
     pub primary_since_ms: u64,
+    /// A crashed Primary's activity log: the 4 MiB extents that may differ (None = unknown).
+    pub crashed_extents: Option<Vec<u64>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +201,7 @@ mod tests {
             discard_my_data: false,
             changes_bytes: 0,
             primary_since_ms: 0,
+            crashed_extents: Some(vec![1, 5]),
         }));
         rt(PeerMsg::Uuids {
             current: 5,

@@ -153,6 +153,16 @@ fn killed_primary_under_load_restarts_resyncs_and_loses_no_acknowledged_write() 
             .unwrap();
     }
     assert_identical(&c);
+    // Activity-log bounded: the crashed node gets its hot extents (the writer touched
+    // blocks 1000..1256, two 4 MiB extents) plus the survivor's 5 blocks, not 32 MiB.
+    let got = num(&c.status_json(0).unwrap()[0]["resync-received-bytes"]);
+    assert!(
+        got <= 2 * (4 << 20) + 5 * 4096,
+        "crashed Primary resynced {got} bytes"
+    );
+    assert!(c
+        .log(0, "replicatord")
+        .contains("activity log of the crashed Primary"));
     // Every write the old Primary acknowledged is on both copies (the survivor's own
     // writes went to blocks outside 1000..1256).
     let log = log.lock().unwrap().clone();
@@ -397,4 +407,49 @@ fn after_sb_policies_resolve_split_brain_automatically_and_call_the_handler() {
     assert_identical(&c);
     assert_has_n1_writes(&c, 6);
     assert!(c.log(0, "replicatord").contains("discard-least-changes"));
+}
+
+#[test]
+fn crashed_primary_without_survivor_writes_resyncs_only_its_hot_extents() {
+    let mut c = Cluster::builder().nodes(2).start().unwrap();
+    c.bring_up_fresh("www").unwrap();
+    scatter(&c, 0, 16, 30);
+    // Writes into one extent, then kill -9 mid-stream.
+    let sock = c.nbd_socket(0, "www");
+    let writer = std::thread::spawn(move || {
+        let mut client = NbdClient::connect_unix(&sock, "www").unwrap();
+        for generation in 1.. {
+            let block = 2048 + generation % 512; // 8 MiB .. 10 MiB: extent 2
+            if client
+                .write_at(
+                    &block_data(block, generation),
+                    block * BLOCK_BYTES as u64,
+                    false,
+                )
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    c.kill9(0);
+    writer.join().unwrap();
+    c.start_replicator(0).unwrap();
+    c.adm(0, &["up", "www"]).unwrap();
+    for i in 0..2 {
+        c.adm(i, &["wait-sync", "www", "--timeout-s", "90"])
+            .unwrap();
+    }
+    assert_identical(&c);
+    let got = num(&c.status_json(0).unwrap()[0]["resync-received-bytes"]);
+    // Hot extents since promotion: the scattered writes (extents 0 and 1) and the stream
+    // (extent 2); nothing else of the 32 MiB volume moves.
+    assert!(
+        got > 0 && got <= 3 * (4 << 20),
+        "crashed Primary resynced {got} bytes, expected at most its three hot extents"
+    );
+    assert!(c
+        .log(0, "replicatord")
+        .contains("rule=local-crashed-primary"));
 }

@@ -193,6 +193,7 @@ impl Resource {
         local: impl std::future::Future<Output = Result<(), BackingError>>,
     ) -> Result<(), IoError> {
         self.wait_for_quorum().await?;
+        let _al = self.al_begin(offset, len).await?;
         // In-flight registry for dual-primary conflict detection (held until acked).
         let _inflight = self.inflight.register(offset, len);
         let range = self.ranges.lock(offset, len).await;

@@ -5,6 +5,7 @@
 //! Locking: `inner` (a parking_lot mutex) is held only for short, non-async sections; the
 //! metadata is written under `meta` (a tokio mutex, because writes fsync).
 
+mod al;
 pub mod bitmap;
 pub mod decide;
 mod dirty;
@@ -228,6 +229,10 @@ pub struct Resource {
     meta: tokio::sync::Mutex<(MetaStore, Superblock)>,
     /// Copy of the persisted superblock for lock-free reads in hot paths.
     sb_cache: Mutex<Superblock>,
+    /// Activity log (hot extents of a Primary), see `al.rs`.
+    al: Mutex<al::ActivityLog>,
+    /// Extents a crash may have left different (from the AL at attach), until resynced.
+    crashed_extents: Mutex<Option<Vec<u64>>>,
     /// Dirty bitmap per peer (with its slot in the metadata), see `dirty.rs`.
     bitmaps: Mutex<BTreeMap<NodeId, (usize, bitmap::DirtyBitmap)>>,
     inner: Mutex<Inner>,
@@ -271,6 +276,18 @@ impl Resource {
             store.write(&mut sb)?;
             tracing::warn!(resource = %res.name, "was Primary when it stopped: marked crashed-primary, will resync from a peer");
         }
+        let mut al = al::ActivityLog::new(sb.usable_size_bytes, &store.read_al(&sb)?);
+        let crashed_extents = if sb.flags & FLAG_CRASHED_PRIMARY != 0 && al.enabled {
+            let marked = al.marked();
+            tracing::info!(resource = %res.name, extents = marked.len(), "activity log of the crashed Primary: only these 4 MiB extents need a resync");
+            Some(marked)
+        } else {
+            if al.enabled {
+                let pages = al.clear();
+                store.write_al_pages(&sb, &pages)?;
+            }
+            None
+        };
         let mut bitmaps = BTreeMap::new();
         for (slot, p) in sb.peers.iter().enumerate() {
             let bytes = store.read_bitmap(&sb, slot)?;
@@ -312,6 +329,8 @@ impl Resource {
                 peers,
             }),
             sb_cache: Mutex::new(sb.clone()),
+            al: Mutex::new(al),
+            crashed_extents: Mutex::new(crashed_extents),
             bitmaps: Mutex::new(bitmaps),
             meta: tokio::sync::Mutex::new((store, sb)),
             settings,
@@ -393,6 +412,7 @@ impl Resource {
             discard_my_data: self.peer_view(peer).is_some_and(|p| p.discard_my_data),
             changes_bytes: self.bitmap_dirty_bytes(peer),
             primary_since_ms: self.primary_since_ms.load(Ordering::Relaxed),
+            crashed_extents: self.crashed_extents.lock().clone(),
         }
     }
 
@@ -562,6 +582,8 @@ impl Resource {
         self.inner.lock().role = Role::Secondary;
         self.primary_since_ms.store(0, Ordering::Relaxed);
         self.persist(|sb| sb.flags &= !FLAG_WAS_PRIMARY).await?;
+        // Every write completed: nothing is hot any more.
+        self.al_clear().await?;
         self.emit("change", "resource", "role:Secondary");
         self.broadcast_state().await;
         Ok(())

@@ -132,11 +132,21 @@ impl Resource {
                 Ok(())
             }
             Decision::SyncSource => {
-                self.start_resync(conn.clone(), false);
+                // A crashed Primary at our generation needs only its hot extents.
+                let extents = match (rule, &st.crashed_extents) {
+                    ("peer-crashed-primary", Some(e)) => e.clone(),
+                    _ => Vec::new(),
+                };
+                self.start_resync(conn.clone(), false, &extents);
                 Ok(())
             }
             Decision::BitmapSource => {
-                self.start_resync(conn.clone(), true);
+                let extents = if st.crashed_primary {
+                    st.crashed_extents.clone().unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                self.start_resync(conn.clone(), true, &extents);
                 Ok(())
             }
             Decision::SyncTarget | Decision::BitmapTarget => {
@@ -163,7 +173,7 @@ impl Resource {
                     Decision::SyncSource => {
                         tracing::warn!(resource = %self.name(), peer = %name, %rule, policy = policy_rule,
                             "Split-Brain detected, resolved automatically: our data survives, the peer's changes are discarded");
-                        self.start_resync(conn.clone(), false);
+                        self.start_resync(conn.clone(), false, &[]);
                         return Ok(());
                     }
                     Decision::SyncTarget => {
@@ -207,7 +217,7 @@ impl Resource {
         };
         if !st.sync_target {
             tracing::info!(resource = %self.name(), peer = %view.name, %rule, "state changed: starting resync");
-            self.start_resync(conn.clone(), bitmap);
+            self.start_resync(conn.clone(), bitmap, &[]);
         }
     }
 
@@ -217,19 +227,29 @@ impl Resource {
         }
     }
 
-    pub(super) fn start_resync(self: &Arc<Self>, conn: Arc<Conn>, use_bitmap: bool) {
-        // The work list: our bitmap for this peer, or every block for a full sync.
-        let work = if use_bitmap {
+    /// Starts a resync to `conn`'s peer: our bitmap for it (`use_bitmap`) plus the given
+    /// 4 MiB extents (a crashed Primary's activity log), or the whole volume when neither.
+    pub(super) fn start_resync(
+        self: &Arc<Self>,
+        conn: Arc<Conn>,
+        use_bitmap: bool,
+        extents: &[u64],
+    ) {
+        let mut work = if use_bitmap {
             self.bitmaps
                 .lock()
                 .get(&conn.peer)
                 .map(|(_, bm)| bm.clone())
                 .unwrap_or_else(|| DirtyBitmap::new(self.usable_bytes))
         } else {
-            let mut all = DirtyBitmap::new(self.usable_bytes);
-            all.set_all();
-            all
+            DirtyBitmap::new(self.usable_bytes)
         };
+        for e in extents {
+            work.set_range(e * super::al::EXTENT_BYTES, super::al::EXTENT_BYTES);
+        }
+        if !use_bitmap && extents.is_empty() {
+            work.set_all();
+        }
         let total = work.dirty_bytes();
         self.set_repl(conn.peer, ReplState::SyncSource);
         self.update_peer(conn.peer, |p| {
@@ -444,6 +464,10 @@ impl Resource {
             PeerMsg::SyncDone { current, history } => {
                 self.backing
                     .sync()
+                    .await
+                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                *self.crashed_extents.lock() = None;
+                self.al_clear()
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 self.persist(|sb| {

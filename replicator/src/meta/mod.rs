@@ -166,6 +166,36 @@ impl MetaStore {
         self.file.sync_data().map_err(io_err(&self.path))
     }
 
+    /// Bytes of the activity-log area (one bit per 4 MiB extent).
+    pub const AL_BYTES: usize = 32 * 1024;
+
+    /// Reads the activity-log area.
+    pub fn read_al(&self, sb: &Superblock) -> Result<Vec<u8>, MetaError> {
+        let mut buf = vec![0u8; Self::AL_BYTES];
+        self.file
+            .read_exact_at(&mut buf, self.base + sb.al_offset)
+            .map_err(io_err(&self.path))?;
+        Ok(buf)
+    }
+
+    /// Writes activity-log pages and makes them durable.
+    pub fn write_al_pages(
+        &self,
+        sb: &Superblock,
+        pages: &[(usize, Vec<u8>)],
+    ) -> Result<(), MetaError> {
+        for (page, bytes) in pages {
+            let at = *page * 4096;
+            if at + bytes.len() > Self::AL_BYTES {
+                continue;
+            }
+            self.file
+                .write_all_at(bytes, self.base + sb.al_offset + at as u64)
+                .map_err(io_err(&self.path))?;
+        }
+        self.file.sync_data().map_err(io_err(&self.path))
+    }
+
     /// Zeroes both slots (`wipe-md`).
     pub fn wipe(&self) -> Result<(), MetaError> {
         self.file
