@@ -529,15 +529,27 @@ impl<K: LogSink> NodeCore<K> {
         self.raw.report_unreachable(raft_id(peer));
     }
 
-    /// Proposes queued commands and handles every pending Ready.
+    /// Proposes queued commands and handles every pending Ready. All messages are
+    /// returned in `Output::messages`, after the durable writes.
     pub fn process(&mut self) -> Result<Output, CoreError> {
+        let mut early = Vec::new();
+        let mut out = self.process_with(&mut |m| early.push(m))?;
+        early.append(&mut out.messages);
+        out.messages = early;
+        Ok(out)
+    }
+
+    /// Like `process`, but hands messages that need no persistence (step 1 of the Ready
+    /// order: a leader's appends, heartbeats) to `send_now` before this node's own fsync,
+    /// so followers persist in parallel with the leader instead of after it.
+    pub fn process_with(&mut self, send_now: &mut dyn FnMut(Message)) -> Result<Output, CoreError> {
         if self.poisoned {
             return Err(CoreError::Poisoned);
         }
         self.flush_outbox();
         let result = (|| {
             while self.raw.has_ready() {
-                self.on_ready()?;
+                self.on_ready(send_now)?;
             }
             Ok(())
         })();
@@ -565,12 +577,14 @@ impl<K: LogSink> NodeCore<K> {
     }
 
     /// The Ready order documented in raft-rs (`src/lib.rs`, "Processing the Ready State").
-    fn on_ready(&mut self) -> Result<(), CoreError> {
+    fn on_ready(&mut self, send_now: &mut dyn FnMut(Message)) -> Result<(), CoreError> {
         let mut rd = self.raw.ready();
         // 1. Messages that need no persistence go out first (leader appends in parallel).
         let messages = rd.take_messages();
         self.note_snapshots(&messages);
-        self.out.messages.extend(messages);
+        for m in messages {
+            send_now(m);
+        }
         let mut wrote = false;
         // 2. A snapshot from the leader replaces our state.
         if !rd.snapshot().is_empty() {

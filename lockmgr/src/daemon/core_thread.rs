@@ -108,13 +108,17 @@ impl<K: LogSink> CoreThread<K> {
                     }
                 }
             }
-            let out = self.core.process()?;
-            for m in out.messages {
-                let Ok(to) = u8::try_from(m.to) else { continue };
-                if let Some(tx) = self.peers.get(&NodeId(to)) {
+            let peers = &self.peers;
+            let mut send = |m: Message| {
+                let Ok(to) = u8::try_from(m.to) else { return };
+                if let Some(tx) = peers.get(&NodeId(to)) {
                     // A full queue means the peer is slow or gone; Raft resends.
                     let _ = tx.try_send(PeerFrame::Raft(m.write_to_bytes().unwrap_or_default()));
                 }
+            };
+            let out = self.core.process_with(&mut send)?;
+            for m in out.messages {
+                send(m);
             }
             for (to, probe) in out.probes {
                 if let Some(tx) = self.peers.get(&to) {
