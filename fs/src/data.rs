@@ -116,6 +116,22 @@ impl Store {
                 out.extend((0..n).map(|i| Extent::decode(&b[LEAF_HDR + i * EXTENT_LEN..])));
             }
         }
+        let max_blocks = MAX_FILE_SIZE / self.bs as u64;
+        let valid = |e: &Extent| {
+            e.len > 0
+                && e.logical
+                    .checked_add(u64::from(e.len))
+                    .is_some_and(|end| end <= max_blocks)
+                && e.physical
+                    .checked_add(u64::from(e.len))
+                    .is_some_and(|end| end <= self.sb.block_count)
+        };
+        if !out.iter().all(valid) {
+            return Err(FsError::inconsistent(
+                ino.block,
+                "extent outside the file or the device",
+            ));
+        }
         for w in out.windows(2) {
             if w[0].end() > w[1].logical {
                 return Err(FsError::inconsistent(

@@ -209,7 +209,7 @@ impl Inode {
                 return bad("inline file larger than the payload area");
             }
         } else if ino.flags & FLAG_EXHASH != 0 {
-            if !ino.is_dir() || (8usize << ino.dir_depth) > cap {
+            if !ino.is_dir() || ino.dir_depth > 24 || (8usize << ino.dir_depth) > cap {
                 return bad("directory hash table does not fit the payload area");
             }
         } else {

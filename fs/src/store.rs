@@ -94,10 +94,13 @@ impl Store {
         for i in 0..self.sb.rg_count {
             let (start, _) = self.sb.rg_range(i);
             let rg = RgHeader::decode(self.meta(start, BlockType::RgHeader)?, start)?;
-            if rg.index != i {
+            let (_, len) = self.sb.rg_range(i);
+            if rg.index != i
+                || (rg.bitmap_blocks, rg.data_count) != format::rg_geometry(len, self.bs)
+            {
                 return Err(FsError::inconsistent(
                     start,
-                    "resource group index mismatch",
+                    "resource group header disagrees with the superblock",
                 ));
             }
             self.rgs.push(rg);
