@@ -3,9 +3,11 @@
 //! the daemon owning the addressed session delivers. Every replica applies every command, so
 //! every replica computes the same effects; only the session's own node sends them.
 
+mod command;
 mod resource;
 #[cfg(test)]
 mod tests;
+mod view;
 
 use crate::types::{
     validate_lockspace, validate_resource, FencingToken, Flags, LockId, Lvb, Mode, ReqId, SessionId,
@@ -15,7 +17,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use tandem_common::NodeId;
 
+pub use command::{Command, Effect, EndReason, LockError};
 pub use resource::is_weaker_or_equal;
+pub use view::{LockView, ResourceView};
 
 /// Bound on remembered out-of-order request ids per session (duplicate suppression window).
 const MAX_REQ_WINDOW: usize = 4096;
@@ -27,176 +31,6 @@ const MAX_CLOSED_EARLY: usize = 4096;
 pub struct ResKey {
     pub lockspace: String,
     pub name: Vec<u8>,
-}
-
-/// Raft log entry payload. Session commands carry the client's request id so that a
-/// proposal re-sent after a leader change is applied once.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Command {
-    OpenSession {
-        session: SessionId,
-        client: String,
-    },
-    CloseSession {
-        session: SessionId,
-    },
-    Lock {
-        session: SessionId,
-        req: ReqId,
-        lockspace: String,
-        resource: Vec<u8>,
-        mode: Mode,
-        flags: Flags,
-    },
-    Convert {
-        session: SessionId,
-        req: ReqId,
-        lock: LockId,
-        mode: Mode,
-        flags: Flags,
-        /// Written to the resource when lowering from PW/EX.
-        lvb: Option<Lvb>,
-    },
-    Unlock {
-        session: SessionId,
-        req: ReqId,
-        lock: LockId,
-        /// Written to the resource when releasing a PW/EX lock.
-        lvb: Option<Lvb>,
-    },
-    Cancel {
-        session: SessionId,
-        req: ReqId,
-        lock: LockId,
-    },
-    /// Cancels the still-pending request `target` of this session (a client does not know
-    /// the lock id of a new request until it is granted).
-    CancelRequest {
-        session: SessionId,
-        req: ReqId,
-        target: ReqId,
-    },
-    /// The leader stopped hearing from `node`: its sessions end and their granted locks are
-    /// orphaned. `fenced` is set when quorum eviction already guarantees the node cannot act.
-    NodeDown {
-        node: NodeId,
-        fenced: bool,
-    },
-    /// A daemon started with a new incarnation: sessions of its earlier incarnations are dead
-    /// (their clients saw the socket close), so their locks are orphaned and already fenced.
-    NodeRestart {
-        node: NodeId,
-        incarnation: u64,
-    },
-    /// Operator or Pacemaker confirmed `node` is fenced.
-    FenceAck {
-        session: SessionId,
-        req: ReqId,
-        node: NodeId,
-    },
-    /// A survivor replayed `node`'s journal for `lockspace`: purge its orphans there.
-    RecoveryDone {
-        session: SessionId,
-        req: ReqId,
-        node: NodeId,
-        lockspace: String,
-    },
-}
-
-/// Why a request failed; crosses the wire to clients.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-pub enum LockError {
-    #[error("the session is not open (closed, evicted or never opened)")]
-    NoSession,
-    #[error("no such lock")]
-    UnknownLock,
-    #[error("the lock belongs to another session")]
-    NotOwner,
-    #[error("the request would block and NOQUEUE was given")]
-    WouldBlock,
-    #[error("conversion deadlock: this conversion was cancelled")]
-    Deadlock,
-    #[error("the request was cancelled")]
-    Cancelled,
-    #[error("invalid request: {0}")]
-    Invalid(String),
-    #[error("the lock already has a request in progress")]
-    Busy,
-    #[error("the lock has no request in progress to cancel")]
-    NotPending,
-    #[error("the lock is not granted")]
-    NotGranted,
-    #[error("node {0} is up; fence-ack applies to failed nodes")]
-    NodeNotDown(NodeId),
-    #[error("node {0} is not fenced yet; run fence-ack first")]
-    NodeNotFenced(NodeId),
-    #[error("session refused: {0}")]
-    Refused(String),
-}
-
-/// Why a session ended without the client closing it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum EndReason {
-    Closed,
-    NodeDown,
-    Restarted,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub enum Effect {
-    SessionOpened {
-        session: SessionId,
-    },
-    SessionEnded {
-        session: SessionId,
-        reason: EndReason,
-    },
-    /// Completion callback: a request or conversion was granted.
-    Granted {
-        session: SessionId,
-        req: ReqId,
-        lock: LockId,
-        mode: Mode,
-        token: FencingToken,
-        lvb: Lvb,
-        lvb_valid: bool,
-    },
-    Failed {
-        session: SessionId,
-        req: ReqId,
-        lock: Option<LockId>,
-        error: LockError,
-    },
-    /// Blocking callback: `lock` stands in the way of a request for `wanted`.
-    Blocking {
-        session: SessionId,
-        lock: LockId,
-        wanted: Mode,
-    },
-    Unlocked {
-        session: SessionId,
-        req: ReqId,
-        lock: LockId,
-    },
-    /// An administrative command (fence-ack, recovery-done) succeeded.
-    Done {
-        session: SessionId,
-        req: ReqId,
-    },
-}
-
-impl Effect {
-    pub fn session(&self) -> SessionId {
-        match self {
-            Effect::SessionOpened { session }
-            | Effect::SessionEnded { session, .. }
-            | Effect::Granted { session, .. }
-            | Effect::Failed { session, .. }
-            | Effect::Blocking { session, .. }
-            | Effect::Unlocked { session, .. }
-            | Effect::Done { session, .. } => *session,
-        }
-    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -273,26 +107,6 @@ pub struct LockTable {
     next_lock_id: u64,
     last_token: u64,
     closed_early: BTreeSet<SessionId>,
-}
-
-/// A read-only view of one lock for `tandem-lockctl locks`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct LockView {
-    pub lock: LockId,
-    pub owner: SessionId,
-    pub granted: Option<Mode>,
-    pub wanted: Option<Mode>,
-    pub orphaned: bool,
-    pub token: FencingToken,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ResourceView {
-    pub name: Vec<u8>,
-    pub lvb_valid: bool,
-    pub granted: Vec<LockView>,
-    pub converting: Vec<LockView>,
-    pub waiting: Vec<LockView>,
 }
 
 impl LockTable {
@@ -823,124 +637,6 @@ impl LockTable {
         for key in keys {
             self.regrant(&key, fx);
         }
-    }
-
-    // ---- read-only views (status, `lockctl locks`, tests, the simulation checker) ----
-
-    pub fn last_token(&self) -> FencingToken {
-        FencingToken(self.last_token)
-    }
-
-    pub fn session_count(&self) -> usize {
-        self.sessions.len()
-    }
-
-    pub fn has_session(&self, session: SessionId) -> bool {
-        self.sessions.contains_key(&session)
-    }
-
-    pub fn nodes(&self) -> &BTreeMap<NodeId, NodeRecord> {
-        &self.nodes
-    }
-
-    pub fn orphan_count(&self, node: NodeId) -> usize {
-        self.locks
-            .values()
-            .filter(|l| l.orphaned && l.owner.node == node)
-            .count()
-    }
-
-    pub fn lock(&self, id: LockId) -> Option<&Lock> {
-        self.locks.get(&id)
-    }
-
-    pub fn lockspaces(&self) -> BTreeSet<String> {
-        self.resources.keys().map(|k| k.lockspace.clone()).collect()
-    }
-
-    pub fn resources_in(&self, lockspace: &str) -> Vec<ResourceView> {
-        let view = |id: &LockId| {
-            let l = &self.locks[id];
-            LockView {
-                lock: *id,
-                owner: l.owner,
-                granted: l.granted,
-                wanted: l.pending.as_ref().map(|p| p.mode),
-                orphaned: l.orphaned,
-                token: l.token,
-            }
-        };
-        self.resources
-            .iter()
-            .filter(|(k, _)| k.lockspace == lockspace)
-            .map(|(k, r)| ResourceView {
-                name: k.name.clone(),
-                lvb_valid: r.lvb_valid,
-                granted: r.granted.iter().map(view).collect(),
-                converting: r.converting.iter().map(view).collect(),
-                waiting: r.waiting.iter().map(view).collect(),
-            })
-            .collect()
-    }
-
-    /// Checks structural invariants; used by tests and the simulation after every step.
-    pub fn check_invariants(&self) -> Result<(), String> {
-        for (key, res) in &self.resources {
-            if res.is_empty() {
-                return Err(format!("empty resource {key:?} kept"));
-            }
-            for id in &res.granted {
-                let l = self.locks.get(id).ok_or(format!("granted {id} missing"))?;
-                if l.granted.is_none() || &l.key != key {
-                    return Err(format!("lock {id} in granted queue is not granted here"));
-                }
-            }
-            for id in &res.converting {
-                let l = self
-                    .locks
-                    .get(id)
-                    .ok_or(format!("converting {id} missing"))?;
-                if l.granted.is_none() || l.pending.is_none() || !res.granted.contains(id) {
-                    return Err(format!("lock {id} in convert queue is inconsistent"));
-                }
-            }
-            for id in &res.waiting {
-                let l = self.locks.get(id).ok_or(format!("waiting {id} missing"))?;
-                if l.granted.is_some() || l.pending.is_none() {
-                    return Err(format!("lock {id} in wait queue is inconsistent"));
-                }
-            }
-            // Live granted locks must be pairwise compatible; an orphan of a fenced node may
-            // coexist with a RECOVERY grant.
-            for (i, a) in res.granted.iter().enumerate() {
-                for b in &res.granted[i + 1..] {
-                    let (la, lb) = (&self.locks[a], &self.locks[b]);
-                    let fenced_orphan = |l: &Lock| {
-                        l.orphaned && self.nodes.get(&l.owner.node).is_some_and(|n| n.fenced)
-                    };
-                    if fenced_orphan(la) || fenced_orphan(lb) {
-                        continue;
-                    }
-                    if !la.granted.unwrap().compatible(lb.granted.unwrap()) {
-                        return Err(format!("incompatible grants {a} and {b} on {key:?}"));
-                    }
-                }
-            }
-        }
-        for (id, l) in &self.locks {
-            if !l.orphaned {
-                let s = self
-                    .sessions
-                    .get(&l.owner)
-                    .ok_or(format!("lock {id} owned by a closed session"))?;
-                if !s.locks.contains(id) {
-                    return Err(format!("lock {id} missing from its session"));
-                }
-            } else if l.pending.is_some() {
-                return Err(format!("orphan {id} has a pending request"));
-            }
-        }
-        Ok(())
     }
 }
 
