@@ -413,3 +413,37 @@ impl Store {
         Ok(())
     }
 }
+
+impl Store {
+    /// fsck: entries of a hashed directory that lookups cannot find (their hash maps to a
+    /// different leaf chain) plus leaves deeper than the table. 0 for a healthy directory.
+    pub fn dir_misplaced(&mut self, dir: &Inode) -> Result<usize> {
+        if dir.flags & FLAG_EXHASH == 0 {
+            return Ok(0);
+        }
+        let table = Self::table(dir);
+        let mut bad = 0;
+        let mut prev = 0;
+        for &head in &table {
+            if head == prev {
+                continue;
+            }
+            prev = head;
+            let (mut cur, mut hops) = (head, 0u64);
+            while cur != 0 && hops <= self.sb.block_count {
+                let leaf = self.read_leaf(cur)?;
+                if leaf.depth > dir.dir_depth {
+                    bad += 1;
+                }
+                bad += leaf
+                    .ents
+                    .iter()
+                    .filter(|e| table[Self::slot(name_hash(&e.name), dir.dir_depth)] != head)
+                    .count();
+                cur = leaf.next;
+                hops += 1;
+            }
+        }
+        Ok(bad)
+    }
+}

@@ -65,6 +65,8 @@ enum Fix {
     SetParent(u64, u64),
     SetBlocks(u64, u64),
     SetEntries(u64, u64),
+    Rehash(u64, Vec<Dirent>),
+    ZeroInlineTail(u64),
 }
 
 struct Info {
@@ -301,6 +303,16 @@ impl Checker<'_> {
                 }
             }
         }
+        if !ino.is_dir()
+            && ino.is_inline()
+            && ino.payload[ino.size as usize..].iter().any(|&b| b != 0)
+        {
+            // Bytes past EOF would reappear if the file grew; they must be zero.
+            self.problem(format!(
+                "inode {blk}: stale bytes after the end of inline data"
+            ));
+            self.fixes.push(Fix::ZeroInlineTail(blk));
+        }
         if ino.xattr_block != 0 {
             let ok = self.free_range(ino.xattr_block, 1) && self.st.xattrs(&ino).is_ok();
             if ok {
@@ -383,6 +395,20 @@ impl Checker<'_> {
                     continue;
                 }
             };
+            match self.st.dir_misplaced(&dir) {
+                Ok(0) => {}
+                Ok(n) => {
+                    self.problem(format!(
+                        "directory {dblk}: {n} entries or leaves are not where their hash says"
+                    ));
+                    self.fixes.push(Fix::Rehash(dblk, ents.clone()));
+                }
+                Err(e) => {
+                    self.problem(format!("directory {dblk}: {e}"));
+                    self.fixes.push(Fix::ResetDir(dblk));
+                    continue;
+                }
+            }
             if ents.len() as u64 != dir.dir_entries {
                 self.problem(format!(
                     "directory {dblk}: entry count {} but holds {}",
@@ -634,6 +660,20 @@ impl Checker<'_> {
                 Fix::SetParent(b, p) => self.edit(b, |i| i.parent = p)?,
                 Fix::SetBlocks(b, n) => self.edit(b, |i| i.blocks = n)?,
                 Fix::SetEntries(b, n) => self.edit(b, |i| i.dir_entries = n)?,
+                Fix::ZeroInlineTail(b) => self.edit(b, |i| {
+                    let size = i.size as usize;
+                    i.payload[size..].fill(0);
+                    i.payload_len = size as u32;
+                })?,
+                Fix::Rehash(b, ents) => {
+                    let mut d = self.st.inode_raw(b)?;
+                    self.st.dir_free(&mut d)?;
+                    d.dir_entries = 0;
+                    for e in ents {
+                        self.st.dir_add(&mut d, e)?;
+                    }
+                    self.st.put_inode(&d)?;
+                }
             }
         }
         if !orphans.is_empty() {

@@ -275,3 +275,72 @@ fn repair_mode_replays_a_dirty_journal_first() {
     let again = check(dev2.image(), false).unwrap();
     assert!(again.problems.is_empty() && again.files == 50, "{again:?}");
 }
+
+#[test]
+fn misplaced_hash_entries_are_rehashed_and_stale_inline_bytes_zeroed() {
+    let dev = Arc::new(FaultDevice::new(16 << 20));
+    let opts = MkfsOptions {
+        lock_table: "t:hash".into(),
+        journals: 1,
+        journal_mib: Some(1),
+        block_size: 1024,
+        lock_proto: LockProto::NoLock,
+    };
+    mkfs(dev.clone() as Arc<dyn BlockDevice>, &opts).unwrap();
+    let (fs, _) = Fs::mount(dev.clone(), FsOptions::default()).unwrap();
+    let d = fs.mkdir(CTX, ROOT_INO, b"d", 0o755, 0).unwrap();
+    for i in 0..400 {
+        fs.mknod(CTX, d.ino, format!("n{i}").as_bytes(), 0o644, 0, 0)
+            .unwrap();
+    }
+    let small = fs.mknod(CTX, ROOT_INO, b"small", 0o644, 0, 0).unwrap();
+    fs.write(small.ino, 0, b"0123456789").unwrap();
+    fs.shutdown().unwrap();
+    let mut img = dev.image();
+    // Swap the first and last hash-table pointers of "d": entries become unreachable.
+    let at = d.ino as usize * 1024;
+    let payload = at + tandem_fs::inode::INODE_PAYLOAD;
+    let depth = format::get_u16(&img, at + 140) as usize;
+    assert!(depth >= 2, "the directory is hashed with a real table");
+    let last = payload + ((1 << depth) - 1) * 8;
+    let (a, b) = (format::get_u64(&img, payload), format::get_u64(&img, last));
+    assert_ne!(a, b);
+    format::put_u64(&mut img, payload, b);
+    format::put_u64(&mut img, last, a);
+    format::seal(&mut img[at..at + 1024]);
+    // Garbage after the end of an inline file.
+    let s = small.ino as usize * 1024;
+    img[s + tandem_fs::inode::INODE_PAYLOAD + 20] = 0x55;
+    format::seal(&mut img[s..s + 1024]);
+    let mut sink = |_: &str| {};
+    let dev2 = Arc::new(FaultDevice::from_image(img));
+    let rep = fsck(dev2.clone(), FsckOptions { repair: true }, &mut sink).unwrap();
+    assert!(
+        rep.problems.iter().any(|p| p.contains("hash")),
+        "{:?}",
+        rep.problems
+    );
+    assert!(
+        rep.problems.iter().any(|p| p.contains("stale bytes")),
+        "{:?}",
+        rep.problems
+    );
+    let again = check(dev2.image(), false).unwrap();
+    assert!(again.problems.is_empty(), "{:?}", again.problems);
+    let (fs, _) = Fs::mount(dev2, FsOptions::default()).unwrap();
+    for i in 0..400 {
+        fs.lookup(d.ino, format!("n{i}").as_bytes())
+            .unwrap_or_else(|e| panic!("n{i}: {e}"));
+    }
+    fs.setattr(
+        small.ino,
+        tandem_fs::fs::SetAttr {
+            size: Some(30),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut want = b"0123456789".to_vec();
+    want.resize(30, 0);
+    assert_eq!(fs.read(small.ino, 0, 100).unwrap(), want);
+}
