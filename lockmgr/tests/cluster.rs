@@ -398,6 +398,16 @@ async fn wiped_node_rejoins_through_member_add() {
     .await
     .unwrap();
     cluster.spawn(3, true);
+    // First as a learner (catches up without voting), then promoted to voter.
+    within(
+        "member add --learner",
+        admin.member(MemberChange::AddLearner(NodeId(3))),
+    )
+    .await
+    .unwrap();
+    cluster
+        .wait_for(1, "n3 a learner", |s| s.learners.contains(&NodeId(3)))
+        .await;
     within(
         "member add",
         admin.member(MemberChange::AddVoter(NodeId(3))),
