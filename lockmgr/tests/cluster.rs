@@ -610,3 +610,29 @@ async fn lagging_node_catches_up_from_a_snapshot_after_compaction() {
         })
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_scenarios_run_against_a_cluster() {
+    let cluster = Cluster::start(3);
+    cluster.leader(&[1, 2, 3]).await;
+    cluster.client(1).await; // n1 has announced itself and accepts sessions
+    let socket = cluster.socket(1);
+    let single = tandem_lockmgr::bench::single(&socket, "bench:t", 20)
+        .await
+        .unwrap();
+    assert_eq!(single.len(), 20);
+    let pairs =
+        tandem_lockmgr::bench::loops(&socket, "bench:t", 4, false, Duration::from_millis(500))
+            .await
+            .unwrap();
+    let handoffs =
+        tandem_lockmgr::bench::loops(&socket, "bench:t", 3, true, Duration::from_millis(500))
+            .await
+            .unwrap();
+    assert!(
+        pairs > 0 && handoffs > 0,
+        "{pairs} pairs, {handoffs} hand-offs"
+    );
+    // Measured on the WAL's own directory (may be ~0 on tmpfs).
+    tandem_lockmgr::bench::fsync_p50_us(&cluster.state(1), 5).unwrap();
+}

@@ -36,6 +36,10 @@ pub enum PeerFrame {
     Probe(Probe),
 }
 
+/// Connections still in the authentication handshake at once; more are closed at once so a
+/// flood of silent sockets cannot exhaust file descriptors (each handshake times out).
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+
 /// Accepts peer connections forever.
 pub async fn listen(
     listener: TcpListener,
@@ -44,6 +48,7 @@ pub async fn listen(
     secret: Arc<Vec<u8>>,
     core: SyncSender<CoreInput>,
 ) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(x) => x,
@@ -53,11 +58,15 @@ pub async fn listen(
                 continue;
             }
         };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%addr, "too many peer handshakes in progress; closing");
+            continue;
+        };
         let config = config.clone();
         let secret = secret.clone();
         let core = core.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_peer(stream, addr, &config, me, &secret, core).await {
+            if let Err(e) = serve_peer(stream, addr, &config, me, &secret, core, permit).await {
                 tracing::info!(%addr, error = %e, "peer connection closed");
             }
         });
@@ -71,6 +80,7 @@ async fn serve_peer(
     me: NodeId,
     secret: &[u8],
     core: SyncSender<CoreInput>,
+    handshake: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     let authed = auth::accept(&mut stream, me, PEER_SERVICE, |hello| {
@@ -87,6 +97,7 @@ async fn serve_peer(
     })
     .await
     .map_err(|e| format!("handshake from {addr} failed: {e}"))?;
+    drop(handshake);
     let peer = authed.peer;
     loop {
         let frame: PeerFrame =
