@@ -393,6 +393,8 @@ pub struct RgHeader {
     pub data_count: u32,
     pub free: u32,
     pub inodes: u32,
+    /// Inodes in state UNLINKED, so mount only scans groups that have some.
+    pub unlinked: u32,
     pub igeneration: u64,
 }
 
@@ -406,6 +408,7 @@ impl RgHeader {
         put_u32(b, 40, self.data_count);
         put_u32(b, 44, self.free);
         put_u32(b, 48, self.inodes);
+        put_u32(b, 52, self.unlinked);
         put_u64(b, 56, self.igeneration);
     }
     /// Decodes a header whose checksum was verified when it was read.
@@ -417,9 +420,13 @@ impl RgHeader {
             data_count: get_u32(b, 40),
             free: get_u32(b, 44),
             inodes: get_u32(b, 48),
+            unlinked: get_u32(b, 52),
             igeneration: get_u64(b, 56),
         };
-        if rg.data0 != blkno + 1 + u64::from(rg.bitmap_blocks) || rg.free > rg.data_count {
+        if rg.data0 != blkno + 1 + u64::from(rg.bitmap_blocks)
+            || rg.free > rg.data_count
+            || rg.unlinked > rg.inodes
+        {
             return Err(FormatError::Invalid {
                 block: blkno,
                 what: "resource group header fields disagree".into(),

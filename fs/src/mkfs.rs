@@ -124,6 +124,7 @@ pub fn mkfs(dev: Arc<dyn BlockDevice>, opts: &MkfsOptions) -> Result<Superblock>
             data_count: data,
             free: data,
             inodes: 0,
+            unlinked: 0,
             igeneration: 1,
         };
         h.encode_into(st.meta_new(start, BlockType::RgHeader), start);

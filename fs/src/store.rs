@@ -312,6 +312,11 @@ impl Store {
             (true, false) => h.inodes = h.inodes.saturating_sub(1),
             _ => {}
         }
+        match (old == BlockState::Unlinked, st == BlockState::Unlinked) {
+            (false, true) => h.unlinked += 1,
+            (true, false) => h.unlinked = h.unlinked.saturating_sub(1),
+            _ => {}
+        }
         if st == BlockState::Free {
             let idx = (blk - h.data0) as u32;
             if self.hints[rg] != HINT_UNKNOWN {
@@ -457,6 +462,9 @@ impl Store {
         let mut out = Vec::new();
         let per = format::bitmap_blocks_per(self.bs) as u64;
         for rg in 0..self.rgs.len() {
+            if self.rgs[rg].unlinked == 0 {
+                continue;
+            }
             let (start, _) = self.sb.rg_range(rg as u32);
             let (data0, count) = (self.rgs[rg].data0, u64::from(self.rgs[rg].data_count));
             for bmi in 0..u64::from(self.rgs[rg].bitmap_blocks) {
@@ -511,6 +519,7 @@ impl Store {
                 data_count: data,
                 free: 0,
                 inodes: 0,
+                unlinked: 0,
                 igeneration: 1,
             };
             if let Some(old) = self.rgs.get(i as usize) {
@@ -527,7 +536,11 @@ impl Store {
             for blk in data0..data0 + u64::from(data) {
                 match BlockState::from_bits(states[blk as usize]) {
                     BlockState::Free => h.free += 1,
-                    BlockState::Inode | BlockState::Unlinked => h.inodes += 1,
+                    BlockState::Inode => h.inodes += 1,
+                    BlockState::Unlinked => {
+                        h.inodes += 1;
+                        h.unlinked += 1;
+                    }
                     BlockState::Used => {}
                 }
             }

@@ -416,3 +416,33 @@ fn concurrent_writers_and_commits_recover_every_fsynced_file() {
         assert!(rep.problems.is_empty(), "seed {seed}: {:?}", rep.problems);
     }
 }
+
+#[test]
+fn open_unlinked_files_are_freed_after_a_crash() {
+    let (dev, fs) = new_fs(16 << 20);
+    let free_before = fs.statfs().bfree;
+    let a = fs.mknod(CTX, ROOT_INO, b"tmpfile", 0o644, 0, 0).unwrap();
+    fs.open(a.ino).unwrap();
+    fs.write(a.ino, 0, &vec![5u8; 100_000]).unwrap();
+    fs.unlink(ROOT_INO, b"tmpfile").unwrap();
+    assert_eq!(
+        fs.read(a.ino, 0, 10).unwrap(),
+        vec![5u8; 10],
+        "still readable while open"
+    );
+    fs.fsync(ROOT_INO).unwrap();
+    let img = dev.crash_image(CrashMode::DropAll, 0);
+    let dev2 = Arc::new(FaultDevice::from_image(img));
+    let mut sink = |_: &str| {};
+    let rep = fsck(dev2.clone(), FsckOptions { repair: false }, &mut sink).unwrap();
+    assert!(
+        rep.problems.is_empty(),
+        "an open-unlinked inode is legitimate: {:?}",
+        rep.problems
+    );
+    let (fs2, _) = Fs::mount(dev2.clone(), FsOptions::default()).unwrap();
+    assert_eq!(fs2.statfs().bfree, free_before, "mount frees the orphan");
+    fs2.shutdown().unwrap();
+    let rep = fsck(dev2, FsckOptions { repair: false }, &mut sink).unwrap();
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+}
