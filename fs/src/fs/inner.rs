@@ -1,0 +1,373 @@
+//! The operations' decision logic on the locked state: creating, linking, unlinking,
+//! renaming and listing, with the POSIX rules each one enforces.
+
+use super::*;
+
+impl Inner {
+    pub(super) fn blk(&self, ino: u64) -> u64 {
+        if ino == ROOT_INO {
+            self.root
+        } else {
+            ino
+        }
+    }
+    pub(super) fn ino_of(&self, blk: u64) -> u64 {
+        if blk == self.root {
+            ROOT_INO
+        } else {
+            blk
+        }
+    }
+    pub(super) fn load(&mut self, ino: u64) -> Result<Inode> {
+        let blk = self.blk(ino);
+        self.st.inode(blk)
+    }
+    pub(super) fn load_dir(&mut self, ino: u64) -> Result<Inode> {
+        let d = self.load(ino)?;
+        if d.is_dir() {
+            Ok(d)
+        } else {
+            Err(FsError::NotDir)
+        }
+    }
+    /// The entries a new directory handle lists: ".", "..", then the directory in order.
+    pub(super) fn snapshot(&mut self, ino: u64) -> Result<Vec<DirEntry>> {
+        let dir = self.load_dir(ino)?;
+        let parent = if dir.block == self.root {
+            ROOT_INO
+        } else {
+            self.ino_of(dir.parent)
+        };
+        let mut snap = vec![
+            DirEntry {
+                ino,
+                offset: 1,
+                kind: FileKind::Dir,
+                name: b".".to_vec(),
+            },
+            DirEntry {
+                ino: parent,
+                offset: 2,
+                kind: FileKind::Dir,
+                name: b"..".to_vec(),
+            },
+        ];
+        for (k, e) in self.st.dir_list(&dir)?.into_iter().enumerate() {
+            let kind = FileKind::from_mode(u32::from(e.dtype) << 12);
+            snap.push(DirEntry {
+                ino: self.ino_of(e.ino),
+                offset: k as u64 + 3,
+                kind,
+                name: e.name,
+            });
+        }
+        Ok(snap)
+    }
+
+    /// rewinddir(3) shows the directory as it is now: reading from offset 0 takes a new
+    /// snapshot (the first read after opendir reuses the one opendir took).
+    pub(super) fn refresh_on_rewind(&mut self, fh: u64, offset: u64) -> Result<()> {
+        let Some(h) = self.dirs.get_mut(&fh) else {
+            return Ok(());
+        };
+        let rewind = offset == 0 && !h.fresh;
+        h.fresh = false;
+        if rewind {
+            let ino = h.ino;
+            let ents = self.snapshot(ino)?;
+            self.dirs.insert(
+                fh,
+                DirHandle {
+                    ino,
+                    fresh: false,
+                    ents,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    pub(super) fn writable(&self) -> Result<()> {
+        self.st.check_poison()?;
+        if self.opts.read_only {
+            Err(FsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Commits early when the running transaction nears what the journal can hold.
+    /// Asks for a commit (run by `OpGuard` after unlocking) when the running transaction
+    /// nears what the journal can hold.
+    pub(super) fn after_op(&mut self) -> Result<()> {
+        if self.st.dirty_count() > self.st.tx_limit() / 2 {
+            self.commit_wanted = true;
+        }
+        Ok(())
+    }
+
+    pub(super) fn attr(&self, i: &Inode) -> Attr {
+        Attr {
+            ino: self.ino_of(i.block),
+            size: i.size,
+            blocks_512: i.blocks * u64::from(self.st.sb.block_size / 512),
+            atime: i.atime.to_system(),
+            mtime: i.mtime.to_system(),
+            ctime: i.ctime.to_system(),
+            crtime: i.crtime.to_system(),
+            kind: FileKind::from_mode(i.mode),
+            perm: (i.mode & 0o7777) as u16,
+            nlink: i.nlink,
+            uid: i.uid,
+            gid: i.gid,
+            rdev: i.rdev,
+            blksize: self.st.sb.block_size,
+            generation: i.generation,
+        }
+    }
+
+    pub(super) fn create(
+        &mut self,
+        ctx: Ctx,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        rdev: u32,
+        target: Option<&[u8]>,
+    ) -> Result<Attr> {
+        self.writable()?;
+        check_name(name)?;
+        let mut dir = self.load_dir(parent)?;
+        if dir.nlink == 0 {
+            return Err(FsError::NotFound);
+        }
+        if self.st.dir_lookup(&dir, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let is_dir = mode & S_IFMT == S_IFDIR;
+        if is_dir && dir.nlink >= LINK_MAX {
+            return Err(FsError::TooManyLinks);
+        }
+        let (blk, generation) = self.st.alloc_inode_block(dir.block + 1)?;
+        let bs = self.st.bs;
+        let mut mode = mode;
+        let mut gid = ctx.gid;
+        // BSD group semantics on setgid directories, as ext4 and GFS2 do.
+        if dir.mode & S_ISGID != 0 {
+            gid = dir.gid;
+            if is_dir {
+                mode |= S_ISGID;
+            }
+        }
+        let mut ino = Inode::new(blk, mode, ctx.uid, gid, bs, generation);
+        ino.rdev = rdev;
+        if is_dir {
+            ino.nlink = 2;
+            ino.parent = dir.block;
+            ino.size = bs as u64;
+        }
+        let res = (|| -> Result<()> {
+            if let Some(t) = target {
+                self.st.file_write(&mut ino, 0, t)?;
+            }
+            self.st.dir_add(
+                &mut dir,
+                Dirent {
+                    name: name.to_vec(),
+                    ino: blk,
+                    dtype: dtype(mode),
+                },
+            )
+        })();
+        if let Err(e) = res {
+            // Undo the allocation so an ENOSPC part-way leaks nothing.
+            self.st.put_inode(&ino)?;
+            self.st.free_inode(&ino)?;
+            self.st.put_inode(&dir)?;
+            return Err(e);
+        }
+        self.st.put_inode(&ino)?;
+        let now = Time::now();
+        dir.mtime = now;
+        dir.ctime = now;
+        if is_dir {
+            dir.nlink += 1;
+        }
+        self.st.put_inode(&dir)?;
+        self.after_op()?;
+        Ok(self.attr(&ino))
+    }
+
+    /// Drops one name of `ino`; frees it now, or marks it unlinked while it is still open.
+    pub(super) fn drop_link(&mut self, ino: &mut Inode) -> Result<()> {
+        ino.ctime = Time::now();
+        if ino.is_dir() {
+            ino.nlink = 0;
+            self.st.dir_free(ino)?;
+        } else {
+            ino.nlink = ino.nlink.saturating_sub(1);
+        }
+        self.st.put_inode(ino)?;
+        if ino.nlink > 0 {
+            return Ok(());
+        }
+        if self.opens.get(&ino.block).copied().unwrap_or(0) > 0 {
+            self.st.set_state(ino.block, BlockState::Unlinked)
+        } else {
+            self.st.free_inode(ino)
+        }
+    }
+
+    pub(super) fn reap(&mut self, blk: u64) -> Result<()> {
+        if self.st.state(blk)? == BlockState::Unlinked {
+            let ino = self.st.inode(blk)?;
+            self.st.free_inode(&ino)?;
+            self.after_op()?;
+        }
+        Ok(())
+    }
+
+    /// True if `dir` is `anc` or lies below it.
+    pub(super) fn is_within(&mut self, mut dir: u64, anc: u64) -> Result<bool> {
+        for _ in 0..100_000 {
+            if dir == anc {
+                return Ok(true);
+            }
+            if dir == self.root {
+                return Ok(false);
+            }
+            dir = self.st.inode(dir)?.parent;
+        }
+        Err(FsError::inconsistent(
+            dir,
+            "directory parent chain does not reach the root",
+        ))
+    }
+
+    pub(super) fn rename(
+        &mut self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        let (pb, npb) = (self.blk(parent), self.blk(newparent));
+        let pdir = self.load_dir(parent)?;
+        let ndir = self.load_dir(newparent)?;
+        let src = self.st.dir_lookup(&pdir, name)?.ok_or(FsError::NotFound)?;
+        let dst = self.st.dir_lookup(&ndir, newname)?;
+        let src_ino = self.st.inode(src.ino)?;
+        let now = Time::now();
+        if flags & RENAME_EXCHANGE != 0 {
+            let dst = dst.ok_or(FsError::NotFound)?;
+            let dst_ino = self.st.inode(dst.ino)?;
+            if pb != npb {
+                if src_ino.is_dir() && self.is_within(npb, src_ino.block)? {
+                    return Err(FsError::Invalid("cannot move a directory below itself"));
+                }
+                if dst_ino.is_dir() && self.is_within(pb, dst_ino.block)? {
+                    return Err(FsError::Invalid("cannot move a directory below itself"));
+                }
+            }
+            self.replace_entry(pb, name, dst.ino, dst.dtype, now)?;
+            self.replace_entry(npb, newname, src.ino, src.dtype, now)?;
+            if pb != npb {
+                self.reparent(src.ino, pb, npb, now)?;
+                self.reparent(dst.ino, npb, pb, now)?;
+            }
+            return Ok(());
+        }
+        if let Some(d) = &dst {
+            if flags & RENAME_NOREPLACE != 0 {
+                return Err(FsError::Exists);
+            }
+            if d.ino == src.ino {
+                return Ok(());
+            }
+        }
+        if src_ino.is_dir() && self.is_within(npb, src_ino.block)? {
+            return Err(FsError::Invalid("cannot move a directory below itself"));
+        }
+        if let Some(d) = dst {
+            let mut victim = self.st.inode(d.ino)?;
+            match (src_ino.is_dir(), victim.is_dir()) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) if victim.dir_entries != 0 => return Err(FsError::NotEmpty),
+                _ => {}
+            }
+            let mut nd = self.st.inode(npb)?;
+            self.st.dir_remove(&mut nd, newname)?;
+            if victim.is_dir() {
+                nd.nlink = nd.nlink.saturating_sub(1);
+            }
+            self.st.put_inode(&nd)?;
+            self.drop_link(&mut victim)?;
+        }
+        let mut pd = self.st.inode(pb)?;
+        self.st.dir_remove(&mut pd, name)?;
+        pd.mtime = now;
+        pd.ctime = now;
+        self.st.put_inode(&pd)?;
+        let mut nd = self.st.inode(npb)?;
+        self.st.dir_add(
+            &mut nd,
+            Dirent {
+                name: newname.to_vec(),
+                ino: src.ino,
+                dtype: src.dtype,
+            },
+        )?;
+        nd.mtime = now;
+        nd.ctime = now;
+        self.st.put_inode(&nd)?;
+        if pb != npb {
+            self.reparent(src.ino, pb, npb, now)?;
+        } else {
+            let mut s = self.st.inode(src.ino)?;
+            s.ctime = now;
+            self.st.put_inode(&s)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn replace_entry(
+        &mut self,
+        dir: u64,
+        name: &[u8],
+        ino: u64,
+        dtype: u8,
+        now: Time,
+    ) -> Result<()> {
+        let mut d = self.st.inode(dir)?;
+        self.st.dir_remove(&mut d, name)?;
+        self.st.dir_add(
+            &mut d,
+            Dirent {
+                name: name.to_vec(),
+                ino,
+                dtype,
+            },
+        )?;
+        d.mtime = now;
+        d.ctime = now;
+        self.st.put_inode(&d)
+    }
+
+    /// Fixes parent pointer and link counts after `child` moved from `from` to `to`.
+    pub(super) fn reparent(&mut self, child: u64, from: u64, to: u64, now: Time) -> Result<()> {
+        let mut c = self.st.inode(child)?;
+        c.ctime = now;
+        if c.is_dir() {
+            c.parent = to;
+            let mut f = self.st.inode(from)?;
+            f.nlink = f.nlink.saturating_sub(1);
+            self.st.put_inode(&f)?;
+            let mut t = self.st.inode(to)?;
+            t.nlink += 1;
+            self.st.put_inode(&t)?;
+        }
+        self.st.put_inode(&c)
+    }
+}
