@@ -9,7 +9,8 @@ mod mkfs;
 mod mount;
 
 fn main() -> ExitCode {
-    tandem_common::logging::init("warn");
+    // fuser warns about its own second unmount attempt after every clean unmount.
+    tandem_common::logging::init("warn,fuser=error");
     let mut args: Vec<String> = std::env::args().collect();
     let mut tool = args
         .first()

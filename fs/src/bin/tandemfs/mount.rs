@@ -24,11 +24,14 @@ struct Opts {
     ttl: Duration,
     commit: Duration,
     threads: usize,
+    /// Where a daemonized mount's log goes (default: nowhere).
+    logfile: Option<String>,
 }
 
 const USAGE: &str = "usage: mount.tandem TARGET DIR [-f] [-o OPTIONS]
 options: ro, rw, noatime, relatime, allow_other, journal=N, attr_timeout=SECS,
-         commit=SECS, threads=N, lockproto=lock_nolock, plus mount(8) generic options";
+         commit=SECS, threads=N, logfile=PATH, lockproto=lock_nolock, plus mount(8)
+         generic options";
 
 fn parse(args: Vec<String>) -> anyhow::Result<Opts> {
     let mut pos = Vec::new();
@@ -44,6 +47,7 @@ fn parse(args: Vec<String>) -> anyhow::Result<Opts> {
         ttl: Duration::from_secs(60),
         commit: Duration::from_secs(1),
         threads: 2,
+        logfile: None,
     };
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
@@ -89,6 +93,7 @@ fn apply_opt(o: &mut Opts, opt: &str) -> anyhow::Result<()> {
         "journal" | "jid" => o.fs.journal = v.parse().context("journal=N needs a number")?,
         "attr_timeout" | "entry_timeout" => o.ttl = secs(v)?,
         "commit" => o.commit = secs(v)?.max(Duration::from_millis(10)),
+        "logfile" if !v.is_empty() => o.logfile = Some(v.to_string()),
         "threads" => {
             o.threads = v
                 .parse::<usize>()
@@ -164,7 +169,17 @@ fn run(o: Opts) -> anyhow::Result<()> {
     let mut session = fuser::Session::new(FuseFs::new(fs.clone(), o.ttl), &o.dir, &cfg)
         .with_context(|| format!("cannot mount FUSE at {}", o.dir))?;
     if !o.foreground {
-        daemonize()?;
+        let log = match &o.logfile {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .with_context(|| format!("cannot open log file {p}"))?,
+            ),
+            None => None,
+        };
+        daemonize(log.as_ref().map(std::os::fd::AsRawFd::as_raw_fd))?;
     }
     let sigs = block_signals();
     let mut unmounter = session.unmount_callable();
@@ -210,7 +225,7 @@ fn run(o: Opts) -> anyhow::Result<()> {
 }
 
 /// Forks; the parent exits 0 (the mount already exists), the child carries on detached.
-fn daemonize() -> anyhow::Result<()> {
+fn daemonize(log_fd: Option<i32>) -> anyhow::Result<()> {
     // SAFETY: no other threads exist yet (the FUSE session has not started), so fork is
     // safe; the parent leaves through _exit so it does not run the mount's destructors.
     unsafe {
@@ -225,6 +240,10 @@ fn daemonize() -> anyhow::Result<()> {
             for fd in 0..3 {
                 libc::dup2(null, fd);
             }
+        }
+        if let Some(fd) = log_fd {
+            // tracing writes to stderr: send it to the log file.
+            libc::dup2(fd, 2);
         }
         let _ = libc::chdir(c"/".as_ptr());
     }
