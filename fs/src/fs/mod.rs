@@ -138,9 +138,22 @@ impl Fs {
     }
 
     fn op(&self) -> OpGuard<'_> {
+        let g = self.inner.lock();
+        if g.st.dirty_count() > g.st.tx_limit() / 4 * 3 {
+            // Many operations piled up since the last commit: make room before this one so
+            // no transaction outgrows the journal.
+            drop(g);
+            if let Err(e) = self.commit() {
+                tracing::error!(error = %e, "journal commit failed");
+            }
+            return OpGuard {
+                fs: self,
+                g: Some(self.inner.lock()),
+            };
+        }
         OpGuard {
             fs: self,
-            g: Some(self.inner.lock()),
+            g: Some(g),
         }
     }
 
