@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 
 use tandem_common::NodeId;
 
+use super::core::{assign_bitmap_generation, needs_bitmap_generation};
 use super::{EngineError, Resource};
 use crate::proto::PeerMsg;
 
@@ -85,32 +86,14 @@ impl Resource {
         &self,
         missing: &[NodeId],
     ) -> Result<(), EngineError> {
-        let needed = {
-            let sb = self.sb_cache.lock();
-            sb.peers
-                .iter()
-                .any(|p| missing.contains(&p.node_id) && p.bitmap_uuid == 0)
-        };
-        if !needed {
+        if !needs_bitmap_generation(&self.sb_cache.lock(), missing) {
             return Ok(());
         }
         let _g = self.rotation_lock.lock().await;
         let fresh = rand::random::<u64>() | 1;
         let mut minted = false;
-        self.persist(|sb| {
-            let current = sb.current_uuid;
-            for p in sb.peers.iter_mut() {
-                if missing.contains(&p.node_id) && p.bitmap_uuid == 0 {
-                    p.bitmap_uuid = current;
-                    minted = true;
-                }
-            }
-            if minted {
-                sb.history_uuids = [current, sb.history_uuids[0]];
-                sb.current_uuid = fresh;
-            }
-        })
-        .await?;
+        self.persist(|sb| minted = assign_bitmap_generation(sb, missing, fresh))
+            .await?;
         if minted {
             let g = self.generation();
             tracing::info!(resource = %self.name(), ?missing, current = format_args!("{:016X}", g.current),

@@ -7,6 +7,7 @@
 
 mod al;
 pub mod bitmap;
+pub mod core;
 pub mod decide;
 mod dirty;
 mod io;

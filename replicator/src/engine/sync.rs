@@ -8,9 +8,12 @@ use std::time::{Duration, Instant};
 use tandem_common::frame::{self, Channel};
 
 use super::bitmap::DirtyBitmap;
-use super::decide::{decide, resolve_split_brain, Decision, Generation, SbSide};
+use super::core::{
+    adopt_uuids, finish_as_source, finish_as_target, peer_generation, plan_connect, resync_work,
+    Local, Plan,
+};
+use super::decide::{decide, Decision, SbSide};
 use super::{Conn, Resource, SyncProgress};
-use crate::meta::format::FLAG_CRASHED_PRIMARY;
 use crate::proto::{AckMode, PeerMsg, PeerState};
 use crate::state::{ConnState, DiskState, ReplState, Role};
 
@@ -100,98 +103,60 @@ impl Resource {
         let discard = self
             .update_peer(conn.peer, |p| std::mem::take(&mut p.discard_my_data))
             .unwrap_or(false);
-        let me = self.generation_for(Some(conn.peer));
-        let peer = peer_generation(st);
-        let (mut decision, mut rule) = decide(&me, &peer);
-        match (discard, st.discard_my_data) {
-            (true, true) => {
-                return Err(SessionEnd::standalone(
-                    "both sides asked to discard their data (connect --discard-my-data on one node only)",
-                ))
-            }
-            (true, false) if peer.current != 0 => {
-                (decision, rule) = (Decision::SyncTarget, "discard-my-data")
-            }
-            (false, true) if me.current != 0 => {
-                (decision, rule) = (Decision::SyncSource, "peer-discards-its-data")
-            }
-            _ => {}
-        }
-        tracing::info!(resource = %self.name(), peer = %name, ?decision, %rule,
+        let local = Local {
+            generation: self.generation_for(Some(conn.peer)),
+            discard_my_data: discard,
+            split_brain: SbSide {
+                primary: self.role() == Role::Primary,
+                changes_bytes: self.bitmap_dirty_bytes(conn.peer),
+                node_id: self.settings.node_id.0,
+                primary_since_ms: self.primary_since_ms.load(Ordering::Relaxed),
+            },
+            policy: self.settings.sb_policy,
+        };
+        let (plan, rule, split_brain) = plan_connect(&local, st, conn.peer);
+        let (me, peer) = (local.generation, peer_generation(st));
+        tracing::info!(resource = %self.name(), peer = %name, ?plan, %rule,
             local = format_args!("{:016X}:{:016X}", me.current, me.history[0]),
             remote = format_args!("{:016X}:{:016X}", peer.current, peer.history[0]),
             "uuid_compare decided by rule={rule}");
-        match decision {
-            Decision::NoSync => {
-                self.set_repl(conn.peer, ReplState::Established);
-                Ok(())
-            }
-            Decision::SyncSource | Decision::BitmapSource if st.sync_target => {
-                // Another node is already syncing this peer; re-decide when it reports.
-                self.set_repl(conn.peer, ReplState::Established);
-                Ok(())
-            }
-            Decision::SyncSource => {
-                // A crashed Primary at our generation needs only its hot extents.
-                let extents = match (rule, &st.crashed_extents) {
-                    ("peer-crashed-primary", Some(e)) => e.clone(),
-                    _ => Vec::new(),
-                };
-                self.start_resync(conn.clone(), false, &extents);
-                Ok(())
-            }
-            Decision::BitmapSource => {
-                let extents = if st.crashed_primary {
-                    st.crashed_extents.clone().unwrap_or_default()
-                } else {
-                    Vec::new()
-                };
-                self.start_resync(conn.clone(), true, &extents);
-                Ok(())
-            }
-            Decision::SyncTarget | Decision::BitmapTarget => {
-                // The source starts the resync (SyncStart); until then stay idle.
-                self.set_repl(conn.peer, ReplState::Established);
-                Ok(())
-            }
-            Decision::SplitBrain => {
-                self.run_split_brain_handler(&name);
-                let mine = SbSide {
-                    primary: self.role() == Role::Primary,
-                    changes_bytes: self.bitmap_dirty_bytes(conn.peer),
-                    node_id: self.settings.node_id.0,
-                    primary_since_ms: self.primary_since_ms.load(Ordering::Relaxed),
-                };
-                let theirs = SbSide {
-                    primary: st.role == Role::Primary,
-                    changes_bytes: st.changes_bytes,
-                    node_id: conn.peer.0,
-                    primary_since_ms: st.primary_since_ms,
-                };
-                let (resolved, policy_rule) = resolve_split_brain(self.settings.sb_policy, &mine, &theirs);
-                match resolved {
-                    Decision::SyncSource => {
-                        tracing::warn!(resource = %self.name(), peer = %name, %rule, policy = policy_rule,
-                            "Split-Brain detected, resolved automatically: our data survives, the peer's changes are discarded");
-                        self.start_resync(conn.clone(), false, &[]);
-                        return Ok(());
-                    }
-                    Decision::SyncTarget => {
-                        tracing::warn!(resource = %self.name(), peer = %name, %rule, policy = policy_rule,
-                            "Split-Brain detected, resolved automatically: our changes are discarded, resyncing from the peer");
-                        self.set_repl(conn.peer, ReplState::Established);
-                        return Ok(());
-                    }
-                    _ => {}
+        if split_brain {
+            self.run_split_brain_handler(&name);
+            self.emit(
+                "call",
+                "helper",
+                &format!("peer-node-id:{} helper:split-brain", conn.peer),
+            );
+        }
+        match plan {
+            Plan::Idle | Plan::AwaitSource => {
+                if split_brain {
+                    tracing::warn!(resource = %self.name(), peer = %name, policy = rule,
+                        "Split-Brain detected, resolved automatically: our changes are discarded, resyncing from the peer");
                 }
-                tracing::error!(resource = %self.name(), peer = %name, %rule, policy = policy_rule,
+                self.set_repl(conn.peer, ReplState::Established);
+                Ok(())
+            }
+            Plan::Source {
+                use_bitmap,
+                extents,
+            } => {
+                if split_brain {
+                    tracing::warn!(resource = %self.name(), peer = %name, policy = rule,
+                        "Split-Brain detected, resolved automatically: our data survives, the peer's changes are discarded");
+                }
+                self.start_resync(conn.clone(), use_bitmap, &extents);
+                Ok(())
+            }
+            Plan::Refuse {
+                reason,
+                split_brain: true,
+            } => {
+                tracing::error!(resource = %self.name(), peer = %name, %rule, %reason,
                     "Split-Brain detected, dropping connection! Resolve with `tandemadm disconnect`, `tandemadm secondary` and `tandemadm connect --discard-my-data` on the node whose changes are to be discarded");
-                self.emit("call", "helper", &format!("peer-node-id:{} helper:split-brain", conn.peer));
                 Err(SessionEnd::standalone("split brain detected"))
             }
-            Decision::Unrelated => Err(SessionEnd::standalone(format!(
-                "unrelated data: {name}'s generations share no history with ours (rule {rule}); one side needs `tandemadm create-md --force` and a full sync"
-            ))),
+            Plan::Refuse { reason, .. } => Err(SessionEnd::standalone(reason)),
         }
     }
 
@@ -235,21 +200,19 @@ impl Resource {
         use_bitmap: bool,
         extents: &[u64],
     ) {
-        let mut work = if use_bitmap {
-            self.bitmaps
-                .lock()
-                .get(&conn.peer)
-                .map(|(_, bm)| bm.clone())
-                .unwrap_or_else(|| DirtyBitmap::new(self.usable_bytes))
-        } else {
-            DirtyBitmap::new(self.usable_bytes)
+        let work = {
+            let bms = self.bitmaps.lock();
+            let own = use_bitmap
+                .then(|| bms.get(&conn.peer).map(|(_, bm)| bm))
+                .flatten();
+            let empty = DirtyBitmap::new(self.usable_bytes);
+            let own = if use_bitmap {
+                Some(own.unwrap_or(&empty))
+            } else {
+                None
+            };
+            resync_work(own, extents, self.usable_bytes)
         };
-        for e in extents {
-            work.set_range(e * super::al::EXTENT_BYTES, super::al::EXTENT_BYTES);
-        }
-        if !use_bitmap && extents.is_empty() {
-            work.set_all();
-        }
         let total = work.dirty_bytes();
         self.set_repl(conn.peer, ReplState::SyncSource);
         self.update_peer(conn.peer, |p| {
@@ -353,13 +316,9 @@ impl Resource {
         if let Some((_, bm)) = self.bitmaps.lock().get_mut(&peer) {
             bm.clear_all();
         }
-        self.persist(|sb| {
-            for p in sb.peers.iter_mut().filter(|p| p.node_id == peer) {
-                p.bitmap_uuid = 0;
-            }
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+        self.persist(|sb| finish_as_source(sb, peer))
+            .await
+            .map_err(|e| e.to_string())?;
         self.persist_whole_bitmap(peer)
             .await
             .map_err(|e| e.to_string())?;
@@ -470,27 +429,15 @@ impl Resource {
                 self.al_clear()
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
-                self.persist(|sb| {
-                    sb.current_uuid = current;
-                    sb.history_uuids = history;
-                    sb.disk_state = DiskState::UpToDate;
-                    sb.flags &= !(FLAG_CRASHED_PRIMARY | crate::meta::format::FLAG_LOST_QUORUM);
-                })
-                .await
-                .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                let peer = conn.peer;
+                self.persist(|sb| finish_as_target(sb, peer, current, history))
+                    .await
+                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 tracing::info!(resource = %self.name(), peer = %conn.peer, "resync done (SyncTarget): UpToDate");
                 // Whatever we had changed that this peer lacked is overwritten now.
-                let peer = conn.peer;
                 if let Some((_, bm)) = self.bitmaps.lock().get_mut(&peer) {
                     bm.clear_all();
                 }
-                self.persist(|sb| {
-                    for p in sb.peers.iter_mut().filter(|p| p.node_id == peer) {
-                        p.bitmap_uuid = 0;
-                    }
-                })
-                .await
-                .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 self.persist_whole_bitmap(peer)
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
@@ -502,14 +449,12 @@ impl Resource {
                 Ok(())
             }
             PeerMsg::Uuids { current, history } => {
-                let g = self.generation();
                 let in_sync = self
                     .peer_view(conn.peer)
                     .is_some_and(|p| p.repl == ReplState::Established);
-                if in_sync && current > g.current && self.disk() == DiskState::UpToDate {
+                if in_sync && current > self.generation().current {
                     self.persist(|sb| {
-                        sb.current_uuid = current;
-                        sb.history_uuids = history;
+                        adopt_uuids(sb, current, history);
                     })
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
@@ -679,13 +624,3 @@ impl Resource {
 }
 
 const BLOCK: usize = super::bitmap::BLOCK_BYTES as usize;
-
-fn peer_generation(st: &PeerState) -> Generation {
-    Generation {
-        disk: st.disk,
-        current: st.current_uuid,
-        history: st.history_uuids,
-        crashed: st.crashed_primary,
-        bitmap: st.bitmap_uuid_for_you,
-    }
-}

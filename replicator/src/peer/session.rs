@@ -111,6 +111,11 @@ async fn reader_loop(
                 let first = !seen_state;
                 seen_state = true;
                 if let Err(end) = res.on_peer_state(conn, st, first).await {
+                    if end.standalone {
+                        // Let the peer read our State and reach the same verdict: closing
+                        // with unread input would send a RST that can destroy it.
+                        drain_until_eof(&mut rd, Duration::from_secs(2)).await;
+                    }
                     return end;
                 }
             }
@@ -160,4 +165,18 @@ async fn apply_task(
         reason: "session ended".into(),
         standalone: false,
     }
+}
+
+/// Reads and discards until the peer closes (or the timeout passes).
+async fn drain_until_eof<R: tokio::io::AsyncRead + Unpin>(rd: &mut R, timeout: Duration) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(timeout, async {
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
