@@ -372,12 +372,10 @@ impl Checker<'_> {
 
     fn walk_from(&mut self, top: u64) {
         let mut stack = vec![top];
-        let mut done = 0u64;
+        // The group headers' inode counts give the total for percentages.
+        let total = self.st.inode_count().max(1);
+        let mut next_report = total / 10;
         while let Some(dblk) = stack.pop() {
-            done += 1;
-            if done % 10_000 == 0 {
-                (self.out)(&format!("pass 1: {done} directories checked"));
-            }
             let dir = match self.st.inode_raw(dblk) {
                 Ok(d) => d,
                 Err(_) => continue,
@@ -421,6 +419,14 @@ impl Checker<'_> {
             }
             for e in ents {
                 self.check_entry(dblk, e, &mut stack);
+                let seen = self.info.len() as u64;
+                if seen >= next_report && total >= 10_000 {
+                    let pct = seen * 100 / total;
+                    (self.out)(&format!(
+                        "pass 1: {seen} of about {total} inodes checked ({pct}%)"
+                    ));
+                    next_report = seen + total / 10;
+                }
             }
         }
     }
