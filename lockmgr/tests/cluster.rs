@@ -41,7 +41,7 @@ impl Cluster {
     fn start_with(n: usize, witnesses: &[usize], extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut text = format!(
-            "[cluster]\nname = \"t\"\nsecret = \"lock-test-secret\"\nstate-dir = \"{0}/state\"\nrun-dir = \"{0}/run\"\n\n[lockmgr]\ntick-ms = 20\nelection-ticks = 15\nheartbeat-ticks = 3\n",
+            "[cluster]\nname = \"t\"\nsecret = \"lock-test-secret\"\nstate-dir = \"{0}/state\"\nrun-dir = \"{0}/run\"\n\n[lockmgr]\ntick-ms = 25\nelection-ticks = 20\nheartbeat-ticks = 3\n",
             dir.path().display()
         );
         let mut lock_ports = Vec::new();
