@@ -23,8 +23,14 @@ enum Op {
     Mkdir(usize),
     Rmdir(usize),
     Rename(usize, usize),
+    Link(usize, usize),
+    Symlink(usize),
     Remount,
 }
+
+/// Symlinks point outside the mount at a path that cannot exist, so following one fails
+/// with ENOENT on both sides.
+const LINK_TARGET: &str = "/nonexistent-tandem-reftest/target";
 
 fn op() -> impl Strategy<Value = Op> {
     let p = 0..PATHS.len();
@@ -36,21 +42,35 @@ fn op() -> impl Strategy<Value = Op> {
         2 => p.clone().prop_map(Op::Unlink),
         3 => p.clone().prop_map(Op::Mkdir),
         1 => p.clone().prop_map(Op::Rmdir),
-        2 => (p.clone(), p).prop_map(|(a, b)| Op::Rename(a, b)),
+        2 => (p.clone(), p.clone()).prop_map(|(a, b)| Op::Rename(a, b)),
+        1 => (p.clone(), p.clone()).prop_map(|(a, b)| Op::Link(a, b)),
+        1 => p.prop_map(Op::Symlink),
         1 => Just(Op::Remount),
     ]
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Node {
-    File(Vec<u8>),
+    /// A regular file: an id into `Model::files`, shared by hard links.
+    File(u32),
     Dir,
+    Symlink(String),
+}
+
+/// What a tree walk sees, from the model or from the mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum View {
+    File { data: Vec<u8>, nlink: u64 },
+    Dir,
+    Symlink(String),
 }
 
 /// The reference: a map from path to node, with POSIX error rules.
 #[derive(Default)]
 struct Model {
     nodes: BTreeMap<String, Node>,
+    files: BTreeMap<u32, Vec<u8>>,
+    next_id: u32,
 }
 
 type Res = Result<(), i32>;
@@ -64,7 +84,8 @@ impl Model {
                 match self.nodes.get(parent) {
                     Some(Node::Dir) => Ok(()),
                     Some(Node::File(_)) => Err(libc::ENOTDIR),
-                    None => Err(libc::ENOENT),
+                    // The walk follows the link to a target that does not exist.
+                    Some(Node::Symlink(_)) | None => Err(libc::ENOENT),
                 }
             }
         }
@@ -75,6 +96,39 @@ impl Model {
         self.nodes.keys().any(|k| k.starts_with(&prefix))
     }
 
+    /// The file a path opens (following a symlink fails: targets never exist).
+    fn open_file(&mut self, p: &str) -> Result<&mut Vec<u8>, i32> {
+        self.parent_ok(p)?;
+        match self.nodes.get(p) {
+            None | Some(Node::Symlink(_)) => Err(libc::ENOENT),
+            Some(Node::Dir) => Err(libc::EISDIR),
+            Some(Node::File(id)) => Ok(self.files.get_mut(id).expect("file content")),
+        }
+    }
+
+    fn view(&self) -> BTreeMap<String, View> {
+        let nlink = |id: &u32| {
+            self.nodes
+                .values()
+                .filter(|n| **n == Node::File(*id))
+                .count() as u64
+        };
+        self.nodes
+            .iter()
+            .map(|(k, n)| {
+                let v = match n {
+                    Node::File(id) => View::File {
+                        data: self.files[id].clone(),
+                        nlink: nlink(id),
+                    },
+                    Node::Dir => View::Dir,
+                    Node::Symlink(t) => View::Symlink(t.clone()),
+                };
+                (k.clone(), v)
+            })
+            .collect()
+    }
+
     fn apply(&mut self, op: &Op) -> Res {
         match op {
             Op::WriteNew(p, d) => {
@@ -82,41 +136,33 @@ impl Model {
                 self.parent_ok(p)?;
                 match self.nodes.get(p) {
                     Some(Node::Dir) => Err(libc::EISDIR),
-                    _ => {
-                        self.nodes.insert(p.into(), Node::File(d.clone()));
+                    Some(Node::Symlink(_)) => Err(libc::ENOENT),
+                    Some(Node::File(id)) => {
+                        self.files.insert(*id, d.clone());
+                        Ok(())
+                    }
+                    None => {
+                        self.next_id += 1;
+                        self.files.insert(self.next_id, d.clone());
+                        self.nodes.insert(p.into(), Node::File(self.next_id));
                         Ok(())
                     }
                 }
             }
             Op::WriteAt(p, off, d) => {
-                let p = PATHS[*p];
-                self.parent_ok(p)?;
-                match self.nodes.get_mut(p) {
-                    None => Err(libc::ENOENT),
-                    Some(Node::Dir) => Err(libc::EISDIR),
-                    Some(Node::File(cur)) => {
-                        let off = *off as usize;
-                        if !d.is_empty() {
-                            if cur.len() < off + d.len() {
-                                cur.resize(off + d.len(), 0);
-                            }
-                            cur[off..off + d.len()].copy_from_slice(d);
-                        }
-                        Ok(())
+                let cur = self.open_file(PATHS[*p])?;
+                let off = *off as usize;
+                if !d.is_empty() {
+                    if cur.len() < off + d.len() {
+                        cur.resize(off + d.len(), 0);
                     }
+                    cur[off..off + d.len()].copy_from_slice(d);
                 }
+                Ok(())
             }
             Op::Truncate(p, n) => {
-                let p = PATHS[*p];
-                self.parent_ok(p)?;
-                match self.nodes.get_mut(p) {
-                    None => Err(libc::ENOENT),
-                    Some(Node::Dir) => Err(libc::EISDIR),
-                    Some(Node::File(cur)) => {
-                        cur.resize(*n as usize, 0);
-                        Ok(())
-                    }
-                }
+                self.open_file(PATHS[*p])?.resize(*n as usize, 0);
+                Ok(())
             }
             Op::Unlink(p) => {
                 let p = PATHS[*p];
@@ -124,7 +170,7 @@ impl Model {
                 match self.nodes.get(p) {
                     None => Err(libc::ENOENT),
                     Some(Node::Dir) => Err(libc::EISDIR),
-                    Some(Node::File(_)) => {
+                    Some(_) => {
                         self.nodes.remove(p);
                         Ok(())
                     }
@@ -144,7 +190,7 @@ impl Model {
                 self.parent_ok(p)?;
                 match self.nodes.get(p) {
                     None => Err(libc::ENOENT),
-                    Some(Node::File(_)) => Err(libc::ENOTDIR),
+                    Some(Node::File(_) | Node::Symlink(_)) => Err(libc::ENOTDIR),
                     Some(Node::Dir) if self.children(p) => Err(libc::ENOTEMPTY),
                     Some(Node::Dir) => {
                         self.nodes.remove(p);
@@ -162,8 +208,14 @@ impl Model {
                     return Ok(());
                 }
                 match (&src, self.nodes.get(b)) {
-                    (Node::Dir, Some(Node::File(_))) => return Err(libc::ENOTDIR),
-                    (Node::File(_), Some(Node::Dir)) => return Err(libc::EISDIR),
+                    // Two names of one file: rename does nothing.
+                    (Node::File(x), Some(Node::File(y))) if x == y => return Ok(()),
+                    (Node::Dir, Some(Node::File(_) | Node::Symlink(_))) => {
+                        return Err(libc::ENOTDIR)
+                    }
+                    (Node::File(_) | Node::Symlink(_), Some(Node::Dir)) => {
+                        return Err(libc::EISDIR)
+                    }
                     (Node::Dir, Some(Node::Dir)) if self.children(b) => {
                         return Err(libc::ENOTEMPTY)
                     }
@@ -181,6 +233,31 @@ impl Model {
                     self.nodes.remove(&k);
                     self.nodes.insert(format!("{b}{}", &k[a.len()..]), v);
                 }
+                Ok(())
+            }
+            Op::Link(a, b) => {
+                let (a, b) = (PATHS[*a], PATHS[*b]);
+                // linkat resolves the old name first, then creates the new one.
+                self.parent_ok(a)?;
+                let src = self.nodes.get(a).cloned().ok_or(libc::ENOENT)?;
+                self.parent_ok(b)?;
+                if self.nodes.contains_key(b) {
+                    return Err(libc::EEXIST);
+                }
+                if src == Node::Dir {
+                    return Err(libc::EPERM);
+                }
+                self.nodes.insert(b.into(), src);
+                Ok(())
+            }
+            Op::Symlink(p) => {
+                let p = PATHS[*p];
+                self.parent_ok(p)?;
+                if self.nodes.contains_key(p) {
+                    return Err(libc::EEXIST);
+                }
+                self.nodes
+                    .insert(p.into(), Node::Symlink(LINK_TARGET.into()));
                 Ok(())
             }
             Op::Remount => Ok(()),
@@ -220,11 +297,14 @@ fn perform(root: &Path, op: &Op) -> Res {
         Op::Mkdir(i) => fs::create_dir(p(i)),
         Op::Rmdir(i) => fs::remove_dir(p(i)),
         Op::Rename(a, b) => fs::rename(p(a), p(b)),
+        Op::Link(a, b) => fs::hard_link(p(a), p(b)),
+        Op::Symlink(i) => std::os::unix::fs::symlink(LINK_TARGET, p(i)),
         Op::Remount => Ok(()),
     })
 }
 
-fn snapshot(root: &Path) -> BTreeMap<String, Node> {
+fn snapshot(root: &Path) -> BTreeMap<String, View> {
+    use std::os::unix::fs::MetadataExt;
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -237,12 +317,26 @@ fn snapshot(root: &Path) -> BTreeMap<String, Node> {
                 .to_str()
                 .unwrap()
                 .to_string();
-            if e.file_type().unwrap().is_dir() {
-                out.insert(rel, Node::Dir);
+            let ft = e.file_type().unwrap();
+            let v = if ft.is_dir() {
                 stack.push(e.path());
+                View::Dir
+            } else if ft.is_symlink() {
+                View::Symlink(
+                    fs::read_link(e.path())
+                        .unwrap()
+                        .to_str()
+                        .unwrap()
+                        .to_string(),
+                )
             } else {
-                out.insert(rel, Node::File(fs::read(e.path()).unwrap()));
-            }
+                let nlink = fs::symlink_metadata(e.path()).unwrap().nlink();
+                View::File {
+                    data: fs::read(e.path()).unwrap(),
+                    nlink,
+                }
+            };
+            out.insert(rel, v);
         }
     }
     out
@@ -266,7 +360,7 @@ proptest! {
             let want = model.apply(op);
             let got = perform(&m.dir, op);
             prop_assert_eq!(got, want, "step {}: {:?}", i, op);
-            prop_assert_eq!(snapshot(&m.dir), model.nodes.clone(), "tree after step {}: {:?}", i, op);
+            prop_assert_eq!(snapshot(&m.dir), model.view(), "tree after step {}: {:?}", i, op);
         }
         m.unmount();
         let (code, out) = common::fsck(&m.image, "-n");
