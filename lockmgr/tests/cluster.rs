@@ -440,6 +440,18 @@ fn write_garbage(path: &Path, bytes: &[u8]) -> Vec<u8> {
     reply
 }
 
+/// Writes, closes the write side, and reads until the daemon closes.
+fn write_garbage_then_half_close(path: &Path, bytes: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    reply
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_client_socket_and_peer_port_is_refused() {
     let mut cluster = Cluster::start(3);
@@ -486,6 +498,58 @@ async fn garbage_on_client_socket_and_peer_port_is_refused() {
             .unwrap();
         }
     }
+    // A well-formed conversation with a reserved request id gets an error, not silence.
+    let path = sock.clone();
+    let reply = tokio::task::spawn_blocking(move || {
+        use tandem_common::frame::{encode, Channel};
+        use tandem_lockmgr::proto::{ClientReply, ClientRequest};
+        use tandem_lockmgr::types::ReqId;
+        let mut bytes = encode(
+            Channel::LockClient,
+            &ClientRequest::Hello {
+                min_version: 1,
+                max_version: 1,
+                client: "raw".into(),
+                open_session: false,
+            },
+        )
+        .unwrap();
+        bytes.extend(
+            encode(
+                Channel::LockClient,
+                &ClientRequest::Status { req: ReqId(0) },
+            )
+            .unwrap(),
+        );
+        let reply = write_garbage_then_half_close(&path, &bytes);
+        let mut at = 0;
+        let mut out = Vec::new();
+        while let Ok(Some((m, used))) = tandem_common::frame::decode_from_buf::<ClientReply>(
+            &reply[at..],
+            Channel::LockClient,
+            1 << 20,
+        ) {
+            out.push(m);
+            at += used;
+        }
+        out
+    })
+    .await
+    .unwrap();
+    assert!(matches!(
+        reply[0],
+        tandem_lockmgr::proto::ClientReply::Welcome { session: None, .. }
+    ));
+    assert!(
+        matches!(
+            &reply[1],
+            tandem_lockmgr::proto::ClientReply::Failed {
+                error: LockError::Invalid(_),
+                ..
+            }
+        ),
+        "{reply:?}"
+    );
     for i in 1..=3 {
         assert!(cluster.alive(i), "n{i} died on garbage");
     }

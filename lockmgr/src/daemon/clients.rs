@@ -212,6 +212,15 @@ async fn read_loop(
             lock: None,
             error: LockError::NoSession,
         };
+        if request_id(&req) == ReqId(0) && !matches!(req, ClientRequest::Hello { .. }) {
+            // Id 0 would look like an already-applied duplicate and never be answered.
+            let _ = replies.send(ClientReply::Failed {
+                req: ReqId(0),
+                lock: None,
+                error: LockError::Invalid("request id 0 is reserved".into()),
+            });
+            continue;
+        }
         let input = match (req, session) {
             (ClientRequest::Hello { .. }, _) => return Err("duplicate Hello".into()),
             (ClientRequest::Status { req }, _) => CoreInput::Status {
