@@ -279,6 +279,9 @@ impl Journal {
         let per = (self.bs - JD_TARGETS) / 8;
         let mut pos = self.head;
         let mut crc = crc32fast::Hasher::new();
+        // The payload is assembled in log order and written in as few requests as the
+        // circular log allows: over NBD every request is a replicated round trip.
+        let mut log = Vec::with_capacity((need as usize - 1) * self.bs);
         for chunk in blocks.chunks(per) {
             let addr = self.addr(pos);
             let mut d = vec![0u8; self.bs];
@@ -290,14 +293,15 @@ impl Journal {
                 put_u64(&mut d, JD_TARGETS + 8 * i, *home);
             }
             seal(&mut d);
-            dev.write_at(&d, addr * self.bs as u64)?;
+            log.extend_from_slice(&d);
             pos += 1;
             for (_, data) in chunk {
                 crc.update(data);
-                dev.write_at(data, self.addr(pos) * self.bs as u64)?;
+                log.extend_from_slice(data);
                 pos += 1;
             }
         }
+        self.write_log(dev, self.head, &log)?;
         dev.flush()?;
         let addr = self.addr(pos);
         let mut c = vec![0u8; self.bs];
@@ -311,11 +315,37 @@ impl Journal {
         dev.flush()?;
         pos += 1;
         // The transaction is durable; home writes may now reach the disk in any order.
-        for (home, data) in blocks {
-            dev.write_at(data, home * self.bs as u64)?;
+        // Runs of adjacent home blocks go out as one request.
+        let mut homes: Vec<&(u64, Vec<u8>)> = blocks.iter().collect();
+        homes.sort_unstable_by_key(|(h, _)| *h);
+        let mut i = 0;
+        while i < homes.len() {
+            let mut j = i + 1;
+            while j < homes.len() && homes[j].0 == homes[j - 1].0 + 1 && j - i < 256 {
+                j += 1;
+            }
+            let run: Vec<u8> = homes[i..j]
+                .iter()
+                .flat_map(|(_, d)| d.iter().copied())
+                .collect();
+            dev.write_at(&run, homes[i].0 * self.bs as u64)?;
+            i = j;
         }
         self.head = pos;
         self.next_seq = seq + 1;
+        Ok(())
+    }
+
+    /// Writes consecutive log blocks starting at log position `pos`, splitting where the
+    /// circular log wraps.
+    fn write_log(&self, dev: &dyn BlockDevice, pos: u64, data: &[u8]) -> Result<()> {
+        let n = (data.len() / self.bs) as u64;
+        let first = n.min(self.log_len - pos % self.log_len);
+        let split = first as usize * self.bs;
+        dev.write_at(&data[..split], self.addr(pos) * self.bs as u64)?;
+        if split < data.len() {
+            dev.write_at(&data[split..], self.addr(pos + first) * self.bs as u64)?;
+        }
         Ok(())
     }
 
