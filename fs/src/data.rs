@@ -149,6 +149,7 @@ impl Store {
     /// Stores an extent list into the inode (inline if it fits, else in leaf blocks).
     pub fn set_extents(&mut self, ino: &mut Inode, ext: &[Extent]) -> Result<()> {
         let mut old = Self::leaf_ptrs(ino);
+        let had = old.len();
         ino.flags &= !FLAG_INLINE;
         ino.payload.fill(0);
         if ext.len() * EXTENT_LEN <= ino.payload_cap() {
@@ -179,12 +180,24 @@ impl Store {
             ino.blocks += 1;
             old.push(l);
         }
+        let existing = old.len().min(had);
         for (k, chunk) in ext.chunks(cap).enumerate() {
-            let b = self.meta_new(old[k], BlockType::ExtentLeaf);
-            put_u32(b, 24, chunk.len() as u32);
+            let mut body = vec![0u8; self.bs - 24];
+            put_u32(&mut body, 0, chunk.len() as u32);
             for (i, e) in chunk.iter().enumerate() {
-                e.encode(&mut b[LEAF_HDR + i * EXTENT_LEN..]);
+                e.encode(&mut body[LEAF_HDR - 24 + i * EXTENT_LEN..]);
             }
+            // Only leaves whose extents changed join the transaction: appending to a file
+            // with thousands of extents must not journal every leaf each time.
+            if k < existing && self.meta(old[k], BlockType::ExtentLeaf)?[24..] == body[..] {
+                continue;
+            }
+            let b = if k < existing {
+                self.meta_mut(old[k], BlockType::ExtentLeaf)?
+            } else {
+                self.meta_new(old[k], BlockType::ExtentLeaf)
+            };
+            b[24..].copy_from_slice(&body);
         }
         ino.flags |= FLAG_EXT_INDIRECT;
         for (i, l) in old.iter().enumerate() {

@@ -103,3 +103,23 @@ fn hashed_directories_split_double_and_chain() {
         tandem_fs::fsck::fsck(dev, tandem_fs::fsck::FsckOptions::default(), &mut sink).unwrap();
     assert!(rep.problems.is_empty(), "{:?}", rep.problems);
 }
+
+#[test]
+fn appending_to_a_fragmented_file_journals_only_the_changed_leaf() {
+    let (_d, fs) = fresh(64 << 20);
+    let f = fs.mknod(CTX, ROOT_INO, b"frag", 0o644, 0, 0).unwrap();
+    // Every other block: one extent each, far more than fit in the inode.
+    for k in 0..1000u64 {
+        fs.write(f.ino, k * 8192, &[k as u8; 10]).unwrap();
+    }
+    fs.commit().unwrap();
+    let before = fs.debug_dirty_blocks();
+    assert_eq!(before, 0);
+    fs.write(f.ino, 1000 * 8192, &[1; 10]).unwrap();
+    let dirty = fs.debug_dirty_blocks();
+    // Inode, the last leaf, one bitmap block and the group header.
+    assert!(dirty <= 5, "{dirty} blocks dirtied by one append");
+    for k in (0..1000u64).step_by(97) {
+        assert_eq!(fs.read(f.ino, k * 8192, 10).unwrap(), vec![k as u8; 10]);
+    }
+}

@@ -163,6 +163,11 @@ impl Fs {
         self.inner.lock().st.sync_all(clean)
     }
 
+    /// Metadata blocks in the running transaction (tests and diagnostics).
+    pub fn debug_dirty_blocks(&self) -> usize {
+        self.inner.lock().st.dirty_count()
+    }
+
     pub fn block_size(&self) -> u32 {
         self.block_size
     }
