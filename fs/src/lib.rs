@@ -20,7 +20,6 @@ pub mod mkfs;
 #[cfg(feature = "nbd")]
 pub mod nbd;
 pub mod store;
-pub mod target;
 pub mod xattr;
 
 pub use block::{BlockDevice, CrashMode, FaultDevice, FileDevice};

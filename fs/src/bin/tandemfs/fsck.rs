@@ -42,7 +42,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
         }
     };
     let repair = a.yes || a.auto;
-    let dev = match tandem_fs::target::open_target(&a.target, repair) {
+    let dev = match crate::target::open_target(&a.target, repair) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("fsck.tandem: {e:#}");

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 mod fsck;
 mod mkfs;
 mod mount;
+mod target;
 
 fn main() -> ExitCode {
     // fuser warns about its own second unmount attempt after every clean unmount.

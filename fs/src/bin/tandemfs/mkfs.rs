@@ -62,7 +62,7 @@ fn run(a: Args) -> anyhow::Result<()> {
         f.set_len(bytes)
             .with_context(|| format!("cannot size {}", a.target))?;
     }
-    let dev = tandem_fs::target::open_target(&a.target, true)?;
+    let dev = crate::target::open_target(&a.target, true)?;
     let opts = MkfsOptions {
         lock_table: a.lock_table,
         journals: a.journals,

@@ -138,7 +138,7 @@ fn block_signals() -> libc::sigset_t {
 }
 
 fn run(o: Opts) -> anyhow::Result<()> {
-    let dev = tandem_fs::target::open_target(&o.target, !o.fs.read_only)?;
+    let dev = crate::target::open_target(&o.target, !o.fs.read_only)?;
     let (fs, stats) =
         Fs::mount(dev, o.fs.clone()).with_context(|| format!("cannot mount {}", o.target))?;
     if !stats.was_clean {

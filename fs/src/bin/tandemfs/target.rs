@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::block::{BlockDevice, FileDevice};
+use tandem_fs::block::{BlockDevice, FileDevice};
 
 /// Opens `target` for the tools. `nbd+unix:///EXPORT?socket=PATH` names an NBD export
 /// (normally a tandem-replicatord resource).
@@ -18,9 +18,9 @@ pub fn open_target(target: &str, writable: bool) -> anyhow::Result<Arc<dyn Block
 
 #[cfg(feature = "nbd")]
 fn open_nbd(target: &str) -> anyhow::Result<Arc<dyn BlockDevice>> {
-    let (socket, export) = crate::nbd::parse_uri(target)
+    let (socket, export) = tandem_fs::nbd::parse_uri(target)
         .ok_or_else(|| anyhow::anyhow!("{target}: expected nbd+unix:///EXPORT?socket=PATH"))?;
-    let dev = crate::nbd::NbdDevice::connect(Path::new(&socket), &export)
+    let dev = tandem_fs::nbd::NbdDevice::connect(Path::new(&socket), &export)
         .map_err(|e| anyhow::anyhow!("cannot connect to NBD export {export:?} at {socket}: {e}"))?;
     Ok(Arc::new(dev))
 }
