@@ -640,7 +640,17 @@ fn writes_by_other_users_clear_setuid_and_ro_mounts_refuse_writes() {
         "setuid is dropped on write"
     );
     m.unmount();
-    m.mount("ro");
+    m.mount("ro,noexec,nodev");
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == m.dir.to_str())
+        .unwrap();
+    let flags = line.split(' ').nth(5).unwrap();
+    assert!(
+        flags.contains("ro") && flags.contains("noexec") && flags.contains("nodev"),
+        "{line}"
+    );
     assert_eq!(fs::read(m.path("prog")).unwrap(), b"#!/bin/sh\necho hi\n");
     assert_eq!(errno(fs::write(m.path("new"), b"x")), libc::EROFS);
     assert_eq!(errno(fs::remove_file(m.path("prog"))), libc::EROFS);

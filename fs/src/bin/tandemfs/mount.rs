@@ -21,6 +21,8 @@ struct Opts {
     foreground: bool,
     fs: FsOptions,
     allow_other: bool,
+    /// Kernel mount flags passed through (nodev, nosuid, noexec, sync, ...).
+    flags: Vec<MountOption>,
     ttl: Duration,
     commit: Duration,
     threads: usize,
@@ -41,6 +43,7 @@ fn parse(args: Vec<String>) -> anyhow::Result<Opts> {
         foreground: false,
         fs: FsOptions::default(),
         allow_other: false,
+        flags: Vec::new(),
         // One daemon owns the filesystem and the kernel invalidates what it changes itself,
         // so long kernel caching is safe on a single node (the cluster mount will
         // invalidate through FUSE notifications when it loses a glock).
@@ -110,18 +113,34 @@ fn apply_opt(o: &mut Opts, opt: &str) -> anyhow::Result<()> {
         | "users"
         | "_netdev"
         | "nofail"
-        | "dev"
-        | "nodev"
-        | "suid"
-        | "nosuid"
-        | "exec"
-        | "noexec"
         | "async"
         | "default_permissions" => {}
+        // Kernel mount flags: honoured, not ignored (noexec and nosuid matter for security).
+        "dev" => o.flags.push(MountOption::Dev),
+        "nodev" => o.flags.push(MountOption::NoDev),
+        "suid" => o.flags.push(MountOption::Suid),
+        "nosuid" => o.flags.push(MountOption::NoSuid),
+        "exec" => o.flags.push(MountOption::Exec),
+        "noexec" => o.flags.push(MountOption::NoExec),
+        "sync" => o.flags.push(MountOption::Sync),
+        "dirsync" => o.flags.push(MountOption::DirSync),
         _ if k.starts_with("x-") || k.starts_with("comment") => {}
         _ => bail!("unknown mount option {opt:?}"),
     }
     Ok(())
+}
+
+fn conflicts(a: &MountOption, b: &MountOption) -> bool {
+    use MountOption::*;
+    matches!(
+        (a, b),
+        (Dev, NoDev)
+            | (NoDev, Dev)
+            | (Suid, NoSuid)
+            | (NoSuid, Suid)
+            | (Exec, NoExec)
+            | (NoExec, Exec)
+    ) || a == b
 }
 
 fn block_signals() -> libc::sigset_t {
@@ -161,6 +180,11 @@ fn run(o: Opts) -> anyhow::Result<()> {
     ];
     if !o.fs.relatime {
         cfg.mount_options.push(MountOption::NoAtime);
+    }
+    for f in &o.flags {
+        // The last of a conflicting pair wins, as with mount(8).
+        cfg.mount_options.retain(|m| !conflicts(m, f));
+        cfg.mount_options.push(f.clone());
     }
     if o.allow_other {
         cfg.acl = SessionACL::All;
