@@ -344,3 +344,30 @@ fn misplaced_hash_entries_are_rehashed_and_stale_inline_bytes_zeroed() {
     want.resize(30, 0);
     assert_eq!(fs.read(small.ino, 0, 100).unwrap(), want);
 }
+
+#[test]
+fn read_errors_surface_as_eio_not_panics() {
+    let base = populated_image();
+    let meta = metadata_blocks(&base);
+    let mut rng = StdRng::seed_from_u64(11);
+    for _ in 0..40 {
+        let dev = Arc::new(FaultDevice::from_image(base.clone()));
+        for _ in 0..3 {
+            let blk = meta[rng.gen_range(0..meta.len())] as u64;
+            dev.fail_reads(blk * BS as u64, BS as u64);
+        }
+        match Fs::mount(dev.clone(), FsOptions::default()) {
+            Ok((fs, _)) => {
+                read_everything(&fs);
+                // Writes after read errors either work or fail cleanly.
+                let _ = fs.mknod(CTX, ROOT_INO, b"after-errors", 0o644, 0, 0);
+                let _ = fs.shutdown();
+            }
+            Err(e) => assert_eq!(e.errno(), libc::EIO, "{e}"),
+        }
+        let mut sink = |_: &str| {};
+        if let Err(e) = fsck(dev, FsckOptions { repair: false }, &mut sink) {
+            assert!(matches!(e, tandem_fs::FsError::Io(_)), "{e}");
+        }
+    }
+}
