@@ -237,7 +237,9 @@ impl Store {
         Ok(None)
     }
 
-    /// Adds an entry; the caller has checked that the name is absent.
+    /// Adds an entry; the caller has checked that the name is absent. On error the
+    /// directory is still consistent (a split or table doubling may have happened) and the
+    /// caller must store `dir` anyway.
     pub fn dir_add(&mut self, dir: &mut Inode, ent: Dirent) -> Result<()> {
         if dir.flags & FLAG_EXHASH == 0 {
             let used = dir.payload_len as usize;
@@ -445,5 +447,36 @@ impl Store {
             }
         }
         Ok(bad)
+    }
+}
+
+impl Store {
+    /// Points an existing entry at another inode, in place: needs no space, so rename
+    /// over an existing name cannot fail half-way with ENOSPC.
+    pub fn dir_replace(&mut self, dir: &mut Inode, name: &[u8], ino: u64, dtype: u8) -> Result<()> {
+        let hash = name_hash(name);
+        if dir.flags & FLAG_EXHASH == 0 {
+            let (p, _) = find_ent(&dir.payload, dir.payload_len as usize, name, hash)
+                .ok_or(FsError::NotFound)?;
+            put_u64(&mut dir.payload, p, ino);
+            dir.payload[p + 12] = dtype;
+            return Ok(());
+        }
+        let mut cur = Self::table(dir)[Self::slot(hash, dir.dir_depth)];
+        let mut hops = 0;
+        while cur != 0 && hops < 1 << 20 {
+            let b = self.meta(cur, BlockType::DirLeaf)?;
+            let used = get_u32(b, 28) as usize;
+            let next = get_u64(b, 32);
+            if let Some((p, _)) = find_ent(&b[LEAF_HDR..], used, name, hash) {
+                let b = self.meta_mut(cur, BlockType::DirLeaf)?;
+                put_u64(b, LEAF_HDR + p, ino);
+                b[LEAF_HDR + p + 12] = dtype;
+                return Ok(());
+            }
+            cur = next;
+            hops += 1;
+        }
+        Err(FsError::NotFound)
     }
 }

@@ -123,3 +123,93 @@ fn appending_to_a_fragmented_file_journals_only_the_changed_leaf() {
         assert_eq!(fs.read(f.ino, k * 8192, 10).unwrap(), vec![k as u8; 10]);
     }
 }
+
+#[test]
+fn rename_that_runs_out_of_space_changes_nothing() {
+    let (dev, fs) = fresh(16 << 20);
+    let d = fs.mkdir(CTX, ROOT_INO, b"d", 0o755, 0).unwrap();
+    // Fourteen 255-byte names fill the directory's inline area: one more needs a leaf.
+    for i in 0..14u8 {
+        fs.mknod(CTX, d.ino, &[b'a' + i; 255], 0o644, 0, 0).unwrap();
+    }
+    let src = fs.mknod(CTX, ROOT_INO, b"src", 0o644, 0, 0).unwrap();
+    fs.write(src.ino, 0, b"payload").unwrap();
+    let fill = fs.mknod(CTX, ROOT_INO, b"fill", 0o644, 0, 0).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    let mut off = 0;
+    while fs.write(fill.ino, off, &chunk).is_ok() {
+        off += chunk.len() as u64;
+    }
+    while fs.write(fill.ino, off, &[0u8; 4096]).is_ok() {
+        off += 4096;
+    }
+    let err = fs
+        .rename(ROOT_INO, b"src", d.ino, &[b'z'; 255], 0)
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::ENOSPC);
+    assert_eq!(fs.lookup(ROOT_INO, b"src").unwrap().ino, src.ino);
+    assert!(fs.lookup(d.ino, &[b'z'; 255]).is_err());
+    // Replacing an existing name needs no space and works on a full filesystem.
+    fs.rename(ROOT_INO, b"src", d.ino, &[b'a'; 255], 0).unwrap();
+    assert_eq!(
+        fs.read(fs.lookup(d.ino, &[b'a'; 255]).unwrap().ino, 0, 100)
+            .unwrap(),
+        b"payload"
+    );
+    fs.shutdown().unwrap();
+    let mut sink = |_: &str| {};
+    let rep =
+        tandem_fs::fsck::fsck(dev, tandem_fs::fsck::FsckOptions::default(), &mut sink).unwrap();
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+}
+
+#[test]
+fn directory_growth_that_runs_out_of_space_loses_no_entries() {
+    let dev = Arc::new(FaultDevice::new(8 << 20));
+    let opts = MkfsOptions {
+        lock_table: "t:full".into(),
+        journals: 1,
+        journal_mib: Some(1),
+        block_size: 1024,
+        lock_proto: LockProto::NoLock,
+    };
+    mkfs(dev.clone() as Arc<dyn BlockDevice>, &opts).unwrap();
+    let (fs, _) = Fs::mount(dev.clone(), FsOptions::default()).unwrap();
+    let d = fs.mkdir(CTX, ROOT_INO, b"d", 0o755, 0).unwrap();
+    let fill = fs.mknod(CTX, ROOT_INO, b"fill", 0o644, 0, 0).unwrap();
+    let mut off = 0;
+    while fs.write(fill.ino, off, &[7u8; 1024]).is_ok() {
+        off += 1024;
+    }
+    // Leave room for a handful of inodes and leaves only.
+    fs.setattr(
+        fill.ino,
+        tandem_fs::fs::SetAttr {
+            size: Some(off - 40 * 1024),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    fs.commit().unwrap();
+    let mut added = Vec::new();
+    for i in 0..10_000 {
+        let name = format!("entry-with-a-long-name-{i:05}");
+        match fs.mknod(CTX, d.ino, name.as_bytes(), 0o644, 0, 0) {
+            Ok(_) => added.push(name),
+            Err(e) => {
+                assert_eq!(e.errno(), libc::ENOSPC, "{e}");
+                break;
+            }
+        }
+    }
+    assert!(!added.is_empty() && added.len() < 10_000);
+    for name in &added {
+        fs.lookup(d.ino, name.as_bytes())
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    fs.shutdown().unwrap();
+    let mut sink = |_: &str| {};
+    let rep =
+        tandem_fs::fsck::fsck(dev, tandem_fs::fsck::FsckOptions::default(), &mut sink).unwrap();
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+}

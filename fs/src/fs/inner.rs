@@ -289,39 +289,52 @@ impl Inner {
         if src_ino.is_dir() && self.is_within(npb, src_ino.block)? {
             return Err(FsError::Invalid("cannot move a directory below itself"));
         }
-        if let Some(d) = dst {
-            let mut victim = self.st.inode(d.ino)?;
-            match (src_ino.is_dir(), victim.is_dir()) {
-                (true, false) => return Err(FsError::NotDir),
-                (false, true) => return Err(FsError::IsDir),
-                (true, true) if victim.dir_entries != 0 => return Err(FsError::NotEmpty),
-                _ => {}
+        // Order matters for atomicity: the only step that can run out of space (adding a
+        // new name) comes first; everything after it cannot fail for lack of space.
+        let victim = match dst {
+            Some(d) => {
+                let victim = self.st.inode(d.ino)?;
+                match (src_ino.is_dir(), victim.is_dir()) {
+                    (true, false) => return Err(FsError::NotDir),
+                    (false, true) => return Err(FsError::IsDir),
+                    (true, true) if victim.dir_entries != 0 => return Err(FsError::NotEmpty),
+                    _ => {}
+                }
+                let mut nd = self.st.inode(npb)?;
+                self.st.dir_replace(&mut nd, newname, src.ino, src.dtype)?;
+                if victim.is_dir() {
+                    nd.nlink = nd.nlink.saturating_sub(1);
+                }
+                nd.mtime = now;
+                nd.ctime = now;
+                self.st.put_inode(&nd)?;
+                Some(victim)
             }
-            let mut nd = self.st.inode(npb)?;
-            self.st.dir_remove(&mut nd, newname)?;
-            if victim.is_dir() {
-                nd.nlink = nd.nlink.saturating_sub(1);
+            None => {
+                let mut nd = self.st.inode(npb)?;
+                let ent = Dirent {
+                    name: newname.to_vec(),
+                    ino: src.ino,
+                    dtype: src.dtype,
+                };
+                let added = self.st.dir_add(&mut nd, ent);
+                // Stored even on failure: see `Fs::link`.
+                self.st.put_inode(&nd)?;
+                added?;
+                nd.mtime = now;
+                nd.ctime = now;
+                self.st.put_inode(&nd)?;
+                None
             }
-            self.st.put_inode(&nd)?;
-            self.drop_link(&mut victim)?;
-        }
+        };
         let mut pd = self.st.inode(pb)?;
         self.st.dir_remove(&mut pd, name)?;
         pd.mtime = now;
         pd.ctime = now;
         self.st.put_inode(&pd)?;
-        let mut nd = self.st.inode(npb)?;
-        self.st.dir_add(
-            &mut nd,
-            Dirent {
-                name: newname.to_vec(),
-                ino: src.ino,
-                dtype: src.dtype,
-            },
-        )?;
-        nd.mtime = now;
-        nd.ctime = now;
-        self.st.put_inode(&nd)?;
+        if let Some(mut victim) = victim {
+            self.drop_link(&mut victim)?;
+        }
         if pb != npb {
             self.reparent(src.ino, pb, npb, now)?;
         } else {
@@ -341,15 +354,7 @@ impl Inner {
         now: Time,
     ) -> Result<()> {
         let mut d = self.st.inode(dir)?;
-        self.st.dir_remove(&mut d, name)?;
-        self.st.dir_add(
-            &mut d,
-            Dirent {
-                name: name.to_vec(),
-                ino,
-                dtype,
-            },
-        )?;
+        self.st.dir_replace(&mut d, name, ino, dtype)?;
         d.mtime = now;
         d.ctime = now;
         self.st.put_inode(&d)

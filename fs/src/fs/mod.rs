@@ -338,14 +338,16 @@ impl Fs {
         if g.st.dir_lookup(&dir, newname)?.is_some() {
             return Err(FsError::Exists);
         }
-        g.st.dir_add(
-            &mut dir,
-            Dirent {
-                name: newname.to_vec(),
-                ino: i.block,
-                dtype: dtype(i.mode),
-            },
-        )?;
+        let ent = Dirent {
+            name: newname.to_vec(),
+            ino: i.block,
+            dtype: dtype(i.mode),
+        };
+        let added = g.st.dir_add(&mut dir, ent);
+        // Stored even on failure: a leaf split that happened before ENOSPC is already in
+        // the leaf blocks, and the table in the inode must match it.
+        g.st.put_inode(&dir)?;
+        added?;
         let now = Time::now();
         dir.mtime = now;
         dir.ctime = now;
