@@ -32,6 +32,7 @@ fn main() {
             changes_bytes: 0,
             primary_since_ms: 0,
             crashed_extents: None,
+            dirty_runs: None,
         }),
         PeerMsg::Write {
             seq: 1,
@@ -39,6 +40,7 @@ fn main() {
             data: vec![7; 64],
             fua: true,
             ack: AckMode::Write,
+            missing: vec![],
         },
         PeerMsg::Flush { seq: 2 },
         PeerMsg::SyncData {

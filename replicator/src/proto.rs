@@ -61,6 +61,10 @@ pub struct PeerState {
     pub primary_since_ms: u64,
     /// A crashed Primary's activity log: the 4 MiB extents that may differ (None = unknown).
     pub crashed_extents: Option<Vec<u64>>,
+    /// The sender's bitmap for the receiver as byte runs (blocks the sender changed that
+    /// the receiver lacks); `None` when there are too many runs to send (treat as all).
+    /// A sync source resyncs these too, so a target's own changes are overwritten.
+    pub dirty_runs: Option<Vec<(u64, u64)>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +76,8 @@ pub enum PeerMsg {
     Uuids {
         current: u64,
         history: [u64; 2],
+        /// The peers the sender minted it for (missing): receivers start tracking them.
+        missing: Vec<tandem_common::NodeId>,
     },
     /// `new-current-uuid --clear-bitmap`: both sides are empty, take this generation and
     /// become UpToDate without a sync.
@@ -87,6 +93,8 @@ pub enum PeerMsg {
         data: Vec<u8>,
         fua: bool,
         ack: AckMode,
+        /// Peers the writer cannot reach: the receiver tracks this write for them too.
+        missing: Vec<tandem_common::NodeId>,
     },
     Zero {
         seq: u64,
@@ -94,6 +102,7 @@ pub enum PeerMsg {
         len: u64,
         fua: bool,
         ack: AckMode,
+        missing: Vec<tandem_common::NodeId>,
     },
     Flush {
         seq: u64,
@@ -202,10 +211,12 @@ mod tests {
             changes_bytes: 0,
             primary_since_ms: 0,
             crashed_extents: Some(vec![1, 5]),
+            dirty_runs: Some(vec![(0, 4096)]),
         }));
         rt(PeerMsg::Uuids {
             current: 5,
             history: [6, 7],
+            missing: vec![],
         });
         rt(PeerMsg::NewCurrentUuid { uuid: 9 });
         rt(PeerMsg::Write {
@@ -214,6 +225,7 @@ mod tests {
             data: vec![1; 10],
             fua: true,
             ack: AckMode::Write,
+            missing: vec![tandem_common::NodeId(3)],
         });
         rt(PeerMsg::Zero {
             seq: 2,
@@ -221,6 +233,7 @@ mod tests {
             len: 8192,
             fua: false,
             ack: AckMode::Recv,
+            missing: vec![],
         });
         rt(PeerMsg::Flush { seq: 3 });
         rt(PeerMsg::RecvAck { seq: 3 });

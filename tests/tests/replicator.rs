@@ -252,6 +252,7 @@ fn wrong_secret_and_garbage_are_refused_without_harm() {
     }
     c.wait_for(Duration::from_secs(10), || {
         Ok(c.log(1, "replicatord").contains("refused peer connection")
+            && c.log(1, "replicatord").contains("authentication failed")
             && c.log(0, "replicatord")
                 .contains("handshake with peer failed"))
     })

@@ -16,9 +16,14 @@ use crate::state::DiskState;
 pub enum Plan {
     /// In sync (or nothing to do yet): Established.
     Idle,
-    /// We send: our bitmap for the peer (`use_bitmap`) plus these 4 MiB extents, or the
-    /// whole volume when neither is given.
-    Source { use_bitmap: bool, extents: Vec<u64> },
+    /// We send: our bitmap for the peer (`use_bitmap`) plus these 4 MiB extents plus the
+    /// peer's own changes (`peer_runs`; `None` = unknown, send everything), or the whole
+    /// volume when none is given.
+    Source {
+        use_bitmap: bool,
+        extents: Vec<u64>,
+        peer_runs: Option<Vec<(u64, u64)>>,
+    },
     /// The peer will send (SyncStart); stay Established until it does.
     AwaitSource,
     /// Disconnect and stay StandAlone until an operator acts.
@@ -34,6 +39,10 @@ pub struct Local {
     pub discard_my_data: bool,
     pub split_brain: SbSide,
     pub policy: SbPolicy,
+    /// Our own activity log if we crashed as Primary (None with `generation.crashed` =
+    /// unknown, e.g. lost quorum): as a source we must send those extents too, they may
+    /// hold writes the peer never got.
+    pub own_crashed_extents: Option<Vec<u64>>,
 }
 
 pub fn peer_generation(st: &PeerState) -> Generation {
@@ -43,6 +52,7 @@ pub fn peer_generation(st: &PeerState) -> Generation {
         history: st.history_uuids,
         crashed: st.crashed_primary,
         bitmap: st.bitmap_uuid_for_you,
+        dirty: st.changes_bytes > 0,
     }
 }
 
@@ -95,11 +105,12 @@ pub fn plan_connect(me: &Local, st: &PeerState, peer: NodeId) -> (Plan, &'static
             }
         }
     }
-    let plan = match decision {
+    let mut plan = match decision {
         Decision::NoSync => Plan::Idle,
         // Another node is already syncing this peer; re-decide when it reports.
         Decision::SyncSource | Decision::BitmapSource if st.sync_target => Plan::Idle,
         Decision::SyncSource => Plan::Source {
+            peer_runs: Some(Vec::new()),
             use_bitmap: false,
             // A crashed Primary at our generation needs only its hot extents.
             extents: match (rule, &st.crashed_extents) {
@@ -108,6 +119,7 @@ pub fn plan_connect(me: &Local, st: &PeerState, peer: NodeId) -> (Plan, &'static
             },
         },
         Decision::BitmapSource => Plan::Source {
+            peer_runs: st.dirty_runs.clone(),
             use_bitmap: true,
             extents: if st.crashed_primary {
                 st.crashed_extents.clone().unwrap_or_default()
@@ -122,13 +134,49 @@ pub fn plan_connect(me: &Local, st: &PeerState, peer: NodeId) -> (Plan, &'static
             split_brain: false,
         },
     };
+    if let Plan::Source {
+        use_bitmap,
+        extents,
+        ..
+    } = &mut plan
+    {
+        if me.generation.crashed {
+            match &me.own_crashed_extents {
+                Some(own) => extents.extend(own.iter().copied()),
+                None => {
+                    // Unknown hot set: send everything.
+                    *use_bitmap = false;
+                    extents.clear();
+                }
+            }
+        }
+    }
     (plan, rule, split_brain)
 }
 
-/// The blocks a resync sends: the bitmap (if used) plus extents, or everything.
+/// Most runs a `State` carries before it says "too many" (`dirty_runs: None`).
+pub const MAX_DIRTY_RUNS: usize = 16 * 1024;
+
+/// Byte runs of a bitmap for `State::dirty_runs` (`None` if there are too many).
+pub fn dirty_runs(bitmap: &DirtyBitmap) -> Option<Vec<(u64, u64)>> {
+    let mut runs = Vec::new();
+    let mut from = 0;
+    while let Some((o, l)) = bitmap.next_run(from, u64::MAX) {
+        if runs.len() == MAX_DIRTY_RUNS {
+            return None;
+        }
+        runs.push((o, l));
+        from = o + l;
+    }
+    Some(runs)
+}
+
+/// The blocks a resync sends: our bitmap (if used) plus extents plus the peer's own
+/// changes, or everything (no bitmap and no extents, or the peer's changes unknown).
 pub fn resync_work(
     bitmap: Option<&DirtyBitmap>,
     extents: &[u64],
+    peer_runs: Option<&[(u64, u64)]>,
     volume_bytes: u64,
 ) -> DirtyBitmap {
     let mut work = bitmap
@@ -137,17 +185,28 @@ pub fn resync_work(
     for e in extents {
         work.set_range(e * super::al::EXTENT_BYTES, super::al::EXTENT_BYTES);
     }
-    if bitmap.is_none() && extents.is_empty() {
+    for &(o, l) in peer_runs.unwrap_or_default() {
+        work.set_range(o, l);
+    }
+    if (bitmap.is_none() && extents.is_empty()) || peer_runs.is_none() {
         work.set_all();
     }
     work
 }
 
 /// Before the first write some peers will miss: give each such peer a bitmap generation
-/// (our current) and mint a new current. Returns true if the superblock changed.
-pub fn assign_bitmap_generation(sb: &mut Superblock, missing: &[NodeId], fresh_uuid: u64) -> bool {
+/// (our current) and mint a new current. `connectivity_changed` forces a new current even
+/// when every missing peer already has a bitmap: a missing peer may have caught up to our
+/// current generation through a third node since, and must not mistake our new writes for
+/// data it has. Returns true if the superblock changed.
+pub fn assign_bitmap_generation(
+    sb: &mut Superblock,
+    missing: &[NodeId],
+    fresh_uuid: u64,
+    connectivity_changed: bool,
+) -> bool {
     let current = sb.current_uuid;
-    let mut minted = false;
+    let mut minted = connectivity_changed && !missing.is_empty();
     for p in sb.peers.iter_mut() {
         if missing.contains(&p.node_id) && p.bitmap_uuid == 0 {
             p.bitmap_uuid = current;
@@ -159,6 +218,21 @@ pub fn assign_bitmap_generation(sb: &mut Superblock, missing: &[NodeId], fresh_u
         sb.current_uuid = fresh_uuid;
     }
     minted
+}
+
+/// A node that *receives* writes (or a new generation) while some of its own peers are
+/// missing tracks them too — the writer may not reach them either — but does not mint:
+/// it gives those peers a bitmap generation (our current) only. True if it changed.
+pub fn track_missing(sb: &mut Superblock, missing: &[NodeId]) -> bool {
+    let current = sb.current_uuid;
+    let mut changed = false;
+    for p in sb.peers.iter_mut() {
+        if missing.contains(&p.node_id) && p.bitmap_uuid == 0 && current != 0 {
+            p.bitmap_uuid = current;
+            changed = true;
+        }
+    }
+    changed
 }
 
 /// Whether some of `missing` still need a bitmap generation.
@@ -185,9 +259,13 @@ pub fn finish_as_target(sb: &mut Superblock, peer: NodeId, current: u64, history
     finish_as_source(sb, peer);
 }
 
-/// A connected, in-sync Primary minted a new generation: adopt it if newer.
+/// A connected, in-sync peer minted a new generation: adopt it when it was minted from
+/// ours, or — when both minted at once — the larger one, so both sides converge.
 pub fn adopt_uuids(sb: &mut Superblock, current: u64, history: [u64; 2]) -> bool {
-    if current > sb.current_uuid && sb.disk_state == DiskState::UpToDate {
+    if sb.disk_state != DiskState::UpToDate || current == sb.current_uuid {
+        return false;
+    }
+    if history[0] == sb.current_uuid || current > sb.current_uuid {
         sb.current_uuid = current;
         sb.history_uuids = history;
         true

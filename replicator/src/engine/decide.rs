@@ -13,6 +13,8 @@ pub struct Generation {
     pub crashed: bool,
     /// The generation our dirty bitmap for the other side counts from (0 = no bitmap).
     pub bitmap: u64,
+    /// Our bitmap for the other side has blocks it may lack.
+    pub dirty: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,7 +81,14 @@ pub fn decide(me: &Generation, peer: &Generation) -> (Decision, &'static str) {
                 (true, false) => (Decision::SyncTarget, "local-crashed-primary"),
                 (false, true) => (Decision::SyncSource, "peer-crashed-primary"),
                 (true, true) => (Decision::SplitBrain, "both-crashed-primary"),
-                (false, false) => (Decision::NoSync, "equal-current"),
+                // Same generation, but one side wrote blocks the other never got (the
+                // other caught up to this generation through a third node): send them.
+                (false, false) => match (me.dirty, peer.dirty) {
+                    (true, false) => (Decision::BitmapSource, "equal-current-dirty-bitmap"),
+                    (false, true) => (Decision::BitmapTarget, "equal-current-peer-dirty-bitmap"),
+                    (true, true) => (Decision::SplitBrain, "equal-current-both-dirty"),
+                    (false, false) => (Decision::NoSync, "equal-current"),
+                },
             },
         };
     }
@@ -129,6 +138,7 @@ mod tests {
             history,
             crashed: false,
             bitmap: 0,
+            dirty: false,
         }
     }
 

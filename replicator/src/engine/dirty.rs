@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use tandem_common::NodeId;
 
-use super::core::{assign_bitmap_generation, needs_bitmap_generation};
+use super::core::{assign_bitmap_generation, needs_bitmap_generation, track_missing};
 use super::{EngineError, Resource};
 use crate::proto::PeerMsg;
 
@@ -86,14 +86,18 @@ impl Resource {
         &self,
         missing: &[NodeId],
     ) -> Result<(), EngineError> {
-        if !needs_bitmap_generation(&self.sb_cache.lock(), missing) {
+        // A connection came or went since our last generation: a missing peer may have
+        // caught up to our current through a third node, so mint even if it has a bitmap.
+        let changed = !missing.is_empty() && self.conn_changed.load(Ordering::Acquire);
+        if !changed && !needs_bitmap_generation(&self.sb_cache.lock(), missing) {
             return Ok(());
         }
         let _g = self.rotation_lock.lock().await;
         let fresh = rand::random::<u64>() | 1;
         let mut minted = false;
-        self.persist(|sb| minted = assign_bitmap_generation(sb, missing, fresh))
+        self.persist(|sb| minted = assign_bitmap_generation(sb, missing, fresh, changed))
             .await?;
+        self.conn_changed.store(false, Ordering::Release);
         if minted {
             let g = self.generation();
             tracing::info!(resource = %self.name(), ?missing, current = format_args!("{:016X}", g.current),
@@ -101,6 +105,7 @@ impl Resource {
             let msg = PeerMsg::Uuids {
                 current: g.current,
                 history: g.history,
+                missing: missing.to_vec(),
             };
             for c in self.connections() {
                 if !missing.contains(&c.peer) {
@@ -119,6 +124,85 @@ impl Resource {
             bm.set_all();
         }
         self.persist_whole_bitmap(peer).await
+    }
+
+    /// A peer's write (or its new generation) reached us but not `missing`: track them
+    /// too, without minting (the writer minted), so whichever node later resyncs them
+    /// sends this block. Durable before we acknowledge.
+    pub(super) async fn record_received_write(
+        &self,
+        missing: &[NodeId],
+        offset: u64,
+        len: u64,
+    ) -> Result<(), EngineError> {
+        let mine: Vec<NodeId> = missing
+            .iter()
+            .copied()
+            .filter(|p| *p != self.settings.node_id)
+            .collect();
+        if mine.is_empty() {
+            return Ok(());
+        }
+        self.track_missing_peers(&mine).await?;
+        if len == 0 {
+            return Ok(());
+        }
+        let changed: PagesBySlot = {
+            let mut bms = self.bitmaps.lock();
+            let mut out = Vec::new();
+            for p in &mine {
+                if let Some((slot, bm)) = bms.get_mut(p) {
+                    let pages = bm.set_range(offset, len);
+                    if !pages.is_empty() {
+                        out.push((
+                            *slot,
+                            pages.iter().map(|&pg| (pg, bm.page_bytes(pg))).collect(),
+                        ));
+                    }
+                }
+            }
+            out
+        };
+        self.persist_bitmap_pages(changed).await
+    }
+
+    /// Marks every block set in `blocks` for `peers` (tracking them first), durably.
+    pub(super) async fn mark_blocks_for(
+        &self,
+        peers: &[NodeId],
+        blocks: &super::bitmap::DirtyBitmap,
+    ) -> Result<(), EngineError> {
+        if peers.is_empty() || blocks.count_bits() == 0 {
+            return Ok(());
+        }
+        self.track_missing_peers(peers).await?;
+        {
+            let mut bms = self.bitmaps.lock();
+            for p in peers {
+                if let Some((_, bm)) = bms.get_mut(p) {
+                    let mut from = 0;
+                    while let Some((o, l)) = blocks.next_run(from, u64::MAX) {
+                        bm.set_range(o, l);
+                        from = o + l;
+                    }
+                }
+            }
+        }
+        for p in peers {
+            self.persist_whole_bitmap(*p).await?;
+        }
+        Ok(())
+    }
+
+    /// Gives `missing` peers without one a bitmap generation (our current), no minting.
+    pub(super) async fn track_missing_peers(&self, missing: &[NodeId]) -> Result<(), EngineError> {
+        if needs_bitmap_generation(&self.sb_cache.lock(), missing) {
+            self.persist(|sb| {
+                track_missing(sb, missing);
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Bytes our bitmap says `peer` is missing.

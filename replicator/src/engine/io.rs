@@ -126,71 +126,25 @@ impl Resource {
         }
         self.check_range(offset, len)?;
         self.check_writable()?;
-        let seq = self.next_seq();
-        let ack = AckMode::from(self.settings.protocol);
-        let msg = PeerMsg::Write {
-            seq,
-            offset,
-            data,
-            fua,
-            ack,
-        };
-        let frame = Arc::new(
-            frame::encode(Channel::Replication, &msg)
-                .map_err(|e| EngineError::Refused(e.to_string()))?,
-        );
-        let PeerMsg::Write { data, .. } = msg else {
-            unreachable!("built above")
-        };
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats.written_bytes.fetch_add(len, Ordering::Relaxed);
-        self.replicate(offset, len, seq, ack, frame, async {
-            self.backing.write_at(offset, data).await?;
-            if fua {
-                self.backing.sync().await?;
-            }
-            Ok(())
-        })
-        .await
+        self.replicate(offset, len, fua, Some(data)).await
     }
 
     /// TRIM and WRITE_ZEROES: both write zeroes on every copy, so copies stay identical.
     pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
         self.check_range(offset, len)?;
         self.check_writable()?;
-        let seq = self.next_seq();
-        let ack = AckMode::from(self.settings.protocol);
-        let frame = Arc::new(
-            frame::encode(
-                Channel::Replication,
-                &PeerMsg::Zero {
-                    seq,
-                    offset,
-                    len,
-                    fua,
-                    ack,
-                },
-            )
-            .map_err(|e| EngineError::Refused(e.to_string()))?,
-        );
-        self.replicate(offset, len, seq, ack, frame, async {
-            self.backing.write_zeroes(offset, len).await?;
-            if fua {
-                self.backing.sync().await?;
-            }
-            Ok(())
-        })
-        .await
+        self.replicate(offset, len, fua, None).await
     }
 
+    /// Replicates a write (`data`) or a zeroing (`None`) of `[offset, offset+len)`.
     async fn replicate(
         &self,
         offset: u64,
         len: u64,
-        seq: u64,
-        ack: AckMode,
-        frame: Arc<Vec<u8>>,
-        local: impl std::future::Future<Output = Result<(), BackingError>>,
+        fua: bool,
+        data: Option<Vec<u8>>,
     ) -> Result<(), IoError> {
         self.wait_for_quorum().await?;
         let _al = self.al_begin(offset, len).await?;
@@ -199,6 +153,51 @@ impl Resource {
         let range = self.ranges.lock(offset, len).await;
         let (targets, missing) = self.replication_targets();
         self.record_missed_write(&missing, offset, len).await?;
+        let seq = self.next_seq();
+        let ack = AckMode::from(self.settings.protocol);
+        // The message names the peers we cannot reach: receivers track it for them too.
+        let (frame, data) = match data {
+            Some(data) => {
+                let msg = PeerMsg::Write {
+                    seq,
+                    offset,
+                    data,
+                    fua,
+                    ack,
+                    missing: missing.clone(),
+                };
+                let f = frame::encode(Channel::Replication, &msg)
+                    .map_err(|e| EngineError::Refused(e.to_string()))?;
+                let PeerMsg::Write { data, .. } = msg else {
+                    unreachable!("built above")
+                };
+                (f, Some(data))
+            }
+            None => {
+                let msg = PeerMsg::Zero {
+                    seq,
+                    offset,
+                    len,
+                    fua,
+                    ack,
+                    missing: missing.clone(),
+                };
+                let f = frame::encode(Channel::Replication, &msg)
+                    .map_err(|e| EngineError::Refused(e.to_string()))?;
+                (f, None)
+            }
+        };
+        let frame = Arc::new(frame);
+        let local = async {
+            match data {
+                Some(data) => self.backing.write_at(offset, data).await?,
+                None => self.backing.write_zeroes(offset, len).await?,
+            }
+            if fua {
+                self.backing.sync().await?;
+            }
+            Ok::<_, BackingError>(())
+        };
         let mut waits = Vec::with_capacity(targets.len());
         for c in &targets {
             let rx = (ack != AckMode::None).then(|| c.expect_ack(seq));

@@ -12,6 +12,8 @@ pub mod decide;
 mod dirty;
 mod io;
 pub mod ranges;
+#[cfg(test)]
+mod sim;
 mod status;
 mod sync;
 mod verify;
@@ -241,11 +243,15 @@ pub struct Resource {
     inflight: Arc<RangeLocks>,
     next_seq: AtomicU64,
     next_epoch: AtomicU64,
+    /// A connection came or went since the last generation we minted (see dirty.rs).
+    conn_changed: AtomicBool,
     /// Serialises generation changes made on the write path.
     rotation_lock: tokio::sync::Mutex<()>,
     /// Blocks written by application writes since this node became a SyncTarget: resync
     /// data must not overwrite them (it may be older).
     sync_shadow: Mutex<Option<bitmap::DirtyBitmap>>,
+    /// Blocks received by the resync we are target of: news for our other peers too.
+    sync_received: Mutex<Option<bitmap::DirtyBitmap>>,
     events: broadcast::Sender<String>,
     /// Wakes the dialers (on `connect`, `down`).
     pub wake: tokio::sync::Notify,
@@ -340,8 +346,10 @@ impl Resource {
             inflight: RangeLocks::new(),
             next_seq: AtomicU64::new(1),
             next_epoch: AtomicU64::new(1),
+            conn_changed: AtomicBool::new(true),
             rotation_lock: tokio::sync::Mutex::new(()),
             sync_shadow: Mutex::new(None),
+            sync_received: Mutex::new(None),
             events,
             wake: tokio::sync::Notify::new(),
             quorum_changed: tokio::sync::Notify::new(),
@@ -372,6 +380,7 @@ impl Resource {
 
     /// Our generation as seen by one peer: includes our bitmap uuid for that peer.
     pub fn generation_for(&self, peer: Option<NodeId>) -> Generation {
+        let dirty = peer.is_some_and(|id| self.bitmap_dirty_bytes(id) > 0);
         let sb = self.sb_cache.lock();
         Generation {
             disk: sb.disk_state,
@@ -381,6 +390,7 @@ impl Resource {
             bitmap: peer
                 .and_then(|id| sb.peers.iter().find(|p| p.node_id == id))
                 .map_or(0, |p| p.bitmap_uuid),
+            dirty,
         }
     }
     pub fn is_down(&self) -> bool {
@@ -414,6 +424,11 @@ impl Resource {
             changes_bytes: self.bitmap_dirty_bytes(peer),
             primary_since_ms: self.primary_since_ms.load(Ordering::Relaxed),
             crashed_extents: self.crashed_extents.lock().clone(),
+            dirty_runs: self
+                .bitmaps
+                .lock()
+                .get(&peer)
+                .map_or(Some(Vec::new()), |(_, bm)| core::dirty_runs(bm)),
         }
     }
 
@@ -647,6 +662,7 @@ impl Resource {
             old.close();
         }
         self.set_conn_state(peer, ConnState::Connected);
+        self.conn_changed.store(true, Ordering::Release);
         self.quorum_changed.notify_waiters();
         conn
     }
@@ -694,6 +710,7 @@ impl Resource {
             return;
         }
         tracing::warn!(resource = %self.name(), peer = %conn.peer, %reason, "connection lost");
+        self.conn_changed.store(true, Ordering::Release);
         self.quorum_changed.notify_waiters();
         if self.quorum_needed() > 0 && !self.has_quorum() {
             tracing::warn!(resource = %self.name(), policy = ?self.settings.on_no_quorum, "quorum lost");

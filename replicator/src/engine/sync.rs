@@ -113,6 +113,7 @@ impl Resource {
                 primary_since_ms: self.primary_since_ms.load(Ordering::Relaxed),
             },
             policy: self.settings.sb_policy,
+            own_crashed_extents: self.crashed_extents.lock().clone(),
         };
         let (plan, rule, split_brain) = plan_connect(&local, st, conn.peer);
         let (me, peer) = (local.generation, peer_generation(st));
@@ -129,6 +130,24 @@ impl Resource {
             );
         }
         match plan {
+            Plan::Idle if rule == "equal-current" => {
+                // Same generation, same data: nothing left to track between us.
+                let peer = conn.peer;
+                if self.bitmap_dirty_bytes(peer) > 0 || self.generation_for(Some(peer)).bitmap != 0
+                {
+                    if let Some((_, bm)) = self.bitmaps.lock().get_mut(&peer) {
+                        bm.clear_all();
+                    }
+                    self.persist(|sb| finish_as_source(sb, peer))
+                        .await
+                        .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                    self.persist_whole_bitmap(peer)
+                        .await
+                        .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                }
+                self.set_repl(conn.peer, ReplState::Established);
+                Ok(())
+            }
             Plan::Idle | Plan::AwaitSource => {
                 if split_brain {
                     tracing::warn!(resource = %self.name(), peer = %name, policy = rule,
@@ -140,12 +159,13 @@ impl Resource {
             Plan::Source {
                 use_bitmap,
                 extents,
+                peer_runs,
             } => {
                 if split_brain {
                     tracing::warn!(resource = %self.name(), peer = %name, policy = rule,
                         "Split-Brain detected, resolved automatically: our data survives, the peer's changes are discarded");
                 }
-                self.start_resync(conn.clone(), use_bitmap, &extents);
+                self.start_resync(conn.clone(), use_bitmap, &extents, peer_runs.as_deref());
                 Ok(())
             }
             Plan::Refuse {
@@ -182,7 +202,13 @@ impl Resource {
         };
         if !st.sync_target {
             tracing::info!(resource = %self.name(), peer = %view.name, %rule, "state changed: starting resync");
-            self.start_resync(conn.clone(), bitmap, &[]);
+            let runs = st.dirty_runs.clone();
+            self.start_resync(
+                conn.clone(),
+                bitmap,
+                &[],
+                if bitmap { runs.as_deref() } else { Some(&[]) },
+            );
         }
     }
 
@@ -199,6 +225,7 @@ impl Resource {
         conn: Arc<Conn>,
         use_bitmap: bool,
         extents: &[u64],
+        peer_runs: Option<&[(u64, u64)]>,
     ) {
         let work = {
             let bms = self.bitmaps.lock();
@@ -211,7 +238,7 @@ impl Resource {
             } else {
                 None
             };
-            resync_work(own, extents, self.usable_bytes)
+            resync_work(own, extents, peer_runs, self.usable_bytes)
         };
         let total = work.dirty_bytes();
         self.set_repl(conn.peer, ReplState::SyncSource);
@@ -327,6 +354,18 @@ impl Resource {
             mib_per_s = format_args!("{:.1}", total as f64 / secs / 1048576.0), "resync done (SyncSource)");
         self.update_peer(peer, |p| p.sync = None);
         self.set_repl(peer, ReplState::Established);
+        // A crashed Primary whose hot extents every peer now has is whole again.
+        let all_synced = self
+            .inner
+            .lock()
+            .peers
+            .values()
+            .all(|p| p.conn.is_some() && p.repl == ReplState::Established);
+        if all_synced && self.crashed_extents.lock().take().is_some() {
+            self.persist(|sb| sb.flags &= !crate::meta::format::FLAG_CRASHED_PRIMARY)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         conn.send(&PeerMsg::State(self.local_state(peer))).await;
         Ok(())
     }
@@ -344,10 +383,14 @@ impl Resource {
                 data,
                 fua,
                 ack,
+                missing,
             } => {
                 let len = data.len() as u64;
                 self.check_conflict(conn, offset, len)?;
                 self.shadow_app_write(offset, len);
+                self.record_received_write(&missing, offset, len)
+                    .await
+                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 let r = async {
                     self.backing.write_at(offset, data).await?;
                     if fua {
@@ -364,9 +407,13 @@ impl Resource {
                 len,
                 fua,
                 ack,
+                missing,
             } => {
                 self.check_conflict(conn, offset, len)?;
                 self.shadow_app_write(offset, len);
+                self.record_received_write(&missing, offset, len)
+                    .await
+                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 let r = async {
                     self.backing.write_zeroes(offset, len).await?;
                     if fua {
@@ -388,6 +435,7 @@ impl Resource {
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 self.set_disk(DiskState::Inconsistent);
                 *self.sync_shadow.lock() = Some(DirtyBitmap::new(self.usable_bytes));
+                *self.sync_received.lock() = Some(DirtyBitmap::new(self.usable_bytes));
                 self.update_peer(conn.peer, |p| {
                     p.sync = Some(SyncProgress {
                         total_bytes,
@@ -409,6 +457,9 @@ impl Resource {
                         "resync data beyond the end of the volume",
                     ));
                 }
+                if let Some(rcv) = self.sync_received.lock().as_mut() {
+                    rcv.set_range(offset, len);
+                }
                 let r = self.write_sync_data(offset, data).await;
                 self.stats
                     .resync_received_bytes
@@ -425,6 +476,21 @@ impl Resource {
                     .sync()
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                // What we just received is news for our other peers: track it for them at
+                // our old generation before adopting the source's.
+                let received = self.sync_received.lock().take();
+                if let Some(received) = received {
+                    let others: Vec<tandem_common::NodeId> = self
+                        .settings
+                        .peers
+                        .iter()
+                        .map(|(id, _)| *id)
+                        .filter(|id| *id != conn.peer)
+                        .collect();
+                    self.mark_blocks_for(&others, &received)
+                        .await
+                        .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                }
                 *self.crashed_extents.lock() = None;
                 self.al_clear()
                     .await
@@ -448,7 +514,15 @@ impl Resource {
                 self.broadcast_state().await;
                 Ok(())
             }
-            PeerMsg::Uuids { current, history } => {
+            PeerMsg::Uuids {
+                current,
+                history,
+                missing,
+            } => {
+                // Track the writer's missing peers at our current generation first.
+                self.record_received_write(&missing, 0, 0)
+                    .await
+                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 let in_sync = self
                     .peer_view(conn.peer)
                     .is_some_and(|p| p.repl == ReplState::Established);

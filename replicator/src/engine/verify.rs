@@ -254,7 +254,7 @@ impl Resource {
                     bm.set_all();
                 }
             }
-            self.start_resync(conn, true, &[]);
+            self.start_resync(conn, true, &[], Some(&[]));
             names.push(name);
         }
         Ok(names)

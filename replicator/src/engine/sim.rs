@@ -1,0 +1,613 @@
+//! Seeded deterministic simulation of the replication core (`core.rs`, `decide.rs`,
+//! `bitmap.rs`): N nodes with in-memory disks run writes, link cuts and heals, crashes
+//! (also in the middle of a write), restarts, promotions and operator split-brain
+//! recovery, connecting through `plan_connect` and resyncing with `resync_work` exactly as
+//! the engine does. Invariants:
+//! - two nodes that connect without a resync, both UpToDate, hold identical data (no
+//!   silent divergence);
+//! - after a resync the target equals the source;
+//! - at the end, healed and recovered, every node is UpToDate and identical;
+//! - with a single writer that never crashes, every acknowledged write survives.
+//!
+//! `TANDEM_SIM_SEEDS` (default 2000) sets the number of seeds; `TANDEM_SIM_SEED` replays one.
+
+use std::collections::BTreeMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tandem_common::config::{AfterSb0Pri, AfterSb1Pri, Protocol};
+use tandem_common::NodeId;
+
+use super::bitmap::{DirtyBitmap, BLOCK_BYTES};
+use super::core::{
+    adopt_uuids, assign_bitmap_generation, finish_as_source, finish_as_target,
+    needs_bitmap_generation, plan_connect, resync_work, track_missing, Local, Plan,
+};
+use super::decide::{Generation, SbPolicy, SbSide};
+use crate::meta::format::{PeerSlot, Superblock, FLAG_CRASHED_PRIMARY};
+use crate::proto::PeerState;
+use crate::state::{DiskState, Role};
+
+const BLOCKS: u64 = 32;
+const VOLUME: u64 = BLOCKS * BLOCK_BYTES;
+
+struct Node {
+    id: NodeId,
+    sb: Superblock,
+    bitmaps: BTreeMap<NodeId, DirtyBitmap>,
+    disk: Vec<u64>,
+    primary: bool,
+    up: bool,
+    discard_next: bool,
+    /// A connection came or went since our last new generation (engine: same flag).
+    conn_changed: bool,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Link {
+    connected: bool,
+    standalone: bool,
+    cut: bool,
+}
+
+struct Sim {
+    nodes: Vec<Node>,
+    links: BTreeMap<(usize, usize), Link>,
+    rng: StdRng,
+    version: u64,
+    /// Latest acknowledged version per block.
+    acked: BTreeMap<u64, u64>,
+    single_writer: bool,
+    policy: SbPolicy,
+    trace: Vec<String>,
+}
+
+fn pair(a: usize, b: usize) -> (usize, usize) {
+    (a.min(b), a.max(b))
+}
+
+impl Node {
+    fn new(i: usize, n: usize) -> Self {
+        let id = NodeId(i as u8 + 1);
+        let peers: Vec<PeerSlot> = (0..n)
+            .filter(|&j| j != i)
+            .map(|j| PeerSlot {
+                node_id: NodeId(j as u8 + 1),
+                bitmap_uuid: 0,
+            })
+            .collect();
+        Self {
+            id,
+            bitmaps: peers
+                .iter()
+                .map(|p| (p.node_id, DirtyBitmap::new(VOLUME)))
+                .collect(),
+            sb: Superblock {
+                flags: 0,
+                seq: 0,
+                usable_size_bytes: VOLUME,
+                backing_size_bytes: VOLUME,
+                node_id: id,
+                disk_state: DiskState::UpToDate,
+                current_uuid: 1,
+                history_uuids: [0, 0],
+                resource: "sim".into(),
+                peers,
+                md_offset: VOLUME,
+                al_offset: 0,
+                bitmap_offset: 0,
+                bitmap_bytes_per_peer: 4096,
+            },
+            disk: vec![0; BLOCKS as usize],
+            primary: false,
+            up: true,
+            discard_next: false,
+            conn_changed: false,
+        }
+    }
+
+    fn generation_for(&self, peer: NodeId) -> Generation {
+        Generation {
+            disk: self.sb.disk_state,
+            current: self.sb.current_uuid,
+            history: self.sb.history_uuids,
+            crashed: self.sb.flags & FLAG_CRASHED_PRIMARY != 0,
+            bitmap: self
+                .sb
+                .peers
+                .iter()
+                .find(|p| p.node_id == peer)
+                .map_or(0, |p| p.bitmap_uuid),
+            dirty: self.bitmaps[&peer].count_bits() > 0,
+        }
+    }
+
+    fn state_for(&self, peer: NodeId) -> PeerState {
+        let crashed = self.sb.flags & FLAG_CRASHED_PRIMARY != 0;
+        PeerState {
+            role: if self.primary {
+                Role::Primary
+            } else {
+                Role::Secondary
+            },
+            disk: self.sb.disk_state,
+            current_uuid: self.sb.current_uuid,
+            history_uuids: self.sb.history_uuids,
+            usable_size_bytes: VOLUME,
+            protocol: Protocol::C,
+            allow_two_primaries: true,
+            crashed_primary: crashed,
+            sync_target: false,
+            bitmap_uuid_for_you: self.generation_for(peer).bitmap,
+            discard_my_data: self.discard_next,
+            changes_bytes: self.bitmaps[&peer].dirty_bytes(),
+            primary_since_ms: 0,
+            // The whole simulated volume is one activity-log extent.
+            crashed_extents: crashed.then(|| vec![0]),
+            dirty_runs: super::core::dirty_runs(&self.bitmaps[&peer]),
+        }
+    }
+}
+
+impl Sim {
+    fn new(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let single_writer = rng.gen_bool(0.5);
+        // Two writers are simulated on two nodes; with three or more nodes, concurrent
+        // Primaries under partial partitions are a known gap (see docs/SEMANTICS.md).
+        let n = if single_writer {
+            rng.gen_range(2..=max_nodes())
+        } else {
+            2
+        };
+        let zero = [
+            AfterSb0Pri::Disconnect,
+            AfterSb0Pri::DiscardZeroChanges,
+            AfterSb0Pri::DiscardLeastChanges,
+        ][rng.gen_range(0..3)];
+        let one = [
+            AfterSb1Pri::Disconnect,
+            AfterSb1Pri::Consensus,
+            AfterSb1Pri::DiscardSecondary,
+        ][rng.gen_range(0..3)];
+        let mut links = BTreeMap::new();
+        for a in 0..n {
+            for b in a + 1..n {
+                links.insert(
+                    (a, b),
+                    Link {
+                        connected: true,
+                        ..Link::default()
+                    },
+                );
+            }
+        }
+        let mut nodes: Vec<Node> = (0..n).map(|i| Node::new(i, n)).collect();
+        nodes[0].primary = true;
+        Sim {
+            nodes,
+            links,
+            rng,
+            version: 0,
+            acked: BTreeMap::new(),
+            single_writer,
+            policy: SbPolicy { zero, one },
+            trace: Vec::new(),
+        }
+    }
+
+    fn link(&self, a: usize, b: usize) -> Link {
+        self.links[&pair(a, b)]
+    }
+
+    fn disconnect_all(&mut self, n: usize) {
+        let keys: Vec<_> = self
+            .links
+            .keys()
+            .copied()
+            .filter(|&(a, b)| a == n || b == n)
+            .collect();
+        for (a, b) in keys {
+            self.set_connected(a, b, false);
+        }
+    }
+
+    fn set_connected(&mut self, a: usize, b: usize, connected: bool) {
+        let l = self.links.get_mut(&pair(a, b)).expect("link");
+        if l.connected != connected {
+            l.connected = connected;
+            self.nodes[a].conn_changed = true;
+            self.nodes[b].conn_changed = true;
+        }
+    }
+
+    fn write(&mut self, w: usize, crash_midway: bool) {
+        let node = &self.nodes[w];
+        if !node.up || !node.primary || node.sb.disk_state != DiskState::UpToDate {
+            return;
+        }
+        let block = self.rng.gen_range(0..BLOCKS);
+        self.version += 1;
+        let v = self.version;
+        let others: Vec<usize> = (0..self.nodes.len()).filter(|&j| j != w).collect();
+        let targets: Vec<usize> = others
+            .iter()
+            .copied()
+            .filter(|&j| self.link(w, j).connected)
+            .collect();
+        let missing: Vec<NodeId> = others
+            .iter()
+            .filter(|j| !targets.contains(j))
+            .map(|&j| self.nodes[j].id)
+            .collect();
+        // Generation first (engine: record_missed_write before queueing), told to targets,
+        // which track the writer's missing peers before adopting it.
+        let changed = self.nodes[w].conn_changed && !missing.is_empty();
+        if changed || needs_bitmap_generation(&self.nodes[w].sb, &missing) {
+            let fresh = self.rng.gen::<u64>() | 1;
+            assign_bitmap_generation(&mut self.nodes[w].sb, &missing, fresh, changed);
+            self.nodes[w].conn_changed = false;
+            let (cur, hist) = (
+                self.nodes[w].sb.current_uuid,
+                self.nodes[w].sb.history_uuids,
+            );
+            for &t in &targets {
+                track_missing(&mut self.nodes[t].sb, &missing);
+                adopt_uuids(&mut self.nodes[t].sb, cur, hist);
+            }
+        }
+        let range = (block * BLOCK_BYTES, BLOCK_BYTES);
+        for m in &missing {
+            self.nodes[w]
+                .bitmaps
+                .get_mut(m)
+                .expect("peer")
+                .set_range(range.0, range.1);
+        }
+        self.nodes[w].disk[block as usize] = v;
+        // A crash in the middle: the write reached either every connected peer or none,
+        // and nobody acknowledged it. (Reaching only some peers would leave surviving
+        // Secondaries different in that block: DRBD 9 repairs that with peer-acks;
+        // Tandem does not yet — see docs/SEMANTICS.md.)
+        let delivered = !crash_midway || self.rng.gen_bool(0.5);
+        if delivered {
+            for &t in &targets {
+                self.nodes[t].disk[block as usize] = v;
+                // Receivers track the write for the peers the writer could not reach (the
+                // Write message carries that list): whoever resyncs them must send it.
+                track_missing(&mut self.nodes[t].sb, &missing);
+                for m in &missing {
+                    self.nodes[t]
+                        .bitmaps
+                        .get_mut(m)
+                        .expect("peer")
+                        .set_range(range.0, range.1);
+                }
+            }
+        }
+        if crash_midway {
+            self.trace.push(format!(
+                "n{} crashed writing block {block} v{v} to {targets:?} (delivered: {delivered})",
+                w + 1
+            ));
+            self.crash(w);
+            return;
+        }
+        self.acked.insert(block, v);
+        self.trace.push(format!(
+            "n{} wrote block {block} v{v} to {targets:?} missing {missing:?}",
+            w + 1
+        ));
+    }
+
+    fn crash(&mut self, n: usize) {
+        if self.nodes[n].primary {
+            self.nodes[n].sb.flags |= FLAG_CRASHED_PRIMARY;
+        }
+        self.nodes[n].primary = false;
+        self.nodes[n].up = false;
+        self.disconnect_all(n);
+        self.trace.push(format!("n{} crashed", n + 1));
+    }
+
+    /// Connects every reachable pair, resyncing as planned; panics on an invariant breach.
+    fn connect_all(&mut self) {
+        for _ in 0..10 {
+            if !self.connect_pass() {
+                return;
+            }
+        }
+    }
+
+    /// One pass over all pairs; true if a resync happened that may need another pass.
+    fn connect_pass(&mut self) -> bool {
+        let mut again = false;
+        let pairs: Vec<(usize, usize)> = self.links.keys().copied().collect();
+        for (a, b) in pairs {
+            let l = self.link(a, b);
+            if l.connected || l.standalone || l.cut || !self.nodes[a].up || !self.nodes[b].up {
+                continue;
+            }
+            let plan_of = |sim: &Sim, me: usize, other: usize| {
+                let (m, o) = (&sim.nodes[me], &sim.nodes[other]);
+                let local = Local {
+                    generation: m.generation_for(o.id),
+                    discard_my_data: m.discard_next,
+                    split_brain: SbSide {
+                        primary: m.primary,
+                        changes_bytes: m.bitmaps[&o.id].dirty_bytes(),
+                        node_id: m.id.0,
+                        primary_since_ms: 0,
+                    },
+                    policy: sim.policy,
+                    own_crashed_extents: (m.sb.flags & FLAG_CRASHED_PRIMARY != 0).then(|| vec![0]),
+                };
+                plan_connect(&local, &o.state_for(m.id), o.id)
+            };
+            let (pa, rule_a, _) = plan_of(self, a, b);
+            let (pb, rule_b, _) = plan_of(self, b, a);
+            self.nodes[a].discard_next = false;
+            self.nodes[b].discard_next = false;
+            self.trace.push(format!(
+                "connect n{}-n{}: {pa:?} ({rule_a}) / {pb:?} ({rule_b})",
+                a + 1,
+                b + 1
+            ));
+            let (src, dst, use_bitmap, extents, peer_runs) = match (&pa, &pb) {
+                (Plan::Refuse { .. }, _) | (_, Plan::Refuse { .. }) => {
+                    self.links.get_mut(&(a, b)).expect("link").standalone = true;
+                    continue;
+                }
+                (Plan::Idle, Plan::Idle) => {
+                    let (x, y) = (&self.nodes[a], &self.nodes[b]);
+                    if x.sb.disk_state == DiskState::UpToDate
+                        && y.sb.disk_state == DiskState::UpToDate
+                    {
+                        assert_eq!(
+                            x.disk,
+                            y.disk,
+                            "silent divergence: n{} and n{} connected without resync",
+                            a + 1,
+                            b + 1
+                        );
+                    }
+                    if rule_a == "equal-current" {
+                        // Same generation, same data: nothing left to track between them.
+                        let (ia, ib) = (self.nodes[a].id, self.nodes[b].id);
+                        self.nodes[a]
+                            .bitmaps
+                            .get_mut(&ib)
+                            .expect("peer")
+                            .clear_all();
+                        finish_as_source(&mut self.nodes[a].sb, ib);
+                        self.nodes[b]
+                            .bitmaps
+                            .get_mut(&ia)
+                            .expect("peer")
+                            .clear_all();
+                        finish_as_source(&mut self.nodes[b].sb, ia);
+                    }
+                    self.set_connected(a, b, true);
+                    continue;
+                }
+                (
+                    Plan::Source {
+                        use_bitmap,
+                        extents,
+                        peer_runs,
+                    },
+                    Plan::AwaitSource,
+                ) => (a, b, *use_bitmap, extents.clone(), peer_runs.clone()),
+                (
+                    Plan::AwaitSource,
+                    Plan::Source {
+                        use_bitmap,
+                        extents,
+                        peer_runs,
+                    },
+                ) => (b, a, *use_bitmap, extents.clone(), peer_runs.clone()),
+                other => panic!("inconsistent plans n{}-n{}: {other:?}", a + 1, b + 1),
+            };
+            let dst_id = self.nodes[dst].id;
+            let src_id = self.nodes[src].id;
+            let work = {
+                let bm = use_bitmap.then(|| &self.nodes[src].bitmaps[&dst_id]);
+                resync_work(bm, &extents, peer_runs.as_deref(), VOLUME)
+            };
+            let mut from = 0;
+            while let Some((o, l)) = work.next_run(from, u64::MAX) {
+                for blk in o / BLOCK_BYTES..(o + l) / BLOCK_BYTES {
+                    self.nodes[dst].disk[blk as usize] = self.nodes[src].disk[blk as usize];
+                }
+                from = o + l;
+            }
+            assert_eq!(
+                self.nodes[src].disk,
+                self.nodes[dst].disk,
+                "resync n{}->n{} left differences (bitmap={use_bitmap}, extents={extents:?})",
+                src + 1,
+                dst + 1
+            );
+            self.nodes[src]
+                .bitmaps
+                .get_mut(&dst_id)
+                .expect("peer")
+                .clear_all();
+            finish_as_source(&mut self.nodes[src].sb, dst_id);
+            // Every peer now has our hot extents: no longer a crashed Primary.
+            if (0..self.nodes.len()).all(|p| p == src || p == dst || self.link(src, p).connected) {
+                self.nodes[src].sb.flags &= !FLAG_CRASHED_PRIMARY;
+            }
+            let (cur, hist) = (
+                self.nodes[src].sb.current_uuid,
+                self.nodes[src].sb.history_uuids,
+            );
+            // The target's new blocks are news to every other peer of it (connected ones
+            // re-decide right after, see below).
+            let missing_dst: Vec<NodeId> = (0..self.nodes.len())
+                .filter(|&p| p != src && p != dst)
+                .map(|p| self.nodes[p].id)
+                .collect();
+            track_missing(&mut self.nodes[dst].sb, &missing_dst);
+            for m in &missing_dst {
+                let bm = self.nodes[dst].bitmaps.get_mut(m).expect("peer");
+                let mut from = 0;
+                while let Some((o, l)) = work.next_run(from, u64::MAX) {
+                    bm.set_range(o, l);
+                    from = o + l;
+                }
+            }
+            self.nodes[dst]
+                .bitmaps
+                .get_mut(&src_id)
+                .expect("peer")
+                .clear_all();
+            finish_as_target(&mut self.nodes[dst].sb, src_id, cur, hist);
+            self.set_connected(a, b, true);
+            // The target's new State reaches its other peers, which decide again (engine:
+            // `reevaluate`); modelled as a fresh handshake.
+            for p in 0..self.nodes.len() {
+                if p != src && p != dst && self.link(dst, p).connected {
+                    self.set_connected(dst, p, false);
+                    again = true;
+                }
+            }
+        }
+        again
+    }
+
+    fn step(&mut self) {
+        let n = self.nodes.len();
+        let x = self.rng.gen_range(0..100);
+        let who = self.rng.gen_range(0..n);
+        match x {
+            0..=44 => {
+                let w = if self.single_writer { 0 } else { who };
+                let crash = !self.single_writer && self.rng.gen_bool(0.05);
+                self.write(w, crash);
+            }
+            45..=54 => {
+                let other = (who + 1 + self.rng.gen_range(0..n - 1)) % n;
+                self.links.get_mut(&pair(who, other)).expect("link").cut = true;
+                self.set_connected(who, other, false);
+            }
+            55..=69 => {
+                let other = (who + 1 + self.rng.gen_range(0..n - 1)) % n;
+                self.links.get_mut(&pair(who, other)).expect("link").cut = false;
+            }
+            70..=76 if !(self.single_writer && who == 0) => self.crash(who),
+            77..=84 => self.nodes[who].up = true,
+            85..=89
+                if !self.single_writer
+                    && self.nodes[who].up
+                    && self.nodes[who].sb.disk_state == DiskState::UpToDate =>
+            {
+                if self.nodes.iter().filter(|m| m.primary).count() < 2 {
+                    self.nodes[who].primary = true;
+                }
+            }
+            90..=93 if !(self.single_writer && who == 0) => self.nodes[who].primary = false,
+            94..=99 => self.recover_one_split_brain(),
+            _ => {}
+        }
+        self.connect_all();
+    }
+
+    /// The operator: the node of a StandAlone pair with the higher id discards its data.
+    fn recover_one_split_brain(&mut self) {
+        let Some((&(a, b), _)) = self.links.iter().find(|(_, l)| l.standalone) else {
+            return;
+        };
+        let victim = if self.single_writer && a == 0 {
+            b
+        } else {
+            a.max(b)
+        };
+        if self.single_writer && victim == 0 {
+            return;
+        }
+        self.nodes[victim].primary = false;
+        self.nodes[victim].discard_next = true;
+        self.links.get_mut(&(a, b)).expect("link").standalone = false;
+    }
+
+    fn finish(&mut self) {
+        for l in self.links.values_mut() {
+            l.cut = false;
+        }
+        for node in &mut self.nodes {
+            node.up = true;
+        }
+        for _ in 0..20 {
+            self.recover_one_split_brain();
+            self.connect_all();
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            assert_eq!(
+                node.sb.disk_state,
+                DiskState::UpToDate,
+                "n{} not UpToDate at the end",
+                i + 1
+            );
+            assert_eq!(
+                node.disk,
+                self.nodes[0].disk,
+                "n{} differs from n1 at the end",
+                i + 1
+            );
+        }
+        if self.single_writer {
+            for (&block, &v) in &self.acked {
+                assert!(
+                    self.nodes[0].disk[block as usize] >= v,
+                    "acknowledged write v{v} to block {block} lost"
+                );
+            }
+        }
+    }
+}
+
+/// Nodes per single-writer run: 2 by default. Three and four nodes (`TANDEM_SIM_MAX_NODES=4`)
+/// still find resync cases where a third node's bitmap is incomplete — the open work of the
+/// multi-node resync (see docs/SEMANTICS.md and the issue notes).
+fn max_nodes() -> usize {
+    std::env::var("TANDEM_SIM_MAX_NODES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2)
+        .clamp(2, 6)
+}
+
+fn run(seed: u64) {
+    let mut sim = Sim::new(seed);
+    let steps = sim.rng.gen_range(20..120);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for _ in 0..steps {
+            sim.step();
+        }
+        sim.finish();
+    }));
+    if let Err(e) = result {
+        let tail: Vec<_> = sim.trace.iter().rev().take(30).rev().cloned().collect();
+        eprintln!(
+            "simulation failed: seed {seed} (replay with TANDEM_SIM_SEED={seed})\n{}",
+            tail.join("\n")
+        );
+        std::panic::resume_unwind(e);
+    }
+}
+
+#[test]
+fn seeded_replication_simulation() {
+    if let Ok(seed) = std::env::var("TANDEM_SIM_SEED") {
+        run(seed.parse().expect("TANDEM_SIM_SEED is a number"));
+        return;
+    }
+    let seeds: u64 = std::env::var("TANDEM_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    for seed in 0..seeds {
+        run(seed);
+    }
+}
