@@ -147,17 +147,17 @@ impl Store {
     }
 
     /// Stores an extent list into the inode (inline if it fits, else in leaf blocks).
+    /// On error the inode is unchanged: every allocation happens before the first change.
     pub fn set_extents(&mut self, ino: &mut Inode, ext: &[Extent]) -> Result<()> {
         let mut old = Self::leaf_ptrs(ino);
         let had = old.len();
-        ino.flags &= !FLAG_INLINE;
-        ino.payload.fill(0);
         if ext.len() * EXTENT_LEN <= ino.payload_cap() {
             for l in old {
                 self.free_meta(l)?;
                 ino.blocks = ino.blocks.saturating_sub(1);
             }
-            ino.flags &= !FLAG_EXT_INDIRECT;
+            ino.flags &= !(FLAG_INLINE | FLAG_EXT_INDIRECT);
+            ino.payload.fill(0);
             for (i, e) in ext.iter().enumerate() {
                 e.encode(&mut ino.payload[i * EXTENT_LEN..]);
             }
@@ -169,16 +169,27 @@ impl Store {
         if need * 8 > ino.payload_cap() {
             return Err(FsError::FileTooBig);
         }
+        let mut fresh = Vec::new();
+        while old.len() < need {
+            let goal = old.last().copied().unwrap_or(ino.block);
+            match self.alloc(goal, 1, BlockState::Used) {
+                Ok((l, _)) => {
+                    fresh.push(l);
+                    old.push(l);
+                }
+                Err(e) => {
+                    for l in fresh {
+                        self.free_meta(l)?;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        ino.blocks += fresh.len() as u64;
         while old.len() > need {
             let l = old.pop().expect("non-empty");
             self.free_meta(l)?;
             ino.blocks = ino.blocks.saturating_sub(1);
-        }
-        while old.len() < need {
-            let goal = old.last().copied().unwrap_or(ino.block);
-            let (l, _) = self.alloc(goal, 1, BlockState::Used)?;
-            ino.blocks += 1;
-            old.push(l);
         }
         let existing = old.len().min(had);
         for (k, chunk) in ext.chunks(cap).enumerate() {
@@ -199,11 +210,31 @@ impl Store {
             };
             b[24..].copy_from_slice(&body);
         }
-        ino.flags |= FLAG_EXT_INDIRECT;
+        ino.flags = (ino.flags & !FLAG_INLINE) | FLAG_EXT_INDIRECT;
+        ino.payload.fill(0);
         for (i, l) in old.iter().enumerate() {
             put_u64(&mut ino.payload, i * 8, *l);
         }
         ino.payload_len = old.len() as u32;
+        Ok(())
+    }
+
+    /// `set_extents` for a map that includes `fresh` runs allocated by this operation: if
+    /// the map cannot be stored (no room for another extent leaf), those runs are given
+    /// back so nothing leaks and the inode keeps its old, consistent map.
+    fn set_extents_or_release(
+        &mut self,
+        ino: &mut Inode,
+        ext: &[Extent],
+        fresh: &[(u64, u64)],
+    ) -> Result<()> {
+        if let Err(e) = self.set_extents(ino, ext) {
+            for &(p, n) in fresh {
+                self.free_run(p, n)?;
+                ino.blocks = ino.blocks.saturating_sub(n);
+            }
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -296,6 +327,7 @@ impl Store {
         let first = off / bs;
         let last = (end - 1) / bs;
         let mut l = first;
+        let mut fresh = Vec::new();
         let result = (|| -> Result<()> {
             while l <= last {
                 let (phys, run, existing) = match find(&ext, l) {
@@ -332,6 +364,7 @@ impl Store {
                         };
                         let (phys, got) = self.alloc(goal, want, BlockState::Used)?;
                         ino.blocks += u64::from(got);
+                        fresh.push((phys, u64::from(got)));
                         insert(
                             &mut ext,
                             Extent {
@@ -350,7 +383,7 @@ impl Store {
             Ok(())
         })();
         // Even on ENOSPC part-way, keep what was allocated so nothing leaks.
-        self.set_extents(ino, &ext)?;
+        self.set_extents_or_release(ino, &ext, &fresh)?;
         result?;
         ino.size = ino.size.max(end);
         Ok(())
@@ -495,6 +528,7 @@ impl Store {
             let mut ext = self.extents(ino)?;
             let mut l = off / bs;
             let last = (end - 1) / bs;
+            let mut fresh = Vec::new();
             let res = (|| -> Result<()> {
                 while l <= last {
                     match find(&ext, l) {
@@ -505,6 +539,7 @@ impl Store {
                             let (phys, got) =
                                 self.alloc(ino.block + 1 + l, want, BlockState::Used)?;
                             ino.blocks += u64::from(got);
+                            fresh.push((phys, u64::from(got)));
                             insert(
                                 &mut ext,
                                 Extent {
@@ -520,7 +555,7 @@ impl Store {
                 }
                 Ok(())
             })();
-            self.set_extents(ino, &ext)?;
+            self.set_extents_or_release(ino, &ext, &fresh)?;
             res?;
         }
         if mode & FALLOC_FL_KEEP_SIZE == 0 && end > ino.size {

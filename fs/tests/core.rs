@@ -213,3 +213,55 @@ fn directory_growth_that_runs_out_of_space_loses_no_entries() {
         tandem_fs::fsck::fsck(dev, tandem_fs::fsck::FsckOptions::default(), &mut sink).unwrap();
     assert!(rep.problems.is_empty(), "{:?}", rep.problems);
 }
+
+#[test]
+fn a_write_that_cannot_store_its_extent_map_gives_its_blocks_back() {
+    let dev = Arc::new(FaultDevice::new(8 << 20));
+    let opts = MkfsOptions {
+        lock_table: "t:leaf".into(),
+        journals: 1,
+        journal_mib: Some(1),
+        block_size: 1024,
+        lock_proto: LockProto::NoLock,
+    };
+    mkfs(dev.clone() as Arc<dyn BlockDevice>, &opts).unwrap();
+    let (fs, _) = Fs::mount(dev.clone(), FsOptions::default()).unwrap();
+    // 36 separate extents: exactly what fits in a 1 KiB inode.
+    let frag = fs.mknod(CTX, ROOT_INO, b"frag", 0o644, 0, 0).unwrap();
+    for k in 0..36u64 {
+        fs.write(frag.ino, k * 2048, &[k as u8; 1024]).unwrap();
+    }
+    let fill = fs.mknod(CTX, ROOT_INO, b"fill", 0o644, 0, 0).unwrap();
+    let mut off = 0;
+    while fs.write(fill.ino, off, &[1u8; 1024]).is_ok() {
+        off += 1024;
+    }
+    fs.setattr(
+        fill.ino,
+        tandem_fs::fs::SetAttr {
+            size: Some(off - 1024),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    fs.commit().unwrap();
+    fs.commit().unwrap();
+    let free = fs.statfs().bfree;
+    assert_eq!(free, 1);
+    // The 37th extent gets its data block but no leaf for the map.
+    let err = fs.write(frag.ino, 36 * 2048, &[99u8; 1024]).unwrap_err();
+    assert_eq!(err.errno(), libc::ENOSPC);
+    assert_eq!(fs.statfs().bfree, 1, "the data block was given back");
+    assert_eq!(fs.getattr(frag.ino).unwrap().size, 35 * 2048 + 1024);
+    for k in 0..36u64 {
+        assert_eq!(
+            fs.read(frag.ino, k * 2048, 1024).unwrap(),
+            vec![k as u8; 1024]
+        );
+    }
+    fs.shutdown().unwrap();
+    let mut sink = |_: &str| {};
+    let rep =
+        tandem_fs::fsck::fsck(dev, tandem_fs::fsck::FsckOptions::default(), &mut sink).unwrap();
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+}
