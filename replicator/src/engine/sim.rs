@@ -500,11 +500,10 @@ impl Sim {
             85..=89
                 if !self.single_writer
                     && self.nodes[who].up
-                    && self.nodes[who].sb.disk_state == DiskState::UpToDate =>
+                    && self.nodes[who].sb.disk_state == DiskState::UpToDate
+                    && self.nodes.iter().filter(|m| m.primary).count() < 2 =>
             {
-                if self.nodes.iter().filter(|m| m.primary).count() < 2 {
-                    self.nodes[who].primary = true;
-                }
+                self.nodes[who].primary = true;
             }
             90..=93 if !(self.single_writer && who == 0) => self.nodes[who].primary = false,
             94..=99 => self.recover_one_split_brain(),
