@@ -35,13 +35,21 @@ pub enum LogCacheError {
 }
 
 impl LogCache {
-    /// A fresh log for a node bootstrapped with the initial voters (all nodes start alike).
+    /// A fresh log for a node bootstrapped with the initial voters (all nodes start alike):
+    /// a snapshot at index 1, term 1, holding the initial configuration. Starting the log at
+    /// index 2 means a node that joins later with an empty log can only catch up through a
+    /// snapshot, which carries the configuration; replaying conf changes from index 1 on
+    /// top of an empty configuration would make it believe it is alone (found by the
+    /// simulation; raft-rs's `MemStorage` documentation describes the same choice).
     pub fn bootstrap(voters: &[u64]) -> Self {
         let mut log = Self::default();
         log.conf_state.voters = voters.to_vec();
-        log.snapshot
-            .mut_metadata()
-            .set_conf_state(log.conf_state.clone());
+        let meta = log.snapshot.mut_metadata();
+        meta.index = 1;
+        meta.term = 1;
+        meta.set_conf_state(log.conf_state.clone());
+        log.hard_state.term = 1;
+        log.hard_state.commit = 1;
         log
     }
 
@@ -231,18 +239,20 @@ mod tests {
     #[test]
     fn append_truncates_conflicting_suffix() {
         let mut log = LogCache::bootstrap(&[1, 2, 3]);
-        log.apply(&LogRecord::Entries(vec![ent(1, 1), ent(2, 1), ent(3, 1)]))
+        // The bootstrap snapshot covers index 1; the log proper starts at 2.
+        assert!(log.apply(&LogRecord::Entries(vec![ent(1, 1)])).is_err());
+        log.apply(&LogRecord::Entries(vec![ent(2, 1), ent(3, 1), ent(4, 1)]))
             .unwrap();
-        log.apply(&LogRecord::Entries(vec![ent(2, 2)])).unwrap();
-        assert_eq!(log.last_index().unwrap(), 2);
-        assert_eq!(log.term(2).unwrap(), 2);
-        assert!(log.apply(&LogRecord::Entries(vec![ent(5, 2)])).is_err());
+        log.apply(&LogRecord::Entries(vec![ent(3, 2)])).unwrap();
+        assert_eq!(log.last_index().unwrap(), 3);
+        assert_eq!(log.term(3).unwrap(), 2);
+        assert!(log.apply(&LogRecord::Entries(vec![ent(6, 2)])).is_err());
     }
 
     #[test]
     fn snapshot_compacts_and_keeps_matching_tail() {
         let mut log = LogCache::bootstrap(&[1]);
-        log.apply(&LogRecord::Entries((1..=5).map(|i| ent(i, 1)).collect()))
+        log.apply(&LogRecord::Entries((2..=5).map(|i| ent(i, 1)).collect()))
             .unwrap();
         let mut snap = Snapshot::default();
         snap.mut_metadata().index = 3;

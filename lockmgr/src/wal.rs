@@ -272,12 +272,12 @@ mod tests {
     fn log_survives_reopen_and_torn_tail_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let (_, mut sink) = open(dir.path(), LogCache::bootstrap(&[1, 2, 3])).unwrap();
-        sink.write(&LogRecord::Entries(vec![ent(1, 1, b"a"), ent(2, 1, b"b")]))
+        sink.write(&LogRecord::Entries(vec![ent(2, 1, b"a"), ent(3, 1, b"b")]))
             .unwrap();
         let hs = HardState {
             term: 1,
             vote: 2,
-            commit: 2,
+            commit: 3,
             ..Default::default()
         };
         sink.write(&LogRecord::HardState(hs.clone())).unwrap();
@@ -285,13 +285,13 @@ mod tests {
         drop(sink);
         // A torn append: half a record of garbage at the end.
         let path = dir.path().join(WAL_FILE);
-        let mut torn = encode_record(&LogRecord::Entries(vec![ent(3, 1, b"c")]));
+        let mut torn = encode_record(&LogRecord::Entries(vec![ent(4, 1, b"c")]));
         torn.truncate(torn.len() - 3);
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&torn).unwrap();
         drop(f);
         let (log, mut sink) = open(dir.path(), LogCache::default()).unwrap();
-        assert_eq!(log.last_index().unwrap(), 2);
+        assert_eq!(log.last_index().unwrap(), 3);
         assert_eq!(log.hard_state(), &hs);
         assert_eq!(log.conf_state().voters, vec![1, 2, 3]);
         // Appends after the truncation point replay cleanly.
@@ -308,7 +308,7 @@ mod tests {
     fn compaction_rewrites_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, mut sink) = open(dir.path(), LogCache::bootstrap(&[1])).unwrap();
-        let rec = LogRecord::Entries((1..=100).map(|i| ent(i, 1, &[7; 100])).collect());
+        let rec = LogRecord::Entries((2..=100).map(|i| ent(i, 1, &[7; 100])).collect());
         sink.write(&rec).unwrap();
         log.apply(&rec).unwrap();
         sink.sync().unwrap();

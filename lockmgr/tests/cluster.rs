@@ -420,6 +420,12 @@ async fn wiped_node_rejoins_through_member_add() {
             s.applied_index >= target && s.voters.contains(&NodeId(3))
         })
         .await;
+    // It joined the cluster, not a cluster of its own.
+    let s1 = cluster.status(1).await.unwrap();
+    let s3 = cluster.status(3).await.unwrap();
+    assert_eq!(s3.voters.len(), 3, "{s3:?}");
+    assert_eq!(s3.leader, s1.leader);
+    assert_eq!(s3.term, s1.term);
     let c3 = cluster.client(3).await;
     let g = within(
         "lock on the rejoined node",

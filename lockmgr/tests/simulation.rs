@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tandem_common::NodeId;
 use tandem_lockmgr::log_cache::LogCache;
 use tandem_lockmgr::mem_sink::{MemDisk, MemSink};
-use tandem_lockmgr::node::{CoreConfig, NodeCore, Probe};
+use tandem_lockmgr::node::{CoreConfig, MemberChange, NodeCore, Probe};
 use tandem_lockmgr::table::{Command, Effect, LockError};
 use tandem_lockmgr::types::{Flags, LockId, Mode, ReqId, SessionId};
 
@@ -65,8 +65,24 @@ struct Client {
     next_req: u64,
 }
 
+/// Membership of a node, driven by the harness like an operator would: a crashed node is
+/// removed, its disk wiped, then it is started empty (`--join`) and added back.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Membership {
+    Member,
+    Removing,
+    Removed,
+    Adding,
+}
+
 struct SimNode {
     core: Option<NodeCore<MemSink>>,
+    membership: Membership,
+    last_member_change: u64,
+    /// The leader's applied index when the removal was seen applied: a leader that shows
+    /// the node as a voter again must have applied past it (a stale leader may not have
+    /// applied the removal yet).
+    removed_at_index: u64,
     disk: MemDisk,
     restart_at: u64,
     restarts: u64,
@@ -103,6 +119,9 @@ impl Sim {
         let nodes = (1..=n)
             .map(|_| SimNode {
                 core: None,
+                membership: Membership::Member,
+                last_member_change: 0,
+                removed_at_index: 0,
                 disk: MemDisk::new(LogCache::bootstrap(&voters)),
                 restart_at: 0,
                 restarts: 0,
@@ -167,6 +186,93 @@ impl Sim {
         node.core = Some(core);
     }
 
+    /// Restarts a crashed node; a removed one comes back with a wiped disk and is added.
+    fn start_or_rejoin(&mut self, id: u8) {
+        let i = usize::from(id - 1);
+        match self.nodes[i].membership {
+            Membership::Member | Membership::Adding => self.start(id),
+            // Stays down until the removal is applied; but removing a down node can need
+            // that very node (raft-rs applies configurations at commit, so a survivor may
+            // still count it), so after the chaos phase it comes back as an operator would.
+            Membership::Removing if self.chaos => {}
+            Membership::Removing => self.start(id),
+            Membership::Removed => {
+                self.nodes[i].disk = MemDisk::new(LogCache::default());
+                self.nodes[i].membership = Membership::Adding;
+                self.nodes[i].last_member_change = 0;
+                self.start(id);
+            }
+        }
+    }
+
+    /// Proposes pending membership changes through some live node and notices when the
+    /// leader has applied them.
+    fn drive_membership(&mut self) {
+        let n = self.nodes.len() as u8;
+        let Some(leader) = (1..=n).find(|id| {
+            self.nodes[usize::from(id - 1)]
+                .core
+                .as_ref()
+                .is_some_and(|c| c.is_leader())
+        }) else {
+            return;
+        };
+        let status = self.nodes[usize::from(leader - 1)]
+            .core
+            .as_ref()
+            .expect("up")
+            .status();
+        for id in 1..=n {
+            let i = usize::from(id - 1);
+            let voter = status.voters.contains(&NodeId(id));
+            let change = match self.nodes[i].membership {
+                Membership::Removing if !voter => {
+                    if self.trace {
+                        eprintln!("t={} {id} removed; voters {:?}", self.now, status.voters);
+                    }
+                    if self.up(id) {
+                        self.crash(id); // the operator stops it before wiping its disk
+                    }
+                    self.nodes[i].membership = Membership::Removed;
+                    self.nodes[i].removed_at_index = status.applied_index;
+                    None
+                }
+                Membership::Adding
+                    if voter && status.applied_index > self.nodes[i].removed_at_index =>
+                {
+                    if self.trace {
+                        eprintln!("t={} {id} added; voters {:?}", self.now, status.voters);
+                    }
+                    self.nodes[i].membership = Membership::Member;
+                    None
+                }
+                Membership::Removing => Some(MemberChange::Remove(NodeId(id))),
+                // A stale leader may still list the node; only propose through one that has
+                // applied the removal.
+                Membership::Adding if status.applied_index > self.nodes[i].removed_at_index => {
+                    Some(MemberChange::AddVoter(NodeId(id)))
+                }
+                _ => None,
+            };
+            if let Some(change) = change {
+                if self.now.saturating_sub(self.nodes[i].last_member_change) >= 60 {
+                    self.nodes[i].last_member_change = self.now;
+                    let session = SessionId {
+                        node: NodeId(leader),
+                        incarnation: 0,
+                        seq: 0,
+                    };
+                    self.seq += 1;
+                    let core = self.nodes[usize::from(leader - 1)]
+                        .core
+                        .as_mut()
+                        .expect("up");
+                    core.change_members(session, ReqId(self.seq), change);
+                }
+            }
+        }
+    }
+
     fn crash(&mut self, id: u8) {
         if self.trace {
             eprintln!("t={} crash {id}", self.now);
@@ -204,7 +310,20 @@ impl Sim {
         }
         for id in 1..=n {
             if !self.up(id) && self.nodes[usize::from(id - 1)].restart_at <= self.now {
-                self.start(id);
+                self.start_or_rejoin(id);
+            }
+        }
+        let all_members = self
+            .nodes
+            .iter()
+            .all(|x| x.membership == Membership::Member);
+        if all_members && self.rng.gen_bool(0.003) {
+            let id = self.rng.gen_range(1..=n);
+            if !self.up(id) {
+                if self.trace {
+                    eprintln!("t={} removing {id}", self.now);
+                }
+                self.nodes[usize::from(id - 1)].membership = Membership::Removing;
             }
         }
         if self.cut.is_empty() && self.rng.gen_bool(0.004) {
@@ -564,13 +683,20 @@ impl Sim {
                 self.cut.clear();
                 for id in 1..=n {
                     if !self.up(id) {
-                        self.start(id);
+                        self.start_or_rejoin(id);
                     }
                 }
             }
             if self.chaos {
                 self.faults();
+            } else {
+                for id in 1..=n {
+                    if !self.up(id) {
+                        self.start_or_rejoin(id);
+                    }
+                }
             }
+            self.drive_membership();
             self.deliver();
             for id in 1..=n {
                 self.step_node(id);
@@ -582,7 +708,18 @@ impl Sim {
     fn final_checks(&mut self) {
         if self.trace {
             for node in &self.nodes {
-                let core = node.core.as_ref().expect("all up");
+                let Some(core) = node.core.as_ref() else {
+                    eprintln!("node down ({:?})", node.membership);
+                    continue;
+                };
+                let log = core.log();
+                eprintln!(
+                    "  log conf {:?} snap idx {} snap conf {:?} hs {:?}",
+                    log.conf_state().voters,
+                    log.latest_snapshot().get_metadata().index,
+                    log.latest_snapshot().get_metadata().get_conf_state().voters,
+                    log.hard_state()
+                );
                 eprintln!(
                     "node {} inc {} ready {} status {:?}",
                     core.id(),

@@ -242,6 +242,10 @@ impl<K: LogSink> NodeCore<K> {
     /// result is reported as `Effect::Done` to `session`.
     pub fn change_members(&mut self, session: SessionId, req: ReqId, change: MemberChange) {
         self.pending_conf.insert((session, req), (change, self.now));
+        if self.conf_satisfied(change) {
+            self.settle_conf_changes();
+            return;
+        }
         self.propose_conf(session, req, change);
     }
 
@@ -268,8 +272,8 @@ impl<K: LogSink> NodeCore<K> {
         let leader = self.is_leader();
         if leader && !self.was_leader {
             // Fresh leader: give every peer a full timeout before judging it.
-            for v in self.raw.store().conf_state().voters.clone() {
-                self.last_heard.insert(v, self.now);
+            for n in self.table.nodes().keys() {
+                self.last_heard.insert(raft_id(*n), self.now);
             }
         }
         self.was_leader = leader;
@@ -308,8 +312,11 @@ impl<K: LogSink> NodeCore<K> {
                 (*k, *change)
             })
             .collect();
+        self.settle_conf_changes();
         for ((session, req), change) in conf {
-            self.propose_conf(session, req, change);
+            if self.pending_conf.contains_key(&(session, req)) {
+                self.propose_conf(session, req, change);
+            }
         }
     }
 
@@ -335,23 +342,33 @@ impl<K: LogSink> NodeCore<K> {
         }
     }
 
+    fn members(&self) -> BTreeSet<u64> {
+        let cs = self.raw.store().conf_state();
+        cs.voters.iter().chain(&cs.learners).copied().collect()
+    }
+
+    /// Declares down every node the table thinks is up that has been silent too long:
+    /// members that stopped talking, and nodes removed from the membership (they hear no
+    /// leader any more, so they fence themselves, and we stop listening to them).
     fn detect_dead_nodes(&mut self) {
-        let voters = self.raw.store().conf_state().voters.clone();
-        let fenced = self.cfg.quorum_fencing && voters.len() >= 3;
-        for v in voters {
-            let Some(node) = node_id(v) else { continue };
-            if node == self.cfg.id {
-                continue;
-            }
+        let voters = self.raw.store().conf_state().voters.len();
+        let fenced = self.cfg.quorum_fencing && voters >= 3;
+        let up: Vec<NodeId> = self
+            .table
+            .nodes()
+            .iter()
+            .filter(|(n, r)| r.up && **n != self.cfg.id)
+            .map(|(n, _)| *n)
+            .collect();
+        for node in up {
             let silent = self
                 .now
-                .saturating_sub(*self.last_heard.get(&v).unwrap_or(&0));
-            let up = self.table.nodes().get(&node).is_some_and(|r| r.up);
+                .saturating_sub(*self.last_heard.get(&raft_id(node)).unwrap_or(&0));
             let recently = self
                 .down_proposed
                 .get(&node)
                 .is_some_and(|t| self.now.saturating_sub(*t) < self.cfg.retry_ticks);
-            if silent > self.cfg.node_dead_ticks && up && !recently {
+            if silent > self.cfg.node_dead_ticks && !recently {
                 self.down_proposed.insert(node, self.now);
                 self.outbox.push(Command::NodeDown { node, fenced });
             }
@@ -388,16 +405,38 @@ impl<K: LogSink> NodeCore<K> {
 
     /// A message from a peer (already authenticated by the transport).
     pub fn step(&mut self, msg: Message) {
-        self.last_heard.insert(msg.from, self.now);
+        if msg.get_msg_type() == raft::prelude::MessageType::MsgHeartbeat
+            && msg.commit > self.raw.raft.raft_log.last_index()
+        {
+            // The leader believes we acknowledged entries we do not have: this node lost its
+            // log (wiped or restored) while still a member. raft-rs would panic here; refuse
+            // instead, loudly. The operator must remove the node and add it back (--join).
+            tracing::error!(
+                leader = msg.from,
+                commit = msg.commit,
+                last_index = self.raw.raft.raft_log.last_index(),
+                "this node's Raft log is missing entries it acknowledged; remove it and add it back"
+            );
+            return;
+        }
+        if self.members().contains(&msg.from) {
+            self.last_heard.insert(msg.from, self.now);
+        }
         // Errors here are about stale or unknown peers; raft-rs already ignores them.
         let _ = self.raw.step(msg);
     }
 
     /// A liveness probe from a peer.
     pub fn on_probe(&mut self, from: NodeId, probe: Probe) {
-        self.last_heard.insert(raft_id(from), self.now);
+        // A node removed from the membership gets no answers, so it fences itself.
+        let member = self.members().contains(&raft_id(from));
+        if member {
+            self.last_heard.insert(raft_id(from), self.now);
+        }
         match probe {
-            Probe::Ping(seq) if self.is_leader() => self.out.probes.push((from, Probe::Pong(seq))),
+            Probe::Ping(seq) if self.is_leader() && member => {
+                self.out.probes.push((from, Probe::Pong(seq)))
+            }
             Probe::Ping(_) => {}
             Probe::Pong(sent_at) => {
                 // The leader heard us no earlier than `sent_at`, our clock.
@@ -618,21 +657,54 @@ impl<K: LogSink> NodeCore<K> {
         result: raft::Result<ConfState>,
         context: &[u8],
     ) -> Result<(), CoreError> {
-        let origin =
-            bincode::serde::decode_from_slice::<(SessionId, ReqId), _>(context, bincode_cfg())
-                .ok()
-                .map(|(o, _)| o);
-        let first = origin.is_some_and(|o| self.pending_conf.remove(&o).is_some());
+        // Requested changes mean "make it so", not "do it once": a pending proposal whose
+        // effect is in place is reported done and never re-proposed, so a late duplicate
+        // cannot undo a later change (remove, add back, stale remove again). The context
+        // (session, request) of the applied entry is therefore not needed to settle it.
+        let _ = context;
         match result {
-            Ok(cs) => self.write(LogRecord::ConfState(cs))?,
+            Ok(cs) => {
+                let me = raft_id(self.cfg.id);
+                let member = cs.voters.contains(&me) || cs.learners.contains(&me);
+                if !member && self.is_leader() {
+                    // A leader that removed itself must stop leading at once: raft-rs keeps
+                    // no progress for it and would panic on its next persisted entry.
+                    let term = self.raw.raft.term;
+                    self.raw.raft.become_follower(term, raft::INVALID_ID);
+                }
+                self.write(LogRecord::ConfState(cs))?
+            }
             // Applied twice after a retry, or invalid (removing a non-member): either way
             // the configuration is what the operator asked for or unchanged.
             Err(e) => tracing::warn!(error = %e, "membership change not applied"),
         }
-        if let (Some((session, req)), true) = (origin, first) {
+        self.settle_conf_changes();
+        Ok(())
+    }
+
+    fn conf_satisfied(&self, change: MemberChange) -> bool {
+        let cs = self.raw.store().conf_state();
+        match change {
+            MemberChange::AddVoter(n) => cs.voters.contains(&raft_id(n)),
+            MemberChange::AddLearner(n) => cs.learners.contains(&raft_id(n)),
+            MemberChange::Remove(n) => {
+                !cs.voters.contains(&raft_id(n)) && !cs.learners.contains(&raft_id(n))
+            }
+        }
+    }
+
+    /// Reports and forgets every pending membership change the configuration satisfies.
+    fn settle_conf_changes(&mut self) {
+        let done: Vec<(SessionId, ReqId)> = self
+            .pending_conf
+            .iter()
+            .filter(|(_, (change, _))| self.conf_satisfied(*change))
+            .map(|(k, _)| *k)
+            .collect();
+        for (session, req) in done {
+            self.pending_conf.remove(&(session, req));
             self.route(Effect::Done { session, req });
         }
-        Ok(())
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), CoreError> {
