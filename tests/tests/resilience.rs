@@ -453,3 +453,62 @@ fn crashed_primary_without_survivor_writes_resyncs_only_its_hot_extents() {
         .log(0, "replicatord")
         .contains("rule=local-crashed-primary"));
 }
+
+#[test]
+fn corrupt_metadata_too_small_disk_and_foreign_disk_are_refused_clearly() {
+    use std::os::unix::fs::FileExt;
+    let mut c = Cluster::builder().nodes(2).start().unwrap();
+    for i in 0..2 {
+        c.adm(i, &["create-md", "www"]).unwrap();
+    }
+    c.start_replicator(0).unwrap();
+    // Both metadata slots of n1 corrupted: `up` refuses with a clear message, no panic.
+    let disk = c.disk_path(0, "www");
+    let len = std::fs::metadata(&disk).unwrap().len();
+    let out = c.adm(0, &["dump-md", "www"]).unwrap();
+    let md_offset: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("md-offset "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("dump-md prints md-offset");
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    f.write_all_at(&[0x5A; 64], md_offset + 100).unwrap();
+    f.write_all_at(&[0x5A; 64], md_offset + 4096 + 100).unwrap();
+    let out = c.tandemadm(0, &["up", "www"]).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("corrupt"), "{err}");
+    assert!(c.alive(0, "replicatord"), "daemon died on corrupt metadata");
+    // A disk shrunk behind our back.
+    c.adm(1, &["create-md", "--force", "www"]).unwrap();
+    let disk1 = c.disk_path(1, "www");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk1)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let out = c.tandemadm(1, &["dump-md", "www"]).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no Tandem metadata") || err.contains("too small"),
+        "{err}"
+    );
+    // n2's disk configured for n1: metadata of another node is refused.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk1)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    c.adm(1, &["create-md", "--force", "www"]).unwrap();
+    std::fs::copy(&disk1, &disk).unwrap();
+    let out = c.tandemadm(0, &["up", "www"]).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("node id 2"), "{err}");
+    assert!(c.alive(0, "replicatord"));
+    assert!(!c.log(0, "replicatord").contains("panicked"));
+}

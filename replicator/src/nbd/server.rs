@@ -16,6 +16,14 @@ use crate::engine::{IoError, Resource};
 
 /// Requests processed at once per client; more wait (backpressure, bounded memory).
 const MAX_INFLIGHT_PER_CLIENT: usize = 128;
+/// Payload bytes buffered at once by all clients of one export (reads and writes), in
+/// 4 KiB units: a flood of large requests waits here instead of growing memory.
+const BUDGET_BYTES: usize = 256 << 20;
+const BUDGET_UNIT: usize = 4096;
+
+fn budget_units(len: u32) -> u32 {
+    (len as usize).div_ceil(BUDGET_UNIT).max(1) as u32
+}
 
 #[derive(Debug, thiserror::Error)]
 enum ClientError {
@@ -44,6 +52,7 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
 
 pub async fn serve(listener: UnixListener, res: Arc<Resource>, path: PathBuf) {
     tracing::info!(resource = %res.name(), socket = %path.display(), "NBD export ready");
+    let budget = Arc::new(Semaphore::new(BUDGET_BYTES / BUDGET_UNIT));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -54,8 +63,9 @@ pub async fn serve(listener: UnixListener, res: Arc<Resource>, path: PathBuf) {
             }
         };
         let res = res.clone();
+        let budget = budget.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle_client(stream, res.clone()).await {
+            if let Err(e) = handle_client(stream, res.clone(), budget).await {
                 tracing::warn!(resource = %res.name(), error = %e, "NBD client disconnected with an error");
             }
         });
@@ -71,7 +81,11 @@ fn transmission_flags() -> u16 {
         | TF_CAN_MULTI_CONN
 }
 
-async fn handle_client(stream: UnixStream, res: Arc<Resource>) -> Result<(), ClientError> {
+async fn handle_client(
+    stream: UnixStream,
+    res: Arc<Resource>,
+    budget: Arc<Semaphore>,
+) -> Result<(), ClientError> {
     let (rd, wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     let mut wr = BufWriter::new(wr);
@@ -179,13 +193,14 @@ async fn handle_client(stream: UnixStream, res: Arc<Resource>) -> Result<(), Cli
             }
         }
     }
-    transmission(rd, wr, res).await
+    transmission(rd, wr, res, budget).await
 }
 
 async fn transmission(
     mut rd: BufReader<tokio::net::unix::OwnedReadHalf>,
     wr: BufWriter<tokio::net::unix::OwnedWriteHalf>,
     res: Arc<Resource>,
+    budget: Arc<Semaphore>,
 ) -> Result<(), ClientError> {
     let (reply_tx, reply_rx) = mpsc::channel::<Vec<u8>>(MAX_INFLIGHT_PER_CLIENT * 2);
     let writer = tokio::spawn(reply_writer(wr, reply_rx));
@@ -204,6 +219,17 @@ async fn transmission(
         if req.kind == CMD_DISC {
             break Ok(());
         }
+        // Reserve buffer space for the payload (write data or read reply) first.
+        let bytes = if matches!(req.kind, CMD_WRITE | CMD_READ) {
+            req.length.min(MAX_REQUEST_BYTES)
+        } else {
+            0
+        };
+        let memory = budget
+            .clone()
+            .acquire_many_owned(budget_units(bytes))
+            .await
+            .expect("semaphore never closed");
         let data = if req.kind == CMD_WRITE {
             if req.length > MAX_REQUEST_BYTES {
                 break Err(ClientError::Protocol(format!(
@@ -230,6 +256,7 @@ async fn transmission(
             let reply = execute(&res, req, data).await;
             let _ = tx.send(reply).await;
             drop(permit);
+            drop(memory);
         });
     };
     // Let in-flight requests finish and their replies go out before closing.
