@@ -831,10 +831,10 @@ fn run_seeds(n: u8, default_count: u64) {
 
 #[test]
 fn simulate_three_nodes() {
-    run_seeds(3, 800);
+    run_seeds(3, 700);
 }
 
 #[test]
 fn simulate_five_nodes() {
-    run_seeds(5, 400);
+    run_seeds(5, 350);
 }

@@ -342,9 +342,9 @@ impl<K: LogSink> NodeCore<K> {
         }
     }
 
-    fn members(&self) -> BTreeSet<u64> {
+    fn is_member(&self, id: u64) -> bool {
         let cs = self.raw.store().conf_state();
-        cs.voters.iter().chain(&cs.learners).copied().collect()
+        cs.voters.contains(&id) || cs.learners.contains(&id)
     }
 
     /// Declares down every node the table thinks is up that has been silent too long:
@@ -419,7 +419,7 @@ impl<K: LogSink> NodeCore<K> {
             );
             return;
         }
-        if self.members().contains(&msg.from) {
+        if self.is_member(msg.from) {
             self.last_heard.insert(msg.from, self.now);
         }
         // Errors here are about stale or unknown peers; raft-rs already ignores them.
@@ -429,7 +429,7 @@ impl<K: LogSink> NodeCore<K> {
     /// A liveness probe from a peer.
     pub fn on_probe(&mut self, from: NodeId, probe: Probe) {
         // A node removed from the membership gets no answers, so it fences itself.
-        let member = self.members().contains(&raft_id(from));
+        let member = self.is_member(raft_id(from));
         if member {
             self.last_heard.insert(raft_id(from), self.now);
         }
