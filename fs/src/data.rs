@@ -16,6 +16,33 @@ const MAX_EXTENT_BLOCKS: u64 = 1 << 20;
 pub const FALLOC_FL_KEEP_SIZE: i32 = 1;
 pub const FALLOC_FL_PUNCH_HOLE: i32 = 2;
 
+/// Device reads that make up one file read: inline bytes, or block-aligned segments
+/// (buffer offset, device byte offset, length) of a `span`-byte buffer, of which
+/// `skip..skip+len` is returned. Holes are the zeros the buffer starts with.
+#[derive(Debug, Default)]
+pub struct ReadPlan {
+    inline: Option<Vec<u8>>,
+    segs: Vec<(usize, u64, usize)>,
+    span: usize,
+    skip: usize,
+    len: usize,
+}
+
+impl ReadPlan {
+    pub fn execute(self, dev: &dyn crate::block::BlockDevice) -> Result<Vec<u8>> {
+        if let Some(bytes) = self.inline {
+            return Ok(bytes);
+        }
+        let mut buf = vec![0u8; self.span];
+        for (at, dev_off, len) in self.segs {
+            dev.read_at(&mut buf[at..at + len], dev_off)?;
+        }
+        buf.drain(..self.skip);
+        buf.truncate(self.len);
+        Ok(buf)
+    }
+}
+
 /// Finds the extent containing `lblk`.
 fn find(ext: &[Extent], lblk: u64) -> std::result::Result<usize, usize> {
     match ext.binary_search_by(|e| e.logical.cmp(&lblk)) {
@@ -264,18 +291,25 @@ impl Store {
     }
 
     pub fn file_read(&mut self, ino: &Inode, off: u64, size: u32) -> Result<Vec<u8>> {
+        self.read_plan(ino, off, size)?.execute(&*self.dev)
+    }
+
+    /// Works out which device ranges a read needs, under the filesystem lock; the reads
+    /// themselves (`ReadPlan::execute`) can then run without it.
+    pub fn read_plan(&mut self, ino: &Inode, off: u64, size: u32) -> Result<ReadPlan> {
+        let mut plan = ReadPlan::default();
         if off >= ino.size {
-            return Ok(Vec::new());
+            return Ok(plan);
         }
         let end = ino.size.min(off + u64::from(size));
         if ino.is_inline() {
-            return Ok(ino.payload[off as usize..end as usize].to_vec());
+            plan.inline = Some(ino.payload[off as usize..end as usize].to_vec());
+            return Ok(plan);
         }
         let bs = self.bs as u64;
         let ext = self.extents(ino)?;
         let first = off / bs;
         let last = (end - 1) / bs;
-        let mut buf = vec![0u8; ((last - first + 1) * bs) as usize];
         let mut l = first;
         while l <= last {
             match find(&ext, l) {
@@ -283,21 +317,22 @@ impl Store {
                     let e = ext[i];
                     let run = (e.end() - l).min(last + 1 - l);
                     if e.flags & EXT_UNWRITTEN == 0 {
-                        let s = ((l - first) * bs) as usize;
-                        self.read_data(
-                            &mut buf[s..s + (run * bs) as usize],
-                            e.physical + (l - e.logical),
-                        )?;
+                        let at = ((l - first) * bs) as usize;
+                        plan.segs.push((
+                            at,
+                            (e.physical + (l - e.logical)) * bs,
+                            (run * bs) as usize,
+                        ));
                     }
                     l += run;
                 }
                 Err(i) => l = ext.get(i).map_or(last + 1, |e| e.logical.min(last + 1)),
             }
         }
-        let s = (off - first * bs) as usize;
-        buf.drain(..s);
-        buf.truncate((end - off) as usize);
-        Ok(buf)
+        plan.span = ((last - first + 1) * bs) as usize;
+        plan.skip = (off - first * bs) as usize;
+        plan.len = (end - off) as usize;
+        Ok(plan)
     }
 
     pub fn file_write(&mut self, ino: &mut Inode, off: u64, data: &[u8]) -> Result<()> {

@@ -265,3 +265,48 @@ fn a_write_that_cannot_store_its_extent_map_gives_its_blocks_back() {
         tandem_fs::fsck::fsck(dev, tandem_fs::fsck::FsckOptions::default(), &mut sink).unwrap();
     assert!(rep.problems.is_empty(), "{:?}", rep.problems);
 }
+
+#[test]
+fn unlocked_reads_never_see_another_files_data() {
+    let (_d, fs) = fresh(32 << 20);
+    let fs = Arc::new(fs);
+    let a = fs.mknod(CTX, ROOT_INO, b"a", 0o644, 0, 0).unwrap();
+    fs.write(a.ino, 0, &vec![0xaa; 256 << 10]).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (fs, stop) = (fs.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let data = fs.read(a.ino, 0, 256 << 10).unwrap();
+                    assert!(data.iter().all(|&b| b == 0xaa), "read saw foreign bytes");
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    for round in 0..40 {
+        // Free A's blocks, let another file grab them, then rebuild A.
+        fs.setattr(
+            a.ino,
+            tandem_fs::fs::SetAttr {
+                size: Some(0),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        fs.commit().unwrap();
+        let b = fs
+            .mknod(CTX, ROOT_INO, format!("b{round}").as_bytes(), 0o644, 0, 0)
+            .unwrap();
+        fs.write(b.ino, 0, &vec![0xbb; 256 << 10]).unwrap();
+        fs.unlink(ROOT_INO, format!("b{round}").as_bytes()).unwrap();
+        fs.commit().unwrap();
+        fs.write(a.ino, 0, &vec![0xaa; 256 << 10]).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let total: usize = readers.into_iter().map(|h| h.join().unwrap()).sum();
+    assert!(total > 0);
+}

@@ -47,6 +47,9 @@ pub struct Fs {
     inner: Mutex<Inner>,
     /// Serialises commits; always taken before `inner`, never while holding it.
     commit_lock: Mutex<()>,
+    /// Shared by reads doing device I/O outside `inner`; exclusive while freed blocks
+    /// become reusable. Lock order: commit_lock, data_guard, inner.
+    data_guard: parking_lot::RwLock<()>,
     block_size: u32,
 }
 
@@ -117,6 +120,7 @@ impl Fs {
             Self {
                 inner: Mutex::new(inner),
                 commit_lock: Mutex::new(()),
+                data_guard: parking_lot::RwLock::new(()),
                 block_size,
             },
             stats,
@@ -160,6 +164,7 @@ impl Fs {
     /// Commit and checkpoint (`clean` also marks the journal clean, for unmount).
     fn sync(&self, clean: bool) -> Result<()> {
         let _c = self.commit_lock.lock();
+        let _no_reads = self.data_guard.write();
         self.inner.lock().st.sync_all(clean)
     }
 
@@ -183,6 +188,9 @@ impl Fs {
             (blocks, g.st.dev.clone(), g.st.journal.clone(), g.st.bs)
         };
         let res = crate::store::write_tx(&*dev, bs, journal.as_deref(), &blocks);
+        // Finishing makes this transaction's freed blocks reusable: wait for reads that
+        // may still target them.
+        let _no_reads = self.data_guard.write();
         self.inner.lock().st.finish_commit(&res);
         res.map(|_| ())
     }
@@ -190,6 +198,7 @@ impl Fs {
     /// Commit + checkpoint + clean flag: what unmount does.
     pub fn shutdown(&self) -> Result<()> {
         let _c = self.commit_lock.lock();
+        let _no_reads = self.data_guard.write();
         let mut g = self.inner.lock();
         if g.opts.read_only {
             return Ok(());
@@ -428,13 +437,29 @@ impl Fs {
         g.after_op()
     }
 
+    /// Maps the read under the lock, then reads the device without it, so the kernel's
+    /// parallel readahead requests overlap. Holding `data_guard` (shared) meanwhile keeps
+    /// the mapped blocks from being freed and reused until the read is done.
     pub fn read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
-        let mut g = self.op();
+        let _reading = self.data_guard.read();
+        let (plan, dev) = self.map_read(ino, off, size)?;
+        plan.execute(&*dev)
+    }
+
+    fn map_read(
+        &self,
+        ino: u64,
+        off: u64,
+        size: u32,
+    ) -> Result<(crate::data::ReadPlan, Arc<dyn BlockDevice>)> {
+        // The plain lock, not `op()`: its commit-on-drop would wait for `data_guard`,
+        // which this thread holds.
+        let mut g = self.inner.lock();
         let mut i = g.load(ino)?;
         if i.is_dir() {
             return Err(FsError::IsDir);
         }
-        let data = g.st.file_read(&i, off, size)?;
+        let plan = g.st.read_plan(&i, off, size)?;
         if g.opts.relatime && !g.opts.read_only {
             let now = Time::now();
             let older = |a: Time, b: Time| (a.secs, a.nsecs) <= (b.secs, b.nsecs);
@@ -448,7 +473,7 @@ impl Fs {
                 g.after_op()?;
             }
         }
-        Ok(data)
+        Ok((plan, g.st.dev.clone()))
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<u32> {
