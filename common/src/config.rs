@@ -168,6 +168,10 @@ pub struct ResourceConfig {
     /// What a Primary without quorum does with writes: `io-error` or `suspend-io`.
     #[serde(default)]
     pub on_no_quorum: OnNoQuorum,
+    /// What a local disk error does: `detach` (default: continue Diskless through peers)
+    /// or `pass-on` (report the error to the application).
+    #[serde(default)]
+    pub on_io_error: OnIoError,
     /// Automatic split-brain recovery when neither node is Primary.
     #[serde(default)]
     pub after_sb_0pri: AfterSb0Pri,
@@ -180,6 +184,17 @@ pub struct ResourceConfig {
     /// Command run on split brain, with TANDEM_RESOURCE and TANDEM_PEER set.
     #[serde(default)]
     pub split_brain_handler: Option<String>,
+}
+
+/// DRBD's `on-io-error`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnIoError {
+    /// Drop the failed disk and keep serving I/O through UpToDate peers.
+    #[default]
+    Detach,
+    /// Return the error to the application; the disk state becomes Failed.
+    PassOn,
 }
 
 /// DRBD's `after-sb-0pri`.

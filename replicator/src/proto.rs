@@ -142,6 +142,19 @@ pub enum PeerMsg {
         seq: u64,
         crcs: Vec<u32>,
     },
+    // --- diskless reads (after on-io-error = detach) ---
+    /// Read these bytes for me (after everything queued before this message).
+    ReadRequest {
+        seq: u64,
+        offset: u64,
+        len: u32,
+    },
+    ReadReply {
+        seq: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        error: Option<String>,
+    },
     // --- liveness ---
     Ping,
     Pong,
@@ -165,6 +178,8 @@ impl PeerMsg {
             PeerMsg::SyncDone { .. } => "SyncDone",
             PeerMsg::VerifyRequest { .. } => "VerifyRequest",
             PeerMsg::VerifyReply { .. } => "VerifyReply",
+            PeerMsg::ReadRequest { .. } => "ReadRequest",
+            PeerMsg::ReadReply { .. } => "ReadReply",
             PeerMsg::Ping => "Ping",
             PeerMsg::Pong => "Pong",
         }
@@ -260,6 +275,16 @@ mod tests {
         rt(PeerMsg::VerifyReply {
             seq: 1,
             crcs: vec![1, 2],
+        });
+        rt(PeerMsg::ReadRequest {
+            seq: 4,
+            offset: 0,
+            len: 4096,
+        });
+        rt(PeerMsg::ReadReply {
+            seq: 4,
+            data: vec![5; 8],
+            error: None,
         });
         rt(PeerMsg::Ping);
         rt(PeerMsg::Pong);

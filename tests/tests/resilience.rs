@@ -512,3 +512,49 @@ fn corrupt_metadata_too_small_disk_and_foreign_disk_are_refused_clearly() {
     assert!(c.alive(0, "replicatord"));
     assert!(!c.log(0, "replicatord").contains("panicked"));
 }
+
+#[test]
+fn disk_failure_detaches_and_io_continues_through_the_peer_or_passes_on() {
+    let mut c = Cluster::builder().nodes(2).start().unwrap();
+    c.bring_up_fresh("www").unwrap();
+    scatter(&c, 0, 12, 40);
+    c.adm(0, &["inject-fault", "www", "--disk-eio"]).unwrap();
+    // Reads and writes through n1 keep working, served by n2.
+    let mut client = NbdClient::connect_unix(&c.nbd_socket(0, "www"), "www").unwrap();
+    let block = (3 * 97 + 40 * 13) % (VOLUME_BYTES / BLOCK_BYTES as u64);
+    let mut buf = vec![0u8; BLOCK_BYTES];
+    client
+        .read_at(&mut buf, block * BLOCK_BYTES as u64)
+        .unwrap();
+    assert_eq!(buf, block_data(block, 40003));
+    client
+        .write_at(&block_data(7, 777), 7 * BLOCK_BYTES as u64, false)
+        .unwrap();
+    client.flush().unwrap();
+    let mut on_n2 = NbdClient::connect_unix(&c.nbd_socket(1, "www"), "www").unwrap();
+    on_n2.read_at(&mut buf, 7 * BLOCK_BYTES as u64).unwrap();
+    assert_eq!(buf, block_data(7, 777));
+    assert_eq!(c.status_json(0).unwrap()[0]["disk-state"], "Diskless");
+    assert_eq!(
+        c.status_json(1).unwrap()[0]["connections"][0]["peer-disk-state"],
+        "Diskless"
+    );
+    assert!(c.log(0, "replicatord").contains("detaching it"));
+    drop(c);
+
+    // pass-on: the application sees EIO.
+    let mut c = Cluster::builder()
+        .nodes(2)
+        .resource(tandem_tests::ResourceSpec {
+            extra: "on-io-error = \"pass-on\"\n".into(),
+            ..Default::default()
+        })
+        .start()
+        .unwrap();
+    c.bring_up_fresh("www").unwrap();
+    c.adm(0, &["inject-fault", "www", "--disk-eio"]).unwrap();
+    let mut client = NbdClient::connect_unix(&c.nbd_socket(0, "www"), "www").unwrap();
+    let err = client.write_at(&block_data(1, 1), 4096, false).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "{err}");
+    assert_eq!(c.status_json(0).unwrap()[0]["disk-state"], "Failed");
+}

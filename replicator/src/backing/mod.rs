@@ -55,6 +55,8 @@ struct Inner {
     size_bytes: u64,
     engine: Engine,
     poisoned: AtomicBool,
+    /// Test/operator fault switch: every request fails with EIO (`tandemadm inject-fault`).
+    fault_eio: AtomicBool,
 }
 
 /// Size of a file or block device in bytes.
@@ -106,6 +108,7 @@ impl Backing {
                 size_bytes,
                 engine,
                 poisoned: AtomicBool::new(false),
+                fault_eio: AtomicBool::new(false),
             }),
         })
     }
@@ -130,7 +133,17 @@ impl Backing {
         &self.inner.file
     }
 
+    /// Makes every later request fail with EIO, as a dying disk would.
+    pub fn inject_eio(&self) {
+        self.inner.fault_eio.store(true, Ordering::Release);
+    }
+
     fn check(&self, offset: u64, len: u64) -> Result<(), BackingError> {
+        if self.inner.fault_eio.load(Ordering::Acquire) {
+            return Err(BackingError::Io(std::io::Error::from_raw_os_error(
+                libc::EIO,
+            )));
+        }
         if self.inner.poisoned.load(Ordering::Acquire) {
             return Err(BackingError::Poisoned);
         }
@@ -184,6 +197,11 @@ impl Backing {
 
     /// Makes every completed write durable (fdatasync).
     pub async fn sync(&self) -> Result<(), BackingError> {
+        if self.inner.fault_eio.load(Ordering::Acquire) {
+            return Err(BackingError::Io(std::io::Error::from_raw_os_error(
+                libc::EIO,
+            )));
+        }
         if self.inner.poisoned.load(Ordering::Acquire) {
             return Err(BackingError::Poisoned);
         }

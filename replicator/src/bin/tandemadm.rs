@@ -103,6 +103,14 @@ enum Cmd {
     InvalidateRemote { resource: String },
     /// Mark this disconnected Secondary's data Outdated.
     Outdate { resource: String },
+    /// Fault drill: make this node's backing disk fail every request with EIO (until the
+    /// daemon restarts), to see on-io-error in action.
+    InjectFault {
+        resource: String,
+        /// Fail every disk request with EIO.
+        #[arg(long, required = true)]
+        disk_eio: bool,
+    },
     /// Wait until every peer of a resource is Established and UpToDate.
     WaitSync {
         resource: String,
@@ -313,6 +321,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             rt.block_on(each_async(&ctx, &resource, |r| Request::InvalidateRemote { resource: r }))
         }
         Cmd::Outdate { resource } => rt.block_on(each_async(&ctx, &resource, |r| Request::Outdate { resource: r })),
+        Cmd::InjectFault { resource, disk_eio: _ } => {
+            rt.block_on(each_async(&ctx, &resource, |r| Request::InjectDiskEio { resource: r }))
+        }
         Cmd::WaitSync {
             resource,
             timeout_s,

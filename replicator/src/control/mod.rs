@@ -53,6 +53,10 @@ pub enum Request {
     Outdate {
         resource: String,
     },
+    /// Fault switch for tests and drills: make the local disk fail every request with EIO.
+    InjectDiskEio {
+        resource: String,
+    },
     /// Streams events2-style lines; `now` = dump current state and stop.
     Events {
         resource: Option<String>,

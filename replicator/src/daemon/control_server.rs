@@ -147,6 +147,14 @@ async fn handle(daemon: Arc<Daemon>, mut s: UnixStream) -> anyhow::Result<()> {
             },
             Err(e) => err(e),
         },
+        Request::InjectDiskEio { resource } => match need(&resource) {
+            Ok(r) => {
+                tracing::warn!(resource = %resource, "fault injected: the local disk now fails every request with EIO");
+                r.backing().inject_eio();
+                ok(format!("{resource}: local disk now fails with EIO"))
+            }
+            Err(e) => err(e),
+        },
         Request::Status { resource } => {
             let list: Vec<_> = daemon
                 .up_resources()

@@ -56,6 +56,10 @@ fn has_data(g: &Generation) -> bool {
 
 /// Returns the decision and the name of the rule that made it.
 pub fn decide(me: &Generation, peer: &Generation) -> (Decision, &'static str) {
+    // A Diskless side (detached after a disk error) has nothing to sync to or from.
+    if me.disk == DiskState::Diskless || peer.disk == DiskState::Diskless {
+        return (Decision::NoSync, "diskless");
+    }
     let (mine, theirs) = (has_data(me), has_data(peer));
     // Bitmap rules first: they also resume an interrupted bitmap resync, where the target
     // is Inconsistent but still at the generation our bitmap counts from.

@@ -60,7 +60,14 @@ impl Resource {
         if inner.role != Role::Primary {
             return Err(IoError::NotPrimary);
         }
-        if inner.disk != DiskState::UpToDate {
+        let diskless_ok = self.is_detached()
+            && inner.peers.values().any(|p| {
+                p.conn.is_some()
+                    && p.state
+                        .as_ref()
+                        .is_some_and(|s| s.disk == DiskState::UpToDate)
+            });
+        if inner.disk != DiskState::UpToDate && !diskless_ok {
             return Err(IoError::NotUpToDate(inner.disk));
         }
         Ok(())
@@ -108,15 +115,27 @@ impl Resource {
             return Err(IoError::Down);
         }
         self.check_range(offset, len as u64)?;
-        let disk = self.disk();
-        if disk != DiskState::UpToDate {
-            return Err(IoError::NotUpToDate(disk));
-        }
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         self.stats
             .read_bytes
             .fetch_add(len as u64, Ordering::Relaxed);
-        Ok(self.backing.read_at(offset, len as usize).await?)
+        if self.is_detached() {
+            return self.remote_read(offset, len).await;
+        }
+        let disk = self.disk();
+        if disk != DiskState::UpToDate {
+            return Err(IoError::NotUpToDate(disk));
+        }
+        match self.backing.read_at(offset, len as usize).await {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                if self.on_disk_error(&e).await {
+                    self.remote_read(offset, len).await
+                } else {
+                    Err(e.into())
+                }
+            }
+        }
     }
 
     pub async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), IoError> {
@@ -147,12 +166,19 @@ impl Resource {
         data: Option<Vec<u8>>,
     ) -> Result<(), IoError> {
         self.wait_for_quorum().await?;
-        let _al = self.al_begin(offset, len).await?;
+        let detached = self.is_detached();
+        let _al = if detached {
+            None
+        } else {
+            Some(self.al_begin(offset, len).await?)
+        };
         // In-flight registry for dual-primary conflict detection (held until acked).
         let _inflight = self.inflight.register(offset, len);
         let range = self.ranges.lock(offset, len).await;
         let (targets, missing) = self.replication_targets();
-        self.record_missed_write(&missing, offset, len).await?;
+        if !detached {
+            self.record_missed_write(&missing, offset, len).await?;
+        }
         let seq = self.next_seq();
         let ack = AckMode::from(self.settings.protocol);
         // The message names the peers we cannot reach: receivers track it for them too.
@@ -189,6 +215,9 @@ impl Resource {
         };
         let frame = Arc::new(frame);
         let local = async {
+            if detached {
+                return Ok(());
+            }
             match data {
                 Some(data) => self.backing.write_at(offset, data).await?,
                 None => self.backing.write_zeroes(offset, len).await?,
@@ -232,7 +261,20 @@ impl Resource {
             r
         };
         let (local, lost) = tokio::join!(local, remote);
-        local?;
+        if let Err(e) = local {
+            // Detach: the write stands if a peer has it; pass-on: report the error.
+            if !self.on_disk_error(&e).await || lost.len() >= targets.len() {
+                return Err(e.into());
+            }
+            return Ok(());
+        }
+        if detached {
+            return if lost.len() < targets.len() {
+                Ok(())
+            } else {
+                Err(IoError::NotUpToDate(DiskState::Diskless))
+            };
+        }
         // Those peers may lack this write: record it before acknowledging.
         self.record_missed_write(&lost, offset, len).await?;
         let needed = self.quorum_needed();
@@ -262,7 +304,14 @@ impl Resource {
                 waits.push((c.peer, rx));
             }
         }
-        let local = self.backing.sync();
+        let detached = self.is_detached();
+        let local = async {
+            if detached {
+                Ok(())
+            } else {
+                self.backing.sync().await
+            }
+        };
         let remote = async {
             let mut lost = Vec::new();
             for (peer, rx) in waits {
@@ -273,7 +322,15 @@ impl Resource {
             lost
         };
         let (local, lost) = tokio::join!(local, remote);
-        local?;
+        if let Err(e) = local {
+            if !self.on_disk_error(&e).await || lost.len() >= targets.len() {
+                return Err(e.into());
+            }
+            return Ok(());
+        }
+        if detached {
+            return Ok(());
+        }
         if !lost.is_empty() && self.role() == Role::Primary {
             // Their earlier writes are bitmapped; mark the generation so they resync.
             self.ensure_bitmap_generation(&lost).await?;

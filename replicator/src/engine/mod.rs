@@ -9,6 +9,7 @@ mod al;
 pub mod bitmap;
 pub mod core;
 pub mod decide;
+mod detach;
 mod dirty;
 mod io;
 pub mod ranges;
@@ -64,6 +65,7 @@ pub struct Settings {
     pub on_no_quorum: OnNoQuorum,
     pub sb_policy: decide::SbPolicy,
     pub split_brain_handler: Option<String>,
+    pub on_io_error: tandem_common::config::OnIoError,
     /// Every other member: id and name.
     pub peers: Vec<(NodeId, String)>,
     pub secret: Vec<u8>,
@@ -96,6 +98,7 @@ impl Settings {
                 one: res.after_sb_1pri,
             },
             split_brain_handler: res.split_brain_handler.clone(),
+            on_io_error: res.on_io_error,
             peers,
             secret: config
                 .secret_for(res)
@@ -122,6 +125,8 @@ pub struct Conn {
     /// Application writes queued on this connection (protocols A/B: decides what a
     /// broken connection may have lost).
     pub writes_sent: AtomicU64,
+    /// Diskless reads waiting for the peer's data.
+    read_pending: Mutex<BTreeMap<u64, oneshot::Sender<Result<Vec<u8>, String>>>>,
     /// Verify requests waiting for the peer's checksums.
     verify_pending: Mutex<BTreeMap<u64, oneshot::Sender<Vec<u32>>>>,
     /// Flips to true on close so the session's reader wakes up.
@@ -138,6 +143,7 @@ impl Conn {
             closed: AtomicBool::new(false),
             writes_sent: AtomicU64::new(0),
             verify_pending: Mutex::new(BTreeMap::new()),
+            read_pending: Mutex::new(BTreeMap::new()),
             closed_signal: tokio::sync::watch::channel(false).0,
         })
     }
@@ -179,6 +185,7 @@ impl Conn {
         self.closed.store(true, Ordering::Release);
         self.pending.lock().clear();
         self.verify_pending.lock().clear();
+        self.read_pending.lock().clear();
         self.closed_signal.send_replace(true);
     }
 
@@ -243,6 +250,8 @@ pub struct Resource {
     inflight: Arc<RangeLocks>,
     next_seq: AtomicU64,
     next_epoch: AtomicU64,
+    /// The local disk failed and was detached (on-io-error = detach): I/O goes to peers.
+    detached: AtomicBool,
     /// A connection came or went since the last generation we minted (see dirty.rs).
     conn_changed: AtomicBool,
     /// Serialises generation changes made on the write path.
@@ -347,6 +356,7 @@ impl Resource {
             next_seq: AtomicU64::new(1),
             next_epoch: AtomicU64::new(1),
             conn_changed: AtomicBool::new(true),
+            detached: AtomicBool::new(false),
             rotation_lock: tokio::sync::Mutex::new(()),
             sync_shadow: Mutex::new(None),
             sync_received: Mutex::new(None),

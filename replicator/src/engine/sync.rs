@@ -554,6 +554,10 @@ impl Resource {
                     ))
                 }
             }
+            PeerMsg::ReadRequest { seq, offset, len } => {
+                self.answer_read(conn, seq, offset, len).await;
+                Ok(())
+            }
             PeerMsg::VerifyRequest { seq, offset, len } => self
                 .answer_verify(conn, seq, offset, len)
                 .await
@@ -599,8 +603,12 @@ impl Resource {
                     reason: e.to_string(),
                 })
                 .await;
-                self.set_disk(DiskState::Failed);
-                Err(SessionEnd::retry(format!("local disk error: {e}")))
+                // Detached: stay connected (the peer now tracks what we miss).
+                if self.on_disk_error(&e).await {
+                    Ok(())
+                } else {
+                    Err(SessionEnd::retry(format!("local disk error: {e}")))
+                }
             }
         }
     }

@@ -122,6 +122,9 @@ async fn reader_loop(
             PeerMsg::RecvAck { seq } | PeerMsg::WriteAck { seq } => conn.complete(seq, Ok(())),
             PeerMsg::NegAck { seq, reason } => conn.complete(seq, Err(reason)),
             PeerMsg::VerifyReply { seq, crcs } => conn.complete_verify(seq, crcs),
+            PeerMsg::ReadReply { seq, data, error } => {
+                conn.complete_read(seq, error.map_or(Ok(data), Err))
+            }
             PeerMsg::Ping => {
                 conn.send(&PeerMsg::Pong).await;
             }
