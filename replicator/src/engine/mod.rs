@@ -115,6 +115,8 @@ pub struct SyncProgress {
     pub started: Instant,
 }
 
+type ReadReplyTx = oneshot::Sender<Result<Vec<u8>, String>>;
+
 /// A live connection to a peer (owned by its session task).
 pub struct Conn {
     pub peer: NodeId,
@@ -126,7 +128,7 @@ pub struct Conn {
     /// broken connection may have lost).
     pub writes_sent: AtomicU64,
     /// Diskless reads waiting for the peer's data.
-    read_pending: Mutex<BTreeMap<u64, oneshot::Sender<Result<Vec<u8>, String>>>>,
+    read_pending: Mutex<BTreeMap<u64, ReadReplyTx>>,
     /// Verify requests waiting for the peer's checksums.
     verify_pending: Mutex<BTreeMap<u64, oneshot::Sender<Vec<u32>>>>,
     /// Flips to true on close so the session's reader wakes up.
