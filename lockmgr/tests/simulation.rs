@@ -1,6 +1,7 @@
 //! Seeded deterministic simulation of 3- and 5-node lock-manager clusters: the real
 //! `NodeCore` (raft-rs RawNode + lock table) over an in-memory network with loss, delay,
-//! one- and two-way partitions, and crash/restart with volatile disk caches.
+//! one- and two-way partitions, crash/restart with volatile disk caches, and membership
+//! changes (a crashed node is removed, wiped, restarted empty and added back).
 //!
 //! The history checker asserts, at every grant, that no two live clients hold incompatible
 //! modes on one resource; after a final healed phase, that every request completed (progress
@@ -8,7 +9,8 @@
 //! clients only give up cached locks when called back), that clients and the replicated
 //! table agree on every grant (no lost grant), and that replicas at the same index agree.
 //!
-//! `TANDEM_SIM_SEED=N` replays one seed (3 and 5 nodes); `TANDEM_SIM_SEEDS=N` sets how many.
+//! `TANDEM_SIM_SEED=N` replays one seed (3 and 5 nodes); `TANDEM_SIM_SEEDS=N` (or `A..B`)
+//! chooses the seeds; `TANDEM_SIM_TRACE=1` prints the history.
 
 use raft::prelude::Message;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -803,11 +805,14 @@ fn seeds() -> Vec<u64> {
     if let Ok(seed) = std::env::var("TANDEM_SIM_SEED") {
         return vec![seed.parse().expect("TANDEM_SIM_SEED is a number")];
     }
-    let count: u64 = std::env::var("TANDEM_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (0..count).collect()
+    // `TANDEM_SIM_SEEDS=N` runs seeds 0..N; `TANDEM_SIM_SEEDS=A..B` runs A..B.
+    let spec = std::env::var("TANDEM_SIM_SEEDS").unwrap_or_default();
+    if let Some((a, b)) = spec.split_once("..") {
+        let a: u64 = a.parse().expect("TANDEM_SIM_SEEDS=A..B");
+        let b: u64 = b.parse().expect("TANDEM_SIM_SEEDS=A..B");
+        return (a..b).collect();
+    }
+    (0..spec.parse().unwrap_or(0)).collect()
 }
 
 fn run_seeds(n: u8, default_count: u64) {
