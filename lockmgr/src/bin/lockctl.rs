@@ -12,7 +12,11 @@ use tokio::io::AsyncBufReadExt;
 
 /// Control tool for tandem-lockd (Tandem's distributed lock manager).
 #[derive(Parser, Debug)]
-#[command(name = "tandem-lockctl", version, about)]
+#[command(
+    name = "tandem-lockctl",
+    version,
+    about = "Inspect and drive the Tandem lock manager through the local tandem-lockd"
+)]
 struct Args {
     /// Cluster configuration file.
     #[arg(long, default_value = tandem_common::config::DEFAULT_CONFIG_PATH)]

@@ -6,7 +6,11 @@ use tandem_lockmgr::daemon::{run, Options};
 
 /// Tandem's Raft-replicated distributed lock manager daemon.
 #[derive(Parser, Debug)]
-#[command(name = "tandem-lockd", version, about)]
+#[command(
+    name = "tandem-lockd",
+    version,
+    about = "Tandem lock-manager daemon: one per node, a Raft-replicated DLM"
+)]
 struct Args {
     /// Cluster configuration file.
     #[arg(long, default_value = tandem_common::config::DEFAULT_CONFIG_PATH)]
