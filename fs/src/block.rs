@@ -36,6 +36,42 @@ impl FileDevice {
         let size_bytes = file.seek(SeekFrom::End(0))?;
         Ok(Self { file, size_bytes })
     }
+
+    /// Opens for exclusive use by this process and its children: a block device with
+    /// O_EXCL (as mount(8) does), an image file with an flock. A second mount, mkfs or
+    /// fsck of a mounted filesystem then fails instead of replaying a live journal.
+    pub fn open_exclusive(path: &Path, writable: bool) -> io::Result<Self> {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let is_blockdev = std::fs::metadata(path)?.file_type().is_block_device();
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(writable);
+        if is_blockdev {
+            opts.custom_flags(libc::O_EXCL);
+        }
+        let mut file = opts.open(path).map_err(|e| busy(e, path))?;
+        if !is_blockdev {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on an fd we own; no memory is involved.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                return Err(busy(io::Error::last_os_error(), path));
+            }
+        }
+        let size_bytes = file.seek(SeekFrom::End(0))?;
+        Ok(Self { file, size_bytes })
+    }
+}
+
+fn busy(e: io::Error, path: &Path) -> io::Error {
+    match e.raw_os_error() {
+        Some(libc::EBUSY | libc::EWOULDBLOCK) => io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "{} is in use (mounted, or another mkfs/fsck is running)",
+                path.display()
+            ),
+        ),
+        _ => e,
+    }
 }
 
 impl BlockDevice for FileDevice {

@@ -213,3 +213,29 @@ fn daemon_unmounts_cleanly_on_sigterm_and_umount() {
     assert!(Command::new("umount").arg(&dir).status().unwrap().success());
     wait_for("daemon exit", || daemon_pid(&img).is_none());
 }
+
+#[test]
+fn a_mounted_filesystem_cannot_be_mounted_again_or_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("img");
+    mkfs(&img, "32M", &[]);
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    let _guard_a = Unmount(a.clone());
+    let _guard_b = Unmount(b.clone());
+    let (st, _, err) = tool(&["mount", img.to_str().unwrap(), a.to_str().unwrap()]);
+    assert!(st.success(), "{err}");
+    let (st, _, err) = tool(&["mount", img.to_str().unwrap(), b.to_str().unwrap()]);
+    assert_eq!(st.code(), Some(32));
+    assert!(err.contains("in use"), "{err}");
+    assert!(!is_mounted(&b));
+    let (code, out) = fsck(&img, "-y");
+    assert_eq!(code, 8);
+    assert!(out.contains("in use"), "{out}");
+    let (st, _, err) = tool(&["mkfs", "-t", "c:f", img.to_str().unwrap()]);
+    assert!(!st.success() && err.contains("in use"), "{err}");
+    assert!(Command::new("umount").arg(&a).status().unwrap().success());
+    wait_for("daemon exit", || daemon_pid(&img).is_none());
+    assert_eq!(fsck(&img, "-n").0, 0);
+}

@@ -11,7 +11,7 @@ pub fn open_target(target: &str, writable: bool) -> anyhow::Result<Arc<dyn Block
     if target.starts_with("nbd") {
         return open_nbd(target);
     }
-    let dev = FileDevice::open(Path::new(target), writable)
+    let dev = FileDevice::open_exclusive(Path::new(target), writable)
         .map_err(|e| anyhow::anyhow!("cannot open {target}: {e}"))?;
     Ok(Arc::new(dev))
 }
