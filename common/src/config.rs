@@ -162,6 +162,10 @@ pub struct ResourceConfig {
     /// Full-sync rate limit in bytes/s ("100MiB"); absent = unlimited.
     #[serde(default)]
     pub resync_rate: Option<String>,
+    /// Dynamic resync control (DRBD's c-fill-target): resync data kept in flight; halved
+    /// while application writes are active so they keep their latency. Default 16MiB.
+    #[serde(default)]
+    pub resync_fill_target: Option<String>,
     /// `off` (default), `majority`, `all`, or a number of nodes (as a string or integer).
     #[serde(default)]
     pub quorum: Option<toml::Value>,
@@ -279,6 +283,13 @@ impl ResourceConfig {
     pub fn size_bytes(&self) -> Option<u64> {
         self.size.as_deref().and_then(|s| parse_size_bytes(s).ok())
     }
+    pub fn resync_fill_target_bytes(&self) -> u64 {
+        self.resync_fill_target
+            .as_deref()
+            .and_then(|s| parse_size_bytes(s).ok())
+            .unwrap_or(16 << 20)
+    }
+
     pub fn resync_rate_bytes_per_s(&self) -> Option<u64> {
         self.resync_rate
             .as_deref()
@@ -433,6 +444,16 @@ impl ClusterConfig {
                     return Err(invalid(
                         format!("{key}.size"),
                         "must be at least 1MiB and a multiple of 4KiB",
+                    ));
+                }
+            }
+            if let Some(fill) = &res.resync_fill_target {
+                let b = parse_size_bytes(fill)
+                    .map_err(|m| invalid(format!("{key}.resync-fill-target"), m))?;
+                if b < 1 << 20 {
+                    return Err(invalid(
+                        format!("{key}.resync-fill-target"),
+                        "must be at least 1MiB",
                     ));
                 }
             }

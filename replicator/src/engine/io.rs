@@ -166,6 +166,7 @@ impl Resource {
         data: Option<Vec<u8>>,
     ) -> Result<(), IoError> {
         self.wait_for_quorum().await?;
+        *self.last_app_write.lock() = Some(std::time::Instant::now());
         let detached = self.is_detached();
         let _al = if detached {
             None

@@ -61,6 +61,7 @@ pub struct Settings {
     pub protocol: Protocol,
     pub allow_two_primaries: bool,
     pub resync_rate_bytes_per_s: Option<u64>,
+    pub resync_fill_target_bytes: u64,
     pub quorum: Quorum,
     pub on_no_quorum: OnNoQuorum,
     pub sb_policy: decide::SbPolicy,
@@ -91,6 +92,7 @@ impl Settings {
             protocol: res.protocol,
             allow_two_primaries: res.allow_two_primaries,
             resync_rate_bytes_per_s: res.resync_rate_bytes_per_s(),
+            resync_fill_target_bytes: res.resync_fill_target_bytes(),
             quorum: res.quorum_policy().map_err(EngineError::Refused)?,
             on_no_quorum: res.on_no_quorum,
             sb_policy: decide::SbPolicy {
@@ -254,6 +256,8 @@ pub struct Resource {
     next_epoch: AtomicU64,
     /// The local disk failed and was detached (on-io-error = detach): I/O goes to peers.
     detached: AtomicBool,
+    /// When the last application write started (resync backs off while writes flow).
+    last_app_write: Mutex<Option<Instant>>,
     /// A connection came or went since the last generation we minted (see dirty.rs).
     conn_changed: AtomicBool,
     /// Serialises generation changes made on the write path.
@@ -358,6 +362,7 @@ impl Resource {
             next_seq: AtomicU64::new(1),
             next_epoch: AtomicU64::new(1),
             conn_changed: AtomicBool::new(true),
+            last_app_write: Mutex::new(None),
             detached: AtomicBool::new(false),
             rotation_lock: tokio::sync::Mutex::new(()),
             sync_shadow: Mutex::new(None),

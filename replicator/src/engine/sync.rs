@@ -19,7 +19,8 @@ use crate::state::{ConnState, DiskState, ReplState, Role};
 
 /// Resync chunk size and how many chunks may await the target's ack.
 const SYNC_CHUNK_BYTES: u64 = 1 << 20;
-const SYNC_WINDOW_CHUNKS: usize = 16;
+/// Application writes within this window make the resync back off (see `resync_window`).
+const APP_ACTIVE_WINDOW: Duration = Duration::from_millis(100);
 
 /// Why a session must end.
 #[derive(Debug)]
@@ -282,7 +283,9 @@ impl Resource {
             if conn.is_closed() || self.is_down() {
                 return Err("connection closed".into());
             }
-            if let Some((offset, len)) = next.filter(|_| window.len() < SYNC_WINDOW_CHUNKS) {
+            let in_flight: u64 = window.iter().map(|(_, _, l)| *l).sum();
+            let target = self.resync_window_bytes();
+            if let Some((offset, len)) = next.filter(|_| window.is_empty() || in_flight < target) {
                 let seq = self.next_seq();
                 let rx = conn.expect_ack(seq);
                 {
@@ -637,6 +640,22 @@ impl Resource {
 }
 
 impl Resource {
+    /// Resync bytes kept in flight: the fill target, or a quarter of it (at least one
+    /// chunk) while application writes are active, so they keep their latency while the
+    /// resync still makes progress — DRBD's dynamic controller in miniature.
+    fn resync_window_bytes(&self) -> u64 {
+        let fill = self.settings.resync_fill_target_bytes;
+        let busy = self
+            .last_app_write
+            .lock()
+            .is_some_and(|t| t.elapsed() < APP_ACTIVE_WINDOW);
+        if busy {
+            (fill / 4).max(SYNC_CHUNK_BYTES)
+        } else {
+            fill
+        }
+    }
+
     /// Runs the configured split-brain handler (not waited for; its exit is logged).
     fn run_split_brain_handler(&self, peer: &str) {
         let Some(cmd) = self.settings.split_brain_handler.clone() else {
