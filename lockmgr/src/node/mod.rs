@@ -89,6 +89,8 @@ pub struct NodeCore<K: LogSink> {
     down_proposed: BTreeMap<NodeId, u64>,
     local_sessions: BTreeSet<SessionId>,
     pending_conf: BTreeMap<(SessionId, ReqId), (MemberChange, u64)>,
+    /// Take a snapshot at the end of this Ready (the configuration changed).
+    snapshot_now: bool,
     /// Snapshots sent to peers, by send tick: raft-rs pauses a peer until the snapshot is
     /// reported, so a lost snapshot message must be reported as failed to be resent.
     snapshots_sent: BTreeMap<u64, u64>,
@@ -161,6 +163,7 @@ impl<K: LogSink> NodeCore<K> {
             down_proposed: BTreeMap::new(),
             local_sessions: BTreeSet::new(),
             pending_conf: BTreeMap::new(),
+            snapshot_now: false,
             snapshots_sent: BTreeMap::new(),
             out: Output::default(),
             poisoned: false,
@@ -672,7 +675,11 @@ impl<K: LogSink> NodeCore<K> {
                     let term = self.raw.raft.term;
                     self.raw.raft.become_follower(term, raft::INVALID_ID);
                 }
-                self.write(LogRecord::ConfState(cs))?
+                self.write(LogRecord::ConfState(cs))?;
+                // A node added from now on catches up from our latest snapshot, and raft-rs
+                // refuses a snapshot whose configuration does not list the node: take a
+                // fresh one that carries the new configuration.
+                self.snapshot_now = true;
             }
             // Applied twice after a retry, or invalid (removing a non-member): either way
             // the configuration is what the operator asked for or unchanged.
@@ -708,9 +715,11 @@ impl<K: LogSink> NodeCore<K> {
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), CoreError> {
-        if self.applied < self.last_snapshot_index + self.cfg.snapshot_every_entries {
+        let due = self.applied >= self.last_snapshot_index + self.cfg.snapshot_every_entries;
+        if !(due || self.snapshot_now) || self.applied <= self.last_snapshot_index {
             return Ok(());
         }
+        self.snapshot_now = false;
         let data = bincode::serde::encode_to_vec(
             SnapshotData {
                 version: ENTRY_FORMAT_VERSION,
