@@ -2,7 +2,7 @@
 # Installs the Debian packages Tandem's tools, tests and demo use, when missing.
 # Safe to run repeatedly; does nothing when everything is present or when not root.
 set -euo pipefail
-pkgs=(iproute2 fuse3 libnbd-bin qemu-utils fio psmisc util-linux procps)
+pkgs=(iproute2 fuse3 libnbd-bin nbdkit qemu-utils fio psmisc util-linux procps e2fsprogs)
 pkgs+=("$@")
 missing=()
 for p in "${pkgs[@]}"; do
