@@ -25,12 +25,25 @@ struct Cluster {
     extra: Vec<String>,
 }
 
+/// A free loopback port. Ports come from a per-process counter (starting at a base derived
+/// from the pid) rather than from binding port 0, so tests running in parallel never pick
+/// the same port between choosing it and the daemon binding it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 2_000) * 16,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = u16::try_from(20_000 + port % 40_000).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl Cluster {
