@@ -105,6 +105,12 @@ fn node_id(config: &ClusterConfig, name: &str) -> Result<NodeId> {
 }
 
 fn main() -> ExitCode {
+    // Like other command-line tools, end quietly when the reader of our output goes away
+    // (`tandem-lockctl status | head`) instead of panicking on EPIPE.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args = Args::parse();
     tandem_common::logging::init("warn");
     let runtime = match tokio::runtime::Builder::new_current_thread()
