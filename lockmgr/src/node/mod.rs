@@ -91,6 +91,8 @@ pub struct NodeCore<K: LogSink> {
     pending_conf: BTreeMap<(SessionId, ReqId), (MemberChange, u64)>,
     /// Take a snapshot at the end of this Ready (the configuration changed).
     snapshot_now: bool,
+    /// Tick of the last "log lost" error, to log it once in a while rather than per message.
+    lost_log_logged_at: u64,
     /// Snapshots sent to peers, by send tick: raft-rs pauses a peer until the snapshot is
     /// reported, so a lost snapshot message must be reported as failed to be resent.
     snapshots_sent: BTreeMap<u64, u64>,
@@ -164,6 +166,7 @@ impl<K: LogSink> NodeCore<K> {
             local_sessions: BTreeSet::new(),
             pending_conf: BTreeMap::new(),
             snapshot_now: false,
+            lost_log_logged_at: 0,
             snapshots_sent: BTreeMap::new(),
             out: Output::default(),
             poisoned: false,
@@ -414,12 +417,17 @@ impl<K: LogSink> NodeCore<K> {
             // The leader believes we acknowledged entries we do not have: this node lost its
             // log (wiped or restored) while still a member. raft-rs would panic here; refuse
             // instead, loudly. The operator must remove the node and add it back (--join).
-            tracing::error!(
-                leader = msg.from,
-                commit = msg.commit,
-                last_index = self.raw.raft.raft_log.last_index(),
-                "this node's Raft log is missing entries it acknowledged; remove it and add it back"
-            );
+            if self.lost_log_logged_at == 0
+                || self.now >= self.lost_log_logged_at + 10 * self.cfg.retry_ticks
+            {
+                self.lost_log_logged_at = self.now.max(1);
+                tracing::error!(
+                    leader = msg.from,
+                    commit = msg.commit,
+                    last_index = self.raw.raft.raft_log.last_index(),
+                    "this node's Raft log is missing entries it acknowledged; remove it and add it back"
+                );
+            }
             return;
         }
         if self.is_member(msg.from) {
