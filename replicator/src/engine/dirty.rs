@@ -25,23 +25,26 @@ impl Resource {
             return Ok(());
         }
         self.ensure_bitmap_generation(missing).await?;
-        let changed: PagesBySlot = {
-            let mut bms = self.bitmaps.lock();
-            let mut out = Vec::new();
-            for p in missing {
-                if let Some((slot, bm)) = bms.get_mut(p) {
-                    let pages = bm.set_range(offset, len);
-                    if !pages.is_empty() {
-                        out.push((
-                            *slot,
-                            pages.iter().map(|&pg| (pg, bm.page_bytes(pg))).collect(),
-                        ));
-                    }
+        let changed = self.set_bits(missing, offset, len);
+        self.persist_bitmap_pages(changed).await
+    }
+
+    /// Sets the bits of `[offset, offset+len)` for `peers`; returns the changed pages.
+    fn set_bits(&self, peers: &[NodeId], offset: u64, len: u64) -> PagesBySlot {
+        let mut bms = self.bitmaps.lock();
+        let mut out = Vec::new();
+        for p in peers {
+            if let Some((slot, bm)) = bms.get_mut(p) {
+                let pages = bm.set_range(offset, len);
+                if !pages.is_empty() {
+                    out.push((
+                        *slot,
+                        pages.iter().map(|&pg| (pg, bm.page_bytes(pg))).collect(),
+                    ));
                 }
             }
-            out
-        };
-        self.persist_bitmap_pages(changed).await
+        }
+        out
     }
 
     pub(super) async fn persist_bitmap_pages(
@@ -147,22 +150,7 @@ impl Resource {
         if len == 0 {
             return Ok(());
         }
-        let changed: PagesBySlot = {
-            let mut bms = self.bitmaps.lock();
-            let mut out = Vec::new();
-            for p in &mine {
-                if let Some((slot, bm)) = bms.get_mut(p) {
-                    let pages = bm.set_range(offset, len);
-                    if !pages.is_empty() {
-                        out.push((
-                            *slot,
-                            pages.iter().map(|&pg| (pg, bm.page_bytes(pg))).collect(),
-                        ));
-                    }
-                }
-            }
-            out
-        };
+        let changed = self.set_bits(&mine, offset, len);
         self.persist_bitmap_pages(changed).await
     }
 

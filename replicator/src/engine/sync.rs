@@ -389,20 +389,8 @@ impl Resource {
                 missing,
             } => {
                 let len = data.len() as u64;
-                self.check_conflict(conn, offset, len)?;
-                self.shadow_app_write(offset, len);
-                self.record_received_write(&missing, offset, len)
+                self.apply_app_write(conn, seq, offset, len, fua, ack, &missing, Some(data))
                     .await
-                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
-                let r = async {
-                    self.backing.write_at(offset, data).await?;
-                    if fua {
-                        self.backing.sync().await?;
-                    }
-                    Ok::<_, crate::backing::BackingError>(())
-                }
-                .await;
-                self.ack_result(conn, seq, ack, r).await
             }
             PeerMsg::Zero {
                 seq,
@@ -412,20 +400,8 @@ impl Resource {
                 ack,
                 missing,
             } => {
-                self.check_conflict(conn, offset, len)?;
-                self.shadow_app_write(offset, len);
-                self.record_received_write(&missing, offset, len)
+                self.apply_app_write(conn, seq, offset, len, fua, ack, &missing, None)
                     .await
-                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
-                let r = async {
-                    self.backing.write_zeroes(offset, len).await?;
-                    if fua {
-                        self.backing.sync().await?;
-                    }
-                    Ok::<_, crate::backing::BackingError>(())
-                }
-                .await;
-                self.ack_result(conn, seq, ack, r).await
             }
             PeerMsg::Flush { seq } => {
                 let r = self.backing.sync().await;
@@ -570,6 +546,38 @@ impl Resource {
                 other.kind()
             ))),
         }
+    }
+
+    /// A peer's application write (`data`) or zeroing (`None`), in stream order: conflict
+    /// check, resync shadow, tracking for the writer's missing peers, disk, ack.
+    async fn apply_app_write(
+        &self,
+        conn: &Conn,
+        seq: u64,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        ack: AckMode,
+        missing: &[tandem_common::NodeId],
+        data: Option<Vec<u8>>,
+    ) -> Result<(), SessionEnd> {
+        self.check_conflict(conn, offset, len)?;
+        self.shadow_app_write(offset, len);
+        self.record_received_write(missing, offset, len)
+            .await
+            .map_err(|e| SessionEnd::retry(e.to_string()))?;
+        let r = async {
+            match data {
+                Some(data) => self.backing.write_at(offset, data).await?,
+                None => self.backing.write_zeroes(offset, len).await?,
+            }
+            if fua {
+                self.backing.sync().await?;
+            }
+            Ok::<_, crate::backing::BackingError>(())
+        }
+        .await;
+        self.ack_result(conn, seq, ack, r).await
     }
 
     /// Dual-primary: a peer's write overlapping one of our own in-flight writes means the
