@@ -55,8 +55,13 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
+/// bincode's own limit: without one, a hostile length prefix inside a valid frame makes the
+/// decoder reserve that many bytes up front (found by the fuzz corpus replay). Frames are
+/// at most ~32 MiB, so 64 MiB bounds any single allocation.
+pub const DECODE_LIMIT_BYTES: usize = 64 << 20;
+
 fn bincode_config() -> impl bincode::config::Config {
-    bincode::config::standard()
+    bincode::config::standard().with_limit::<DECODE_LIMIT_BYTES>()
 }
 
 /// Parsed and checked header.

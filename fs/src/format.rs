@@ -133,6 +133,13 @@ pub fn peek_type(buf: &[u8]) -> Option<u16> {
 
 /// Validates magic, type, version, checksum and home address of a metadata block.
 pub fn check(buf: &[u8], ty: BlockType, blkno: u64) -> Result<(), FormatError> {
+    // A short buffer (a truncated image, a fuzzer) is "not a metadata block", not a panic.
+    if buf.len() < HDR_LEN {
+        return Err(FormatError::BadMagic {
+            block: blkno,
+            found: 0,
+        });
+    }
     let magic = get_u32(buf, 0);
     if magic != MAGIC {
         return Err(FormatError::BadMagic {

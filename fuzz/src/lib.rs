@@ -64,6 +64,48 @@ pub fn cluster_config(data: &[u8]) {
     }
 }
 
+/// Lock-manager client frames (the lock manager's own entry point).
+pub fn lock_client_frames(data: &[u8]) {
+    tandem_lockmgr::fuzzing::client_frames(data);
+}
+
+/// Lock-manager write-ahead log records.
+pub fn lock_wal(data: &[u8]) {
+    tandem_lockmgr::fuzzing::wal_bytes(data);
+}
+
+/// Lock-table commands applied to the state machine.
+pub fn lock_table_commands(data: &[u8]) {
+    tandem_lockmgr::fuzzing::table_commands(data);
+}
+
+/// Filesystem superblock.
+pub fn fs_superblock(data: &[u8]) {
+    let mut block = data.to_vec();
+    block.resize(4096, 0);
+    if let Ok(sb) = tandem_fs::format::Superblock::decode(&block) {
+        let again = sb.encode(4096);
+        assert!(
+            tandem_fs::format::Superblock::decode(&again).is_ok(),
+            "re-encoded superblock must decode"
+        );
+    }
+    let _ = tandem_fs::format::Superblock::decode(data);
+}
+
+/// Any filesystem metadata block: header, type, checksum and home-block checks.
+pub fn fs_metadata_block(data: &[u8]) {
+    let mut block = data.to_vec();
+    block.resize(4096, 0);
+    for ty in 1..=10u16 {
+        if let Some(t) = tandem_fs::format::BlockType::from_u16(ty) {
+            let _ = tandem_fs::format::check(&block, t, 7);
+            let _ = tandem_fs::format::check(data, t, 7);
+        }
+    }
+    let _ = tandem_fs::format::peek_type(data);
+}
+
 /// Every target by name, for the corpus replay.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("replication_frame", replication_frame),
@@ -71,4 +113,9 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("nbd_request", nbd_request),
     ("replicator_metadata", replicator_metadata),
     ("cluster_config", cluster_config),
+    ("lock_client_frames", lock_client_frames),
+    ("lock_wal", lock_wal),
+    ("lock_table_commands", lock_table_commands),
+    ("fs_superblock", fs_superblock),
+    ("fs_metadata_block", fs_metadata_block),
 ];

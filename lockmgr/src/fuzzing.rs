@@ -37,7 +37,7 @@ pub fn wal_bytes(data: &[u8]) {
 /// invariants must hold after each one.
 pub fn table_commands(data: &[u8]) {
     let mut table = LockTable::new();
-    let cfg = bincode::config::standard();
+    let cfg = bincode::config::standard().with_limit::<{ 1 << 20 }>();
     let mut at = 0;
     while at < data.len() {
         let Ok((cmd, used)) = bincode::serde::decode_from_slice::<Command, _>(&data[at..], cfg)

@@ -42,8 +42,10 @@ struct SnapshotData {
     table: LockTable,
 }
 
+/// Log entries and snapshots: the limit keeps a corrupt or hostile length prefix from
+/// reserving an absurd amount of memory before decoding fails.
 fn bincode_cfg() -> impl bincode::config::Config {
-    bincode::config::standard()
+    bincode::config::standard().with_limit::<{ 256 << 20 }>()
 }
 
 /// Identifies a proposal so retries and their application can be matched.
