@@ -63,7 +63,7 @@ pub fn peer_generation(st: &PeerState) -> Generation {
 pub fn plan_connect(me: &Local, st: &PeerState, peer: NodeId) -> (Plan, &'static str, bool) {
     let peer_gen = peer_generation(st);
     let (mut decision, mut rule) = decide(&me.generation, &peer_gen);
-    let split_brain = decision == Decision::SplitBrain;
+    let split_brain = decision == Decision::SplitBrain && rule != "equal-current-both-dirty";
     match (me.discard_my_data, st.discard_my_data) {
         (true, true) => {
             return (
@@ -80,6 +80,17 @@ pub fn plan_connect(me: &Local, st: &PeerState, peer: NodeId) -> (Plan, &'static
             (decision, rule) = (Decision::SyncSource, "peer-discards-its-data")
         }
         _ => {}
+    }
+    // Same generation, both hold bits for the other: with equal currents neither side
+    // wrote on its own (a writer mints when it loses a peer), so the bits are tracking for
+    // third nodes; both copies agree on every other block. Resync the union of both
+    // bitmaps from the lower node id rather than calling it a split brain.
+    if decision == Decision::SplitBrain && rule == "equal-current-both-dirty" {
+        (decision, rule) = if me.split_brain.node_id < peer.0 {
+            (Decision::BitmapSource, "equal-current-union-of-bitmaps")
+        } else {
+            (Decision::BitmapTarget, "equal-current-union-of-bitmaps")
+        };
     }
     if decision == Decision::SplitBrain {
         let theirs = SbSide {
