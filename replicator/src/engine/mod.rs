@@ -815,5 +815,3 @@ impl Resource {
     }
 }
 
-#[cfg(test)]
-mod tests;
