@@ -814,4 +814,3 @@ impl Resource {
         let _ = self.backing.sync().await;
     }
 }
-
