@@ -56,9 +56,11 @@ fn has_data(g: &Generation) -> bool {
 
 /// Returns the decision and the name of the rule that made it.
 pub fn decide(me: &Generation, peer: &Generation) -> (Decision, &'static str) {
-    // A Diskless side (detached after a disk error) has nothing to sync to or from.
-    if me.disk == DiskState::Diskless || peer.disk == DiskState::Diskless {
-        return (Decision::NoSync, "diskless");
+    // A Diskless side (detached after a disk error) or a Failed disk (on-io-error =
+    // pass-on) has nothing to sync to or from until the disk is replaced.
+    let unusable = |d: DiskState| matches!(d, DiskState::Diskless | DiskState::Failed);
+    if unusable(me.disk) || unusable(peer.disk) {
+        return (Decision::NoSync, "diskless-or-failed");
     }
     let (mine, theirs) = (has_data(me), has_data(peer));
     // Bitmap rules first: they also resume an interrupted bitmap resync, where the target
