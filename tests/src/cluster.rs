@@ -314,20 +314,18 @@ impl Cluster {
         }
         self.wait_connected(res)?;
         self.adm(0, &["new-current-uuid", "--clear-bitmap", res])?;
-        for i in 0..self.node_count() {
-            self.adm(i, &["wait-sync", res, "--timeout-s", "30"])?;
-        }
+        self.wait_sync_all(res, 30)?;
         self.adm(0, &["primary", res])?;
         Ok(())
     }
 
-    /// Waits until every node sees every peer Connected.
+    /// Waits until every node sees every peer of `res` Connected.
     pub fn wait_connected(&self, res: &str) -> anyhow::Result<()> {
-        let _ = res;
         let n = self.node_count();
         self.wait_for(Duration::from_secs(20), || {
             for i in 0..n {
-                let st = self.status_json(i)?;
+                let out = self.adm(i, &["status", "--json", res])?;
+                let st: serde_json::Value = serde_json::from_str(&out)?;
                 let conns = st[0]["connections"].as_array().cloned().unwrap_or_default();
                 if conns.len() != n - 1
                     || conns.iter().any(|c| c["connection-state"] != "Connected")
@@ -337,6 +335,15 @@ impl Cluster {
             }
             Ok(true)
         })
+    }
+
+    /// `tandemadm wait-sync` on every node: all UpToDate and Established.
+    pub fn wait_sync_all(&self, res: &str, timeout_s: u64) -> anyhow::Result<()> {
+        let t = timeout_s.to_string();
+        for i in 0..self.node_count() {
+            self.adm(i, &["wait-sync", res, "--timeout-s", &t])?;
+        }
+        Ok(())
     }
 
     /// SIGKILLs every process of a node.

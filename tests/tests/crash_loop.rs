@@ -52,10 +52,7 @@ fn kill9_loop_of_the_primary_never_loses_an_acknowledged_write() {
         // Restart the killed node; both resync; the oracle holds on both copies.
         c.start_replicator(primary).unwrap();
         c.adm(primary, &["up", "www"]).unwrap();
-        for i in 0..2 {
-            c.adm(i, &["wait-sync", "www", "--timeout-s", "120"])
-                .unwrap();
-        }
+        c.wait_sync_all("www", 120).unwrap();
         let snapshot = log.lock().unwrap().clone();
         for i in 0..2 {
             let disk = std::fs::read(c.disk_path(i, "www")).unwrap();

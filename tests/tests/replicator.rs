@@ -120,10 +120,7 @@ fn three_nodes_forced_primary_full_sync_then_replicates() {
         events.contains("exists resource name:www role:Primary"),
         "{events}"
     );
-    for i in 0..3 {
-        c.adm(i, &["wait-sync", "www", "--timeout-s", "120"])
-            .unwrap();
-    }
+    c.wait_sync_all("www", 120).unwrap();
     let st = c.status_json(1).unwrap();
     assert!(st[0]["resync-received-bytes"].as_u64().unwrap() >= VOLUME_BYTES);
     assert_all_copies(&c, volume_crc_of(&seed));

@@ -148,10 +148,7 @@ fn killed_primary_under_load_restarts_resyncs_and_loses_no_acknowledged_write() 
     scatter(&c, 1, 5, 6);
     c.start_replicator(0).unwrap();
     c.adm(0, &["up", "www"]).unwrap();
-    for i in 0..2 {
-        c.adm(i, &["wait-sync", "www", "--timeout-s", "90"])
-            .unwrap();
-    }
+    c.wait_sync_all("www", 90).unwrap();
     assert_identical(&c);
     // Activity-log bounded: the crashed node gets its hot extents (the writer touched
     // blocks 1000..1256, two 4 MiB extents) plus the survivor's 5 blocks, not 32 MiB.
@@ -260,10 +257,7 @@ fn isolated_primary_without_quorum_fails_writes_and_resyncs_from_the_majority() 
     c.adm(1, &["primary", "www"]).unwrap();
     scatter(&c, 1, 6, 11);
     c.net.heal(0).unwrap();
-    for i in 0..3 {
-        c.adm(i, &["wait-sync", "www", "--timeout-s", "90"])
-            .unwrap();
-    }
+    c.wait_sync_all("www", 90).unwrap();
     assert_identical(&c);
     let mut check = NbdClient::connect_unix(&c.nbd_socket(0, "www"), "www").unwrap();
     for i in 0..6u64 {
@@ -377,10 +371,7 @@ fn after_sb_policies_resolve_split_brain_automatically_and_call_the_handler() {
     split(&mut c, 5, 3);
     c.adm(1, &["secondary", "www"]).unwrap();
     c.net.heal(1).unwrap();
-    for i in 0..2 {
-        c.adm(i, &["wait-sync", "www", "--timeout-s", "90"])
-            .unwrap();
-    }
+    c.wait_sync_all("www", 90).unwrap();
     assert_identical(&c);
     assert_has_n1_writes(&c, 5);
     assert!(c
@@ -400,10 +391,7 @@ fn after_sb_policies_resolve_split_brain_automatically_and_call_the_handler() {
     c.adm(0, &["secondary", "www"]).unwrap();
     c.adm(1, &["secondary", "www"]).unwrap();
     c.net.heal(1).unwrap();
-    for i in 0..2 {
-        c.adm(i, &["wait-sync", "www", "--timeout-s", "90"])
-            .unwrap();
-    }
+    c.wait_sync_all("www", 90).unwrap();
     assert_identical(&c);
     assert_has_n1_writes(&c, 6);
     assert!(c.log(0, "replicatord").contains("discard-least-changes"));
@@ -437,10 +425,7 @@ fn crashed_primary_without_survivor_writes_resyncs_only_its_hot_extents() {
     writer.join().unwrap();
     c.start_replicator(0).unwrap();
     c.adm(0, &["up", "www"]).unwrap();
-    for i in 0..2 {
-        c.adm(i, &["wait-sync", "www", "--timeout-s", "90"])
-            .unwrap();
-    }
+    c.wait_sync_all("www", 90).unwrap();
     assert_identical(&c);
     let got = num(&c.status_json(0).unwrap()[0]["resync-received-bytes"]);
     // Hot extents since promotion: the scattered writes (extents 0 and 1) and the stream
