@@ -133,7 +133,13 @@ impl Flags {
     pub const QUECVT: Flags = Flags(4);
     /// May be granted on resources that hold orphaned locks of a fenced node (journal replay).
     pub const RECOVERY: Flags = Flags(8);
-    const KNOWN: u32 = 1 | 2 | 4 | 8;
+    /// If the owning session closes while the lock is granted, keep it as an orphan
+    /// (DLM's `PERSISTENT`) instead of releasing it: a filesystem mount that dies holding
+    /// its journal and metadata locks must block others until a survivor replays its
+    /// journal. Such orphans need no fencing (the process is gone) and are passed by
+    /// `RECOVERY` requests at once.
+    pub const PERSISTENT: Flags = Flags(16);
+    const KNOWN: u32 = 1 | 2 | 4 | 8 | 16;
 
     pub fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0

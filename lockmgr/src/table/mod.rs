@@ -46,8 +46,14 @@ pub struct Lock {
     pub key: ResKey,
     pub granted: Option<Mode>,
     pub pending: Option<Pending>,
-    /// The owner's node died; held until recovery-done, never granted away.
+    /// The owner's node died (or its session closed, for a `PERSISTENT` lock); held until
+    /// recovery-done, never granted away.
     pub orphaned: bool,
+    /// Asked for with `PERSISTENT`: orphaned rather than released when its session closes.
+    pub persistent: bool,
+    /// Orphaned because its session closed while its node stayed up: the process is gone,
+    /// so RECOVERY requests may pass it and recovery-done may purge it without fencing.
+    pub closed_orphan: bool,
     pub token: FencingToken,
     /// Bit per wanted mode already signalled with a blocking callback at this granted mode.
     pub basts_sent: u8,
@@ -299,17 +305,19 @@ impl LockTable {
                 lockspace,
             } => {
                 let fenced = self.nodes.get(node).is_some_and(|n| n.fenced);
-                if !fenced {
-                    return Err((None, LockError::NodeNotFenced(*node)));
-                }
-                let purge: Vec<LockId> = self
-                    .locks
-                    .iter()
-                    .filter(|(_, l)| {
+                let orphans = || {
+                    self.locks.iter().filter(|(_, l)| {
                         l.orphaned && l.owner.node == *node && l.key.lockspace == *lockspace
                     })
-                    .map(|(id, _)| *id)
-                    .collect();
+                };
+                // Orphans of a closed session need no fencing; any other orphan does.
+                if !fenced && orphans().any(|(_, l)| !l.closed_orphan) {
+                    return Err((None, LockError::NodeNotFenced(*node)));
+                }
+                if !fenced && orphans().next().is_none() {
+                    return Err((None, LockError::NodeNotFenced(*node)));
+                }
+                let purge: Vec<LockId> = orphans().map(|(id, _)| *id).collect();
                 for id in purge {
                     let lock = self.locks.remove(&id).expect("listed");
                     let res = self
@@ -386,6 +394,8 @@ impl LockTable {
                 granted: None,
                 pending: Some(Pending { req, mode, flags }),
                 orphaned: false,
+                persistent: flags.contains(Flags::PERSISTENT),
+                closed_orphan: false,
                 token: FencingToken(0),
                 basts_sent: 0,
             },
@@ -547,8 +557,9 @@ impl LockTable {
             lock.pending = None;
             res.converting.retain(|x| *x != id);
             res.waiting.retain(|x| *x != id);
-            if orphan && lock.granted.is_some() {
+            if lock.granted.is_some() && (orphan || lock.persistent) {
                 lock.orphaned = true;
+                lock.closed_orphan = !orphan;
             } else {
                 res.forget(id);
                 self.locks.remove(&id);

@@ -58,7 +58,7 @@ impl Resource {
 
     /// Whether `mode` (for lock `me`) fits beside every granted lock except `me` itself,
     /// honouring the orphan rules: any orphan blocks non-RECOVERY requests; a RECOVERY
-    /// request ignores orphans of fenced nodes only.
+    /// request ignores orphans of fenced nodes and of closed sessions only.
     fn fits_granted(&self, ctx: &Ctx, me: LockId, mode: Mode, flags: Flags) -> bool {
         let recovery = flags.contains(Flags::RECOVERY);
         for id in &self.granted {
@@ -72,7 +72,7 @@ impl Resource {
                     return false;
                 }
                 let fenced = ctx.nodes.get(&other.owner.node).is_some_and(|n| n.fenced);
-                if fenced {
+                if fenced || other.closed_orphan {
                     continue;
                 }
             }
@@ -91,10 +91,15 @@ impl Resource {
     }
 
     /// A brand-new request: granted now only if nothing is queued and it fits.
+    /// A RECOVERY request on a resource with orphans jumps the queues: the requests queued
+    /// there wait for the very recovery it performs (DLM grants recovery locks first too).
     pub fn can_grant_new(&self, ctx: &Ctx, me: LockId, mode: Mode, flags: Flags) -> bool {
-        self.converting.is_empty()
-            && self.waiting.is_empty()
-            && self.fits_granted(ctx, me, mode, flags)
+        let queues_clear = self.converting.is_empty() && self.waiting.is_empty();
+        (queues_clear || self.recovery_jumps(ctx, flags)) && self.fits_granted(ctx, me, mode, flags)
+    }
+
+    fn recovery_jumps(&self, ctx: &Ctx, flags: Flags) -> bool {
+        flags.contains(Flags::RECOVERY) && self.granted.iter().any(|id| ctx.locks[id].orphaned)
     }
 
     /// A conversion asked for now (not yet queued).
@@ -186,6 +191,18 @@ impl Resource {
                 }
                 self.waiting.remove(0);
                 self.grant(ctx, id);
+            }
+        }
+        // Queued RECOVERY requests may pass blocked ordinary ones (see `can_grant_new`).
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let id = self.waiting[i];
+            let p = ctx.locks[&id].pending.as_ref().expect("waiting").clone();
+            if self.recovery_jumps(ctx, p.flags) && self.fits_granted(ctx, id, p.mode, p.flags) {
+                self.waiting.remove(i);
+                self.grant(ctx, id);
+            } else {
+                i += 1;
             }
         }
         self.send_blocking_callbacks(ctx);

@@ -596,6 +596,9 @@ fn seeded_random_operations_keep_invariants() {
             if rng.gen_bool(0.1) {
                 flags = flags | Flags::RECOVERY;
             }
+            if rng.gen_bool(0.1) {
+                flags = flags | Flags::PERSISTENT;
+            }
             let own: Vec<LockId> = t
                 .table
                 .locks
@@ -709,4 +712,62 @@ fn assert_no_stuck_grantable(table: &LockTable, seed: u64, step: usize) {
         granted.is_empty(),
         "seed {seed} step {step}: stuck grantable {granted:?}"
     );
+}
+
+#[test]
+fn persistent_locks_of_a_closed_session_are_orphaned_and_recoverable_without_fencing() {
+    let mut t = T::new();
+    let fx = t.lock(sid(1, 1), "journal0", Mode::EX, Flags::PERSISTENT);
+    let journal = granted_lock(&fx, sid(1, 1)).unwrap();
+    t.must_lock(sid(1, 1), "scratch", Mode::EX);
+    t.apply(Command::CloseSession { session: sid(1, 1) });
+    // The persistent lock stays as an orphan; the ordinary one is released.
+    assert!(t.table.lock(journal).unwrap().orphaned);
+    assert_eq!(t.table.orphan_count(NodeId(1)), 1);
+    t.must_lock(sid(3, 1), "scratch", Mode::EX);
+    // Ordinary requests wait; RECOVERY passes at once: the process is gone, node 1 is up.
+    assert!(grants(&t.lock(sid(2, 1), "journal0", Mode::PR, Flags::default())).is_empty());
+    let fx = t.lock(
+        sid(2, 2),
+        "journal0",
+        Mode::EX,
+        Flags::RECOVERY | Flags::NOQUEUE,
+    );
+    assert_eq!(grants(&fx), vec![(sid(2, 2), Mode::EX)]);
+    let recovery = granted_lock(&fx, sid(2, 2)).unwrap();
+    // recovery-done needs no fence-ack for closed-session orphans.
+    let req = t.req();
+    let fx = t.apply(Command::RecoveryDone {
+        session: sid(2, 2),
+        req,
+        node: NodeId(1),
+        lockspace: LS.into(),
+    });
+    assert!(
+        fx.iter().any(|e| matches!(e, Effect::Done { .. })),
+        "{fx:?}"
+    );
+    assert_eq!(t.table.orphan_count(NodeId(1)), 0);
+    let fx = t.unlock(sid(2, 2), recovery);
+    assert_eq!(grants(&fx), vec![(sid(2, 1), Mode::PR)]);
+    // Node 1's other sessions were untouched, and a node-down orphan still needs fencing.
+    t.must_lock(sid(1, 2), "inode", Mode::EX);
+    t.apply(Command::NodeDown {
+        node: NodeId(1),
+        fenced: false,
+    });
+    let req = t.req();
+    let fx = t.apply(Command::RecoveryDone {
+        session: sid(2, 2),
+        req,
+        node: NodeId(1),
+        lockspace: LS.into(),
+    });
+    assert!(matches!(
+        fx[0],
+        Effect::Failed {
+            error: LockError::NodeNotFenced(_),
+            ..
+        }
+    ));
 }

@@ -111,13 +111,16 @@ impl LockTable {
                     return Err(format!("lock {id} in wait queue is inconsistent"));
                 }
             }
-            // Live granted locks must be pairwise compatible; an orphan of a fenced node may
+            // Live granted locks must be pairwise compatible; a passable orphan (fenced node or
+            // closed session) may
             // coexist with a RECOVERY grant.
             for (i, a) in res.granted.iter().enumerate() {
                 for b in &res.granted[i + 1..] {
                     let (la, lb) = (&self.locks[a], &self.locks[b]);
                     let fenced_orphan = |l: &Lock| {
-                        l.orphaned && self.nodes.get(&l.owner.node).is_some_and(|n| n.fenced)
+                        l.orphaned
+                            && (l.closed_orphan
+                                || self.nodes.get(&l.owner.node).is_some_and(|n| n.fenced))
                     };
                     if fenced_orphan(la) || fenced_orphan(lb) {
                         continue;
