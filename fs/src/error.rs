@@ -55,6 +55,13 @@ pub enum FsError {
     Io(io::Error),
     #[error("an earlier journal write failed; the filesystem must be remounted")]
     Poisoned,
+    /// The cluster lock session is gone: this node may no longer touch the filesystem.
+    #[error("withdrawn from the cluster ({0}); unmount and mount again")]
+    Withdrawn(String),
+    #[error("lock manager: {0}")]
+    Lock(String),
+    #[error("{0}")]
+    Mount(String),
 }
 
 pub type Result<T> = std::result::Result<T, FsError>;
@@ -85,7 +92,9 @@ impl FsError {
             FsError::Corrupt(_) => libc::EIO,
             FsError::Inconsistent { .. } => libc::EIO,
             FsError::Io(_) => libc::EIO,
-            FsError::Poisoned => libc::EIO,
+            FsError::Poisoned | FsError::Withdrawn(_) | FsError::Lock(_) | FsError::Mount(_) => {
+                libc::EIO
+            }
         }
     }
 

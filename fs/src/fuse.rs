@@ -2,8 +2,13 @@
 //! `Fs`, and a reply; all decisions live in `fs.rs` so they can be tested without FUSE.
 //!
 //! Kernel caching: attributes and entries are cached for `ttl` and file pages are kept
-//! across opens (`FOPEN_KEEP_CACHE`). That is valid because this daemon is the only writer;
-//! the cluster mount will invalidate through `fuser::Notifier` when it loses a glock.
+//! across opens (`FOPEN_KEEP_CACHE`). That is valid because this daemon is the only writer.
+//! A cluster mount is not: it runs with `ttl` 0 (every lookup and stat asks the daemon,
+//! which answers under the glock), drops a file's cached pages on open (no KEEP_CACHE) and
+//! asks the kernel to check the file's mtime and size before every cached read
+//! (`FUSE_AUTO_INVAL_DATA`), so a read after another node's close sees the new data.
+//! O_APPEND writes bypass the page cache and append at the daemon's end of file, under the
+//! exclusive glock, so appends from several nodes never overlap.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -29,14 +34,41 @@ pub const MAX_WRITE_BYTES: u32 = 1 << 20;
 /// would cost a round trip per file.
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
 
+/// Cluster mounts: another node may change a file between two opens here.
+const CLUSTER_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
+
 pub struct FuseFs {
     fs: Arc<Fs>,
     ttl: Duration,
+    cluster: bool,
 }
 
 impl FuseFs {
     pub fn new(fs: Arc<Fs>, ttl: Duration) -> Self {
-        Self { fs, ttl }
+        Self {
+            fs,
+            ttl,
+            cluster: false,
+        }
+    }
+
+    /// A cluster mount: no kernel caching that another node's writes could make stale.
+    pub fn new_cluster(fs: Arc<Fs>) -> Self {
+        Self {
+            fs,
+            ttl: Duration::ZERO,
+            cluster: true,
+        }
+    }
+
+    fn open_flags(&self, flags: i32) -> FopenFlags {
+        if !self.cluster {
+            OPEN_FLAGS
+        } else if flags & libc::O_APPEND != 0 {
+            CLUSTER_OPEN_FLAGS | FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            CLUSTER_OPEN_FLAGS
+        }
     }
 }
 
@@ -121,6 +153,11 @@ impl Filesystem for FuseFs {
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         let _ = config.add_capabilities(InitFlags::FUSE_BIG_WRITES | InitFlags::FUSE_ASYNC_READ);
+        if self.cluster {
+            if let Err(missing) = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA) {
+                tracing::warn!(?missing, "the kernel lacks FUSE_AUTO_INVAL_DATA: a file kept open may show stale cached pages after another node writes it");
+            }
+        }
         Ok(())
     }
 
@@ -276,9 +313,9 @@ impl Filesystem for FuseFs {
         self.entry(self.fs.link(ino.0, newparent.0, newname.as_bytes()), reply);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.open(ino.0) {
-            Ok(()) => reply.opened(FileHandle(0), OPEN_FLAGS),
+            Ok(()) => reply.opened(FileHandle(0), self.open_flags(flags.0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -308,11 +345,17 @@ impl Filesystem for FuseFs {
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(ino.0, offset, data) {
+        let res = if self.cluster && flags.0 & libc::O_APPEND != 0 {
+            // The kernel's idea of the end of file may be stale: another node appended.
+            self.fs.append(ino.0, data)
+        } else {
+            self.fs.write(ino.0, offset, data)
+        };
+        match res {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }
@@ -433,10 +476,12 @@ impl Filesystem for FuseFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let s = self.fs.statfs();
-        reply.statfs(
-            s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
-        );
+        match self.fs.statfs() {
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn setxattr(
@@ -485,19 +530,21 @@ impl Filesystem for FuseFs {
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
+        // The new file is open: count it like `open` does, so an unlink keeps it alive.
+        let res = self
             .fs
             .mknod(ctx(req), parent.0, name.as_bytes(), mode, umask, 0)
-        {
+            .and_then(|a| self.fs.open(a.ino).map(|()| a));
+        match res {
             Ok(a) => reply.created(
                 &self.ttl,
                 &fattr(&a),
                 Generation(a.generation),
                 FileHandle(0),
-                OPEN_FLAGS,
+                self.open_flags(flags),
             ),
             Err(e) => reply.error(errno(&e)),
         }

@@ -7,6 +7,7 @@
 //! transactions atomic; `block` is the only place that touches a device.
 
 pub mod block;
+pub mod cluster;
 pub mod data;
 pub mod dir;
 pub mod error;

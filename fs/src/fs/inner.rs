@@ -211,11 +211,28 @@ impl Inner {
         if ino.nlink > 0 {
             return Ok(());
         }
-        if self.opens.get(&ino.block).copied().unwrap_or(0) > 0 {
+        let open_elsewhere = self
+            .cluster
+            .as_ref()
+            .is_some_and(|c| !c.nobody_else_has_open(ino.block));
+        if open_elsewhere || self.opens.get(&ino.block).copied().unwrap_or(0) > 0 {
             self.st.set_state(ino.block, BlockState::Unlinked)
         } else {
             self.st.free_inode(ino)
         }
+    }
+
+    /// One handle of `blk` closed; true if it was the last one on this node.
+    pub(super) fn drop_open(&mut self, blk: u64) -> bool {
+        let Some(c) = self.opens.get_mut(&blk) else {
+            return false;
+        };
+        *c = c.saturating_sub(1);
+        if *c == 0 {
+            self.opens.remove(&blk);
+            return true;
+        }
+        false
     }
 
     pub(super) fn reap(&mut self, blk: u64) -> Result<()> {

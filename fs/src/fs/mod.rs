@@ -10,12 +10,15 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::block::BlockDevice;
+use crate::cluster::glock::{Glock, GlockGuard, GlockHooks};
+use crate::cluster::Cluster;
 use crate::dir::Dirent;
 use crate::error::{FsError, Result};
 use crate::format::{BlockState, LockProto, NAME_MAX};
 use crate::inode::{Inode, Time, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG};
 use crate::journal::ReplayStats;
 use crate::store::Store;
+use tandem_lockmgr::types::Mode;
 
 mod inner;
 mod types;
@@ -41,6 +44,8 @@ struct Inner {
     opts: FsOptions,
     /// The running transaction is near the journal's capacity; commit after this op.
     commit_wanted: bool,
+    /// Cluster mounts: asked whether another node has an unlinked inode open.
+    cluster: Option<Arc<Cluster>>,
 }
 
 pub struct Fs {
@@ -51,6 +56,9 @@ pub struct Fs {
     /// become reusable. Lock order: commit_lock, data_guard, inner.
     data_guard: parking_lot::RwLock<()>,
     block_size: u32,
+    /// Cluster mounts: the glock every operation enters, and the lock session.
+    glock: Option<Arc<Glock>>,
+    cluster: Option<Arc<Cluster>>,
 }
 
 /// The filesystem lock for one operation. When the operation leaves the running
@@ -93,12 +101,39 @@ impl Fs {
         let sb = crate::store::read_superblock(&*dev)?;
         if sb.lock_proto == LockProto::Tandem && !opts.allow_cluster_fs_without_locking {
             return Err(FsError::NotSupported(
-                "this is a lock_tandem (cluster) filesystem; mounting it needs tandem-lockd, which is not wired in yet — make it with -p lock_nolock for single-node use",
+                "this is a lock_tandem (cluster) filesystem: mount it with -o node=NAME[,config=PATH] through the local tandem-lockd, or with -o lockproto=lock_nolock if no other node mounts it",
             ));
         }
+        Self::mount_inner(dev, opts, None)
+    }
+
+    /// A cluster mount: `cluster` has claimed journal `cluster.journal`, and the caller
+    /// holds its glock EX (the journal replay and the orphan scan below need it). Atime
+    /// is never updated (reads take the glock shared).
+    pub fn mount_cluster(
+        dev: Arc<dyn BlockDevice>,
+        mut opts: FsOptions,
+        cluster: Arc<Cluster>,
+    ) -> Result<(Arc<Self>, ReplayStats)> {
+        opts.journal = cluster.journal;
+        opts.relatime = false;
+        let (mut fs, stats) = Self::mount_inner(dev, opts, Some(cluster.clone()))?;
+        fs.glock = Some(cluster.glock.clone());
+        let fs = Arc::new(fs);
+        let hooks: Arc<dyn GlockHooks> = fs.clone();
+        cluster.glock.set_hooks(Arc::downgrade(&hooks));
+        Ok((fs, stats))
+    }
+
+    fn mount_inner(
+        dev: Arc<dyn BlockDevice>,
+        opts: FsOptions,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Result<(Self, ReplayStats)> {
         let (mut st, stats) = Store::open(dev, opts.journal, opts.read_only)?;
         let root = st.sb.root_block;
-        if !opts.read_only {
+        // Cluster: an unlinked inode may be open on another node; the last closer frees it.
+        if !opts.read_only && cluster.is_none() {
             for blk in st.unlinked_inodes()? {
                 let ino = st.inode(blk)?;
                 st.free_inode(&ino)?;
@@ -115,6 +150,7 @@ impl Fs {
             next_fh: 1,
             opts,
             commit_wanted: false,
+            cluster: cluster.clone(),
         };
         Ok((
             Self {
@@ -122,14 +158,28 @@ impl Fs {
                 commit_lock: Mutex::new(()),
                 data_guard: parking_lot::RwLock::new(()),
                 block_size,
+                glock: None,
+                cluster,
             },
             stats,
         ))
     }
 
+    /// Cluster mounts: enters the filesystem glock in `mode` (PR to read, EX to change)
+    /// for the operation's duration. Taken before any local lock.
+    fn hold(&self, mode: Mode) -> Result<Option<GlockGuard<'_>>> {
+        self.glock.as_ref().map(|g| g.enter(mode)).transpose()
+    }
+
+    /// The glock, for status views (None on single-node mounts).
+    pub fn glock(&self) -> Option<&Arc<Glock>> {
+        self.glock.as_ref()
+    }
+
     /// Runs `op`; on ENOSPC while freed blocks await commit or checkpoint, makes them
     /// reusable and retries once (ext4 does the same for blocks freed by running transactions).
     fn with_retry<T>(&self, mut op: impl FnMut(&mut Inner) -> Result<T>) -> Result<T> {
+        let _gl = self.hold(Mode::EX)?;
         {
             let mut g = self.op();
             match op(&mut g) {
@@ -181,6 +231,10 @@ impl Fs {
     /// The journal I/O runs without the filesystem lock, so operations continue meanwhile
     /// and land in the next transaction.
     pub fn commit(&self) -> Result<()> {
+        if let Some(g) = &self.glock {
+            // Our locks are void: another node may be replaying our journal right now.
+            g.check_alive()?;
+        }
         let _c = self.commit_lock.lock();
         let (blocks, dev, journal, bs) = {
             let mut g = self.inner.lock();
@@ -197,13 +251,20 @@ impl Fs {
 
     /// Commit + checkpoint + clean flag: what unmount does.
     pub fn shutdown(&self) -> Result<()> {
+        if let Some(g) = &self.glock {
+            g.check_alive()?;
+        }
         let _c = self.commit_lock.lock();
         let _no_reads = self.data_guard.write();
         let mut g = self.inner.lock();
         if g.opts.read_only {
             return Ok(());
         }
-        let orphans: Vec<u64> = g.st.unlinked_inodes()?;
+        let orphans: Vec<u64> = if self.cluster.is_some() {
+            Vec::new() // may be open on another node; the last closer frees them
+        } else {
+            g.st.unlinked_inodes()?
+        };
         for blk in orphans {
             let ino = g.st.inode(blk)?;
             g.st.free_inode(&ino)?;
@@ -212,6 +273,7 @@ impl Fs {
     }
 
     pub fn lookup(&self, parent: u64, name: &[u8]) -> Result<Attr> {
+        let _gl = self.hold(Mode::PR)?;
         let mut g = self.op();
         check_name(name)?;
         let dir = g.load(parent)?;
@@ -225,36 +287,68 @@ impl Fs {
 
     /// Opens a file: an unlinked file stays readable until the matching `release`.
     pub fn open(&self, ino: u64) -> Result<()> {
+        let _gl = self.hold(Mode::PR)?;
         let mut g = self.op();
         let i = g.load(ino)?;
-        *g.opens.entry(i.block).or_insert(0) += 1;
+        let n = g.opens.entry(i.block).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            if let Some(c) = &self.cluster {
+                c.opened(i.block);
+            }
+        }
         Ok(())
     }
 
     /// Closes a handle from `open`/`create`; frees the inode if it was the last one of an
     /// unlinked file.
     pub fn release(&self, ino: u64) {
-        let mut g = self.op();
-        let blk = g.blk(ino);
-        let Some(c) = g.opens.get_mut(&blk) else {
+        let Some(cluster) = self.cluster.clone() else {
+            let mut g = self.op();
+            let blk = g.blk(ino);
+            if g.drop_open(blk) {
+                if let Err(e) = g.reap(blk) {
+                    tracing::warn!(ino, error = %e, "could not free an unlinked inode; fsck or the next mount will");
+                }
+            }
             return;
         };
-        *c = c.saturating_sub(1);
-        if *c == 0 {
-            g.opens.remove(&blk);
-            if let Err(e) = g.reap(blk) {
-                tracing::warn!(ino, error = %e, "could not free an unlinked inode; fsck or the next mount will");
+        // Cluster: give up the iopen lock with the last local handle; if the file was
+        // unlinked (here or elsewhere) and no node has it open any more, free it under EX.
+        let blk = {
+            let mut g = self.inner.lock();
+            let blk = g.blk(ino);
+            if !g.drop_open(blk) {
+                return;
             }
+            blk
+        };
+        cluster.closed(blk);
+        let res = (|| {
+            let _gl = self.hold(Mode::EX)?;
+            let mut g = self.op();
+            if g.opens.contains_key(&blk) || g.st.state(blk)? != BlockState::Unlinked {
+                return Ok(());
+            }
+            if cluster.nobody_else_has_open(blk) {
+                g.reap(blk)?;
+            }
+            Ok::<_, FsError>(())
+        })();
+        if let Err(e) = res {
+            tracing::warn!(ino, error = %e, "could not free an unlinked inode; fsck will");
         }
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let _gl = self.hold(Mode::PR)?;
         let mut g = self.op();
         let i = g.load(ino)?;
         Ok(g.attr(&i))
     }
 
     pub fn setattr(&self, ino: u64, s: SetAttr) -> Result<Attr> {
+        let _gl = self.hold(Mode::EX)?;
         let mut g = self.op();
         g.writable()?;
         let mut i = g.load(ino)?;
@@ -324,6 +418,7 @@ impl Fs {
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
+        let _gl = self.hold(Mode::PR)?;
         let mut g = self.op();
         let i = g.load(ino)?;
         if i.kind() != S_IFLNK {
@@ -333,6 +428,7 @@ impl Fs {
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &[u8]) -> Result<Attr> {
+        let _gl = self.hold(Mode::EX)?;
         let mut g = self.op();
         g.writable()?;
         check_name(newname)?;
@@ -369,6 +465,7 @@ impl Fs {
     }
 
     pub fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
+        let _gl = self.hold(Mode::EX)?;
         let mut g = self.op();
         g.writable()?;
         check_name(name)?;
@@ -388,6 +485,7 @@ impl Fs {
     }
 
     pub fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+        let _gl = self.hold(Mode::EX)?;
         let mut g = self.op();
         g.writable()?;
         if name == b"." {
@@ -424,6 +522,7 @@ impl Fs {
         newname: &[u8],
         flags: u32,
     ) -> Result<()> {
+        let _gl = self.hold(Mode::EX)?;
         let mut g = self.op();
         g.writable()?;
         check_name(name)?;
@@ -441,6 +540,7 @@ impl Fs {
     /// parallel readahead requests overlap. Holding `data_guard` (shared) meanwhile keeps
     /// the mapped blocks from being freed and reused until the read is done.
     pub fn read(&self, ino: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        let _gl = self.hold(Mode::PR)?;
         let _reading = self.data_guard.read();
         let (plan, dev) = self.map_read(ino, off, size)?;
         plan.execute(&*dev)
@@ -477,12 +577,23 @@ impl Fs {
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<u32> {
+        self.write_at(ino, Some(off), data)
+    }
+
+    /// Writes at the current end of file (O_APPEND on a cluster mount: the end of file is
+    /// read under the exclusive glock, so appends from several nodes never overlap).
+    pub fn append(&self, ino: u64, data: &[u8]) -> Result<u32> {
+        self.write_at(ino, None, data)
+    }
+
+    fn write_at(&self, ino: u64, off: Option<u64>, data: &[u8]) -> Result<u32> {
         self.with_retry(|g| {
             g.writable()?;
             let mut i = g.load(ino)?;
             if i.is_dir() {
                 return Err(FsError::IsDir);
             }
+            let off = off.unwrap_or(i.size);
             let res = g.st.file_write(&mut i, off, data);
             let now = Time::now();
             i.mtime = now;
@@ -519,6 +630,7 @@ impl Fs {
     }
 
     pub fn opendir(&self, ino: u64) -> Result<u64> {
+        let _gl = self.hold(Mode::PR)?;
         let mut g = self.op();
         let snap = g.snapshot(ino)?;
         let fh = g.next_fh;
@@ -552,6 +664,7 @@ impl Fs {
         offset: u64,
         mut add: impl FnMut(&DirEntry) -> bool,
     ) -> Result<()> {
+        let _gl = self.hold(Mode::PR)?;
         let mut g = self.op();
         g.refresh_on_rewind(fh, offset)?;
         let h = g
@@ -573,6 +686,7 @@ impl Fs {
         offset: u64,
         mut add: impl FnMut(&DirEntry, &Attr) -> bool,
     ) -> Result<()> {
+        let _gl = self.hold(Mode::PR)?;
         let mut g = self.op();
         g.refresh_on_rewind(fh, offset)?;
         let mut k = offset as usize;
@@ -603,20 +717,22 @@ impl Fs {
         self.op().dirs.remove(&fh);
     }
 
-    pub fn statfs(&self) -> StatFs {
+    pub fn statfs(&self) -> Result<StatFs> {
+        let _gl = self.hold(Mode::PR)?;
         let g = self.op();
         let free = g.st.free_blocks();
-        StatFs {
+        Ok(StatFs {
             blocks: g.st.data_blocks(),
             bfree: free,
             files: g.st.inode_count() + free,
             ffree: free,
             bsize: g.st.sb.block_size,
             namelen: NAME_MAX as u32,
-        }
+        })
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        let _gl = self.hold(Mode::PR)?;
         let mut g = self.op();
         let i = g.load(ino)?;
         g.st.xattr_get(&i, name)
@@ -624,6 +740,7 @@ impl Fs {
 
     /// Names, each NUL-terminated, as listxattr(2) returns them.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let _gl = self.hold(Mode::PR)?;
         let mut g = self.op();
         let i = g.load(ino)?;
         let mut out = Vec::new();
@@ -666,4 +783,20 @@ fn check_name(name: &[u8]) -> Result<()> {
 
 fn dtype(mode: u32) -> u8 {
     ((mode & S_IFMT) >> 12) as u8
+}
+
+impl GlockHooks for Fs {
+    fn flush(&self) -> Result<()> {
+        // Commit, write home, checkpoint: nothing of ours stays replayable, so replay of
+        // our journal can never overwrite what another node writes after us.
+        self.sync(false)
+    }
+
+    fn invalidate(&self) {
+        let mut g = self.inner.lock();
+        if let Err(e) = g.st.drop_caches() {
+            tracing::error!(error = %e, "re-reading metadata after a glock grant failed");
+            g.st.poison();
+        }
+    }
 }

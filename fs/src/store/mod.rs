@@ -66,6 +66,9 @@ impl Store {
         s.tx_limit = journal.max_tx_blocks();
         s.journal = (!read_only).then(|| Arc::new(Mutex::new(journal)));
         s.load_rgs()?;
+        // Each journal (node) starts allocating in its own share of the groups, so cluster
+        // nodes rarely allocate from the same group (OCFS2's local alloc idea).
+        s.alloc_rg = journal_index as usize * s.rgs.len() / s.sb.journal_count.max(1) as usize;
         Ok((s, stats))
     }
 
@@ -109,6 +112,22 @@ impl Store {
         }
         self.hints = vec![HINT_UNKNOWN; self.rgs.len()];
         Ok(())
+    }
+
+    /// Forgets every cached metadata block and re-reads the group headers: another node
+    /// may have changed anything while this one did not hold the filesystem's glock.
+    /// Called only with nothing dirty (the glock is flushed before it is given up).
+    pub fn drop_caches(&mut self) -> Result<()> {
+        debug_assert!(self.dirty.is_empty(), "dropping caches with dirty blocks");
+        let keep: HashSet<u64> = self.dirty.iter().chain(&self.committing).copied().collect();
+        self.blocks.retain(|b, _| keep.contains(b));
+        self.load_rgs()?;
+        Ok(())
+    }
+
+    /// Refuses all further work (the cache can no longer be trusted).
+    pub fn poison(&mut self) {
+        self.poisoned = true;
     }
 
     pub fn check_poison(&self) -> Result<()> {

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 mod fsck;
 mod mkfs;
 mod mount;
+mod mount_cluster;
 mod target;
 
 fn main() -> ExitCode {

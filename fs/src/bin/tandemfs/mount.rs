@@ -15,25 +15,33 @@ use fuser::{Config, MountOption, SessionACL};
 use tandem_fs::fs::{Fs, FsOptions};
 use tandem_fs::fuse::FuseFs;
 
-struct Opts {
-    target: String,
-    dir: String,
-    foreground: bool,
-    fs: FsOptions,
-    allow_other: bool,
+pub(crate) struct Opts {
+    pub(crate) target: String,
+    pub(crate) dir: String,
+    pub(crate) foreground: bool,
+    pub(crate) fs: FsOptions,
+    pub(crate) allow_other: bool,
     /// Kernel mount flags passed through (nodev, nosuid, noexec, sync, ...).
-    flags: Vec<MountOption>,
-    ttl: Duration,
-    commit: Duration,
-    threads: usize,
+    pub(crate) flags: Vec<MountOption>,
+    pub(crate) ttl: Duration,
+    pub(crate) commit: Duration,
+    pub(crate) threads: usize,
     /// Where a daemonized mount's log goes (default: nowhere).
-    logfile: Option<String>,
+    pub(crate) logfile: Option<String>,
+    /// Cluster mount (`lock_tandem`): this node's name in cluster.toml.
+    pub(crate) node: Option<String>,
+    /// Cluster mount: cluster.toml (default /etc/tandem/cluster.toml).
+    pub(crate) config: Option<String>,
+    /// Cluster mount: minimum time a glock is kept before another node gets it.
+    pub(crate) min_hold: Duration,
 }
 
 const USAGE: &str = "usage: mount.tandem TARGET DIR [-f] [-o OPTIONS]
 options: ro, rw, noatime, relatime, allow_other, journal=N, attr_timeout=SECS,
          commit=SECS, threads=N, logfile=PATH, lockproto=lock_nolock, plus mount(8)
-         generic options";
+         generic options
+cluster (lock_tandem) mounts: node=NAME [config=/etc/tandem/cluster.toml]
+         [min_hold_ms=MS]: locks through this node's tandem-lockd, claims a free journal";
 
 fn parse(args: Vec<String>) -> anyhow::Result<Opts> {
     let mut pos = Vec::new();
@@ -51,6 +59,9 @@ fn parse(args: Vec<String>) -> anyhow::Result<Opts> {
         commit: Duration::from_secs(1),
         threads: 2,
         logfile: None,
+        node: None,
+        config: None,
+        min_hold: Duration::from_millis(5),
     };
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
@@ -103,6 +114,11 @@ fn apply_opt(o: &mut Opts, opt: &str) -> anyhow::Result<()> {
                 .context("threads=N needs a number")?
                 .clamp(1, 64)
         }
+        "node" if !v.is_empty() => o.node = Some(v.to_string()),
+        "config" if !v.is_empty() => o.config = Some(v.to_string()),
+        "min_hold_ms" => {
+            o.min_hold = Duration::from_millis(v.parse().context("min_hold_ms=MS needs a number")?)
+        }
         "lockproto" if v == "lock_nolock" => o.fs.allow_cluster_fs_without_locking = true,
         "lockproto" => bail!("lockproto={v}: only lock_nolock can be forced"),
         "defaults"
@@ -130,7 +146,7 @@ fn apply_opt(o: &mut Opts, opt: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn conflicts(a: &MountOption, b: &MountOption) -> bool {
+pub(crate) fn conflicts(a: &MountOption, b: &MountOption) -> bool {
     use MountOption::*;
     matches!(
         (a, b),
@@ -143,7 +159,7 @@ fn conflicts(a: &MountOption, b: &MountOption) -> bool {
     ) || a == b
 }
 
-fn block_signals() -> libc::sigset_t {
+pub(crate) fn block_signals() -> libc::sigset_t {
     // SAFETY: plain libc signal-set manipulation on a local, fully initialised set.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -157,6 +173,9 @@ fn block_signals() -> libc::sigset_t {
 }
 
 fn run(o: Opts) -> anyhow::Result<()> {
+    if o.node.is_some() || o.config.is_some() {
+        return crate::mount_cluster::run(o);
+    }
     let dev = crate::target::open_target(&o.target, !o.fs.read_only)?;
     let (fs, stats) =
         Fs::mount(dev, o.fs.clone()).with_context(|| format!("cannot mount {}", o.target))?;
@@ -167,44 +186,21 @@ fn run(o: Opts) -> anyhow::Result<()> {
         );
     }
     let fs = Arc::new(fs);
-    let mut cfg = Config::default();
-    cfg.mount_options = vec![
-        MountOption::FSName(o.target.clone()),
-        MountOption::Subtype("tandem".into()),
-        MountOption::DefaultPermissions,
-        if o.fs.read_only {
-            MountOption::RO
-        } else {
-            MountOption::RW
-        },
-    ];
-    if !o.fs.relatime {
-        cfg.mount_options.push(MountOption::NoAtime);
-    }
-    for f in &o.flags {
-        // The last of a conflicting pair wins, as with mount(8).
-        cfg.mount_options.retain(|m| !conflicts(m, f));
-        cfg.mount_options.push(f.clone());
-    }
-    if o.allow_other {
-        cfg.acl = SessionACL::All;
-    }
-    cfg.n_threads = Some(o.threads);
-    let mut session = fuser::Session::new(FuseFs::new(fs.clone(), o.ttl), &o.dir, &cfg)
+    let session = fuser::Session::new(FuseFs::new(fs.clone(), o.ttl), &o.dir, &fuse_config(&o))
         .with_context(|| format!("cannot mount FUSE at {}", o.dir))?;
     if !o.foreground {
-        let log = match &o.logfile {
-            Some(p) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .with_context(|| format!("cannot open log file {p}"))?,
-            ),
-            None => None,
-        };
-        daemonize(log.as_ref().map(std::os::fd::AsRawFd::as_raw_fd))?;
+        daemonize(open_log(&o)?.as_ref().map(std::os::fd::AsRawFd::as_raw_fd))?;
     }
+    serve(&o, session, &fs)
+}
+
+/// Runs the FUSE session until unmount, with the signal thread (clean unmount on
+/// SIGTERM/SIGINT/SIGHUP) and the group-commit thread; then shuts the filesystem down.
+pub(crate) fn serve(
+    o: &Opts,
+    mut session: fuser::Session<FuseFs>,
+    fs: &Arc<Fs>,
+) -> anyhow::Result<()> {
     let sigs = block_signals();
     let mut unmounter = session.unmount_callable();
     std::thread::Builder::new()
@@ -246,6 +242,46 @@ fn run(o: Opts) -> anyhow::Result<()> {
         .context("clean shutdown failed; the journal will be replayed at next mount")?;
     res.context("FUSE session failed")?;
     Ok(())
+}
+
+pub(crate) fn fuse_config(o: &Opts) -> Config {
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName(o.target.clone()),
+        MountOption::Subtype("tandem".into()),
+        MountOption::DefaultPermissions,
+        if o.fs.read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+    ];
+    if !o.fs.relatime {
+        cfg.mount_options.push(MountOption::NoAtime);
+    }
+    for f in &o.flags {
+        // The last of a conflicting pair wins, as with mount(8).
+        cfg.mount_options.retain(|m| !conflicts(m, f));
+        cfg.mount_options.push(f.clone());
+    }
+    if o.allow_other {
+        cfg.acl = SessionACL::All;
+    }
+    cfg.n_threads = Some(o.threads);
+    cfg
+}
+
+pub(crate) fn open_log(o: &Opts) -> anyhow::Result<Option<std::fs::File>> {
+    o.logfile
+        .as_ref()
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open log file {p}"))
+        })
+        .transpose()
 }
 
 /// Forks; the parent exits 0 (the mount already exists), the child carries on detached.

@@ -1,0 +1,336 @@
+//! One glock: a cluster lock that this node caches until another node asks for it.
+//!
+//! Local operations `enter` the glock in the mode they need (PR to read and cache, EX to
+//! modify); the first one that finds the lock missing or too weak acquires or converts it
+//! from the lock manager, and everyone else waits. A blocking callback from the lock
+//! manager reaches `demote`, which waits for the minimum hold time (so two nodes do not
+//! ping-pong a lock on every operation), stops admitting local operations, waits for those
+//! inside to finish, makes every change durable (`GlockHooks::flush`), then lowers the
+//! lock to what the other node wants or releases it. The next acquisition from nothing
+//! drops every cached block (`GlockHooks::invalidate`), because another node may have
+//! changed anything meanwhile.
+//!
+//! The lock manager is behind `LockBackend` so this state machine can be tested without
+//! a daemon; the real backend is `lockd::LockdBackend`.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use tandem_lockmgr::types::{Flags, LockId, Mode};
+
+use crate::error::{FsError, Result};
+
+/// What the lock manager said, reduced to what the glock needs to distinguish.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// A conversion lost a deadlock: the lock keeps its mode and must be released.
+    #[error("conversion deadlock")]
+    Deadlock,
+    /// The session is gone (daemon down, node evicted): every lock is void.
+    #[error("{0}")]
+    Lost(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Blocking calls to the lock manager for one resource.
+pub trait LockBackend: Send + Sync {
+    fn lock(&self, mode: Mode, flags: Flags) -> std::result::Result<LockId, BackendError>;
+    fn convert(&self, lock: LockId, mode: Mode) -> std::result::Result<(), BackendError>;
+    fn unlock(&self, lock: LockId) -> std::result::Result<(), BackendError>;
+}
+
+/// What the filesystem does around lock transitions.
+pub trait GlockHooks: Send + Sync {
+    /// Before EX is lowered or released: commit, write home and checkpoint the journal, so
+    /// the device holds everything and nothing of ours can be replayed over another
+    /// node's later changes.
+    fn flush(&self) -> Result<()>;
+    /// After acquiring from nothing: forget every cached block.
+    fn invalidate(&self);
+}
+
+#[derive(Default)]
+struct State {
+    held: Option<(LockId, Mode)>,
+    /// Local operations inside the glock.
+    users: usize,
+    /// A lock-manager call for this glock is in progress.
+    busy: bool,
+    /// A demotion waits for the users to leave: admit nobody.
+    draining: bool,
+    granted_at: Option<Instant>,
+    withdrawn: Option<String>,
+}
+
+/// Counters for the operator view (`glstats`).
+#[derive(Debug, Default, Clone)]
+pub struct GlockStats {
+    pub acquires: u64,
+    pub acquire_total_us: u64,
+    pub acquire_max_us: u64,
+    pub demotes: u64,
+    pub flush_total_us: u64,
+}
+
+pub struct Glock {
+    name: String,
+    backend: Arc<dyn LockBackend>,
+    hooks: Mutex<Option<Weak<dyn GlockHooks>>>,
+    st: Mutex<State>,
+    cv: Condvar,
+    min_hold: Duration,
+    stats: Mutex<GlockStats>,
+}
+
+/// Keeps the glock held in at least the entered mode until dropped.
+pub struct GlockGuard<'a> {
+    g: &'a Glock,
+}
+
+impl Drop for GlockGuard<'_> {
+    fn drop(&mut self) {
+        let mut st = self.g.st.lock();
+        st.users -= 1;
+        if st.users == 0 {
+            self.g.cv.notify_all();
+        }
+    }
+}
+
+fn covers(held: Mode, need: Mode) -> bool {
+    held == need || held == Mode::EX
+}
+
+impl Glock {
+    pub fn new(name: &str, backend: Arc<dyn LockBackend>, min_hold: Duration) -> Self {
+        Self {
+            name: name.to_string(),
+            backend,
+            hooks: Mutex::new(None),
+            st: Mutex::new(State::default()),
+            cv: Condvar::new(),
+            min_hold,
+            stats: Mutex::new(GlockStats::default()),
+        }
+    }
+
+    pub fn set_hooks(&self, hooks: Weak<dyn GlockHooks>) {
+        *self.hooks.lock() = Some(hooks);
+    }
+
+    fn hooks(&self) -> Option<Arc<dyn GlockHooks>> {
+        self.hooks.lock().as_ref().and_then(Weak::upgrade)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn held_mode(&self) -> Option<Mode> {
+        self.st.lock().held.map(|(_, m)| m)
+    }
+
+    pub fn lock_id(&self) -> Option<LockId> {
+        self.st.lock().held.map(|(id, _)| id)
+    }
+
+    pub fn stats(&self) -> GlockStats {
+        self.stats.lock().clone()
+    }
+
+    /// Error if the node lost its lock-manager session: nothing may be written any more.
+    pub fn check_alive(&self) -> Result<()> {
+        match &self.st.lock().withdrawn {
+            Some(w) => Err(FsError::Withdrawn(w.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Every lock is void (session ended): fail all operations from now on.
+    pub fn withdraw(&self, why: &str) {
+        let mut st = self.st.lock();
+        if st.withdrawn.is_none() {
+            tracing::error!(glock = %self.name, why, "withdrawn: the filesystem refuses all I/O until it is unmounted and mounted again");
+            st.withdrawn = Some(why.to_string());
+        }
+        self.cv.notify_all();
+    }
+
+    /// Holds the glock in `need` (PR or EX) for the guard's life, acquiring it if needed.
+    pub fn enter(&self, need: Mode) -> Result<GlockGuard<'_>> {
+        let mut st = self.st.lock();
+        loop {
+            if let Some(w) = &st.withdrawn {
+                return Err(FsError::Withdrawn(w.clone()));
+            }
+            if !st.draining && st.held.is_some_and(|(_, m)| covers(m, need)) {
+                st.users += 1;
+                return Ok(GlockGuard { g: self });
+            }
+            if !st.busy && !st.draining {
+                st.busy = true;
+                let held = st.held;
+                let res = parking_lot::MutexGuard::unlocked(&mut st, || self.acquire(held, need));
+                st.busy = false;
+                match res {
+                    Ok(Some(h)) => {
+                        st.held = Some(h);
+                        st.granted_at = Some(Instant::now());
+                    }
+                    Ok(None) => {
+                        // Lost a conversion deadlock: give our PR back so the other node
+                        // can go on, then ask again from nothing.
+                        st.draining = true;
+                        self.cv.wait_while(&mut st, |s| s.users > 0);
+                        st.busy = true;
+                        let id = held.expect("converted a held lock").0;
+                        let r =
+                            parking_lot::MutexGuard::unlocked(&mut st, || self.backend.unlock(id));
+                        st.busy = false;
+                        st.draining = false;
+                        st.held = None;
+                        if let Err(e) = r {
+                            self.fail(&mut st, e);
+                        }
+                    }
+                    Err(e) => {
+                        self.fail(&mut st, e.clone());
+                        self.cv.notify_all();
+                        if !matches!(e, BackendError::Lost(_)) {
+                            return Err(FsError::Lock(e.to_string()));
+                        }
+                    }
+                }
+                self.cv.notify_all();
+                continue;
+            }
+            self.cv.wait(&mut st);
+        }
+    }
+
+    fn fail(&self, st: &mut State, e: BackendError) {
+        if let BackendError::Lost(why) = e {
+            if st.withdrawn.is_none() {
+                tracing::error!(glock = %self.name, why, "lock manager session lost: withdrawn");
+                st.withdrawn = Some(why);
+            }
+        }
+    }
+
+    /// Talks to the lock manager without the state lock. `Ok(None)`: conversion deadlock.
+    fn acquire(
+        &self,
+        held: Option<(LockId, Mode)>,
+        need: Mode,
+    ) -> std::result::Result<Option<(LockId, Mode)>, BackendError> {
+        let t0 = Instant::now();
+        let res = match held {
+            Some((id, _)) => match self.backend.convert(id, need) {
+                Ok(()) => Some((id, need)),
+                Err(BackendError::Deadlock) => None,
+                Err(e) => return Err(e),
+            },
+            None => {
+                let id = self.backend.lock(need, Flags::PERSISTENT)?;
+                // Another node may have changed anything since we last held it.
+                if let Some(h) = self.hooks() {
+                    h.invalidate();
+                }
+                Some((id, need))
+            }
+        };
+        let us = t0.elapsed().as_micros() as u64;
+        let mut s = self.stats.lock();
+        s.acquires += 1;
+        s.acquire_total_us += us;
+        s.acquire_max_us = s.acquire_max_us.max(us);
+        tracing::debug!(glock = %self.name, ?need, us, "glock acquired");
+        Ok(res)
+    }
+
+    /// Another node waits for `wanted` on `lock`: lower or release ours once the minimum
+    /// hold time has passed and local operations inside have finished. Runs on the
+    /// callback thread, never inside a FUSE request.
+    pub fn demote(&self, lock: LockId, wanted: Mode) {
+        let mut st = self.st.lock();
+        loop {
+            self.cv.wait_while(&mut st, |s| s.busy || s.draining);
+            let Some((id, mode)) = st.held else { return };
+            if id != lock || st.withdrawn.is_some() || mode.compatible(wanted) {
+                return; // a stale callback: that lock is gone or already low enough
+            }
+            let since = st.granted_at.map_or(self.min_hold, |t| t.elapsed());
+            if since >= self.min_hold {
+                break;
+            }
+            parking_lot::MutexGuard::unlocked(&mut st, || {
+                std::thread::sleep(self.min_hold - since);
+            });
+        }
+        let (id, mode) = st.held.expect("checked above");
+        st.busy = true;
+        st.draining = true;
+        self.cv.wait_while(&mut st, |s| s.users > 0);
+        let res = parking_lot::MutexGuard::unlocked(&mut st, || self.lower(id, mode, wanted));
+        st.busy = false;
+        st.draining = false;
+        match res {
+            Ok(h) => st.held = h,
+            Err(e) => self.fail(&mut st, e),
+        }
+        self.cv.notify_all();
+    }
+
+    fn lower(
+        &self,
+        id: LockId,
+        mode: Mode,
+        wanted: Mode,
+    ) -> std::result::Result<Option<(LockId, Mode)>, BackendError> {
+        if mode == Mode::EX {
+            let t0 = Instant::now();
+            if let Some(h) = self.hooks() {
+                if let Err(e) = h.flush() {
+                    // Releasing now would show the others a half-written state; losing
+                    // the session instead orphans our locks so a survivor replays our
+                    // journal.
+                    return Err(BackendError::Lost(format!(
+                        "could not flush before releasing {}: {e}",
+                        self.name
+                    )));
+                }
+            }
+            self.stats.lock().flush_total_us += t0.elapsed().as_micros() as u64;
+        }
+        self.stats.lock().demotes += 1;
+        if mode == Mode::EX && wanted == Mode::PR {
+            // Keep reading (and caching) beside the new reader.
+            self.backend.convert(id, Mode::PR)?;
+            return Ok(Some((id, Mode::PR)));
+        }
+        self.backend.unlock(id)?;
+        Ok(None)
+    }
+
+    /// Unmount: flush if EX and release. Waits for local operations to finish.
+    pub fn release(&self) -> Result<()> {
+        let mut st = self.st.lock();
+        self.cv.wait_while(&mut st, |s| s.busy || s.draining);
+        let Some((id, mode)) = st.held.take() else {
+            return Ok(());
+        };
+        st.busy = true;
+        st.draining = true;
+        self.cv.wait_while(&mut st, |s| s.users > 0);
+        let res = parking_lot::MutexGuard::unlocked(&mut st, || self.lower(id, mode, Mode::EX));
+        st.busy = false;
+        st.draining = false;
+        self.cv.notify_all();
+        res.map(|_| ()).map_err(|e| FsError::Lock(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,134 @@
+//! The glock state machine against a recording backend (the lock manager itself is tested
+//! in tandem-lockmgr; the cross-node behaviour in tests/tests/cluster_fs.rs).
+
+use super::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+#[derive(Default)]
+struct Rec {
+    calls: Mutex<Vec<String>>,
+    deadlock_next_convert: std::sync::atomic::AtomicBool,
+    lost: std::sync::atomic::AtomicBool,
+}
+
+impl LockBackend for Rec {
+    fn lock(&self, mode: Mode, flags: Flags) -> std::result::Result<LockId, BackendError> {
+        if self.lost.load(Ordering::Relaxed) {
+            return Err(BackendError::Lost("gone".into()));
+        }
+        assert!(flags.contains(Flags::PERSISTENT));
+        self.calls.lock().push(format!("lock {mode}"));
+        Ok(LockId(7))
+    }
+    fn convert(&self, lock: LockId, mode: Mode) -> std::result::Result<(), BackendError> {
+        if self.deadlock_next_convert.swap(false, Ordering::Relaxed) {
+            self.calls.lock().push(format!("convert {mode} deadlock"));
+            return Err(BackendError::Deadlock);
+        }
+        self.calls.lock().push(format!("convert {} {mode}", lock.0));
+        Ok(())
+    }
+    fn unlock(&self, lock: LockId) -> std::result::Result<(), BackendError> {
+        self.calls.lock().push(format!("unlock {}", lock.0));
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Hooks {
+    flushes: AtomicUsize,
+    invalidates: AtomicUsize,
+}
+
+impl GlockHooks for Hooks {
+    fn flush(&self) -> Result<()> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+    fn invalidate(&self) {
+        self.invalidates.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn setup(min_hold: Duration) -> (Arc<Rec>, Arc<Hooks>, Arc<Glock>) {
+    let rec = Arc::new(Rec::default());
+    let hooks = Arc::new(Hooks::default());
+    let g = Arc::new(Glock::new("meta", rec.clone(), min_hold));
+    let h: Arc<dyn GlockHooks> = hooks.clone();
+    g.set_hooks(Arc::downgrade(&h));
+    (rec, hooks, g)
+}
+
+#[test]
+fn cached_until_called_back_then_flushed_and_lowered() {
+    let (rec, hooks, g) = setup(Duration::ZERO);
+    drop(g.enter(Mode::PR).unwrap());
+    drop(g.enter(Mode::PR).unwrap()); // cached: no second request
+    drop(g.enter(Mode::EX).unwrap()); // converts in place, keeps the cache
+    drop(g.enter(Mode::PR).unwrap()); // EX covers PR
+    assert_eq!(*rec.calls.lock(), ["lock PR", "convert 7 EX"]);
+    assert_eq!(hooks.invalidates.load(Ordering::Relaxed), 1);
+    // Another node wants PR: flush, down-convert, keep reading from the cache.
+    g.demote(LockId(7), Mode::PR);
+    assert_eq!(hooks.flushes.load(Ordering::Relaxed), 1);
+    assert_eq!(g.held_mode(), Some(Mode::PR));
+    // Then EX: PR holds nothing dirty, so no flush; release; the next use re-reads.
+    g.demote(LockId(7), Mode::EX);
+    assert_eq!(hooks.flushes.load(Ordering::Relaxed), 1);
+    assert_eq!(g.held_mode(), None);
+    drop(g.enter(Mode::PR).unwrap());
+    assert_eq!(hooks.invalidates.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        *rec.calls.lock(),
+        [
+            "lock PR",
+            "convert 7 EX",
+            "convert 7 PR",
+            "unlock 7",
+            "lock PR"
+        ]
+    );
+    // A callback for another lock id is stale and ignored.
+    g.demote(LockId(99), Mode::EX);
+    assert_eq!(g.held_mode(), Some(Mode::PR));
+}
+
+#[test]
+fn demotion_waits_for_local_users_and_the_minimum_hold_time() {
+    let (rec, hooks, g) = setup(Duration::from_millis(100));
+    let guard = g.enter(Mode::EX).unwrap();
+    let t0 = Instant::now();
+    let g2 = g.clone();
+    let demoter = std::thread::spawn(move || g2.demote(LockId(7), Mode::EX));
+    std::thread::sleep(Duration::from_millis(200));
+    // Still held: a local operation is inside.
+    assert_eq!(g.held_mode(), Some(Mode::EX));
+    assert_eq!(hooks.flushes.load(Ordering::Relaxed), 0);
+    drop(guard);
+    demoter.join().unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(100));
+    assert_eq!(hooks.flushes.load(Ordering::Relaxed), 1);
+    assert_eq!(rec.calls.lock().last().unwrap(), "unlock 7");
+}
+
+#[test]
+fn conversion_deadlock_releases_and_asks_again() {
+    let (rec, hooks, g) = setup(Duration::ZERO);
+    drop(g.enter(Mode::PR).unwrap());
+    rec.deadlock_next_convert.store(true, Ordering::Relaxed);
+    drop(g.enter(Mode::EX).unwrap());
+    assert_eq!(
+        *rec.calls.lock(),
+        ["lock PR", "convert EX deadlock", "unlock 7", "lock EX"]
+    );
+    assert_eq!(hooks.invalidates.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn a_lost_session_withdraws_every_operation() {
+    let (rec, _hooks, g) = setup(Duration::ZERO);
+    rec.lost.store(true, Ordering::Relaxed);
+    assert!(matches!(g.enter(Mode::PR), Err(FsError::Withdrawn(_))));
+    assert!(matches!(g.enter(Mode::EX), Err(FsError::Withdrawn(_))));
+    assert!(g.check_alive().is_err());
+}
