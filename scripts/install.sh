@@ -18,4 +18,12 @@ done
 if [ "$prefix/sbin" != /sbin ] && [ -w /sbin ]; then
   ln -sf "$prefix/sbin/tandemfs" /sbin/mount.tandem
 fi
+# Pacemaker resource agents (ocf:tandem:*) and the fencing alert agent.
+ocf_root="${OCF_ROOT:-/usr/lib/ocf}"
+install -d "$ocf_root/resource.d/tandem" "$ocf_root/lib/tandem"
+for a in replicator lockmgr fs; do
+  install -m 0755 "ocf-agents/tandem/$a" "$ocf_root/resource.d/tandem/$a"
+done
+install -m 0755 ocf-agents/alerts/tandem-fence-alert "$ocf_root/lib/tandem/tandem-fence-alert"
 echo "installed into $prefix/sbin: tandem-replicatord tandemadm tandem-lockd tandem-lockctl mkfs.tandem fsck.tandem mount.tandem"
+echo "installed OCF agents ocf:tandem:replicator, ocf:tandem:lockmgr, ocf:tandem:fs into $ocf_root/resource.d/tandem"

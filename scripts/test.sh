@@ -3,7 +3,7 @@
 # scenarios and the fuzz-corpus replays. Needs root for namespaces and FUSE.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-./scripts/install-deps.sh
+./scripts/install-deps.sh pacemaker corosync pcs resource-agents libxml2-utils shellcheck nginx-light curl
 export CARGO_TERM_COLOR=never
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -13,6 +13,8 @@ echo "== build binaries (tests drive the real daemons)"
 cargo build --workspace --bins
 echo "== cargo test"
 cargo test --workspace -- --test-threads=2
+echo "== OCF agents in a real Pacemaker cluster (ocf-agents/tests/pacemaker-test.sh)"
+./ocf-agents/tests/pacemaker-test.sh
 if [ -f fuzz/Cargo.toml ]; then
   echo "== fuzz corpus replay (stable toolchain)"
   cargo test --manifest-path fuzz/Cargo.toml -- --test-threads=2
