@@ -3,10 +3,13 @@
 //! replicator, lock manager, filesystem and Pacemaker scenarios in `tests/`.
 
 pub mod cluster;
+pub mod fscluster;
 pub mod netns;
+pub mod nsworker;
 pub mod oracle;
 
 pub use cluster::{bin, Cluster, ResourceSpec};
+pub use nsworker::NsWorker;
 
 /// crc32 of a byte range of a file (for comparing copies).
 pub fn file_crc(path: &std::path::Path, offset: u64, len: u64) -> anyhow::Result<u32> {

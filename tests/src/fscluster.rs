@@ -1,0 +1,175 @@
+//! A cluster filesystem test bed: N nodes in network namespaces, each running
+//! tandem-lockd and tandem-replicatord (one dual-primary resource), a `lock_tandem`
+//! filesystem made on it, and `mount.tandem` on chosen nodes at `/var/www/html` inside
+//! each node's private mount namespace. Tests reach a node's mount through an `NsWorker`.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::{bin, Cluster, NsWorker, ResourceSpec};
+
+pub const MNT: &str = "/var/www/html";
+pub const RES: &str = "www";
+
+pub struct FsCluster {
+    // Declared first so it drops first: killing the mounts unblocks any stuck worker.
+    pub c: Cluster,
+    pub workers: Vec<Option<NsWorker>>,
+    pids: Vec<Option<u32>>,
+}
+
+impl FsCluster {
+    /// Starts `nodes` nodes (lockd + replicator, all Primary) and makes the filesystem
+    /// with one journal per node (plus `spare_journals`).
+    pub fn start(nodes: usize, spare_journals: usize) -> anyhow::Result<Self> {
+        let mut c = Cluster::builder()
+            .nodes(nodes)
+            .resource(ResourceSpec {
+                name: RES.into(),
+                size: "128MiB".into(),
+                ..Default::default()
+            })
+            .start()?;
+        for i in 0..nodes {
+            start_lockd(&mut c, i)?;
+        }
+        c.bring_up_fresh(RES)?;
+        for i in 1..nodes {
+            c.adm(i, &["primary", RES])?;
+        }
+        c.wait_for(Duration::from_secs(30), || {
+            Ok((0..nodes).all(|i| {
+                lockctl_status(&c, i).is_some_and(|s| s["leader"].as_u64().unwrap_or(0) != 0)
+            }))
+        })
+        .context("the lock managers elected no leader")?;
+        let uri = c.nbd_uri(0, RES);
+        let j = (nodes + spare_journals).to_string();
+        let out = Command::new(bin("tandemfs"))
+            .args([
+                "mkfs",
+                "-q",
+                "-t",
+                "test:www",
+                "-p",
+                "lock_tandem",
+                "-j",
+                &j,
+                "-J",
+                "4",
+            ])
+            .arg(&uri)
+            .output()?;
+        if !out.status.success() {
+            bail!("mkfs failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(Self {
+            c,
+            workers: (0..nodes).map(|_| None).collect(),
+            pids: vec![None; nodes],
+        })
+    }
+
+    /// Mounts the filesystem on node `i` (foreground daemon, tracked by PID).
+    pub fn mount(&mut self, i: usize) -> anyhow::Result<()> {
+        std::fs::create_dir_all(MNT)?;
+        let uri = self.c.nbd_uri(i, RES);
+        let opts = format!(
+            "node={},config={}",
+            self.c.node_name(i),
+            self.c.config_path(i).display()
+        );
+        let pid = self.c.spawn(
+            i,
+            "fs",
+            &bin("tandemfs"),
+            &["mount", &uri, MNT, "-f", "-o", &opts],
+        )?;
+        self.c
+            .wait_for(Duration::from_secs(30), || {
+                let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+                Ok(info
+                    .lines()
+                    .any(|l| l.contains(&format!(" {MNT} ")) && l.contains(" - fuse")))
+            })
+            .with_context(|| {
+                format!(
+                    "mount on n{} did not appear:\n{}",
+                    i + 1,
+                    self.c.log(i, "fs")
+                )
+            })?;
+        self.workers[i] = Some(NsWorker::enter(pid)?);
+        self.pids[i] = Some(pid);
+        Ok(())
+    }
+
+    /// Clean unmount of node `i` (umount inside its namespace; the daemon exits).
+    pub fn unmount(&mut self, i: usize) -> anyhow::Result<()> {
+        let w = self.workers[i].take().context("not mounted")?;
+        let ok = w.run(|| {
+            let c = std::ffi::CString::new(MNT).unwrap();
+            // SAFETY: plain umount2 of a path in this thread's namespace.
+            unsafe { libc::umount2(c.as_ptr(), 0) == 0 }
+        });
+        drop(w);
+        if !ok {
+            bail!("umount on n{} failed", i + 1);
+        }
+        let pid = self.pids[i].take().expect("pid of a mount");
+        self.c.wait_for(Duration::from_secs(30), || {
+            Ok(!std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true))
+        })?;
+        Ok(())
+    }
+
+    pub fn w(&self, i: usize) -> &NsWorker {
+        self.workers[i].as_ref().expect("node is mounted")
+    }
+
+    /// Runs `fsck.tandem -n` (exit 0 = clean) on node 0's export.
+    pub fn fsck(&self) -> anyhow::Result<(bool, String)> {
+        let out = Command::new(bin("tandemfs"))
+            .args(["fsck", "-n"])
+            .arg(self.c.nbd_uri(0, RES))
+            .output()?;
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text += &String::from_utf8_lossy(&out.stderr);
+        Ok((out.status.success(), text))
+    }
+}
+
+pub fn start_lockd(c: &mut Cluster, node: usize) -> anyhow::Result<u32> {
+    let cfg = c.config_path(node).display().to_string();
+    let name = c.node_name(node);
+    c.spawn(
+        node,
+        "lockd",
+        &bin("tandem-lockd"),
+        &["--config", &cfg, "--node", &name],
+    )
+}
+
+pub fn lockctl(c: &Cluster, node: usize, args: &[&str]) -> std::process::Output {
+    Command::new(bin("tandem-lockctl"))
+        .arg("--config")
+        .arg(c.config_path(node))
+        .arg("--node")
+        .arg(c.node_name(node))
+        .args(args)
+        .output()
+        .expect("run tandem-lockctl")
+}
+
+pub fn lockctl_status(c: &Cluster, node: usize) -> Option<serde_json::Value> {
+    let out = lockctl(c, node, &["status", "--json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
