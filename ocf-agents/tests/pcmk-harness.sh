@@ -145,7 +145,14 @@ cmd__init() {
         mount --bind "$nd/log/pcsd" /var/log/pcsd
     fi
     mount --bind "$SANDBOX/sbin"        /usr/local/sbin
-    mount --bind "$SANDBOX/resource.d"  /usr/lib/ocf/resource.d
+    # Host providers (heartbeat, pacemaker, ...) on their mount points, then the whole tree.
+    local pd
+    for pd in "$SANDBOX"/resource.d/*; do
+        [ "$(basename "$pd")" = tandem ] && continue
+        mount --bind "/usr/lib/ocf/resource.d/$(basename "$pd")" "$pd"
+    done
+    mount --bind "$REPO/ocf-agents/tandem" "$SANDBOX/resource.d/tandem"
+    mount --rbind "$SANDBOX/resource.d" /usr/lib/ocf/resource.d
     hostname "node$n"
     set +e
     echo ready > /run/sandbox-ready
@@ -300,10 +307,10 @@ prepare_node_dirs() {
         ln -s "$TBIN/$b" "$SANDBOX/sbin/$b"
     done
     for b in mkfs fsck mount; do ln -s tandemfs "$SANDBOX/sbin/$b.tandem"; done
-    for b in /usr/lib/ocf/resource.d/*; do
-        [ "$(basename "$b")" = tandem ] || ln -s "$b" "$SANDBOX/resource.d/$(basename "$b")"
+    for b in /usr/lib/ocf/resource.d/*; do      # mount points, bound in each node's init
+        [ -d "$b" ] && mkdir -p "$SANDBOX/resource.d/$(basename "$b")"
     done
-    ln -s "$REPO/ocf-agents/tandem" "$SANDBOX/resource.d/tandem"
+    mkdir -p "$SANDBOX/resource.d/tandem"
     if [ "$PCSD" = 1 ]; then
         # Private copy of /etc/shadow with a known hacluster password (PAM
         # login for `pcs host auth`), bind-mounted over /etc/shadow in nodes.
