@@ -66,7 +66,10 @@ fn space_is_reusable_after_unlink_of_a_file_that_filled_the_disk() {
     fs.unlink(ROOT_INO, b"fill").unwrap();
     let g = fs.mknod(CTX, ROOT_INO, b"after", 0o644, 0, 0).unwrap();
     fs.write(g.ino, 0, &chunk).unwrap();
-    assert_eq!(fs.statfs().bfree, fs.statfs().blocks - 1 - 256 - 1);
+    assert_eq!(
+        fs.statfs().unwrap().bfree,
+        fs.statfs().unwrap().blocks - 1 - 256 - 1
+    );
 }
 
 #[test]
@@ -246,12 +249,16 @@ fn a_write_that_cannot_store_its_extent_map_gives_its_blocks_back() {
     .unwrap();
     fs.commit().unwrap();
     fs.commit().unwrap();
-    let free = fs.statfs().bfree;
+    let free = fs.statfs().unwrap().bfree;
     assert_eq!(free, 1);
     // The 37th extent gets its data block but no leaf for the map.
     let err = fs.write(frag.ino, 36 * 2048, &[99u8; 1024]).unwrap_err();
     assert_eq!(err.errno(), libc::ENOSPC);
-    assert_eq!(fs.statfs().bfree, 1, "the data block was given back");
+    assert_eq!(
+        fs.statfs().unwrap().bfree,
+        1,
+        "the data block was given back"
+    );
     assert_eq!(fs.getattr(frag.ino).unwrap().size, 35 * 2048 + 1024);
     for k in 0..36u64 {
         assert_eq!(

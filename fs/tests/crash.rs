@@ -420,7 +420,7 @@ fn concurrent_writers_and_commits_recover_every_fsynced_file() {
 #[test]
 fn open_unlinked_files_are_freed_after_a_crash() {
     let (dev, fs) = new_fs(16 << 20);
-    let free_before = fs.statfs().bfree;
+    let free_before = fs.statfs().unwrap().bfree;
     let a = fs.mknod(CTX, ROOT_INO, b"tmpfile", 0o644, 0, 0).unwrap();
     fs.open(a.ino).unwrap();
     fs.write(a.ino, 0, &vec![5u8; 100_000]).unwrap();
@@ -441,7 +441,11 @@ fn open_unlinked_files_are_freed_after_a_crash() {
         rep.problems
     );
     let (fs2, _) = Fs::mount(dev2.clone(), FsOptions::default()).unwrap();
-    assert_eq!(fs2.statfs().bfree, free_before, "mount frees the orphan");
+    assert_eq!(
+        fs2.statfs().unwrap().bfree,
+        free_before,
+        "mount frees the orphan"
+    );
     fs2.shutdown().unwrap();
     let rep = fsck(dev2, FsckOptions { repair: false }, &mut sink).unwrap();
     assert!(rep.problems.is_empty(), "{:?}", rep.problems);

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tandem_tests::fscluster::{FsCluster, MNT};
 
@@ -30,7 +30,6 @@ fn close_on_one_node_is_seen_by_open_stat_readdir_read_on_the_others() {
     // An open file on n2 sees n3's later write (no stale page cache).
     let f2 = f.w(1).run(|| std::fs::File::open(p("index.html"))).unwrap();
     let f2 = std::sync::Arc::new(f2);
-    let mut buf = [0u8; 14];
     let g = f2.clone();
     let n = f.w(1).run(move || g.read_at(&mut [0u8; 14], 0)).unwrap();
     assert_eq!(n, 14);
@@ -38,7 +37,7 @@ fn close_on_one_node_is_seen_by_open_stat_readdir_read_on_the_others() {
         .run(|| std::fs::write(p("index.html"), b"HELLO FROM N3\n"))
         .unwrap();
     let g = f2.clone();
-    buf = f
+    let buf = f
         .w(1)
         .run(move || {
             let mut b = [0u8; 14];
@@ -97,5 +96,301 @@ fn close_on_one_node_is_seen_by_open_stat_readdir_read_on_the_others() {
     }
     let (clean, text) = f.fsck().unwrap();
     assert!(clean, "fsck: {text}");
-    let _ = (Duration::ZERO, std::io::sink().flush());
+}
+
+/// What the tree should look like: path -> file contents (None for a directory).
+type Model = std::collections::BTreeMap<String, Option<Vec<u8>>>;
+
+fn tree(root: &str) -> Model {
+    let mut out = Model::new();
+    let mut stack = vec![root.to_string()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let path = e.path().display().to_string();
+            let rel = path[root.len() + 1..].to_string();
+            if e.file_type().unwrap().is_dir() {
+                out.insert(rel, None);
+                stack.push(path);
+            } else {
+                out.insert(rel, Some(std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn random_operations_on_random_nodes_match_a_model_read_from_another_node() {
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    let ops: usize = std::env::var("TANDEM_FS_MODEL_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1500);
+    let seed: u64 = std::env::var("TANDEM_SIM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x7a4d);
+    eprintln!("model test: {ops} operations, seed {seed} (TANDEM_SIM_SEED)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut f = FsCluster::start(3, 0).unwrap();
+    for i in 0..3 {
+        f.mount(i).unwrap();
+    }
+    let mut model = Model::new();
+    let dirs = ["", "a", "b", "a/c"];
+    for k in 0..ops {
+        let node = rng.gen_range(0..3usize);
+        let dir = dirs[rng.gen_range(0..dirs.len())];
+        let dir_exists = dir.is_empty() || model.get(dir) == Some(&None);
+        let name = format!("f{}", rng.gen_range(0..6));
+        let file = if dir.is_empty() {
+            name
+        } else {
+            format!("{dir}/{name}")
+        };
+        let files: Vec<String> = model
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        let pick = |rng: &mut StdRng| files.get(rng.gen_range(0..files.len().max(1))).cloned();
+        let what = rng.gen_range(0..100);
+        let desc;
+        match what {
+            0..=24 if dir_exists => {
+                // Write random bytes at a random offset (creating the file if needed).
+                let len = rng.gen_range(1..20_000usize);
+                let off = rng.gen_range(0..30_000u64);
+                let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                let (path, d2) = (p(&file), data.clone());
+                f.w(node)
+                    .run(move || {
+                        let fh = std::fs::OpenOptions::new()
+                            .create(true)
+                            .truncate(false)
+                            .write(true)
+                            .open(&path)?;
+                        fh.write_all_at(&d2, off)
+                    })
+                    .unwrap();
+                let cur = model.entry(file.clone()).or_insert(Some(Vec::new()));
+                let v = cur.as_mut().unwrap();
+                let end = off as usize + len;
+                if v.len() < end {
+                    v.resize(end, 0);
+                }
+                v[off as usize..end].copy_from_slice(&data);
+                desc = format!("write {file} @{off}+{len}");
+            }
+            25..=39 if dir_exists => {
+                let len = rng.gen_range(1..5000usize);
+                let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                let (path, d2) = (p(&file), data.clone());
+                f.w(node)
+                    .run(move || {
+                        let mut fh = std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(&path)?;
+                        fh.write_all(&d2)
+                    })
+                    .unwrap();
+                model
+                    .entry(file.clone())
+                    .or_insert(Some(Vec::new()))
+                    .as_mut()
+                    .unwrap()
+                    .extend_from_slice(&data);
+                desc = format!("append {file} +{len}");
+            }
+            40..=49 => {
+                let Some(t) = pick(&mut rng) else { continue };
+                let size = rng.gen_range(0..40_000u64);
+                let path = p(&t);
+                f.w(node)
+                    .run(move || {
+                        std::fs::OpenOptions::new()
+                            .write(true)
+                            .open(&path)?
+                            .set_len(size)
+                    })
+                    .unwrap();
+                model
+                    .get_mut(&t)
+                    .unwrap()
+                    .as_mut()
+                    .unwrap()
+                    .resize(size as usize, 0);
+                desc = format!("truncate {t} {size}");
+            }
+            50..=64 if dir_exists => {
+                let Some(src) = pick(&mut rng) else { continue };
+                if src == file || model.get(&file) == Some(&None) {
+                    continue;
+                }
+                let (a, b) = (p(&src), p(&file));
+                f.w(node).run(move || std::fs::rename(&a, &b)).unwrap();
+                let v = model.remove(&src).unwrap();
+                model.insert(file.clone(), v);
+                desc = format!("rename {src} -> {file}");
+            }
+            65..=77 => {
+                let Some(t) = pick(&mut rng) else { continue };
+                let path = p(&t);
+                f.w(node).run(move || std::fs::remove_file(&path)).unwrap();
+                model.remove(&t);
+                desc = format!("unlink {t}");
+            }
+            78..=87 => {
+                // mkdir a tree, or remove a whole subtree.
+                let d = ["a", "b", "a/c"][rng.gen_range(0..3)];
+                if model.contains_key(d) {
+                    let path = p(d);
+                    f.w(node)
+                        .run(move || std::fs::remove_dir_all(&path))
+                        .unwrap();
+                    model.retain(|k, _| k != d && !k.starts_with(&format!("{d}/")));
+                    desc = format!("rm -r {d}");
+                } else {
+                    let parent_ok = !d.contains('/') || model.get("a") == Some(&None);
+                    if !parent_ok {
+                        continue;
+                    }
+                    let path = p(d);
+                    f.w(node).run(move || std::fs::create_dir(&path)).unwrap();
+                    model.insert(d.to_string(), None);
+                    desc = format!("mkdir {d}");
+                }
+            }
+            _ => {
+                let Some(t) = pick(&mut rng) else { continue };
+                let mode = [0o600, 0o644, 0o640, 0o755][rng.gen_range(0..4)];
+                let path = p(&t);
+                f.w(node)
+                    .run(move || {
+                        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                    })
+                    .unwrap();
+                let other = (node + rng.gen_range(1..3)) % 3;
+                let path = p(&t);
+                let got = f
+                    .w(other)
+                    .run(move || std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o7777))
+                    .unwrap();
+                assert_eq!(
+                    got,
+                    mode,
+                    "op {k}: chmod {t} on n{} seen on n{}",
+                    node + 1,
+                    other + 1
+                );
+                continue;
+            }
+        }
+        // After each operation, another node sees exactly the model: the touched file at
+        // once, the whole tree every 25 operations.
+        let other = (node + rng.gen_range(1..3)) % 3;
+        let path = p(&file);
+        let seen = f.w(other).run(move || std::fs::read(&path).ok());
+        if let Some(Some(want)) = model.get(&file) {
+            assert!(
+                seen.as_ref() == Some(want),
+                "op {k} ({desc}) on n{}: n{} reads {file} wrong ({:?} bytes, want {})",
+                node + 1,
+                other + 1,
+                seen.as_ref().map(Vec::len),
+                want.len()
+            );
+        }
+        if k % 25 == 0 || k + 1 == ops {
+            let got = f.w(other).run(|| tree(MNT));
+            if got != model {
+                let a: Vec<_> = got.keys().collect();
+                let b: Vec<_> = model.keys().collect();
+                panic!("op {k} ({desc}): n{} sees {a:?}, model {b:?}", other + 1);
+            }
+        }
+    }
+    for i in 0..3 {
+        f.unmount(i).unwrap();
+    }
+    let (clean, text) = f.fsck().unwrap();
+    assert!(clean, "fsck after the model run: {text}");
+}
+
+#[test]
+fn all_nodes_create_and_delete_in_one_directory_and_append_to_one_file() {
+    let mut f = FsCluster::start(3, 0).unwrap();
+    for i in 0..3 {
+        f.mount(i).unwrap();
+    }
+    f.w(0).run(|| std::fs::create_dir(p("shared"))).unwrap();
+    let per_node = 150usize;
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            let w = f.workers[i].take().unwrap();
+            std::thread::spawn(move || {
+                w.run(move || {
+                    for k in 0..per_node {
+                        std::fs::write(p(&format!("shared/n{i}-{k}")), format!("{i}:{k}")).unwrap();
+                        if k % 3 == 0 {
+                            std::fs::remove_file(p(&format!("shared/n{i}-{k}"))).unwrap();
+                        }
+                        // O_APPEND records from every node into one log.
+                        let mut log = std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(p("shared.log"))
+                            .unwrap();
+                        log.write_all(format!("n{i} record {k:04}\n").as_bytes())
+                            .unwrap();
+                    }
+                });
+                w
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        f.workers[i] = Some(h.join().unwrap());
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "3 nodes, one directory: {:.0} creates+appends/s aggregate",
+        (3 * per_node) as f64 / secs
+    );
+    for i in 0..3 {
+        let mut names = f.w(i).run(|| {
+            std::fs::read_dir(p("shared"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect::<Vec<_>>()
+        });
+        names.sort();
+        let mut want: Vec<String> = (0..3)
+            .flat_map(|n| {
+                (0..per_node)
+                    .filter(|k| k % 3 != 0)
+                    .map(move |k| format!("n{n}-{k}"))
+            })
+            .collect();
+        want.sort();
+        assert_eq!(names, want, "directory as seen on n{}", i + 1);
+        let log = f
+            .w(i)
+            .run(|| std::fs::read_to_string(p("shared.log")).unwrap());
+        let lines: Vec<&str> = log.lines().collect();
+        assert_eq!(lines.len(), 3 * per_node, "appended records on n{}", i + 1);
+        let mut uniq: Vec<&str> = lines.clone();
+        uniq.sort();
+        uniq.dedup();
+        assert_eq!(uniq.len(), 3 * per_node, "overlapping appends");
+        assert!(lines.iter().all(|l| l.len() == 14), "torn record in {log}");
+    }
+    for i in 0..3 {
+        f.unmount(i).unwrap();
+    }
+    let (clean, text) = f.fsck().unwrap();
+    assert!(clean, "fsck: {text}");
 }

@@ -165,10 +165,11 @@ impl Cluster {
                         return;
                     }
                     Ok(Some(Callback::Blocking { lock, wanted })) => {
-                        if glock.lock_id() == Some(lock) {
-                            glock.demote(lock, wanted);
-                        }
-                        // Other locks (iopen, recovery) are never given up on request.
+                        // Not filtered here: the callback can overtake the grant's reply,
+                        // so `demote` first waits for the acquisition in flight. Callbacks
+                        // for other locks (iopen, recovery) find no match there: those are
+                        // never given up on request.
+                        glock.demote(lock, wanted);
                     }
                 }
             })
