@@ -394,3 +394,143 @@ fn all_nodes_create_and_delete_in_one_directory_and_append_to_one_file() {
     let (clean, text) = f.fsck().unwrap();
     assert!(clean, "fsck: {text}");
 }
+
+#[test]
+fn kill9_of_a_nodes_whole_stack_during_writes_survivors_replay_its_journal() {
+    let mut f = FsCluster::start(3, 0).unwrap();
+    for i in 0..3 {
+        f.mount(i).unwrap();
+    }
+    f.w(0).run(|| std::fs::create_dir(p("n3"))).unwrap();
+    // n3 writes and fsyncs files until it dies; `done` counts the fsync'd ones.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let w3 = f.workers[2].take().unwrap();
+    let d2 = done.clone();
+    let writer = std::thread::spawn(move || {
+        w3.run(move || {
+            for k in 0.. {
+                let r = (|| {
+                    let mut fh = std::fs::File::create(p(&format!("n3/file-{k}")))?;
+                    fh.write_all(format!("fsynced record {k}\n").repeat(50).as_bytes())?;
+                    fh.sync_all()
+                })();
+                if r.is_err() {
+                    return;
+                }
+                d2.store(k + 1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        w3
+    });
+    // Survivors keep working meanwhile.
+    for k in 0..20 {
+        let i = k % 2;
+        f.w(i)
+            .run(move || std::fs::write(p(&format!("survivor-{k}")), b"x"))
+            .unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        done.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "n3 wrote nothing"
+    );
+    f.c.kill9(2);
+    let fsynced = done.load(std::sync::atomic::Ordering::SeqCst);
+    let _ = writer.join();
+    // A write on a survivor waits (it does not fail) until a survivor has replayed the
+    // dead node's journal and the lock manager purged its locks.
+    let t0 = Instant::now();
+    f.w(0)
+        .run(|| std::fs::write(p("after-kill"), b"still here"))
+        .unwrap();
+    let blocked = t0.elapsed();
+    eprintln!("kill -9 of n3 -> survivors accept writes again after {blocked:?} ({fsynced} files fsync'd by n3)");
+    let logs = format!("{}{}", f.c.log(0, "fs"), f.c.log(1, "fs"));
+    assert!(
+        logs.contains("journal recovered"),
+        "no recovery logged:\n{logs}"
+    );
+    for i in 0..2 {
+        let got = f.w(i).run(move || {
+            (0..fsynced)
+                .filter(|k| {
+                    std::fs::read(p(&format!("n3/file-{k}")))
+                        .map(|d| d != format!("fsynced record {k}\n").repeat(50).into_bytes())
+                        .unwrap_or(true)
+                })
+                .count()
+        });
+        assert_eq!(
+            got,
+            0,
+            "n{}: files fsync'd by n3 before it died are missing or wrong",
+            i + 1
+        );
+        assert_eq!(
+            f.w(i).run(|| std::fs::read(p("after-kill")).unwrap()),
+            b"still here"
+        );
+    }
+    for i in 0..2 {
+        f.unmount(i).unwrap();
+    }
+    let (clean, text) = f.fsck().unwrap();
+    assert!(clean, "fsck after recovery: {text}");
+}
+
+#[test]
+fn unmount_and_remount_one_node_while_the_others_keep_writing() {
+    let mut f = FsCluster::start(3, 0).unwrap();
+    for i in 0..3 {
+        f.mount(i).unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (1..3)
+        .map(|i| {
+            let w = f.workers[i].take().unwrap();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let n = w.run(move || {
+                    let mut k = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::fs::write(p(&format!("w{i}-{k}")), format!("{i}/{k}")).unwrap();
+                        k += 1;
+                    }
+                    k
+                });
+                (w, n)
+            })
+        })
+        .collect();
+    for _ in 0..2 {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        f.unmount(0).unwrap();
+        f.mount(0).unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut counts = Vec::new();
+    for (j, h) in writers.into_iter().enumerate() {
+        let (w, n) = h.join().unwrap();
+        f.workers[j + 1] = Some(w);
+        counts.push(n);
+    }
+    // The remounted node sees every file the others wrote.
+    for (j, n) in counts.iter().enumerate() {
+        let i = j + 1;
+        let n = *n;
+        let bad = f.w(0).run(move || {
+            (0..n)
+                .filter(|k| {
+                    std::fs::read_to_string(p(&format!("w{i}-{k}"))).ok()
+                        != Some(format!("{i}/{k}"))
+                })
+                .count()
+        });
+        assert_eq!(bad, 0, "files of n{} wrong on the remounted n1", i + 1);
+    }
+    for i in 0..3 {
+        f.unmount(i).unwrap();
+    }
+    let (clean, text) = f.fsck().unwrap();
+    assert!(clean, "fsck: {text}");
+}
