@@ -100,24 +100,26 @@ start() {
     adm n1 new-current-uuid --clear-bitmap www
   fi
   for n in "${nodes[@]}"; do adm "$n" wait-sync www --timeout-s 60 >/dev/null; done
-  adm n1 primary www >/dev/null
-  if [ -x "$bin/tandem-lockd" ]; then
-    for n in "${nodes[@]}"; do
-      start_daemon "$n" lockd "$bin/tandem-lockd" --config "$cfg" --node "$n"
-    done
-  fi
+  # Dual-primary: every node writes the volume (allow-two-primaries in the config).
+  for n in "${nodes[@]}"; do adm "$n" primary www >/dev/null; done
+  for n in "${nodes[@]}"; do
+    start_daemon "$n" lockd "$bin/tandem-lockd" --config "$cfg" --node "$n"
+  done
+  wait_until 30 bash -c "'$bin/tandem-lockctl' --config '$cfg' --node n1 status --json | grep -q '\"leader\": *[1-9]'"
   local mounted=""
-  if [ -x "$bin/tandemfs" ]; then
-    local uri="nbd+unix:///www?socket=$demo/run/n1/nbd-www.sock"
-    if ! "$bin/tandemfs" fsck -n "$uri" >/dev/null 2>&1; then
-      "$bin/tandemfs" mkfs -t demo:www -j 3 -p lock_nolock "$uri" >/dev/null
-    fi
-    mkdir -p "$demo/mnt/n1"
-    if ! mountpoint -q "$demo/mnt/n1"; then
-      "$bin/tandemfs" mount "$uri" "$demo/mnt/n1" -o allow_other
-    fi
-    mounted="$demo/mnt/n1"
+  local uri="nbd+unix:///www?socket=$demo/run/n1/nbd-www.sock"
+  if ! "$bin/tandemfs" fsck -n "$uri" >/dev/null 2>&1; then
+    "$bin/tandemfs" mkfs -q -t demo:www -j 3 -p lock_tandem "$uri"
   fi
+  # Each node mounts the cluster filesystem from its own replica, through its own lockd.
+  for n in "${nodes[@]}"; do
+    mkdir -p "$demo/mnt/$n"
+    if ! mountpoint -q "$demo/mnt/$n"; then
+      "$bin/tandemfs" mount "nbd+unix:///www?socket=$demo/run/$n/nbd-www.sock" "$demo/mnt/$n" \
+        -o "node=$n,config=$cfg,allow_other,logfile=$demo/logs/$n-fs.log"
+    fi
+  done
+  mounted="$demo/mnt/n1"
   cat <<EOF
 
 Tandem demo cluster is up: 3 nodes (n1 n2 n3) in network namespaces tdemo-n1..3,
@@ -131,8 +133,10 @@ EOF
   fi
   if [ -n "$mounted" ]; then
     cat <<EOF
-  use:       echo hello > $mounted/index.html     (filesystem on the replicated volume)
-             the data is replicated synchronously to n2 and n3's disks.
+  use:       echo hello > $demo/mnt/n1/index.html; cat $demo/mnt/n2/index.html
+             one cluster filesystem mounted on every node ($demo/mnt/n1..n3), each from
+             its own replica of the dual-primary volume, kept coherent by tandem-lockd;
+             glock statistics: cat $demo/run/n1/tandemfs-*.glstats
 EOF
   fi
   cat <<EOF
@@ -154,6 +158,8 @@ stop() {
   for m in "$demo"/mnt/*; do
     [ -d "$m" ] && mountpoint -q "$m" && { umount "$m" 2>/dev/null || umount -l "$m"; }
   done
+  # The mount daemons give their locks back to lockd as they exit: let them finish.
+  for _ in $(seq 1 50); do pgrep -f "tandemfs mount .*$demo/mnt" >/dev/null || break; sleep 0.1; done
   for f in "$demo"/pids/*.pid; do
     [ -f "$f" ] || continue
     if alive "$f"; then kill "$(cat "$f")" 2>/dev/null || true; fi
