@@ -74,6 +74,35 @@ fn close_on_one_node_is_seen_by_open_stat_readdir_read_on_the_others() {
         .run(|| std::fs::remove_file(p("d/page.html")))
         .unwrap();
     assert!(!f.w(0).run(|| Path::new(&p("d/page.html")).exists()));
+    // Unlink of a file open on another node: still readable there until closed; the last
+    // closer frees it (fsck below finds no orphan).
+    f.w(0)
+        .run(|| std::fs::write(p("open-elsewhere"), vec![7u8; 50_000]))
+        .unwrap();
+    let fh = std::sync::Arc::new(
+        f.w(1)
+            .run(|| std::fs::File::open(p("open-elsewhere")))
+            .unwrap(),
+    );
+    f.w(0)
+        .run(|| std::fs::remove_file(p("open-elsewhere")))
+        .unwrap();
+    assert!(!f.w(2).run(|| Path::new(&p("open-elsewhere")).exists()));
+    let g = fh.clone();
+    let data = f
+        .w(1)
+        .run(move || {
+            let mut b = vec![0u8; 50_000];
+            g.read_exact_at(&mut b, 0).map(|()| b)
+        })
+        .unwrap();
+    assert!(
+        data.iter().all(|b| *b == 7),
+        "unlinked file unreadable where it is open"
+    );
+    let g = fh.clone();
+    drop(fh);
+    f.w(1).run(move || drop(g));
     // Latency of close on A -> read on B, ping-ponging the glock.
     let mut lat = Vec::new();
     for k in 0..50u32 {
