@@ -90,9 +90,41 @@ cleanup() {
 		return
 	fi
 	stop_witness
-	bash "$H" down >/dev/null 2>&1
+	kill_cluster
 	rm -rf "$D/tandem"
 	exit $rc
+}
+
+# Power off every node at once (SIGKILL by PID, namespaces removed): no graceful Pacemaker
+# shutdown that could wait on a hung mount.
+kill_cluster() {
+	local i
+	for i in 1 2 3; do
+		[ -f "$D/nodes/node$i/holder.pid" ] && bash "$H" crash "$i" >/dev/null 2>&1
+	done
+	bash "$H" down >/dev/null 2>&1
+}
+
+# fs_op SECONDS NODE CMD...: run CMD in NODE with a deadline; its output is in $OP_OUT.
+# A process blocked on a hung FUSE request cannot be killed while the daemon lives, so
+# the command runs in the background and is left to the final node kill on a timeout.
+OP_OUT=""
+fs_op() {
+	local t=$1 n=$2 p i
+	shift 2
+	hx "$n" "$@" >"$D/op.out" 2>&1 &
+	p=$!
+	for i in $(seq 1 $((t * 5))); do
+		if ! kill -0 "$p" 2>/dev/null; then
+			wait "$p"
+			i=$?
+			OP_OUT=$(cat "$D/op.out")
+			return $i
+		fi
+		sleep 0.2
+	done
+	OP_OUT="(no answer after ${t}s: hung)"
+	return 124
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -286,8 +318,8 @@ node_offline() { # via node
 	hx "$1" crm_mon -1 --output-as=xml 2>/dev/null | grep -q "<node name=\"$2\" [^>]*online=\"false\""
 }
 
-lockmgr_failed_on_node2() {
-	[ "$(failcount 1 lockmgr node2)" -ge 1 ]
+failed_on() { # resource node
+	[ "$(failcount 1 "$1" "$2")" -ge 1 ]
 }
 
 nodes_csv() { # list of node numbers -> node1,node2
@@ -383,12 +415,13 @@ full_spec() {
 check_shared() { # A B tag
 	local a=$1 b=$2 tag=$3 got
 	if [ -z "$FS_SKIP" ]; then
-		hx "$a" timeout 30 sh -c "echo '$tag from node$a' > '$MNT/$tag.txt' && sync '$MNT/$tag.txt'" ||
-			fail "write $MNT/$tag.txt on node$a"
-		got=$(hx "$b" timeout 30 cat "$MNT/$tag.txt") || fail "read $MNT/$tag.txt on node$b"
+		fs_op 30 "$a" sh -c "echo '$tag from node$a' > '$MNT/$tag.txt' && sync '$MNT/$tag.txt'" ||
+			fail "write $MNT/$tag.txt on node$a: $OP_OUT"
+		fs_op 30 "$b" cat "$MNT/$tag.txt" || fail "read $MNT/$tag.txt on node$b: $OP_OUT"
+		got=$OP_OUT
 		[ "$got" = "$tag from node$a" ] || fail "node$b read '$got' from $tag.txt, node$a wrote '$tag from node$a'"
 		if [ -n "$NGINX" ]; then
-			got=$(hx "$b" curl -sf "http://$NET.$b:8080/$tag.txt") || fail "nginx on node$b does not serve $tag.txt"
+			got=$(hx "$b" curl -sf -m 30 "http://$NET.$b:8080/$tag.txt") || fail "nginx on node$b does not serve $tag.txt"
 			[ "$got" = "$tag from node$a" ] || fail "nginx on node$b served '$got'"
 		fi
 	else
@@ -407,7 +440,7 @@ round() { # N
 	local n=$1 all i victim survivors t got
 	all=$(seq 1 "$n" | tr '\n' ' ')
 	log "== $n-node cluster"
-	bash "$H" down >/dev/null 2>&1
+	kill_cluster
 	bash "$H" up "$n" >"$D.up.log" 2>&1 || {
 		cat "$D.up.log"
 		fail "harness up $n"
@@ -444,10 +477,23 @@ round() { # N
 	# Monitor failure: tandem-lockd of node2 killed -9.
 	t=$(lockd_pid 2) || fail "no lockd pid on node2"
 	hx 2 kill -KILL "$t"
-	wait_for 60 "lockmgr monitor failure on node2 recorded" lockmgr_failed_on_node2
+	wait_for 60 "lockmgr monitor failure on node2 recorded" failed_on lockmgr node2
 	# shellcheck disable=SC2046
 	wait_for 90 "recovery after the monitor failure" state_ok 1 $(full_spec $all)
 	log "monitor failure (tandem-lockd killed on node2) detected and recovered"
+	if [ "$n" -gt 2 ] && [ -z "$FS_SKIP" ]; then
+		# The filesystem's daemon dies: the mount answers ENOTCONN, the fs monitor fails,
+		# Pacemaker unmounts and mounts again. (pgrep runs inside node2's own PID
+		# namespace, which holds only processes this test started.)
+		t=$(hx 2 pgrep -x mount.tandem | head -n 1)
+		[ -n "$t" ] || fail "no mount.tandem process on node2"
+		hx 2 kill -KILL "$t"
+		wait_for 60 "fs monitor failure on node2 recorded" failed_on WebFS node2
+		# shellcheck disable=SC2046
+		wait_for 90 "recovery after the fs monitor failure" state_ok 1 $(full_spec $all)
+		check_shared 2 1 "after-fs-recovery$n"
+		log "monitor failure (mount.tandem killed on node2: ENOTCONN) detected and recovered"
+	fi
 
 	# Kill every process of the last node; the others keep serving.
 	victim=$n
@@ -468,12 +514,13 @@ round() { # N
 	hx "$victim" tandemadm --config "$C" status www | grep -q 'disk:UpToDate' || fail "node$victim not UpToDate after rejoin"
 	check_shared 1 "$victim" "after-rejoin$n"
 	if [ -z "$FS_SKIP" ]; then
-		got=$(hx "$victim" cat "$MNT/during-outage$n.txt") || fail "node$victim cannot read the file written during its outage"
+		fs_op 30 "$victim" cat "$MNT/during-outage$n.txt" ||
+			fail "node$victim cannot read the file written during its outage: $OP_OUT"
 	fi
 	log "node$victim rejoined, resynced and is Promoted again"
 
 	stop_witness
-	bash "$H" down >/dev/null 2>&1
+	kill_cluster
 	log "== $n-node cluster: passed"
 }
 
