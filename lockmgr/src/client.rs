@@ -78,6 +78,8 @@ type Pending = Arc<Mutex<HashMap<ReqId, oneshot::Sender<ClientReply>>>>;
 
 pub struct Client {
     out: mpsc::UnboundedSender<ClientRequest>,
+    /// The reader saw the connection end.
+    closed: Arc<std::sync::atomic::AtomicBool>,
     pending: Pending,
     callbacks: Option<mpsc::UnboundedReceiver<Callback>>,
     next_req: AtomicU64,
@@ -148,6 +150,8 @@ impl Client {
             }
         });
         let routes = pending.clone();
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader_closed = closed.clone();
         tokio::spawn(async move {
             loop {
                 let reply: ClientReply = match frame::read_msg(
@@ -184,12 +188,15 @@ impl Client {
                     let _ = tx.send(reply);
                 }
             }
-            // Waiters see `Closed` when their sender is dropped.
+            // Waiters see `Closed` when their sender is dropped; later callers see the flag
+            // (set first, so a request registered after the clear cannot wait forever).
+            reader_closed.store(true, Ordering::SeqCst);
             routes.lock().clear();
         });
         Ok(Client {
             out,
             pending,
+            closed,
             callbacks: Some(cb_rx),
             next_req: AtomicU64::new(1),
             session,
@@ -209,9 +216,19 @@ impl Client {
         ReqId(self.next_req.fetch_add(1, Ordering::Relaxed))
     }
 
+    /// Registers a reply route; fails if the connection already closed.
+    fn register(&self, req: ReqId, tx: oneshot::Sender<ClientReply>) -> Result<(), ClientError> {
+        self.pending.lock().insert(req, tx);
+        if self.closed.load(Ordering::SeqCst) {
+            self.pending.lock().remove(&req);
+            return Err(ClientError::Closed);
+        }
+        Ok(())
+    }
+
     async fn call(&self, req: ReqId, msg: ClientRequest) -> Result<ClientReply, ClientError> {
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().insert(req, tx);
+        self.register(req, tx)?;
         self.out.send(msg).map_err(|_| ClientError::Closed)?;
         rx.await.map_err(|_| ClientError::Closed)
     }
@@ -277,7 +294,7 @@ impl Client {
     ) -> Result<Grant, ClientError> {
         let req = self.next();
         let (tx, mut rx) = oneshot::channel();
-        self.pending.lock().insert(req, tx);
+        self.register(req, tx)?;
         let msg = ClientRequest::Lock {
             req,
             lockspace: lockspace.to_string(),
@@ -293,7 +310,7 @@ impl Client {
         // The cancel's own reply (Done, or NotPending if the grant came first) does not
         // matter: the lock request's outcome arrives on `rx` either way.
         let (ctx, _crx) = oneshot::channel();
-        self.pending.lock().insert(cancel, ctx);
+        self.register(cancel, ctx)?;
         let msg = ClientRequest::CancelRequest {
             req: cancel,
             target: req,

@@ -318,6 +318,11 @@ impl Glock {
     pub fn release(&self) -> Result<()> {
         let mut st = self.st.lock();
         self.cv.wait_while(&mut st, |s| s.busy || s.draining);
+        if st.withdrawn.is_some() {
+            // The session is gone and with it every lock: nothing to give back.
+            st.held = None;
+            return Ok(());
+        }
         let Some((id, mode)) = st.held.take() else {
             return Ok(());
         };

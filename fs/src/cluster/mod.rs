@@ -73,7 +73,7 @@ pub struct Cluster {
 
 impl Cluster {
     /// Connects to tandem-lockd, checks the lock table and claims a free journal.
-    pub fn join(sb: &Superblock, o: &ClusterOptions) -> Result<Self> {
+    pub fn join(dev: &dyn BlockDevice, sb: &Superblock, o: &ClusterOptions) -> Result<Self> {
         if sb.lock_proto != LockProto::Tandem {
             return Err(FsError::NotSupported(
                 "this is a lock_nolock (single-node) filesystem; mount it without node=/config=",
@@ -95,20 +95,27 @@ impl Cluster {
                     ))
                 },
             )?;
-        let mut claimed = None;
-        for j in 0..sb.journal_count {
-            match conn.lock(
-                &journal_lock(j),
-                Mode::EX,
-                Flags::NOQUEUE | Flags::PERSISTENT,
-            ) {
-                Ok(g) => {
-                    claimed = Some((j, g.lock));
-                    break;
+        let claim = |conn: &LockdConn| -> Result<Option<(u32, LockId)>> {
+            for j in 0..sb.journal_count {
+                match conn.lock(
+                    &journal_lock(j),
+                    Mode::EX,
+                    Flags::NOQUEUE | Flags::PERSISTENT,
+                ) {
+                    Ok(g) => return Ok(Some((j, g.lock))),
+                    Err(e) if would_block(&e) => continue,
+                    Err(e) => return Err(FsError::Mount(format!("claiming journal {j}: {e}"))),
                 }
-                Err(e) if would_block(&e) => continue,
-                Err(e) => return Err(FsError::Mount(format!("claiming journal {j}: {e}"))),
             }
+            Ok(None)
+        };
+        let mut claimed = claim(&conn)?;
+        if claimed.is_none() {
+            // Every journal is held or orphaned. Orphans of mounts that died (e.g. the
+            // whole cluster was stopped without unmounting) are recovered here, by the
+            // first mounter, as GFS2's first mounter does; then try again.
+            recovery::scan(&conn, dev, sb, u32::MAX)?;
+            claimed = claim(&conn)?;
         }
         let Some((journal, journal_lock)) = claimed else {
             return Err(FsError::Mount(format!(

@@ -54,11 +54,13 @@ pub fn run(mut o: Opts) -> anyhow::Result<()> {
         recovery_poll: Duration::from_millis(500),
     };
     let mut cluster =
-        Cluster::join(&sb, &copts).with_context(|| format!("cannot mount {}", o.target))?;
+        Cluster::join(&*dev, &sb, &copts).with_context(|| format!("cannot mount {}", o.target))?;
+    // Recovery runs before we wait for `meta`: a dead mount's orphaned `meta` lock is
+    // released only by replaying its journal.
+    cluster.start(dev.clone(), sb.clone(), copts.recovery_poll)?;
     let glock = cluster.glock.clone();
     let guard = glock.enter(Mode::EX)?;
     cluster.recover_unowned_journals(&*dev, &sb)?;
-    cluster.start(dev.clone(), sb.clone(), copts.recovery_poll)?;
     let cluster = Arc::new(cluster);
     let (fs, stats) = Fs::mount_cluster(dev, o.fs.clone(), cluster.clone())
         .with_context(|| format!("cannot mount {}", o.target))?;
