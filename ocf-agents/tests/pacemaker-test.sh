@@ -91,7 +91,12 @@ cleanup() {
 	fi
 	stop_witness
 	kill_cluster
-	rm -rf "$D/tandem"
+	if [ "$rc" = 0 ]; then
+		rm -rf "$D/tandem"
+	else
+		rm -rf "$D/tandem/disks" "$D/tandem/ocftest.img"
+		echo "pacemaker-test: logs kept in $D/tandem/state (daemons) and $D/nodes/*/log (Pacemaker)" >&2
+	fi
 	exit $rc
 }
 
@@ -137,6 +142,11 @@ stop_witness() {
 		kill -KILL "$WITNESS_PID" 2>/dev/null
 	fi
 	WITNESS_PID=""
+}
+
+# Waits until Pacemaker has no pending actions, then checks SPEC... (see state_ok).
+settled_ok() {
+	hx 1 crm_resource --wait --timeout=20s >/dev/null 2>&1 && state_ok 1 "$@"
 }
 
 # wait_for SECONDS DESCRIPTION CMD...
@@ -318,6 +328,14 @@ node_offline() { # via node
 	hx "$1" crm_mon -1 --output-as=xml 2>/dev/null | grep -q "<node name=\"$2\" [^>]*online=\"false\""
 }
 
+FS_PID_BEFORE=""
+fs_restarted_on_node2() {
+	local p
+	p=$(hx 2 pgrep -x mount.tandem | head -n 1)
+	echo "mount.tandem on node2: pid $p (before the lock manager's restart: $FS_PID_BEFORE)"
+	[ -n "$p" ] && [ "$p" != "$FS_PID_BEFORE" ] && settled_ok WebFS:Started:node2
+}
+
 failed_on() { # resource node
 	[ "$(failcount 1 "$1" "$2")" -ge 1 ]
 }
@@ -461,7 +479,7 @@ round() { # N
 	fi
 	apply_recipe "$n"
 	# shellcheck disable=SC2046
-	wait_for 150 "volume Promoted and clones Started on every node" state_ok 1 $(full_spec $all)
+	wait_for 150 "volume Promoted and clones Started on every node" settled_ok $(full_spec $all)
 	if [ -z "$FS_SKIP" ]; then
 		log "volume Promoted on every node; lockmgr, fs${NGINX:+ and nginx} clones Started ($(nodes_csv $all))"
 	else
@@ -475,22 +493,26 @@ round() { # N
 	log "data written on one node is read on the others"
 
 	# Monitor failure: tandem-lockd of node2 killed -9.
+	FS_PID_BEFORE=$(hx 2 pgrep -x mount.tandem | head -n 1)
 	t=$(lockd_pid 2) || fail "no lockd pid on node2"
 	hx 2 kill -KILL "$t"
 	wait_for 60 "lockmgr monitor failure on node2 recorded" failed_on lockmgr node2
 	# shellcheck disable=SC2046
-	wait_for 90 "recovery after the monitor failure" state_ok 1 $(full_spec $all)
+	wait_for 90 "recovery after the monitor failure" settled_ok $(full_spec $all)
 	log "monitor failure (tandem-lockd killed on node2) detected and recovered"
 	if [ "$n" -gt 2 ] && [ -z "$FS_SKIP" ]; then
 		# The filesystem's daemon dies: the mount answers ENOTCONN, the fs monitor fails,
 		# Pacemaker unmounts and mounts again. (pgrep runs inside node2's own PID
 		# namespace, which holds only processes this test started.)
+		# The lock manager's restart restarted the mount too (order constraint): wait for
+		# the new daemon, so the one killed is the one Pacemaker monitors.
+		wait_for 60 "WebFS restarted on node2 after the lock manager's restart" fs_restarted_on_node2
 		t=$(hx 2 pgrep -x mount.tandem | head -n 1)
 		[ -n "$t" ] || fail "no mount.tandem process on node2"
 		hx 2 kill -KILL "$t"
 		wait_for 60 "fs monitor failure on node2 recorded" failed_on WebFS node2
 		# shellcheck disable=SC2046
-		wait_for 90 "recovery after the fs monitor failure" state_ok 1 $(full_spec $all)
+		wait_for 90 "recovery after the fs monitor failure" settled_ok $(full_spec $all)
 		check_shared 2 1 "after-fs-recovery$n"
 		log "monitor failure (mount.tandem killed on node2: ENOTCONN) detected and recovered"
 	fi
@@ -510,7 +532,7 @@ round() { # N
 	# Rejoin: Pacemaker restarts everything there; the volume resyncs and is promoted.
 	bash "$H" start-node "$victim" >/dev/null 2>&1 || fail "start-node $victim"
 	# shellcheck disable=SC2046
-	wait_for 150 "node$victim rejoined, Promoted and Started" state_ok 1 $(full_spec $all)
+	wait_for 150 "node$victim rejoined, Promoted and Started" settled_ok $(full_spec $all)
 	hx "$victim" tandemadm --config "$C" status www | grep -q 'disk:UpToDate' || fail "node$victim not UpToDate after rejoin"
 	check_shared 1 "$victim" "after-rejoin$n"
 	if [ -z "$FS_SKIP" ]; then
