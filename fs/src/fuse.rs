@@ -536,7 +536,7 @@ impl Filesystem for FuseFs {
         // The new file is open: count it like `open` does, so an unlink keeps it alive.
         let res = self
             .fs
-            .mknod(ctx(req), parent.0, name.as_bytes(), mode, umask, 0)
+            .create_file(ctx(req), parent.0, name.as_bytes(), mode, umask, flags)
             .and_then(|a| self.fs.open(a.ino).map(|()| a));
         match res {
             Ok(a) => reply.created(

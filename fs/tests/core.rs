@@ -317,3 +317,48 @@ fn unlocked_reads_never_see_another_files_data() {
     let total: usize = readers.into_iter().map(|h| h.join().unwrap()).sum();
     assert!(total > 0);
 }
+
+#[test]
+fn create_of_an_existing_name_opens_it_unless_exclusive() {
+    // On a cluster mount another node can create the name between the kernel's lookup and
+    // our create: O_CREAT without O_EXCL must then open (and O_TRUNC truncate) the file.
+    let (_dev, fs) = fresh(8 << 20);
+    let a = fs
+        .create_file(CTX, ROOT_INO, b"log", 0o644, 0o022, libc::O_WRONLY)
+        .unwrap();
+    fs.write(a.ino, 0, b"first").unwrap();
+    let b = fs
+        .create_file(CTX, ROOT_INO, b"log", 0o644, 0o022, libc::O_WRONLY)
+        .unwrap();
+    assert_eq!((b.ino, b.size), (a.ino, 5));
+    let err = fs
+        .create_file(
+            CTX,
+            ROOT_INO,
+            b"log",
+            0o644,
+            0,
+            libc::O_WRONLY | libc::O_EXCL,
+        )
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::EEXIST);
+    let c = fs
+        .create_file(
+            CTX,
+            ROOT_INO,
+            b"log",
+            0o644,
+            0,
+            libc::O_WRONLY | libc::O_TRUNC,
+        )
+        .unwrap();
+    assert_eq!((c.ino, c.size), (a.ino, 0));
+    let user = Ctx {
+        uid: 1000,
+        gid: 1000,
+    };
+    let err = fs
+        .create_file(user, ROOT_INO, b"log", 0o644, 0, libc::O_WRONLY)
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::EACCES);
+}

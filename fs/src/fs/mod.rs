@@ -405,6 +405,44 @@ impl Fs {
         self.with_retry(|g| g.create(ctx, parent, name, mode, rdev, None))
     }
 
+    /// open(2) with O_CREAT (FUSE `create`). If the name exists — on a cluster mount another
+    /// node may create it between the kernel's lookup and this call — it opens the existing
+    /// file unless O_EXCL was given, truncating it for O_TRUNC, as a local filesystem would.
+    pub fn create_file(
+        &self,
+        ctx: Ctx,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> Result<Attr> {
+        let mode = S_IFREG | (mode & !umask & 0o7777);
+        self.with_retry(|g| match g.create(ctx, parent, name, mode, 0, None) {
+            Err(FsError::Exists) if flags & libc::O_EXCL == 0 => {
+                let dir = g.load_dir(parent)?;
+                let ent = g.st.dir_lookup(&dir, name)?.ok_or(FsError::NotFound)?;
+                let mut i = g.st.inode(ent.ino)?;
+                if i.is_dir() {
+                    return Err(FsError::IsDir);
+                }
+                if !may_open(ctx, &i, flags) {
+                    return Err(FsError::Access);
+                }
+                if flags & libc::O_TRUNC != 0 && i.size > 0 {
+                    g.st.file_truncate(&mut i, 0)?;
+                    let now = Time::now();
+                    i.mtime = now;
+                    i.ctime = now;
+                    g.st.put_inode(&i)?;
+                    g.after_op()?;
+                }
+                Ok(g.attr(&i))
+            }
+            r => r,
+        })
+    }
+
     pub fn mkdir(&self, ctx: Ctx, parent: u64, name: &[u8], mode: u32, umask: u32) -> Result<Attr> {
         let mode = S_IFDIR | (mode & !umask & 0o7777);
         self.with_retry(|g| g.create(ctx, parent, name, mode, 0, None))
@@ -799,4 +837,24 @@ impl GlockHooks for Fs {
             g.st.poison();
         }
     }
+}
+
+/// The permission check the kernel would have made had it found the file at lookup.
+fn may_open(ctx: Ctx, i: &Inode, flags: i32) -> bool {
+    if ctx.uid == 0 {
+        return true;
+    }
+    let bits = if ctx.uid == i.uid {
+        (i.mode >> 6) & 7
+    } else if ctx.gid == i.gid {
+        (i.mode >> 3) & 7
+    } else {
+        i.mode & 7
+    };
+    let want = match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => 4,
+        libc::O_WRONLY => 2,
+        _ => 6,
+    };
+    bits & want == want
 }
