@@ -488,6 +488,11 @@ round() { # N
 		log "volume Promoted on every node; lockmgr clone Started ($(nodes_csv $all)); fs part skipped"
 	fi
 	for i in $all; do
+		t=$(hx 1 crm_attribute -N "node$i" -n master-WebData -l reboot -G -q 2>/dev/null)
+		[ "$t" = 10000 ] || fail "promotion score of WebData on node$i is '$t', expected 10000 (UpToDate, every peer known)"
+	done
+	log "promotion scores: 10000 on every node"
+	for i in $all; do
 		[ "$i" = 1 ] && continue
 		check_shared 1 "$i" "hello$n-$i"
 		check_shared "$i" 1 "back$n-$i"
@@ -530,6 +535,10 @@ round() { # N
 	check_shared 1 "$((n - 1))" "during-outage$n"
 	[ "$n" -gt 2 ] && check_shared 2 1 "during-outage-b$n"
 	log "survivors ($(nodes_csv $survivors)) keep serving"
+	# The fencing alert agent, called as Pacemaker would after fencing the victim.
+	hx 1 env CRM_alert_kind=fencing CRM_alert_node="node$victim" CRM_alert_rc=0 config="$C" \
+		"$repo/ocf-agents/alerts/tandem-fence-alert" || fail "tandem-fence-alert (fence-ack node$victim)"
+	log "tandem-fence-alert confirmed node$victim's fencing to the lock manager"
 
 	# Rejoin: Pacemaker restarts everything there; the volume resyncs and is promoted.
 	if [ "$n" -gt 2 ] && [ "${TANDEM_PCMK_3NODE_REJOIN:-0}" != 1 ]; then
