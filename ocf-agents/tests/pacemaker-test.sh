@@ -284,6 +284,50 @@ run_ocf_tester() {
 	log "ocf-tester: fs passed (depth 10/20 monitors, forced unmount of a busy mount)"
 }
 
+# lockmgr's monitor confirms Pacemaker's fencing to the lock manager: tandem-lockctl and
+# stonith_admin stubbed (a node the lock manager reports down and unfenced; the fencer's
+# history with a fencing before, then after, the agent's start).
+check_fence_confirmation() {
+	local t fp acks
+	t=$(mktemp -d)
+	mkdir -p "$t/bin" "$t/run/n1/lockmgr-seen-up"
+	cat >"$t/bin/tandem-lockctl" <<'EOS'
+#!/bin/sh
+case "$*" in
+*"status --json"*) printf '{\n  "id": 1,\n  "leader": 1,\n  "voters": [\n    1,\n    2\n  ],\n  "learners": [],\n  "nodes": [\n    {\n      "node": 1,\n      "up": true,\n      "fenced": false,\n      "orphaned_locks": 0\n    },\n    {\n      "node": 2,\n      "up": false,\n      "fenced": false,\n      "orphaned_locks": 3\n    }\n  ]\n}\n' ;;
+*fence-ack*) echo "$*" >>"$ACKS" ;;
+esac
+EOS
+	cat >"$t/bin/stonith_admin" <<'EOS'
+#!/bin/sh
+echo "<pacemaker-result><list name=\"fencing history\" count=\"1\">"
+echo "    <fence_event action=\"reboot\" target=\"n2\" status=\"success\" completed=\"$(date -u -d "@$FENCE_AT" '+%Y-%m-%d %H:%M:%S')Z\"/>"
+echo "</list></pacemaker-result>"
+EOS
+	printf '#!/bin/sh\nwhile :; do sleep 1; done\n' >"$t/bin/tandem-lockd"
+	chmod +x "$t"/bin/*
+	printf '[cluster]\nname = "x"\nsecret = "stub-secret"\nrun-dir = "%s/run"\nstate-dir = "%s/run"\n[[node]]\nname = "n1"\nid = 1\naddress = "127.0.0.1"\n[[node]]\nname = "n2"\nid = 2\naddress = "127.0.0.2"\n' "$t" "$t" >"$t/c.toml"
+	"$t/bin/tandem-lockd" --config "$t/c.toml" --node n1 &
+	fp=$!
+	echo "$fp" >"$t/run/n1/lockd.pid"
+	date -d '-100 sec' +%s >"$t/run/n1/lockmgr-seen-up/started"
+	local e=(env ACKS="$t/acks" PATH="$t/bin:$PATH" OCF_ROOT=/usr/lib/ocf OCF_RESKEY_config="$t/c.toml"
+		OCF_RESKEY_node=n1 OCF_RESKEY_CRM_meta_interval=10000)
+	"${e[@]}" FENCE_AT="$(date -d '-200 sec' +%s)" "$repo/ocf-agents/tandem/lockmgr" monitor >/dev/null 2>&1
+	acks=$(cat "$t/acks" 2>/dev/null)
+	if [ -z "$acks" ]; then
+		"${e[@]}" FENCE_AT="$(date -d '-10 sec' +%s)" "$repo/ocf-agents/tandem/lockmgr" monitor >/dev/null 2>&1
+	fi
+	kill "$fp" 2>/dev/null
+	wait "$fp" 2>/dev/null
+	acks=${acks:-none}/$(cat "$t/acks" 2>/dev/null)
+	rm -rf "$t"
+	case "$acks" in
+	"none/"*"fence-ack n2") log "lockmgr monitor: fencing older than the daemon ignored, a new fencing confirmed (fence-ack)" ;;
+	*) fail "lockmgr fencing confirmation: got '$acks' (want none, then fence-ack n2)" ;;
+	esac
+}
+
 # ------------------------------------------------------------ pacemaker --
 # check_state NODE_VIA SPEC...: SPEC = resource:role:node1,node2 (role Started, Promoted)
 check_py() {
@@ -569,6 +613,7 @@ round() { # N
 	log "== $n-node cluster: passed"
 }
 
+check_fence_confirmation
 passed=0
 for n in "${sizes[@]}"; do
 	round "$n"
