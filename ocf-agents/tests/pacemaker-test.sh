@@ -78,6 +78,16 @@ for b in tandem-replicatord tandemadm tandem-lockd tandem-lockctl tandemfs; do
 	}
 done
 
+# One run at a time on this machine (same namespaces and directory): wait for another.
+exec 9>"$D.lock"
+if ! flock -n 9; then
+	echo "pacemaker-test: another run holds $D.lock; waiting (up to 10 min)" >&2
+	flock -w 600 9 || {
+		echo "pacemaker-test: $D.lock still held after 10 min" >&2
+		exit 1
+	}
+fi
+
 hx() { # run in node N
 	local n=$1
 	shift
