@@ -169,6 +169,14 @@ impl Journal {
         Ok((j, stats))
     }
 
+    /// Replays journal `index` (someone else's, or one fsck repairs) and marks it clean, so
+    /// nothing in it is ever replayed again.
+    pub fn recover(dev: &dyn BlockDevice, sb: &Superblock, index: u32) -> Result<ReplayStats> {
+        let (mut j, stats) = Self::open(dev, sb, index, false)?;
+        j.checkpoint(dev, true)?;
+        Ok(stats)
+    }
+
     /// Applies every complete transaction from the tail, then empties the log.
     fn replay(&mut self, dev: &dyn BlockDevice) -> Result<ReplayStats> {
         let mut stats = ReplayStats::default();

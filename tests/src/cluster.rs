@@ -251,6 +251,38 @@ impl Cluster {
         Ok(pid)
     }
 
+    /// Starts tandem-lockd on a node.
+    pub fn start_lockd(&mut self, node: usize) -> anyhow::Result<u32> {
+        let cfg = self.configs[node].display().to_string();
+        let name = self.node_name(node);
+        self.spawn(
+            node,
+            "lockd",
+            &bin("tandem-lockd"),
+            &["--config", &cfg, "--node", &name],
+        )
+    }
+
+    /// Runs tandem-lockctl for a node.
+    pub fn lockctl(&self, node: usize, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(Command::new(bin("tandem-lockctl"))
+            .arg("--config")
+            .arg(&self.configs[node])
+            .arg("--node")
+            .arg(self.node_name(node))
+            .args(args)
+            .output()?)
+    }
+
+    /// `tandem-lockctl status --json`, or None while the daemon does not answer.
+    pub fn lockctl_status(&self, node: usize) -> Option<serde_json::Value> {
+        let out = self.lockctl(node, &["status", "--json"]).ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
     /// Runs tandemadm for a node (from the test's namespace: the control socket is a path).
     pub fn tandemadm(&self, node: usize, args: &[&str]) -> anyhow::Result<Output> {
         Ok(Command::new(bin("tandemadm"))

@@ -33,7 +33,7 @@ impl FsCluster {
             })
             .start()?;
         for i in 0..nodes {
-            start_lockd(&mut c, i)?;
+            c.start_lockd(i)?;
         }
         c.bring_up_fresh(RES)?;
         for i in 1..nodes {
@@ -41,7 +41,8 @@ impl FsCluster {
         }
         c.wait_for(Duration::from_secs(30), || {
             Ok((0..nodes).all(|i| {
-                lockctl_status(&c, i).is_some_and(|s| s["leader"].as_u64().unwrap_or(0) != 0)
+                c.lockctl_status(i)
+                    .is_some_and(|s| s["leader"].as_u64().unwrap_or(0) != 0)
             }))
         })
         .context("the lock managers elected no leader")?;
@@ -142,34 +143,4 @@ impl FsCluster {
         text += &String::from_utf8_lossy(&out.stderr);
         Ok((out.status.success(), text))
     }
-}
-
-pub fn start_lockd(c: &mut Cluster, node: usize) -> anyhow::Result<u32> {
-    let cfg = c.config_path(node).display().to_string();
-    let name = c.node_name(node);
-    c.spawn(
-        node,
-        "lockd",
-        &bin("tandem-lockd"),
-        &["--config", &cfg, "--node", &name],
-    )
-}
-
-pub fn lockctl(c: &Cluster, node: usize, args: &[&str]) -> std::process::Output {
-    Command::new(bin("tandem-lockctl"))
-        .arg("--config")
-        .arg(c.config_path(node))
-        .arg("--node")
-        .arg(c.node_name(node))
-        .args(args)
-        .output()
-        .expect("run tandem-lockctl")
-}
-
-pub fn lockctl_status(c: &Cluster, node: usize) -> Option<serde_json::Value> {
-    let out = lockctl(c, node, &["status", "--json"]);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
 }

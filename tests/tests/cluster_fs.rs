@@ -100,10 +100,8 @@ fn close_on_one_node_is_seen_by_open_stat_readdir_read_on_the_others() {
         data.iter().all(|b| *b == 7),
         "unlinked file unreadable where it is open"
     );
-    let g = fh.clone();
-    drop(fh);
-    f.w(1).run(move || drop(g));
-    // Latency of close on A -> read on B, ping-ponging the glock.
+    drop(fh); // the last handle: n2 closes the file and frees it
+              // Latency of close on A -> read on B, ping-ponging the glock.
     let mut lat = Vec::new();
     for k in 0..50u32 {
         let (a, b) = ((k % 3) as usize, ((k + 1) % 3) as usize);
@@ -120,6 +118,23 @@ fn close_on_one_node_is_seen_by_open_stat_readdir_read_on_the_others() {
         "close on A -> read on B: p50 {:?} p99 {:?}",
         lat[25], lat[49]
     );
+    // The operator view: every node's glstats file counts its glock acquisitions.
+    for i in 0..3 {
+        let path =
+            f.c.dir()
+                .join(format!("run/n{}/tandemfs-test_www.glstats", i + 1));
+        f.c.wait_for(std::time::Duration::from_secs(5), || {
+            let text = std::fs::read_to_string(&path)?;
+            let acquires: u64 = text
+                .lines()
+                .find(|l| l.starts_with("meta "))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            Ok(text.contains("lockspace test:www") && acquires > 0)
+        })
+        .unwrap_or_else(|e| panic!("glstats of n{}: {e}", i + 1));
+    }
     for i in 0..3 {
         f.unmount(i).unwrap();
     }

@@ -2,51 +2,19 @@
 //! scenarios): leader kill -9 under use, re-election, clients continue, the killed node
 //! restarts with its data dir and catches up.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tandem_tests::{bin, Cluster};
-
-fn lockctl(c: &Cluster, node: usize, args: &[&str]) -> std::process::Output {
-    Command::new(bin("tandem-lockctl"))
-        .arg("--config")
-        .arg(c.config_path(node))
-        .arg("--node")
-        .arg(c.node_name(node))
-        .args(args)
-        .output()
-        .expect("run tandem-lockctl")
-}
-
-fn status(c: &Cluster, node: usize) -> Option<serde_json::Value> {
-    let out = lockctl(c, node, &["status", "--json"]);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).ok())
-        .flatten()
-}
+use tandem_tests::Cluster;
 
 fn leader_seen_by(c: &Cluster, node: usize) -> Option<u64> {
-    status(c, node).and_then(|s| s["leader"].as_u64())
-}
-
-fn start_lockd(c: &mut Cluster, node: usize) {
-    let cfg = c.config_path(node).display().to_string();
-    let name = c.node_name(node);
-    c.spawn(
-        node,
-        "lockd",
-        &bin("tandem-lockd"),
-        &["--config", &cfg, "--node", &name],
-    )
-    .unwrap();
+    c.lockctl_status(node).and_then(|s| s["leader"].as_u64())
 }
 
 #[test]
 fn lock_manager_in_namespaces_survives_leader_kill9_and_the_node_catches_up() {
     let mut c = Cluster::builder().nodes(3).start().unwrap();
     for i in 0..3 {
-        start_lockd(&mut c, i);
+        c.start_lockd(i).unwrap();
     }
     let mut leader = 0u64;
     c.wait_for(Duration::from_secs(30), || {
@@ -57,7 +25,9 @@ fn lock_manager_in_namespaces_survives_leader_kill9_and_the_node_catches_up() {
     .unwrap_or_else(|e| panic!("no common leader: {e}\n{}", c.log(0, "lockd")));
     // Locks work from every node.
     for i in 0..3 {
-        let out = lockctl(&c, i, &["lock", "test:fs", "res-a", "--run", "true"]);
+        let out = c
+            .lockctl(i, &["lock", "test:fs", "res-a", "--run", "true"])
+            .unwrap();
         assert!(
             out.status.success(),
             "lock on n{}: {}",
@@ -77,7 +47,9 @@ fn lock_manager_in_namespaces_survives_leader_kill9_and_the_node_catches_up() {
     .unwrap();
     eprintln!("new leader after {:?}", start.elapsed());
     for &i in &survivors {
-        let out = lockctl(&c, i, &["lock", "test:fs", "res-b", "--run", "true"]);
+        let out = c
+            .lockctl(i, &["lock", "test:fs", "res-b", "--run", "true"])
+            .unwrap();
         assert!(
             out.status.success(),
             "lock on n{} after the kill: {}",
@@ -86,13 +58,13 @@ fn lock_manager_in_namespaces_survives_leader_kill9_and_the_node_catches_up() {
         );
     }
     // The killed node restarts with its data directory and catches up.
-    start_lockd(&mut c, old);
-    let target = status(&c, survivors[0]).unwrap()["commit_index"]
+    c.start_lockd(old).unwrap();
+    let target = c.lockctl_status(survivors[0]).unwrap()["commit_index"]
         .as_u64()
         .unwrap_or(0);
     assert!(target > 0, "survivor reports no commit index");
     c.wait_for(Duration::from_secs(30), || {
-        let s = status(&c, old);
+        let s = c.lockctl_status(old);
         Ok(s.is_some_and(|s| {
             s["leader"].as_u64().is_some() && s["applied_index"].as_u64().unwrap_or(0) >= target
         }))
@@ -103,7 +75,9 @@ fn lock_manager_in_namespaces_survives_leader_kill9_and_the_node_catches_up() {
             c.log(old, "lockd")
         )
     });
-    let out = lockctl(&c, old, &["lock", "test:fs", "res-c", "--run", "true"]);
+    let out = c
+        .lockctl(old, &["lock", "test:fs", "res-c", "--run", "true"])
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",

@@ -132,10 +132,6 @@ impl Glock {
         self.st.lock().held.map(|(_, m)| m)
     }
 
-    pub fn lock_id(&self) -> Option<LockId> {
-        self.st.lock().held.map(|(id, _)| id)
-    }
-
     pub fn stats(&self) -> GlockStats {
         self.stats.lock().clone()
     }
@@ -182,14 +178,8 @@ impl Glock {
                     Ok(None) => {
                         // Lost a conversion deadlock: give our PR back so the other node
                         // can go on, then ask again from nothing.
-                        st.draining = true;
-                        self.cv.wait_while(&mut st, |s| s.users > 0);
-                        st.busy = true;
                         let id = held.expect("converted a held lock").0;
-                        let r =
-                            parking_lot::MutexGuard::unlocked(&mut st, || self.backend.unlock(id));
-                        st.busy = false;
-                        st.draining = false;
+                        let r = self.exclusively(&mut st, || self.backend.unlock(id));
                         st.held = None;
                         if let Err(e) = r {
                             self.fail(&mut st, e);
@@ -270,17 +260,27 @@ impl Glock {
             });
         }
         let (id, mode) = st.held.expect("checked above");
-        st.busy = true;
-        st.draining = true;
-        self.cv.wait_while(&mut st, |s| s.users > 0);
-        let res = parking_lot::MutexGuard::unlocked(&mut st, || self.lower(id, mode, wanted));
-        st.busy = false;
-        st.draining = false;
-        match res {
+        match self.exclusively(&mut st, || self.lower(id, mode, wanted)) {
             Ok(h) => st.held = h,
             Err(e) => self.fail(&mut st, e),
         }
+    }
+
+    /// Stops admitting local operations, waits for those inside to leave, then runs `f`
+    /// (a lock-manager call, maybe a flush) without the state lock; admission resumes after.
+    fn exclusively<R>(
+        &self,
+        st: &mut parking_lot::MutexGuard<'_, State>,
+        f: impl FnOnce() -> R,
+    ) -> R {
+        st.busy = true;
+        st.draining = true;
+        self.cv.wait_while(st, |s| s.users > 0);
+        let r = parking_lot::MutexGuard::unlocked(st, f);
+        st.busy = false;
+        st.draining = false;
         self.cv.notify_all();
+        r
     }
 
     fn lower(
@@ -326,14 +326,9 @@ impl Glock {
         let Some((id, mode)) = st.held.take() else {
             return Ok(());
         };
-        st.busy = true;
-        st.draining = true;
-        self.cv.wait_while(&mut st, |s| s.users > 0);
-        let res = parking_lot::MutexGuard::unlocked(&mut st, || self.lower(id, mode, Mode::EX));
-        st.busy = false;
-        st.draining = false;
-        self.cv.notify_all();
-        res.map(|_| ()).map_err(|e| FsError::Lock(e.to_string()))
+        self.exclusively(&mut st, || self.lower(id, mode, Mode::EX))
+            .map(|_| ())
+            .map_err(|e| FsError::Lock(e.to_string()))
     }
 }
 

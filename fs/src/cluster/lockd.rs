@@ -72,11 +72,6 @@ impl LockdConn {
         self.rt
             .block_on(self.client.recovery_done(node, &self.lockspace))
     }
-
-    /// The node id of this session (from the daemon), for logs and status.
-    pub fn node(&self) -> Option<NodeId> {
-        self.client.session().map(|s| s.node)
-    }
 }
 
 pub fn map_err(e: ClientError) -> BackendError {

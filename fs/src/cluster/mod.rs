@@ -266,7 +266,8 @@ impl Cluster {
 }
 
 /// The operator's view of this mount's glocks (like GFS2's glstats), one line per lock.
-pub fn glstats_text(g: &Glock, c: &Cluster) -> String {
+pub fn glstats_text(c: &Cluster) -> String {
+    let g = &c.glock;
     let st = g.stats();
     let avg = st.acquire_total_us.checked_div(st.acquires).unwrap_or(0);
     let mode = g.held_mode().map_or("-".to_string(), |m| m.to_string());

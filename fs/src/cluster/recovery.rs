@@ -57,7 +57,7 @@ fn recover(
     };
     tracing::warn!(journal = j, node = %owner, "recovering the journal of a failed mount");
     let t0 = std::time::Instant::now();
-    let res = replay_under_meta(conn, dev, sb, j, Flags::RECOVERY);
+    let res = replay_under_meta(conn, dev, sb, j);
     let res = res.and_then(|stats| {
         conn.recovery_done(owner).map_err(lock_err)?;
         Ok(stats)
@@ -75,28 +75,23 @@ fn recover(
     Ok(())
 }
 
-/// Takes `meta` EX (with `flags`), replays journal `j` if it is dirty and marks it clean.
+/// Takes `meta` EX|RECOVERY, replays journal `j` if it is dirty and marks it clean.
 fn replay_under_meta(
     conn: &LockdConn,
     dev: &dyn BlockDevice,
     sb: &Superblock,
     j: u32,
-    flags: Flags,
 ) -> Result<(u64, u64)> {
     if Journal::read_header(dev, sb, j).is_ok_and(|h| h.clean) {
         return Ok((0, 0));
     }
     let meta = conn
-        .lock(META_LOCK, Mode::EX, flags)
+        .lock(META_LOCK, Mode::EX, Flags::RECOVERY)
         .map_err(lock_err)?
         .lock;
-    let res = (|| {
-        let (mut jr, stats) = Journal::open(dev, sb, j, false)?;
-        jr.checkpoint(dev, true)?;
-        Ok((stats.transactions, stats.blocks))
-    })();
+    let res = Journal::recover(dev, sb, j);
     let _ = conn.unlock(meta);
-    res
+    res.map(|s| (s.transactions, s.blocks))
 }
 
 /// At mount (caller holds `meta` EX): replays dirty journals nobody holds or orphaned.
@@ -110,11 +105,7 @@ pub fn unowned(conn: &LockdConn, dev: &dyn BlockDevice, sb: &Superblock, mine: u
             Err(e) if would_block(&e) => continue,
             Err(e) => return Err(lock_err(e)),
         };
-        let res = (|| {
-            let (mut jr, stats) = Journal::open(dev, sb, j, false)?;
-            jr.checkpoint(dev, true)?;
-            Ok::<_, FsError>(stats)
-        })();
+        let res = Journal::recover(dev, sb, j);
         let _ = conn.unlock(jl);
         let stats = res?;
         tracing::warn!(

@@ -56,8 +56,7 @@ pub struct Fs {
     /// become reusable. Lock order: commit_lock, data_guard, inner.
     data_guard: parking_lot::RwLock<()>,
     block_size: u32,
-    /// Cluster mounts: the glock every operation enters, and the lock session.
-    glock: Option<Arc<Glock>>,
+    /// Cluster mounts: the lock session and the glock every operation enters.
     cluster: Option<Arc<Cluster>>,
 }
 
@@ -117,8 +116,7 @@ impl Fs {
     ) -> Result<(Arc<Self>, ReplayStats)> {
         opts.journal = cluster.journal;
         opts.relatime = false;
-        let (mut fs, stats) = Self::mount_inner(dev, opts, Some(cluster.clone()))?;
-        fs.glock = Some(cluster.glock.clone());
+        let (fs, stats) = Self::mount_inner(dev, opts, Some(cluster.clone()))?;
         let fs = Arc::new(fs);
         let hooks: Arc<dyn GlockHooks> = fs.clone();
         cluster.glock.set_hooks(Arc::downgrade(&hooks));
@@ -158,7 +156,6 @@ impl Fs {
                 commit_lock: Mutex::new(()),
                 data_guard: parking_lot::RwLock::new(()),
                 block_size,
-                glock: None,
                 cluster,
             },
             stats,
@@ -168,12 +165,12 @@ impl Fs {
     /// Cluster mounts: enters the filesystem glock in `mode` (PR to read, EX to change)
     /// for the operation's duration. Taken before any local lock.
     fn hold(&self, mode: Mode) -> Result<Option<GlockGuard<'_>>> {
-        self.glock.as_ref().map(|g| g.enter(mode)).transpose()
+        self.glock().map(|g| g.enter(mode)).transpose()
     }
 
     /// The glock, for status views (None on single-node mounts).
     pub fn glock(&self) -> Option<&Arc<Glock>> {
-        self.glock.as_ref()
+        self.cluster.as_ref().map(|c| &c.glock)
     }
 
     /// Runs `op`; on ENOSPC while freed blocks await commit or checkpoint, makes them
@@ -231,7 +228,7 @@ impl Fs {
     /// The journal I/O runs without the filesystem lock, so operations continue meanwhile
     /// and land in the next transaction.
     pub fn commit(&self) -> Result<()> {
-        if let Some(g) = &self.glock {
+        if let Some(g) = self.glock() {
             // Our locks are void: another node may be replaying our journal right now.
             g.check_alive()?;
         }
@@ -251,7 +248,7 @@ impl Fs {
 
     /// Commit + checkpoint + clean flag: what unmount does.
     pub fn shutdown(&self) -> Result<()> {
-        if let Some(g) = &self.glock {
+        if let Some(g) = self.glock() {
             g.check_alive()?;
         }
         let _c = self.commit_lock.lock();

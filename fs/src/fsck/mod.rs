@@ -109,8 +109,7 @@ pub fn fsck(
         match Journal::read_header(&*dev, &sb, j) {
             Ok(h) if h.clean => {}
             Ok(_) if opts.repair => {
-                let (mut jr, stats) = Journal::open(&*dev, &sb, j, false)?;
-                jr.checkpoint(&*dev, true)?;
+                let stats = Journal::recover(&*dev, &sb, j)?;
                 out(&format!(
                     "journal {j}: replayed {} transactions",
                     stats.transactions

@@ -310,11 +310,11 @@ impl LockTable {
                         l.orphaned && l.owner.node == *node && l.key.lockspace == *lockspace
                     })
                 };
-                // Orphans of a closed session need no fencing; any other orphan does.
-                if !fenced && orphans().any(|(_, l)| !l.closed_orphan) {
-                    return Err((None, LockError::NodeNotFenced(*node)));
-                }
-                if !fenced && orphans().next().is_none() {
+                // Orphans of a closed session need no fencing; any other orphan does (and
+                // with nothing to purge, an unfenced node is refused as before).
+                let closed_only =
+                    orphans().next().is_some() && orphans().all(|(_, l)| l.closed_orphan);
+                if !fenced && !closed_only {
                     return Err((None, LockError::NodeNotFenced(*node)));
                 }
                 let purge: Vec<LockId> = orphans().map(|(id, _)| *id).collect();

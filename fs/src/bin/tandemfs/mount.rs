@@ -294,6 +294,16 @@ fn daemonize(log_fd: Option<i32>) -> anyhow::Result<()> {
             0 => {}
             _ => libc::_exit(0),
         }
+    }
+    leave_session(log_fd);
+    Ok(())
+}
+
+/// A daemon's last step out of the caller's session: new session, stdio on /dev/null
+/// (stderr, where tracing writes, on the log file if there is one), cwd `/`.
+pub(crate) fn leave_session(log_fd: Option<i32>) {
+    // SAFETY: only fd manipulation on descriptors this process owns.
+    unsafe {
         libc::setsid();
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null >= 0 {
@@ -302,12 +312,10 @@ fn daemonize(log_fd: Option<i32>) -> anyhow::Result<()> {
             }
         }
         if let Some(fd) = log_fd {
-            // tracing writes to stderr: send it to the log file.
             libc::dup2(fd, 2);
         }
         let _ = libc::chdir(c"/".as_ptr());
     }
-    Ok(())
 }
 
 pub fn main(args: Vec<String>) -> ExitCode {

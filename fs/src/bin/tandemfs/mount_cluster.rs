@@ -19,7 +19,7 @@ use tandem_fs::fs::Fs;
 use tandem_fs::fuse::FuseFs;
 use tandem_lockmgr::types::Mode;
 
-use crate::mount::{block_signals, fuse_config, open_log, serve, Opts};
+use crate::mount::{block_signals, fuse_config, leave_session, open_log, serve, Opts};
 
 pub fn run(mut o: Opts) -> anyhow::Result<()> {
     let config_path = o
@@ -81,7 +81,7 @@ pub fn run(mut o: Opts) -> anyhow::Result<()> {
         "tandemfs-{}.glstats",
         sb.lock_table.replace(':', "_")
     ));
-    let reporter = spawn_glstats(fs.clone(), cluster.clone(), stats_file.clone());
+    let reporter = spawn_glstats(cluster.clone(), stats_file.clone());
     tracing::info!(journal = cluster.journal, dir = %o.dir, "cluster mount ready");
     let res = serve(&o, session, &fs);
     reporter.stop();
@@ -145,20 +145,7 @@ fn fork_early() -> anyhow::Result<OwnedFd> {
 
 /// The mount exists: leave the caller's session and terminal, then release the parent.
 fn detach(status: OwnedFd, log: Option<std::fs::File>) -> anyhow::Result<()> {
-    // SAFETY: only fd manipulation on descriptors this process owns.
-    unsafe {
-        libc::setsid();
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-        if null >= 0 {
-            for fd in 0..3 {
-                libc::dup2(null, fd);
-            }
-        }
-        if let Some(f) = &log {
-            libc::dup2(std::os::fd::AsRawFd::as_raw_fd(f), 2);
-        }
-        let _ = libc::chdir(c"/".as_ptr());
-    }
+    leave_session(log.as_ref().map(std::os::fd::AsRawFd::as_raw_fd));
     let mut f = std::fs::File::from(status);
     f.write_all(b"ok")?;
     Ok(())
@@ -180,19 +167,17 @@ impl Reporter {
 
 /// Writes the glock statistics (GFS2's glstats) to a file in the node's run directory
 /// every second: `cat /run/tandem/NODE/tandemfs-*.glstats`.
-fn spawn_glstats(fs: Arc<Fs>, cluster: Arc<Cluster>, path: PathBuf) -> Reporter {
+fn spawn_glstats(cluster: Arc<Cluster>, path: PathBuf) -> Reporter {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s2 = stop.clone();
     let thread = std::thread::Builder::new()
         .name("glstats".into())
         .spawn(move || {
             while !s2.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Some(g) = fs.glock() {
-                    let text = tandem_fs::cluster::glstats_text(g, &cluster);
-                    let tmp = path.with_extension("tmp");
-                    if std::fs::write(&tmp, text).is_ok() {
-                        let _ = std::fs::rename(&tmp, &path);
-                    }
+                let text = tandem_fs::cluster::glstats_text(&cluster);
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, text).is_ok() {
+                    let _ = std::fs::rename(&tmp, &path);
                 }
                 for _ in 0..20 {
                     if s2.load(std::sync::atomic::Ordering::Relaxed) {
