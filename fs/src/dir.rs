@@ -223,13 +223,24 @@ impl Store {
         if dir.flags & FLAG_EXHASH == 0 {
             return Ok(find_ent(&dir.payload, dir.payload_len as usize, name, hash).map(|(_, e)| e));
         }
+        Ok(self.find_in_leaves(dir, name, hash)?.map(|(_, _, _, e)| e))
+    }
+
+    /// Finds `name` in a hashed directory's leaf chain for `hash`: (leaf block, entry
+    /// offset in the leaf's entry area, bytes used there, entry).
+    fn find_in_leaves(
+        &mut self,
+        dir: &Inode,
+        name: &[u8],
+        hash: u32,
+    ) -> Result<Option<(u64, usize, usize, Dirent)>> {
         let mut cur = Self::table(dir)[Self::slot(hash, dir.dir_depth)];
         let mut hops = 0;
         while cur != 0 && hops < 1 << 20 {
             let b = self.meta(cur, BlockType::DirLeaf)?;
             let used = get_u32(b, 28) as usize;
-            if let Some((_, e)) = find_ent(&b[LEAF_HDR..], used, name, hash) {
-                return Ok(Some(e));
+            if let Some((p, e)) = find_ent(&b[LEAF_HDR..], used, name, hash) {
+                return Ok(Some((cur, p, used, e)));
             }
             cur = get_u64(b, 32);
             hops += 1;
@@ -378,28 +389,19 @@ impl Store {
             dir.dir_entries = dir.dir_entries.saturating_sub(1);
             return Ok(gone);
         }
-        let mut cur = Self::table(dir)[Self::slot(hash, dir.dir_depth)];
-        let mut hops = 0;
-        while cur != 0 && hops < 1 << 20 {
-            let b = self.meta(cur, BlockType::DirLeaf)?;
-            let used = get_u32(b, 28) as usize;
-            let next = get_u64(b, 32);
-            if let Some((p, gone)) = find_ent(&b[LEAF_HDR..], used, name, hash) {
-                let b = self.meta_mut(cur, BlockType::DirLeaf)?;
-                let len = ent_len(name);
-                let area = &mut b[LEAF_HDR..];
-                area.copy_within(p + len..used, p);
-                area[used - len..used].fill(0);
-                put_u32(b, 28, (used - len) as u32);
-                let count = get_u16(b, 26);
-                put_u16(b, 26, count.saturating_sub(1));
-                dir.dir_entries = dir.dir_entries.saturating_sub(1);
-                return Ok(gone);
-            }
-            cur = next;
-            hops += 1;
-        }
-        Err(FsError::NotFound)
+        let (cur, p, used, gone) = self
+            .find_in_leaves(dir, name, hash)?
+            .ok_or(FsError::NotFound)?;
+        let b = self.meta_mut(cur, BlockType::DirLeaf)?;
+        let len = ent_len(name);
+        let area = &mut b[LEAF_HDR..];
+        area.copy_within(p + len..used, p);
+        area[used - len..used].fill(0);
+        put_u32(b, 28, (used - len) as u32);
+        let count = get_u16(b, 26);
+        put_u16(b, 26, count.saturating_sub(1));
+        dir.dir_entries = dir.dir_entries.saturating_sub(1);
+        Ok(gone)
     }
 
     /// Frees the leaves of an (empty) directory before the inode itself is freed.
@@ -462,21 +464,12 @@ impl Store {
             dir.payload[p + 12] = dtype;
             return Ok(());
         }
-        let mut cur = Self::table(dir)[Self::slot(hash, dir.dir_depth)];
-        let mut hops = 0;
-        while cur != 0 && hops < 1 << 20 {
-            let b = self.meta(cur, BlockType::DirLeaf)?;
-            let used = get_u32(b, 28) as usize;
-            let next = get_u64(b, 32);
-            if let Some((p, _)) = find_ent(&b[LEAF_HDR..], used, name, hash) {
-                let b = self.meta_mut(cur, BlockType::DirLeaf)?;
-                put_u64(b, LEAF_HDR + p, ino);
-                b[LEAF_HDR + p + 12] = dtype;
-                return Ok(());
-            }
-            cur = next;
-            hops += 1;
-        }
-        Err(FsError::NotFound)
+        let (cur, p, _, _) = self
+            .find_in_leaves(dir, name, hash)?
+            .ok_or(FsError::NotFound)?;
+        let b = self.meta_mut(cur, BlockType::DirLeaf)?;
+        put_u64(b, LEAF_HDR + p, ino);
+        b[LEAF_HDR + p + 12] = dtype;
+        Ok(())
     }
 }
