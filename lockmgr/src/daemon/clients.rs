@@ -70,6 +70,19 @@ async fn write(w: &mut BufWriter<OwnedWriteHalf>, reply: &ClientReply) -> Result
         .map_err(|e| e.to_string())
 }
 
+/// Tells the client why it is refused (best effort) and ends the connection with that error.
+async fn refuse<T>(w: &mut BufWriter<OwnedWriteHalf>, message: String) -> Result<T, String> {
+    let _ = write(
+        w,
+        &ClientReply::Error {
+            message: message.clone(),
+        },
+    )
+    .await;
+    let _ = w.flush().await;
+    Err(message)
+}
+
 async fn serve(stream: UnixStream, core: SyncSender<CoreInput>) -> Result<(), String> {
     let (mut r, w) = stream.into_split();
     let mut w = BufWriter::new(w);
@@ -81,15 +94,7 @@ async fn serve(stream: UnixStream, core: SyncSender<CoreInput>) -> Result<(), St
     {
         Ok(Ok(m)) => m,
         Ok(Err(e)) => {
-            let _ = write(
-                &mut w,
-                &ClientReply::Error {
-                    message: e.to_string(),
-                },
-            )
-            .await;
-            let _ = w.flush().await;
-            return Err(e.to_string());
+            return refuse(&mut w, e.to_string()).await;
         }
         Err(_) => return Err("no hello in time".into()),
     };
@@ -101,30 +106,14 @@ async fn serve(stream: UnixStream, core: SyncSender<CoreInput>) -> Result<(), St
     } = hello
     else {
         let message = "the first message must be Hello".to_string();
-        let _ = write(
-            &mut w,
-            &ClientReply::Error {
-                message: message.clone(),
-            },
-        )
-        .await;
-        let _ = w.flush().await;
-        return Err(message);
+        return refuse(&mut w, message).await;
     };
     let version = max_version.min(CLIENT_PROTOCOL_MAX);
     if version < min_version.max(CLIENT_PROTOCOL_MIN) {
         let message = format!(
             "no common protocol version (client {min_version}..={max_version}, daemon {CLIENT_PROTOCOL_MIN}..={CLIENT_PROTOCOL_MAX})"
         );
-        let _ = write(
-            &mut w,
-            &ClientReply::Error {
-                message: message.clone(),
-            },
-        )
-        .await;
-        let _ = w.flush().await;
-        return Err(message);
+        return refuse(&mut w, message).await;
     }
     let (replies, mut reply_rx) = mpsc::unbounded_channel::<ClientReply>();
     let session = if open_session {
@@ -143,15 +132,7 @@ async fn serve(stream: UnixStream, core: SyncSender<CoreInput>) -> Result<(), St
         match opened_rx.await {
             Ok(Ok(s)) => Some(s),
             Ok(Err(message)) => {
-                let _ = write(
-                    &mut w,
-                    &ClientReply::Error {
-                        message: message.clone(),
-                    },
-                )
-                .await;
-                let _ = w.flush().await;
-                return Err(message);
+                return refuse(&mut w, message).await;
             }
             Err(_) => return Err("the replica stopped".into()),
         }
