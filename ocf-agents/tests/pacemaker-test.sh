@@ -21,8 +21,6 @@
 #
 # Env: TANDEM_BIN_DIR (binaries, default target/debug), TANDEM_PCMK_DIR (default
 # /tmp/tandem-pcmk), TANDEM_PCMK_KEEP=1 keeps the cluster up at the end (for debugging),
-# TANDEM_PCMK_3NODE_REJOIN=1 also runs the 3-node rejoin step (off by default until the
-# replicator's concurrent-generation bug described in round() is fixed).
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -595,18 +593,6 @@ round() { # N
 	log "tandem-fence-alert confirmed node$victim's fencing to the lock manager"
 
 	# Rejoin: Pacemaker restarts everything there; the volume resyncs and is promoted.
-	if [ "$n" -gt 2 ] && [ "${TANDEM_PCMK_3NODE_REJOIN:-0}" != 1 ]; then
-		# Known replicator bug (reported with issue 7's agents): two Primaries that lose a
-		# third Primary both mint a new current generation (F1 on one, F2 on top of F1 on
-		# the other); the rejoining node resyncs from both, adopts F2 with F1 in its
-		# history, and then full-syncs onto the Primary whose current is F1 (rule
-		# peer-current-in-local-history): its mounted filesystem reads EIO.
-		log "NOT RUN: 3-node rejoin (replicator bug: concurrent new current generations of two surviving Primaries; TANDEM_PCMK_3NODE_REJOIN=1 runs it)"
-		stop_witness
-		kill_cluster
-		log "== $n-node cluster: passed (without the rejoin step)"
-		return
-	fi
 	bash "$H" start-node "$victim" >/dev/null 2>&1 || fail "start-node $victim"
 	# shellcheck disable=SC2046
 	wait_for 150 "node$victim rejoined, Promoted and Started" settled_ok $(full_spec $all)

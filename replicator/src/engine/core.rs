@@ -270,8 +270,26 @@ pub fn finish_as_target(sb: &mut Superblock, peer: NodeId, current: u64, history
     finish_as_source(sb, peer);
 }
 
+/// A connected peer minted a new generation (`PeerMsg::Uuids`) for the peers it misses:
+/// track those at our current generation first (the writer may not reach them and neither
+/// may we), then, if the two of us are in sync, adopt its generation. Engine and
+/// simulation both go through here. True if the superblock changed.
+pub fn receive_uuids(
+    sb: &mut Superblock,
+    missing: &[NodeId],
+    in_sync: bool,
+    current: u64,
+    history: [u64; 2],
+) -> bool {
+    let tracked = track_missing(sb, missing);
+    let adopted = in_sync && adopt_uuids(sb, current, history);
+    tracked || adopted
+}
+
 /// A connected, in-sync peer minted a new generation: adopt it when it was minted from
-/// ours, or — when both minted at once — the larger one, so both sides converge.
+/// ours (whatever the two numbers are: a second mint on top of one we adopted is the
+/// newer one), or — when both minted from the same parent at once — the larger one, so
+/// both sides converge on one generation.
 pub fn adopt_uuids(sb: &mut Superblock, current: u64, history: [u64; 2]) -> bool {
     if sb.disk_state != DiskState::UpToDate || current == sb.current_uuid {
         return false;

@@ -15,6 +15,8 @@ mod io;
 pub mod ranges;
 #[cfg(test)]
 mod sim;
+#[cfg(test)]
+mod sim_mint;
 mod status;
 mod sync;
 mod verify;

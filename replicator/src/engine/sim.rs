@@ -20,8 +20,8 @@ use tandem_common::NodeId;
 
 use super::bitmap::{DirtyBitmap, BLOCK_BYTES};
 use super::core::{
-    adopt_uuids, assign_bitmap_generation, finish_as_source, finish_as_target,
-    needs_bitmap_generation, plan_connect, resync_work, track_missing, Local, Plan,
+    assign_bitmap_generation, finish_as_source, finish_as_target, needs_bitmap_generation,
+    plan_connect, receive_uuids, resync_work, track_missing, Local, Plan,
 };
 use super::decide::{Generation, SbPolicy, SbSide};
 use crate::meta::format::{PeerSlot, Superblock, FLAG_CRASHED_PRIMARY};
@@ -252,8 +252,7 @@ impl Sim {
                 self.nodes[w].sb.history_uuids,
             );
             for &t in &targets {
-                track_missing(&mut self.nodes[t].sb, &missing);
-                adopt_uuids(&mut self.nodes[t].sb, cur, hist);
+                receive_uuids(&mut self.nodes[t].sb, &missing, true, cur, hist);
             }
         }
         let range = (block * BLOCK_BYTES, BLOCK_BYTES);

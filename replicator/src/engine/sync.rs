@@ -9,7 +9,7 @@ use tandem_common::frame::{self, Channel};
 
 use super::bitmap::DirtyBitmap;
 use super::core::{
-    adopt_uuids, finish_as_source, finish_as_target, peer_generation, plan_connect, resync_work,
+    finish_as_source, finish_as_target, peer_generation, plan_connect, receive_uuids, resync_work,
     Local, Plan,
 };
 use super::decide::{decide, Decision, SbSide};
@@ -498,19 +498,28 @@ impl Resource {
                 history,
                 missing,
             } => {
-                // Track the writer's missing peers at our current generation first.
-                self.record_received_write(&missing, 0, 0)
-                    .await
-                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                // Not `current > ours`: a peer that adopted our generation and minted on
+                // top of it may pick a smaller number, and ignoring it left two connected
+                // Primaries on different generations (a rejoining node then full-synced
+                // onto one of them). `adopt_uuids` decides by ancestry first.
+                let mine: Vec<tandem_common::NodeId> = missing
+                    .iter()
+                    .copied()
+                    .filter(|p| *p != self.settings.node_id)
+                    .collect();
                 let in_sync = self
                     .peer_view(conn.peer)
                     .is_some_and(|p| p.repl == ReplState::Established);
-                if in_sync && current > self.generation().current {
+                let mut probe = self.sb_cache.lock().clone();
+                if receive_uuids(&mut probe, &mine, in_sync, current, history) {
                     self.persist(|sb| {
-                        adopt_uuids(sb, current, history);
+                        receive_uuids(sb, &mine, in_sync, current, history);
                     })
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                    tracing::info!(resource = %self.name(), peer = %conn.peer,
+                        current = format_args!("{:016X}", self.generation().current),
+                        "peer minted a new current generation; tracking {mine:?}");
                 }
                 Ok(())
             }
