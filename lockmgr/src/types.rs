@@ -139,7 +139,11 @@ impl Flags {
     /// journal. Such orphans need no fencing (the process is gone) and are passed by
     /// `RECOVERY` requests at once.
     pub const PERSISTENT: Flags = Flags(16);
-    const KNOWN: u32 = 1 | 2 | 4 | 8 | 16;
+    /// With `NOQUEUE`: before failing, send blocking callbacks to the holders in the way
+    /// (DLM's `NOQUEUEBAST`). A filesystem deleting an inode asks nodes that merely cache
+    /// its iopen lock to drop it, without waiting for them.
+    pub const NOQUEUEBAST: Flags = Flags(32);
+    const KNOWN: u32 = 1 | 2 | 4 | 8 | 16 | 32;
 
     pub fn contains(self, other: Flags) -> bool {
         self.0 & other.0 == other.0

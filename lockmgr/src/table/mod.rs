@@ -375,6 +375,9 @@ impl LockTable {
         let mut ctx = Self::ctx(&mut self.locks, &self.nodes, &mut self.last_token, fx);
         let grantable = res.can_grant_new(&ctx, id, mode, flags);
         if !grantable && flags.contains(Flags::NOQUEUE) {
+            if flags.contains(Flags::NOQUEUEBAST) {
+                res.blocking_callbacks_for_noqueue(&mut ctx, mode, None);
+            }
             if res.is_empty() {
                 self.resources.remove(&key);
             }
@@ -450,6 +453,9 @@ impl LockTable {
         let mut ctx = Self::ctx(&mut self.locks, &self.nodes, &mut self.last_token, fx);
         let in_place = res.can_convert_in_place(&ctx, id, from, mode, flags);
         if !in_place && flags.contains(Flags::NOQUEUE) {
+            if flags.contains(Flags::NOQUEUEBAST) {
+                res.blocking_callbacks_for_noqueue(&mut ctx, mode, Some(id));
+            }
             return Err((Some(id), LockError::WouldBlock));
         }
         ctx.locks.get_mut(&id).expect("owned").pending = Some(Pending { req, mode, flags });

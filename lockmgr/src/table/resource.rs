@@ -274,6 +274,29 @@ impl Resource {
         }
     }
 
+    /// A `NOQUEUE | NOQUEUEBAST` request for `wanted` failed: tell every holder in its way,
+    /// each time (the request is gone, so there is no "already told" to remember).
+    /// `converting` is the caller's own lock when it was a conversion (not told).
+    pub fn blocking_callbacks_for_noqueue(
+        &self,
+        ctx: &mut Ctx,
+        wanted: Mode,
+        converting: Option<LockId>,
+    ) {
+        for holder in self.granted.iter().filter(|h| Some(**h) != converting) {
+            let lock = &ctx.locks[holder];
+            let held = lock.granted.expect("granted");
+            if lock.orphaned || held.compatible(wanted) {
+                continue;
+            }
+            ctx.effects.push(Effect::Blocking {
+                session: lock.owner,
+                lock: *holder,
+                wanted,
+            });
+        }
+    }
+
     /// Removes a lock from every queue (the caller removes it from the lock map).
     pub fn forget(&mut self, id: LockId) {
         self.granted.retain(|x| *x != id);

@@ -138,6 +138,44 @@ fn noqueue_fails_instead_of_waiting() {
 }
 
 #[test]
+fn noqueuebast_tells_the_holders_in_the_way_and_still_fails() {
+    let mut t = T::new();
+    let a = t.must_lock(sid(1, 1), "r", Mode::PR);
+    let _b = t.must_lock(sid(2, 1), "r", Mode::NL);
+    for _ in 0..2 {
+        let fx = t.lock(
+            sid(3, 1),
+            "r",
+            Mode::EX,
+            Flags::NOQUEUE | Flags::NOQUEUEBAST,
+        );
+        assert!(fx.iter().any(|e| matches!(
+            e,
+            Effect::Failed {
+                error: LockError::WouldBlock,
+                ..
+            }
+        )));
+        // Every attempt tells the PR holder; the NL holder is not in the way.
+        let basts: Vec<_> = fx
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Blocking {
+                    session,
+                    lock,
+                    wanted,
+                } => Some((*session, *lock, *wanted)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(basts, vec![(sid(1, 1), a, Mode::EX)]);
+    }
+    // Plain NOQUEUE stays silent.
+    let fx = t.lock(sid(3, 1), "r", Mode::EX, Flags::NOQUEUE);
+    assert!(!fx.iter().any(|e| matches!(e, Effect::Blocking { .. })));
+}
+
+#[test]
 fn blocking_callback_carries_the_wanted_mode_once() {
     let mut t = T::new();
     let a = t.must_lock(sid(1, 1), "r", Mode::PR);
