@@ -49,6 +49,9 @@ pub trait GlockHooks: Send + Sync {
     fn flush(&self) -> Result<()>;
     /// After acquiring from nothing: forget every cached block.
     fn invalidate(&self);
+    /// This node gave up its cached iopen lock of inode `ino`: free it if it is unlinked
+    /// and no node has it open any more. Runs on the reaper thread.
+    fn reap_unlinked(&self, _ino: u64) {}
 }
 
 #[derive(Default)]
@@ -120,7 +123,7 @@ impl Glock {
         *self.hooks.lock() = Some(hooks);
     }
 
-    fn hooks(&self) -> Option<Arc<dyn GlockHooks>> {
+    pub fn hooks(&self) -> Option<Arc<dyn GlockHooks>> {
         self.hooks.lock().as_ref().and_then(Weak::upgrade)
     }
 

@@ -7,13 +7,14 @@
 //! |---|---|---|---|
 //! | `journal/N` | EX, PERSISTENT | the whole mount | journal N is ours; orphaned if we die |
 //! | `meta` | PR / EX, PERSISTENT | cached until called back | every metadata block and file data |
-//! | `iopen/INO` | PR | while the inode is open here | unlink of a file open elsewhere defers the free |
+//! | `iopen/INO` | PR | while open here, then cached until called back (`iopen.rs`) | unlink of a file open elsewhere defers the free |
 //!
 //! Lock order: `journal/N` (taken once at mount), then `meta`, then `iopen/INO` (taken
 //! only with NOQUEUE while `meta` is held, so it never waits). Recovery takes
 //! `journal/K` with RECOVERY|NOQUEUE first and `meta` EX|RECOVERY second.
 
 pub mod glock;
+mod iopen;
 pub mod lockd;
 mod recovery;
 
@@ -24,7 +25,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use std::collections::HashMap;
 use tandem_lockmgr::client::Callback;
 use tandem_lockmgr::types::{Flags, LockId, Mode};
 
@@ -32,6 +32,7 @@ use crate::block::BlockDevice;
 use crate::error::{FsError, Result};
 use crate::format::{LockProto, Superblock};
 use glock::Glock;
+use iopen::IopenCache;
 use lockd::{would_block, LockdConn, ResourceBackend};
 
 pub const META_LOCK: &[u8] = b"meta";
@@ -67,8 +68,11 @@ pub struct Cluster {
     stop: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     callbacks: Option<tokio::sync::mpsc::UnboundedReceiver<Callback>>,
-    /// iopen locks held for inodes open on this node.
-    iopen: Mutex<HashMap<u64, LockId>>,
+    /// iopen locks of inodes open (or recently open) on this node.
+    iopen: Arc<IopenCache>,
+    /// The reaper thread: frees unlinked inodes whose cached iopen lock we gave up.
+    reaper: Mutex<Option<JoinHandle<()>>>,
+    reaper_stop: Arc<AtomicBool>,
 }
 
 impl Cluster {
@@ -129,6 +133,7 @@ impl Cluster {
             resource: META_LOCK.to_vec(),
         });
         let glock = Arc::new(Glock::new("meta", backend, o.min_hold));
+        let iopen = Arc::new(IopenCache::new(conn.clone()));
         Ok(Self {
             conn,
             glock,
@@ -137,7 +142,9 @@ impl Cluster {
             stop: Arc::new(AtomicBool::new(false)),
             threads: Mutex::new(Vec::new()),
             callbacks: Some(callbacks),
-            iopen: Mutex::new(HashMap::new()),
+            iopen,
+            reaper: Mutex::new(None),
+            reaper_stop: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -150,6 +157,7 @@ impl Cluster {
     ) -> Result<()> {
         let mut rx = self.callbacks.take().expect("started once");
         let (conn, glock, stop) = (self.conn.clone(), self.glock.clone(), self.stop.clone());
+        let iopen = self.iopen.clone();
         let cb = std::thread::Builder::new()
             .name("glock-callbacks".into())
             .spawn(move || loop {
@@ -172,11 +180,14 @@ impl Cluster {
                         return;
                     }
                     Ok(Some(Callback::Blocking { lock, wanted })) => {
-                        // Not filtered here: the callback can overtake the grant's reply,
-                        // so `demote` first waits for the acquisition in flight. Callbacks
-                        // for other locks (iopen, recovery) find no match there: those are
-                        // never given up on request.
-                        glock.demote(lock, wanted);
+                        // iopen locks first (their map is locked across their grant, so
+                        // a callback overtaking the grant's reply still finds them).
+                        // Otherwise not filtered: `demote` first waits for the glock
+                        // acquisition in flight. Callbacks for other locks (journal,
+                        // recovery) find no match there: those are never given up.
+                        if !iopen.on_blocking(lock) {
+                            glock.demote(lock, wanted);
+                        }
                     }
                 }
             })
@@ -199,6 +210,23 @@ impl Cluster {
             })
             .map_err(FsError::Io)?;
         self.threads.lock().push(rec);
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
+        self.iopen.set_reaper(tx);
+        let (glock, stop) = (self.glock.clone(), self.reaper_stop.clone());
+        let reaper = std::thread::Builder::new()
+            .name("iopen-reaper".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(ino) = rx.recv_timeout(Duration::from_millis(200)) else {
+                        continue;
+                    };
+                    if let Some(h) = glock.hooks() {
+                        h.reap_unlinked(ino);
+                    }
+                }
+            })
+            .map_err(FsError::Io)?;
+        *self.reaper.lock() = Some(reaper);
         Ok(())
     }
 
@@ -209,51 +237,32 @@ impl Cluster {
         recovery::unowned(&self.conn, dev, sb, self.journal)
     }
 
-    /// An inode was opened here for the first time: hold its iopen lock (PR) so an unlink
-    /// on another node leaves it allocated until we close it.
+    /// The first local handle of `ino` opened: hold its iopen lock (PR) so an unlink on
+    /// another node leaves it allocated until we close it.
     pub fn opened(&self, ino: u64) {
-        let mut map = self.iopen.lock();
-        if map.contains_key(&ino) {
-            return;
-        }
-        match self.conn.lock(&iopen_lock(ino), Mode::PR, Flags::NOQUEUE) {
-            Ok(g) => {
-                map.insert(ino, g.lock);
-            }
-            // An EX holder is freeing it right now: the open will see it gone.
-            Err(e) => tracing::debug!(ino, error = %e, "iopen lock not taken"),
-        }
+        self.iopen.opened(ino)
     }
 
-    /// The last local handle of `ino` closed.
+    /// The last local handle of `ino` closed (the lock stays cached).
     pub fn closed(&self, ino: u64) {
-        if let Some(id) = self.iopen.lock().remove(&ino) {
-            if let Err(e) = self.conn.unlock(id) {
-                tracing::debug!(ino, error = %e, "iopen unlock failed");
-            }
-        }
+        self.iopen.closed(ino)
     }
 
-    /// True if no other node has `ino` open (so an unlinked inode can be freed now).
-    pub fn nobody_else_has_open(&self, ino: u64) -> bool {
-        if self.iopen.lock().contains_key(&ino) {
-            return false;
-        }
-        match self.conn.lock(&iopen_lock(ino), Mode::EX, Flags::NOQUEUE) {
-            Ok(g) => {
-                let _ = self.conn.unlock(g.lock);
-                true
-            }
-            Err(_) => false,
-        }
+    /// True if no node has `ino` open (so an unlinked inode can be freed now). Call with
+    /// `meta` held EX.
+    pub fn nobody_has_open(&self, ino: u64) -> bool {
+        self.iopen.nobody_has_open(ino)
     }
 
     /// Unmount: give up `meta` (flushing first), the iopen locks and the journal.
     pub fn leave(&self) -> Result<()> {
-        let res = self.glock.release();
-        for (_, id) in self.iopen.lock().drain() {
-            let _ = self.conn.unlock(id);
+        // The reaper first: it takes the glock, which is released next.
+        self.reaper_stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.reaper.lock().take() {
+            let _ = t.join();
         }
+        let res = self.glock.release();
+        self.iopen.drain();
         let j = self.conn.unlock(self.journal_lock);
         self.stop.store(true, Ordering::Relaxed);
         let threads: Vec<_> = self.threads.lock().drain(..).collect();
@@ -293,6 +302,7 @@ pub fn glstats_text(c: &Cluster) -> String {
         st.demotes,
         st.flush_total_us
     );
-    out += &format!("{:<12} {:>4} {:>10}\n", "iopen", "PR", c.iopen.lock().len());
+    let io = c.iopen.stats();
+    out += &format!("iopen PR: {} open, {} cached idle\n", io.open, io.idle);
     out
 }

@@ -214,7 +214,7 @@ impl Inner {
         let open_elsewhere = self
             .cluster
             .as_ref()
-            .is_some_and(|c| !c.nobody_else_has_open(ino.block));
+            .is_some_and(|c| !c.nobody_has_open(ino.block));
         if open_elsewhere || self.opens.get(&ino.block).copied().unwrap_or(0) > 0 {
             self.st.set_state(ino.block, BlockState::Unlinked)
         } else {

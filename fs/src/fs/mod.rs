@@ -310,8 +310,8 @@ impl Fs {
             }
             return;
         };
-        // Cluster: give up the iopen lock with the last local handle; if the file was
-        // unlinked (here or elsewhere) and no node has it open any more, free it under EX.
+        // Cluster: the iopen lock stays cached (idle); if the file was unlinked (here or
+        // elsewhere) and no node has it open any more, free it.
         let blk = {
             let mut g = self.inner.lock();
             let blk = g.blk(ino);
@@ -321,20 +321,29 @@ impl Fs {
             blk
         };
         cluster.closed(blk);
-        let res = (|| {
-            let _gl = self.hold(Mode::EX)?;
-            let mut g = self.op();
-            if g.opens.contains_key(&blk) || g.st.state(blk)? != BlockState::Unlinked {
-                return Ok(());
-            }
-            if cluster.nobody_else_has_open(blk) {
-                g.reap(blk)?;
-            }
-            Ok::<_, FsError>(())
-        })();
-        if let Err(e) = res {
+        if let Err(e) = self.reap_if_unused(&cluster, blk) {
             tracing::warn!(ino, error = %e, "could not free an unlinked inode; fsck will");
         }
+    }
+
+    /// Cluster: frees `blk` if it is unlinked and open nowhere. Checked under the shared
+    /// glock first, so the common case (a file that still has its names) costs no EX.
+    fn reap_if_unused(&self, cluster: &Cluster, blk: u64) -> Result<()> {
+        let unlinked = |g: &mut Inner| -> Result<bool> {
+            Ok(!g.opens.contains_key(&blk) && g.st.state(blk)? == BlockState::Unlinked)
+        };
+        {
+            let _gl = self.hold(Mode::PR)?;
+            if !unlinked(&mut self.op())? {
+                return Ok(());
+            }
+        }
+        let _gl = self.hold(Mode::EX)?;
+        let mut g = self.op();
+        if unlinked(&mut g)? && cluster.nobody_has_open(blk) {
+            g.reap(blk)?;
+        }
+        Ok(())
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
@@ -825,6 +834,15 @@ impl GlockHooks for Fs {
         // Commit, write home, checkpoint: nothing of ours stays replayable, so replay of
         // our journal can never overwrite what another node writes after us.
         self.sync(false)
+    }
+
+    fn reap_unlinked(&self, ino: u64) {
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        if let Err(e) = self.reap_if_unused(&cluster, ino) {
+            tracing::warn!(ino, error = %e, "could not free an unlinked inode; fsck will");
+        }
     }
 
     fn invalidate(&self) {
