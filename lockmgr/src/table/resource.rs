@@ -166,7 +166,10 @@ impl Resource {
                 }
             }
             if !progressed {
-                if let Some(victim) = self.conversion_deadlock_victim(ctx) {
+                if let Some(victim) = self
+                    .conversion_deadlock_victim(ctx)
+                    .or_else(|| self.conversion_blocking_recovery(ctx))
+                {
                     self.converting.retain(|id| *id != victim);
                     let lock = ctx.locks.get_mut(&victim).expect("victim exists");
                     let p = lock.pending.take().expect("victim was converting");
@@ -244,6 +247,36 @@ impl Resource {
             }
         }
         None
+    }
+
+    /// A queued conversion that waits for the resource's orphans to go, on a lock that a
+    /// queued RECOVERY request waits for. The orphans go only when that recovery is done
+    /// (recovery-done after the journal replay it guards), so neither can ever be granted:
+    /// the conversion fails with `Deadlock`, its holder keeps the old mode and releases it,
+    /// as after any conversion deadlock. (A survivor converting its cached `meta` PR to EX
+    /// to write, while its own recovery thread waits for `meta` EX to replay a dead node's
+    /// journal.)
+    fn conversion_blocking_recovery(&self, ctx: &Ctx) -> Option<LockId> {
+        let recovery_wants: Vec<Mode> = self
+            .waiting
+            .iter()
+            .filter_map(|id| {
+                let p = ctx.locks[id].pending.as_ref().expect("waiting");
+                self.recovery_jumps(ctx, p.flags).then_some(p.mode)
+            })
+            .collect();
+        if recovery_wants.is_empty() {
+            return None;
+        }
+        self.converting.iter().copied().find(|id| {
+            let lock = &ctx.locks[id];
+            let p = lock.pending.as_ref().expect("converting");
+            let held = lock.granted.expect("converting lock is granted");
+            // Only RECOVERY requests pass orphans: any other conversion waits for them.
+            !p.flags.contains(Flags::RECOVERY)
+                && !self.fits_granted(ctx, *id, p.mode, p.flags)
+                && recovery_wants.iter().any(|m| !held.compatible(*m))
+        })
     }
 
     fn send_blocking_callbacks(&mut self, ctx: &mut Ctx) {

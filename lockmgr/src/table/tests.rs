@@ -296,6 +296,71 @@ fn conversion_deadlock_cancels_one_conversion() {
 }
 
 #[test]
+fn conversion_waiting_for_orphans_fails_when_a_recovery_waits_for_its_lock() {
+    // Three readers of `meta`; node 3 dies (fenced) leaving an orphaned PR.
+    let mut t = T::new();
+    let a = t.must_lock(sid(1, 1), "meta", Mode::PR);
+    let b = t.must_lock(sid(2, 1), "meta", Mode::PR);
+    t.must_lock(sid(3, 1), "meta", Mode::PR);
+    t.apply(Command::NodeDown {
+        node: NodeId(3),
+        fenced: true,
+    });
+    // Node 1 converts to EX to write: it waits for the orphan (and b).
+    let fx = t.convert(sid(1, 1), a, Mode::EX, Flags::default());
+    assert!(grants(&fx).is_empty() && !fx.iter().any(|e| matches!(e, Effect::Failed { .. })));
+    // Node 1's recovery asks for EX to replay node 3's journal: it waits for a's PR, a's
+    // conversion waits for the orphan that only this recovery removes. a's conversion fails.
+    let fx = t.lock(sid(1, 2), "meta", Mode::EX, Flags::RECOVERY);
+    assert!(
+        fx.iter().any(|e| matches!(
+            e,
+            Effect::Failed { session, lock: Some(l), error: LockError::Deadlock, .. }
+                if *session == sid(1, 1) && *l == a
+        )),
+        "{fx:?}"
+    );
+    assert_eq!(t.table.lock(a).unwrap().granted, Some(Mode::PR));
+    assert!(grants(&t.unlock(sid(1, 1), a)).is_empty(), "b still reads");
+    assert_eq!(grants(&t.unlock(sid(2, 1), b)), vec![(sid(1, 2), Mode::EX)]);
+}
+
+#[test]
+fn conversion_behind_a_waiting_recovery_fails_at_once() {
+    let mut t = T::new();
+    let a = t.must_lock(sid(1, 1), "meta", Mode::PR);
+    t.must_lock(sid(3, 1), "meta", Mode::PR);
+    t.apply(Command::NodeDown {
+        node: NodeId(3),
+        fenced: true,
+    });
+    let fx = t.lock(sid(2, 2), "meta", Mode::EX, Flags::RECOVERY);
+    assert!(grants(&fx).is_empty(), "a's PR is in the way");
+    let fx = t.convert(sid(1, 1), a, Mode::EX, Flags::default());
+    assert!(
+        fx.iter().any(|e| matches!(
+            e,
+            Effect::Failed { session, error: LockError::Deadlock, .. } if *session == sid(1, 1)
+        )),
+        "{fx:?}"
+    );
+    assert_eq!(grants(&t.unlock(sid(1, 1), a)), vec![(sid(2, 2), Mode::EX)]);
+    // A conversion whose granted mode does not stand in the recovery's way is left alone.
+    let mut t = T::new();
+    let a = t.must_lock(sid(1, 1), "meta", Mode::NL);
+    let b = t.must_lock(sid(2, 1), "meta", Mode::PR);
+    t.must_lock(sid(3, 1), "meta", Mode::PR);
+    t.apply(Command::NodeDown {
+        node: NodeId(3),
+        fenced: true,
+    });
+    assert!(grants(&t.lock(sid(2, 2), "meta", Mode::EX, Flags::RECOVERY)).is_empty());
+    let fx = t.convert(sid(1, 1), a, Mode::PR, Flags::default());
+    assert!(!fx.iter().any(|e| matches!(e, Effect::Failed { .. })), "{fx:?}");
+    assert_eq!(grants(&t.unlock(sid(2, 1), b)), vec![(sid(2, 2), Mode::EX)]);
+}
+
+#[test]
 fn cancel_removes_a_waiter_and_keeps_a_converters_grant() {
     let mut t = T::new();
     let a = t.must_lock(sid(1, 1), "r", Mode::EX);
