@@ -143,9 +143,15 @@ volume_primary() { # node
   adm "$n" primary www >/dev/null
 }
 
-# A mount whose daemon died answers ENOTCONN: detach it so the directory can be mounted again.
-drop_dead_mount() { # dir
-  if ! stat "$1" >/dev/null 2>&1; then umount -l "$1" 2>/dev/null || true; fi
+# Whether DIR is a mount point, from the mount table: stat(2), as mountpoint(1) does, would
+# hang on a FUSE mount whose daemon is stuck.
+is_mounted() { awk -v d="$1" '$5 == d { found = 1 } END { exit !found }' /proc/self/mountinfo; }
+
+# A mount whose daemon is gone answers ENOTCONN: detach it so the directory can be mounted
+# again. (Its PID file tells whether the daemon lives, without touching the mount.)
+drop_dead_mount() { # node
+  local m="$demo/mnt/$1"
+  if is_mounted "$m" && ! alive "$demo/pids/$1-fs.pid"; then umount -l "$m" 2>/dev/null || true; fi
 }
 
 # Each node mounts the cluster filesystem from its own replica, through its own lockd.
@@ -153,14 +159,14 @@ drop_dead_mount() { # dir
 # namespace: `ip netns exec` would give it a private mount namespace).
 mount_node() { # node
   local n="$1" m="$demo/mnt/$1" pidf="$demo/pids/$1-fs.pid"
-  drop_dead_mount "$m"
+  drop_dead_mount "$n"
+  if is_mounted "$m"; then return 0; fi
   mkdir -p "$m"
-  if mountpoint -q "$m"; then return 0; fi
   nohup "$bin/tandemfs" mount "nbd+unix:///www?socket=$demo/run/$n/nbd-www.sock" "$m" -f \
     -o "node=$n,config=$cfg,allow_other" >> "$demo/logs/$n-fs.log" 2>&1 &
   echo $! > "$pidf"
   for _ in $(seq 1 300); do
-    mountpoint -q "$m" && return 0
+    is_mounted "$m" && return 0
     alive "$pidf" || break
     sleep 0.1
   done
@@ -440,10 +446,17 @@ stop() {
   need_root
   # Web servers first: their mount namespaces hold copies of the FUSE mounts.
   stop_pid "$demo/pids/haproxy.pid"
-  for f in "$demo"/pids/*-nginx.pid; do stop_pid "$f"; done
+  local f p workers
+  for f in "$demo"/pids/*-nginx.pid; do
+    [ -f "$f" ] || continue
+    # A worker stuck in a filesystem request outlives its master's SIGTERM.
+    workers=()
+    if alive "$f"; then mapfile -t workers < <(pgrep -P "$(cat "$f")" || true); fi
+    stop_pid "$f"
+    for p in "${workers[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  done
   for m in "$demo"/mnt/*; do
-    drop_dead_mount "$m"
-    [ -d "$m" ] && mountpoint -q "$m" && { umount "$m" 2>/dev/null || umount -l "$m"; }
+    if is_mounted "$m"; then umount "$m" 2>/dev/null || umount -l "$m"; fi
   done
   # The mount daemons give their locks back to lockd as they exit: let them finish.
   for f in "$demo"/pids/*-fs.pid; do stop_pid "$f"; done

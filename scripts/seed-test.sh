@@ -25,9 +25,9 @@ NET=$TANDEM_DEMO_NET
 URL="http://$NET.254"
 WRK_SECONDS=${TANDEM_SEED_WRK_SECONDS:-20}
 VICTIM=n3
-# At most this many failed requests in the drill, or 1% of them if that is more: a kill -9
-# can only fail requests that HAProxy cannot retry (retry-on empty-response and
-# conn-failure with redispatch cover the in-flight and the next ones).
+# At most this many failed requests in the drill, or 0.1% of them if that is more: HAProxy
+# retries what the kill breaks (retry-on conn-failure empty-response, redispatch to a
+# survivor) and its health check takes n3 out within 2 s, so nothing should fail at all.
 MAX_FAILED=5
 
 T0=$(date +%s.%N)
@@ -187,8 +187,9 @@ rps=$(awk '/Requests\/sec/ { print $2 }' "$D/wrk.out")
 p99=$(awk '$1 == "99%" { print $2 }' "$D/wrk.out")
 maxlat=$(awk '$1 == "Latency" { print $4 }' "$D/wrk.out")
 failed=$((${sock:-0} + ${non2xx:-0}))
+sed 's/^/    /' "$D/wrk.out"
 [ -n "$total" ] || fail "no wrk summary: $(cat "$D/wrk.out")"
-bound=$((total / 100 > MAX_FAILED ? total / 100 : MAX_FAILED))
+bound=$((total / 1000 > MAX_FAILED ? total / 1000 : MAX_FAILED))
 log "wrk: $total requests in ${WRK_SECONDS}s ($rps req/s), failed $failed (socket errors ${sock:-0}, non-2xx ${non2xx:-0}), p99 $p99, max $maxlat"
 [ "$total" -ge 100 ] || fail "only $total requests in ${WRK_SECONDS}s through HAProxy: $(cat "$D/wrk.out")"
 [ "$failed" -le "$bound" ] || fail "$failed of $total requests failed during the kill of $VICTIM (bound $bound): $(cat "$D/wrk.out")"
