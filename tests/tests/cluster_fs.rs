@@ -558,6 +558,57 @@ fn kill9_of_a_nodes_whole_stack_during_writes_survivors_replay_its_journal() {
     assert!(clean, "fsck after recovery: {text}");
 }
 
+/// Every node reads (all hold `meta` PR), one dies holding it: a survivor's write converts
+/// its PR to EX, which waits for the orphan, while its own recovery thread waits for that
+/// PR to take `meta` EX for the replay. The lock manager fails the conversion (deadlock);
+/// the survivor gives its PR back, the replay runs, and the write completes. (The seed
+/// scenario: web servers on every node, one killed, a survivor writes.)
+#[test]
+fn kill9_of_a_reader_while_every_node_reads_then_a_survivor_writes() {
+    let mut f = FsCluster::start(3, 0).unwrap();
+    for i in 0..3 {
+        f.mount(i).unwrap();
+    }
+    f.w(0)
+        .run(|| std::fs::write(p("page.html"), b"<p>shared</p>"))
+        .unwrap();
+    for i in [1, 2, 0] {
+        let got = f.w(i).run(|| std::fs::read(p("page.html")).unwrap());
+        assert_eq!(got, b"<p>shared</p>");
+    }
+    f.c.kill9(2);
+    let t0 = Instant::now();
+    let w0 = f.workers[0].take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        let r = w0.run(|| {
+            std::fs::write(p("after-kill.html"), b"<p>written by n1</p>")?;
+            std::fs::File::open(p("after-kill.html"))?.sync_all()
+        });
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+        w0
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(r) => r.unwrap(),
+        Err(_) => panic!(
+            "n1's write after the kill of n3 did not finish in 60 s (recovery deadlock?)\n{}",
+            f.c.log(0, "fs")
+        ),
+    }
+    f.workers[0] = Some(writer.join().unwrap());
+    eprintln!(
+        "kill -9 of a reading n3 -> n1's write done after {:?}",
+        t0.elapsed()
+    );
+    let got = f.w(1).run(|| std::fs::read(p("after-kill.html")).unwrap());
+    assert_eq!(got, b"<p>written by n1</p>");
+    for i in 0..2 {
+        f.unmount(i).unwrap();
+    }
+    let (clean, text) = f.fsck().unwrap();
+    assert!(clean, "fsck after recovery: {text}");
+}
+
 #[test]
 fn unmount_and_remount_one_node_while_the_others_keep_writing() {
     let mut f = FsCluster::start(3, 0).unwrap();

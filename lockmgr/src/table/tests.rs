@@ -356,7 +356,10 @@ fn conversion_behind_a_waiting_recovery_fails_at_once() {
     });
     assert!(grants(&t.lock(sid(2, 2), "meta", Mode::EX, Flags::RECOVERY)).is_empty());
     let fx = t.convert(sid(1, 1), a, Mode::PR, Flags::default());
-    assert!(!fx.iter().any(|e| matches!(e, Effect::Failed { .. })), "{fx:?}");
+    assert!(
+        !fx.iter().any(|e| matches!(e, Effect::Failed { .. })),
+        "{fx:?}"
+    );
     assert_eq!(grants(&t.unlock(sid(2, 1), b)), vec![(sid(2, 2), Mode::EX)]);
 }
 
