@@ -1,23 +1,79 @@
-//! `ocf:tandem:fs` outside Pacemaker, against real daemons: a mount that cannot finish
-//! (another node holds the filesystem's `meta` lock forever) makes start fail within the
-//! start timeout Pacemaker passes, and leaves no mount daemon behind that could mount
-//! after Pacemaker has given up on the start.
+//! The OCF agents outside Pacemaker, against real daemons, for the cases a Pacemaker
+//! cluster in the harness cannot easily produce:
+//! - `ocf:tandem:fs`: a mount that cannot finish (another node holds the filesystem's
+//!   `meta` lock forever) makes start fail within the start timeout Pacemaker passes, and
+//!   leaves no mount daemon behind that could mount after Pacemaker has given up;
+//! - `ocf:tandem:replicator`: monitor's 7 / 0 / 8 / 9 (9 = Primary without good data:
+//!   its disk failed and detached while no UpToDate peer is connected).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use tandem_replicator::nbd::client::NbdClient;
 use tandem_tests::fscluster::{FsCluster, RES};
-use tandem_tests::{bin, bin_dir};
+use tandem_tests::{bin, bin_dir, Cluster};
+
+fn agent_path(name: &str) -> std::path::PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../ocf-agents/tandem")
+        .join(name);
+    assert!(
+        Path::new("/usr/lib/ocf/lib/heartbeat/ocf-shellfuncs").exists(),
+        "resource-agents is not installed (scripts/install-deps.sh installs it)"
+    );
+    p
+}
 
 fn agent() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ocf-agents/tandem/fs")
+    agent_path("fs")
+}
+
+/// Runs `ocf:tandem:replicator <action>` for resource www as node `i`; returns its exit code.
+fn replicator_agent(c: &Cluster, i: usize, action: &str) -> i32 {
+    let script = format!(
+        "OCF_ROOT=/usr/lib/ocf OCF_RESOURCE_INSTANCE=webdata OCF_RESKEY_resource=www \
+         OCF_RESKEY_config='{cfg}' OCF_RESKEY_node='{node}' PATH='{bins}':$PATH \
+         '{agent}' {action}",
+        cfg = c.config_path(i).display(),
+        node = c.node_name(i),
+        bins = bin_dir().display(),
+        agent = agent_path("replicator").display(),
+    );
+    c.in_ns(i, &script)
+        .expect("run the agent")
+        .status
+        .code()
+        .unwrap_or(-1)
+}
+
+#[test]
+fn replicator_agent_monitor_reports_7_0_8_and_9() {
+    let mut c = Cluster::builder().nodes(2).start().unwrap();
+    c.bring_up_fresh("www").unwrap();
+    assert_eq!(replicator_agent(&c, 0, "monitor"), 8, "Primary, UpToDate");
+    assert_eq!(replicator_agent(&c, 1, "monitor"), 0, "Secondary");
+    // Without its peer, n1's disk fails: Primary, Diskless, no UpToDate peer -> 9.
+    c.adm(0, &["disconnect", "www"]).unwrap();
+    c.adm(0, &["inject-fault", "www", "--disk-eio"]).unwrap();
+    let mut client = NbdClient::connect_unix(&c.nbd_socket(0, "www"), "www").unwrap();
+    let _ = client.write_at(&[1u8; 4096], 0, true);
+    c.wait_for(Duration::from_secs(10), || {
+        Ok(c.status_json(0)?[0]["disk-state"] != "UpToDate")
+    })
+    .unwrap();
+    assert_eq!(
+        replicator_agent(&c, 0, "monitor"),
+        9,
+        "Primary without good data: {}",
+        c.adm(0, &["status", "www"]).unwrap_or_default()
+    );
+    // No daemon: not running.
+    c.stop(1);
+    assert_eq!(replicator_agent(&c, 1, "monitor"), 7, "daemon stopped");
 }
 
 #[test]
 fn fs_agent_start_gives_up_within_its_timeout_and_kills_the_hung_mount() {
-    if !Path::new("/usr/lib/ocf/lib/heartbeat/ocf-shellfuncs").exists() {
-        panic!("resource-agents is not installed (scripts/install-deps.sh installs it)");
-    }
     let mut f = FsCluster::start(2, 0).unwrap();
     // n2 takes `meta` EX and keeps it: n1's mount waits for it forever.
     let cfg = f.c.config_path(1).display().to_string();
