@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks (not part of the test pass/fail). Each prints ratios against the raw disk /
 # ext4 measured in the same run, because absolute times on shared machines mislead.
-#   ./tandem bench [replicator] [-- extra args for tandem-bench]
+#   ./tandem bench [replicator|fs] [-- extra args for tandem-bench / tandem-fsbench]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ./scripts/install-deps.sh
@@ -10,5 +10,6 @@ cargo build --release --workspace --bins
 export TANDEM_BIN_DIR="$PWD/target/release" TMPDIR=/var/tmp RUST_LOG=warn
 case "$what" in
   replicator) exec ./target/release/tandem-bench "$@" ;;
-  *) echo "bench: unknown benchmark '$what' (replicator)" >&2; exit 2 ;;
+  fs) exec ./target/release/tandem-fsbench "$@" ;;
+  *) echo "bench: unknown benchmark '$what' (replicator, fs)" >&2; exit 2 ;;
 esac

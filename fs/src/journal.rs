@@ -309,6 +309,8 @@ impl Journal {
                 pos += 1;
             }
         }
+        // Two flushes, not jbd2's async_commit: the first also makes the file data the
+        // transaction points at durable (ordered mode) before the commit block can land.
         self.write_log(dev, self.head, &log)?;
         dev.flush()?;
         let addr = self.addr(pos);
@@ -359,12 +361,11 @@ impl Journal {
 
     /// Makes all home writes durable and frees the log. `clean` marks a clean unmount.
     pub fn checkpoint(&mut self, dev: &dyn BlockDevice, clean: bool) -> Result<()> {
+        // Home writes durable before the header says they need no replay.
         dev.flush()?;
         self.tail = self.head;
         self.tail_seq = self.next_seq;
-        self.write_header(dev, clean)?;
-        dev.flush()?;
-        Ok(())
+        self.write_header(dev, clean) // flushes
     }
 
     fn write_header(&self, dev: &dyn BlockDevice, clean: bool) -> Result<()> {

@@ -135,6 +135,11 @@ impl Cluster {
         format!("n{}", i + 1)
     }
 
+    /// The network namespace of node `i` (for `ip netns exec`).
+    pub fn node_ns(&self, i: usize) -> String {
+        self.net.nodes[i].ns.clone()
+    }
+
     pub fn node_count(&self) -> usize {
         self.net.nodes.len()
     }

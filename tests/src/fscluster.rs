@@ -78,9 +78,12 @@ impl FsCluster {
         std::fs::create_dir_all(MNT)?;
         let uri = self.c.nbd_uri(i, RES);
         let opts = format!(
-            "node={},config={}",
+            "node={},config={}{}",
             self.c.node_name(i),
-            self.c.config_path(i).display()
+            self.c.config_path(i).display(),
+            std::env::var("TANDEM_FS_MOUNT_EXTRA")
+                .map(|s| format!(",{s}"))
+                .unwrap_or_default()
         );
         let pid = self.c.spawn(
             i,

@@ -8,7 +8,7 @@ pub mod netns;
 pub mod nsworker;
 pub mod oracle;
 
-pub use cluster::{bin, Cluster, ResourceSpec};
+pub use cluster::{bin, bin_dir, Cluster, ResourceSpec};
 pub use nsworker::NsWorker;
 
 /// crc32 of a byte range of a file (for comparing copies).

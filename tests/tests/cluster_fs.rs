@@ -161,6 +161,11 @@ fn close_on_one_node_is_seen_by_open_stat_readdir_read_on_the_others() {
             Ok(text.contains("lockspace test:www") && acquires > 0)
         })
         .unwrap_or_else(|e| panic!("glstats of n{}: {e}", i + 1));
+        eprintln!(
+            "glstats n{}:\n{}",
+            i + 1,
+            std::fs::read_to_string(&path).unwrap_or_default()
+        );
     }
     for i in 0..3 {
         f.unmount(i).unwrap();

@@ -64,8 +64,15 @@ struct State {
     /// A demotion waits for the users to leave: admit nobody.
     draining: bool,
     granted_at: Option<Instant>,
+    /// When the last local operation left (users dropped to 0).
+    idle_since: Option<Instant>,
     withdrawn: Option<String>,
 }
+
+/// A called-back glock that has been idle this long goes at once, before `min_hold`:
+/// the gaps between the requests of one system call sequence (open, write, release) are
+/// shorter, so a burst keeps the lock while a finished one hands it over quickly.
+pub const IDLE_GRACE: Duration = Duration::from_millis(1);
 
 /// Counters for the operator view (`glstats`).
 #[derive(Debug, Default, Clone)]
@@ -97,6 +104,7 @@ impl Drop for GlockGuard<'_> {
         let mut st = self.g.st.lock();
         st.users -= 1;
         if st.users == 0 {
+            st.idle_since = Some(Instant::now());
             self.g.cv.notify_all();
         }
     }
@@ -177,6 +185,7 @@ impl Glock {
                     Ok(Some(h)) => {
                         st.held = Some(h);
                         st.granted_at = Some(Instant::now());
+                        st.idle_since = st.granted_at;
                     }
                     Ok(None) => {
                         // Lost a conversion deadlock: give our PR back so the other node
@@ -254,13 +263,19 @@ impl Glock {
             if id != lock || st.withdrawn.is_some() || mode.compatible(wanted) {
                 return; // a stale callback: that lock is gone or already low enough
             }
-            let since = st.granted_at.map_or(self.min_hold, |t| t.elapsed());
-            if since >= self.min_hold {
+            // Held long enough, or idle long enough: give it up.
+            let held = st.granted_at.map_or(self.min_hold, |t| t.elapsed());
+            let grace = IDLE_GRACE.min(self.min_hold);
+            let idle = match (st.users, st.idle_since) {
+                (0, Some(t)) => t.elapsed(),
+                (0, None) => grace,
+                _ => Duration::ZERO,
+            };
+            if held >= self.min_hold || idle >= grace {
                 break;
             }
-            parking_lot::MutexGuard::unlocked(&mut st, || {
-                std::thread::sleep(self.min_hold - since);
-            });
+            let wait = (self.min_hold - held).min(grace - idle);
+            parking_lot::MutexGuard::unlocked(&mut st, || std::thread::sleep(wait));
         }
         let (id, mode) = st.held.expect("checked above");
         match self.exclusively(&mut st, || self.lower(id, mode, wanted)) {

@@ -1,0 +1,166 @@
+//! tandem-fsbench: the cluster filesystem's benchmark (issue targets in docs/PERFORMANCE.md).
+//! In one run, on a 2-node cluster in network namespaces (lockd + dual-primary replicator
+//! each, `lock_tandem` mounted on both):
+//! - file creation (create, write 100 bytes, close) on one node alone, on two nodes in
+//!   separate directories at once, and on two nodes in one directory at once — with
+//!   ratios against the single node and against the local directory `--dir` (its
+//!   filesystem type is printed: usually ext4);
+//! - close on node A → read on node B sees it: p50 and p99 over `--samples` round trips.
+//!
+//! Not part of the test suite's pass/fail. Needs root. `./tandem bench fs` runs it on a
+//! release build.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use tandem_tests::fscluster::{FsCluster, MNT};
+
+#[derive(Parser)]
+#[command(
+    name = "tandem-fsbench",
+    about = "Cluster filesystem benchmark: one node vs two nodes, and cross-node latency"
+)]
+struct Args {
+    /// Files each node creates per measurement.
+    #[arg(long, default_value_t = 1000)]
+    files: usize,
+    /// Close-to-read round trips for the latency figures.
+    #[arg(long, default_value_t = 200)]
+    samples: usize,
+    /// Local directory for the baseline (same disk as the cluster's backing files).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: String,
+}
+
+/// Creates `n` small files under `dir` (made first); returns files per second.
+fn create_files(dir: &str, n: usize, tag: &str) -> std::io::Result<f64> {
+    std::fs::create_dir_all(dir)?;
+    let t0 = Instant::now();
+    for k in 0..n {
+        std::fs::write(format!("{dir}/{tag}-{k}"), [b'x'; 100])?;
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn fs_type(path: &str) -> String {
+    std::process::Command::new("stat")
+        .args(["-f", "-c", "%T", path])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn pct(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let n = args.files;
+
+    // Baseline: the same loop on the local filesystem.
+    let local = format!("{}/tandem-fsbench-{}", args.dir, std::process::id());
+    let local_rate = create_files(&local, n, "f")?;
+    let local_type = fs_type(&args.dir);
+    std::fs::remove_dir_all(&local)?;
+
+    eprintln!("starting a 2-node cluster ...");
+    let mut f = FsCluster::start(2, 0)?;
+    f.mount(0)?;
+    f.mount(1)?;
+    // Both nodes touch the root once, so each holds the glock shared at the start.
+    for i in 0..2 {
+        f.w(i).run(|| std::fs::read_dir(MNT).map(|d| d.count()))?;
+    }
+
+    eprintln!("one node creating {n} files ...");
+    let single = f
+        .w(0)
+        .run(move || create_files(&format!("{MNT}/single"), n, "f"))?;
+
+    eprintln!("two nodes creating {n} files each, separate directories ...");
+    let t0 = Instant::now();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let hs: Vec<_> = (0..2)
+            .map(|i| {
+                let w = f.w(i);
+                s.spawn(move || w.run(move || create_files(&format!("{MNT}/sep{i}"), n, "f")))
+            })
+            .collect();
+        for h in hs {
+            h.join().expect("worker thread")?;
+        }
+        Ok(())
+    })?;
+    let separate = (2 * n) as f64 / t0.elapsed().as_secs_f64();
+
+    eprintln!("two nodes creating {n} files each, one directory ...");
+    f.w(0).run(|| std::fs::create_dir(format!("{MNT}/same")))?;
+    let t0 = Instant::now();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let hs: Vec<_> = (0..2)
+            .map(|i| {
+                let w = f.w(i);
+                s.spawn(move || {
+                    w.run(move || create_files(&format!("{MNT}/same"), n, &format!("n{i}")))
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().expect("worker thread")?;
+        }
+        Ok(())
+    })?;
+    let same = (2 * n) as f64 / t0.elapsed().as_secs_f64();
+
+    eprintln!("close on A -> read on B, {} samples ...", args.samples);
+    let mut lat = Vec::with_capacity(args.samples);
+    for k in 0..args.samples as u32 {
+        let (a, b) = ((k % 2) as usize, ((k + 1) % 2) as usize);
+        let t0 = Instant::now();
+        f.w(a)
+            .run(move || std::fs::write(format!("{MNT}/lat"), k.to_le_bytes()))?;
+        let got = f.w(b).run(|| std::fs::read(format!("{MNT}/lat")))?;
+        lat.push(t0.elapsed());
+        anyhow::ensure!(got == k.to_le_bytes(), "node {b} read a stale value");
+    }
+    lat.sort();
+    let glstats: Vec<String> = (0..2)
+        .map(|i| {
+            std::fs::read_to_string(
+                f.c.dir()
+                    .join(format!("run/n{}/tandemfs-test_www.glstats", i + 1)),
+            )
+            .unwrap_or_default()
+        })
+        .collect();
+    drop(f);
+
+    println!("| file creation (create + 100 B write + close) | files/s | vs one node | vs local {local_type} |");
+    println!("|---|---|---|---|");
+    let row = |name: &str, r: f64| {
+        println!(
+            "| {name} | {r:.0} | {:.2}× | {:.3}× |",
+            r / single,
+            r / local_rate
+        )
+    };
+    row(&format!("local {local_type} ({})", args.dir), local_rate);
+    row("Tandem, one node (the other mounted, idle)", single);
+    row(
+        "Tandem, two nodes, separate directories (aggregate)",
+        separate,
+    );
+    row("Tandem, two nodes, one directory (aggregate)", same);
+    println!();
+    println!(
+        "close on A -> read on B sees it: p50 {:.2} ms, p99 {:.2} ms ({} samples; target p50 <= 5 ms)",
+        pct(&lat, 50).as_secs_f64() * 1e3,
+        pct(&lat, 99).as_secs_f64() * 1e3,
+        lat.len()
+    );
+    for (i, g) in glstats.iter().enumerate() {
+        println!("\nglstats n{}:\n{g}", i + 1);
+    }
+    Ok(())
+}
