@@ -24,7 +24,7 @@ for a in "$@"; do
     --web) web=1 ;;
     web) action=start; web=1 ;;
     start | status | stop | kill-node | restart-node) action="$a" ;;
-    -h | --help | help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help | help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     n[0-9]) node_arg="$a" ;;
     *) echo "demo: unknown argument '$a' (start [--web] | web | status | kill-node NODE | restart-node NODE | stop)" >&2; exit 2 ;;
   esac
