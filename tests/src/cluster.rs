@@ -268,15 +268,21 @@ impl Cluster {
         )
     }
 
-    /// Runs tandem-lockctl for a node.
-    pub fn lockctl(&self, node: usize, args: &[&str]) -> anyhow::Result<Output> {
-        Ok(Command::new(bin("tandem-lockctl"))
+    /// Runs one of our CLIs as node `node` (`--config` and `--node` given), from the
+    /// test's namespace: the daemons' sockets are paths.
+    fn node_tool(&self, program: &str, node: usize, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(Command::new(bin(program))
             .arg("--config")
             .arg(&self.configs[node])
             .arg("--node")
             .arg(self.node_name(node))
             .args(args)
             .output()?)
+    }
+
+    /// Runs tandem-lockctl for a node.
+    pub fn lockctl(&self, node: usize, args: &[&str]) -> anyhow::Result<Output> {
+        self.node_tool("tandem-lockctl", node, args)
     }
 
     /// `tandem-lockctl status --json`, or None while the daemon does not answer.
@@ -288,15 +294,9 @@ impl Cluster {
             .flatten()
     }
 
-    /// Runs tandemadm for a node (from the test's namespace: the control socket is a path).
+    /// Runs tandemadm for a node.
     pub fn tandemadm(&self, node: usize, args: &[&str]) -> anyhow::Result<Output> {
-        Ok(Command::new(bin("tandemadm"))
-            .arg("--config")
-            .arg(&self.configs[node])
-            .arg("--node")
-            .arg(self.node_name(node))
-            .args(args)
-            .output()?)
+        self.node_tool("tandemadm", node, args)
     }
 
     /// Runs tandemadm and fails on a non-zero exit, returning stdout.

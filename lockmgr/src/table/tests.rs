@@ -75,6 +75,21 @@ impl T {
             lvb: None,
         })
     }
+    fn node_down(&mut self, node: u8, fenced: bool) -> Vec<Effect> {
+        self.apply(Command::NodeDown {
+            node: NodeId(node),
+            fenced,
+        })
+    }
+    fn recovery_done(&mut self, s: SessionId, node: u8) -> Vec<Effect> {
+        let req = self.req();
+        self.apply(Command::RecoveryDone {
+            session: s,
+            req,
+            node: NodeId(node),
+            lockspace: LS.into(),
+        })
+    }
     fn unlock(&mut self, s: SessionId, lock: LockId) -> Vec<Effect> {
         let req = self.req();
         self.apply(Command::Unlock {
@@ -302,10 +317,7 @@ fn conversion_waiting_for_orphans_fails_when_a_recovery_waits_for_its_lock() {
     let a = t.must_lock(sid(1, 1), "meta", Mode::PR);
     let b = t.must_lock(sid(2, 1), "meta", Mode::PR);
     t.must_lock(sid(3, 1), "meta", Mode::PR);
-    t.apply(Command::NodeDown {
-        node: NodeId(3),
-        fenced: true,
-    });
+    t.node_down(3, true);
     // Node 1 converts to EX to write: it waits for the orphan (and b).
     let fx = t.convert(sid(1, 1), a, Mode::EX, Flags::default());
     assert!(grants(&fx).is_empty() && !fx.iter().any(|e| matches!(e, Effect::Failed { .. })));
@@ -330,10 +342,7 @@ fn conversion_behind_a_waiting_recovery_fails_at_once() {
     let mut t = T::new();
     let a = t.must_lock(sid(1, 1), "meta", Mode::PR);
     t.must_lock(sid(3, 1), "meta", Mode::PR);
-    t.apply(Command::NodeDown {
-        node: NodeId(3),
-        fenced: true,
-    });
+    t.node_down(3, true);
     let fx = t.lock(sid(2, 2), "meta", Mode::EX, Flags::RECOVERY);
     assert!(grants(&fx).is_empty(), "a's PR is in the way");
     let fx = t.convert(sid(1, 1), a, Mode::EX, Flags::default());
@@ -350,10 +359,7 @@ fn conversion_behind_a_waiting_recovery_fails_at_once() {
     let a = t.must_lock(sid(1, 1), "meta", Mode::NL);
     let b = t.must_lock(sid(2, 1), "meta", Mode::PR);
     t.must_lock(sid(3, 1), "meta", Mode::PR);
-    t.apply(Command::NodeDown {
-        node: NodeId(3),
-        fenced: true,
-    });
+    t.node_down(3, true);
     assert!(grants(&t.lock(sid(2, 2), "meta", Mode::EX, Flags::RECOVERY)).is_empty());
     let fx = t.convert(sid(1, 1), a, Mode::PR, Flags::default());
     assert!(
@@ -512,23 +518,14 @@ fn dead_nodes_locks_are_orphaned_until_fence_and_recovery() {
     let mut t = T::new();
     let journal = t.must_lock(sid(1, 1), "journal1", Mode::EX);
     t.must_lock(sid(1, 2), "inode", Mode::PR);
-    t.apply(Command::NodeDown {
-        node: NodeId(1),
-        fenced: false,
-    });
+    t.node_down(1, false);
     assert_eq!(t.table.orphan_count(NodeId(1)), 2);
     // Ordinary requests wait even when compatible with the orphan.
     assert!(grants(&t.lock(sid(2, 1), "inode", Mode::PR, Flags::default())).is_empty());
     // RECOVERY waits for fencing.
     assert!(grants(&t.lock(sid(2, 2), "journal1", Mode::EX, Flags::RECOVERY)).is_empty());
     // Recovery-done before fencing is refused.
-    let req = t.req();
-    let fx = t.apply(Command::RecoveryDone {
-        session: sid(3, 1),
-        req,
-        node: NodeId(1),
-        lockspace: LS.into(),
-    });
+    let fx = t.recovery_done(sid(3, 1), 1);
     assert!(matches!(
         fx[0],
         Effect::Failed {
@@ -548,13 +545,7 @@ fn dead_nodes_locks_are_orphaned_until_fence_and_recovery() {
         "recovery lock granted"
     );
     assert!(t.table.lock(journal).unwrap().orphaned);
-    let req = t.req();
-    let fx = t.apply(Command::RecoveryDone {
-        session: sid(2, 2),
-        req,
-        node: NodeId(1),
-        lockspace: LS.into(),
-    });
+    let fx = t.recovery_done(sid(2, 2), 1);
     assert_eq!(
         grants(&fx),
         vec![(sid(2, 1), Mode::PR)],
@@ -584,10 +575,7 @@ fn a_node_without_sessions_needs_no_fencing_to_return() {
     for s in 1..=3 {
         t.apply(Command::CloseSession { session: sid(2, s) });
     }
-    t.apply(Command::NodeDown {
-        node: NodeId(2),
-        fenced: false,
-    });
+    t.node_down(2, false);
     assert!(t.table.nodes()[&NodeId(2)].fenced);
     let fx = t.apply(Command::OpenSession {
         session: sid(2, 7),
@@ -599,10 +587,7 @@ fn a_node_without_sessions_needs_no_fencing_to_return() {
 #[test]
 fn a_down_unfenced_node_cannot_open_sessions() {
     let mut t = T::new();
-    t.apply(Command::NodeDown {
-        node: NodeId(2),
-        fenced: false,
-    });
+    t.node_down(2, false);
     let fx = t.apply(Command::OpenSession {
         session: sid(2, 7),
         client: "x".into(),
@@ -842,13 +827,7 @@ fn persistent_locks_of_a_closed_session_are_orphaned_and_recoverable_without_fen
     assert_eq!(grants(&fx), vec![(sid(2, 2), Mode::EX)]);
     let recovery = granted_lock(&fx, sid(2, 2)).unwrap();
     // recovery-done needs no fence-ack for closed-session orphans.
-    let req = t.req();
-    let fx = t.apply(Command::RecoveryDone {
-        session: sid(2, 2),
-        req,
-        node: NodeId(1),
-        lockspace: LS.into(),
-    });
+    let fx = t.recovery_done(sid(2, 2), 1);
     assert!(
         fx.iter().any(|e| matches!(e, Effect::Done { .. })),
         "{fx:?}"
@@ -858,17 +837,8 @@ fn persistent_locks_of_a_closed_session_are_orphaned_and_recoverable_without_fen
     assert_eq!(grants(&fx), vec![(sid(2, 1), Mode::PR)]);
     // Node 1's other sessions were untouched, and a node-down orphan still needs fencing.
     t.must_lock(sid(1, 2), "inode", Mode::EX);
-    t.apply(Command::NodeDown {
-        node: NodeId(1),
-        fenced: false,
-    });
-    let req = t.req();
-    let fx = t.apply(Command::RecoveryDone {
-        session: sid(2, 2),
-        req,
-        node: NodeId(1),
-        lockspace: LS.into(),
-    });
+    t.node_down(1, false);
+    let fx = t.recovery_done(sid(2, 2), 1);
     assert!(matches!(
         fx[0],
         Effect::Failed {

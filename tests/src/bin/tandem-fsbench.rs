@@ -42,6 +42,29 @@ fn create_files(dir: &str, n: usize, tag: &str) -> std::io::Result<f64> {
     Ok(n as f64 / t0.elapsed().as_secs_f64())
 }
 
+/// Nodes 0 and 1 each create `n` files at once, in the directory and with the name prefix
+/// `place(node)` gives; returns the aggregate files per second.
+fn both_nodes_create(
+    f: &FsCluster,
+    n: usize,
+    place: impl Fn(usize) -> (String, String),
+) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let hs: Vec<_> = (0..2)
+            .map(|i| {
+                let (w, (dir, tag)) = (f.w(i), place(i));
+                s.spawn(move || w.run(move || create_files(&dir, n, &tag)))
+            })
+            .collect();
+        for h in hs {
+            h.join().expect("worker thread")?;
+        }
+        Ok(())
+    })?;
+    Ok((2 * n) as f64 / t0.elapsed().as_secs_f64())
+}
+
 fn fs_type(path: &str) -> String {
     std::process::Command::new("stat")
         .args(["-f", "-c", "%T", path])
@@ -79,39 +102,11 @@ fn main() -> anyhow::Result<()> {
         .run(move || create_files(&format!("{MNT}/single"), n, "f"))?;
 
     eprintln!("two nodes creating {n} files each, separate directories ...");
-    let t0 = Instant::now();
-    std::thread::scope(|s| -> anyhow::Result<()> {
-        let hs: Vec<_> = (0..2)
-            .map(|i| {
-                let w = f.w(i);
-                s.spawn(move || w.run(move || create_files(&format!("{MNT}/sep{i}"), n, "f")))
-            })
-            .collect();
-        for h in hs {
-            h.join().expect("worker thread")?;
-        }
-        Ok(())
-    })?;
-    let separate = (2 * n) as f64 / t0.elapsed().as_secs_f64();
+    let separate = both_nodes_create(&f, n, |i| (format!("{MNT}/sep{i}"), "f".into()))?;
 
     eprintln!("two nodes creating {n} files each, one directory ...");
     f.w(0).run(|| std::fs::create_dir(format!("{MNT}/same")))?;
-    let t0 = Instant::now();
-    std::thread::scope(|s| -> anyhow::Result<()> {
-        let hs: Vec<_> = (0..2)
-            .map(|i| {
-                let w = f.w(i);
-                s.spawn(move || {
-                    w.run(move || create_files(&format!("{MNT}/same"), n, &format!("n{i}")))
-                })
-            })
-            .collect();
-        for h in hs {
-            h.join().expect("worker thread")?;
-        }
-        Ok(())
-    })?;
-    let same = (2 * n) as f64 / t0.elapsed().as_secs_f64();
+    let same = both_nodes_create(&f, n, |i| (format!("{MNT}/same"), format!("n{i}")))?;
 
     eprintln!("close on A -> read on B, {} samples ...", args.samples);
     let mut lat = Vec::with_capacity(args.samples);
