@@ -75,7 +75,9 @@ fn close_on_one_node_is_seen_by_open_stat_readdir_read_on_the_others() {
         .unwrap();
     assert!(!f.w(0).run(|| Path::new(&p("d/page.html")).exists()));
     // Unlink of a file open on another node: still readable there until closed; the last
-    // closer frees it (fsck below finds no orphan).
+    // closer frees it (its blocks come back).
+    let free_blocks = |f: &FsCluster| f.w(0).run(|| statvfs_free_blocks(MNT));
+    let before_open_elsewhere = free_blocks(&f);
     f.w(0)
         .run(|| std::fs::write(p("open-elsewhere"), vec![7u8; 50_000]))
         .unwrap();
@@ -101,11 +103,35 @@ fn close_on_one_node_is_seen_by_open_stat_readdir_read_on_the_others() {
         "unlinked file unreadable where it is open"
     );
     drop(fh); // the last handle: n2 closes the file and frees it
+    f.c.wait_for(std::time::Duration::from_secs(10), || {
+        Ok(free_blocks(&f) + 2 >= before_open_elsewhere)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "the last close of a file unlinked elsewhere did not free it: {e} ({} free blocks, {before_open_elsewhere} before)",
+            free_blocks(&f)
+        )
+    });
+
+    // Unlinked on the node that has it open: its own last close frees it.
+    let before = free_blocks(&f);
+    let fh = f
+        .w(1)
+        .run(|| {
+            std::fs::write(p("open-here"), vec![3u8; 50_000])?;
+            std::fs::File::open(p("open-here"))
+        })
+        .unwrap();
+    f.w(1).run(|| std::fs::remove_file(p("open-here"))).unwrap();
+    f.w(1).run(move || drop(fh));
+    f.c.wait_for(std::time::Duration::from_secs(10), || {
+        Ok(free_blocks(&f) + 2 >= before)
+    })
+    .unwrap_or_else(|e| panic!("a file unlinked while open on the same node was not freed: {e}"));
 
     // Deleting a file the other nodes only read (their iopen locks stay cached, idle,
     // after the close) frees it at once: the deleter's try calls them back, they drop the
     // lock and their reaper frees the inode. Without that its blocks would stay in use.
-    let free_blocks = |f: &FsCluster| f.w(0).run(|| statvfs_free_blocks(MNT));
     let before = free_blocks(&f);
     f.w(0)
         .run(|| std::fs::write(p("cached-elsewhere"), vec![5u8; 2 << 20]))

@@ -11,7 +11,9 @@
 //! - more than `MAX_IDLE` inodes are idle (evicted in batches, also queued for `reap`);
 //! - the mount ends.
 //!
-//! A callback for an inode open here is ignored: the last local close frees the inode.
+//! A callback for an inode open here only marks it `doomed`: someone unlinked its last name
+//! (or tried to free it), so the last local close must check whether to free it. Closes of
+//! files nobody asked about skip that check, and with it a glock request per close.
 
 use std::collections::HashMap;
 use std::sync::mpsc::Sender;
@@ -29,6 +31,8 @@ pub const MAX_IDLE: usize = 4096;
 struct Entry {
     lock: LockId,
     open: bool,
+    /// While open here, a deleter called us back or we unlinked it ourselves.
+    doomed: bool,
     /// When it last went idle (a counter, for eviction order).
     idle_since: u64,
 }
@@ -103,6 +107,7 @@ impl IopenCache {
                     Entry {
                         lock: g.lock,
                         open: true,
+                        doomed: false,
                         idle_since: 0,
                     },
                 );
@@ -113,22 +118,25 @@ impl IopenCache {
         }
     }
 
-    /// The last local handle of `ino` closed: keep the lock, idle.
-    pub fn closed(&self, ino: u64) {
-        let evicted = {
+    /// The last local handle of `ino` closed: keep the lock, idle. Returns true if the
+    /// inode may have lost its last name meanwhile (doomed, or no lock was held to tell),
+    /// so the caller checks whether to free it.
+    pub fn closed(&self, ino: u64) -> bool {
+        let (doomed, evicted) = {
             let mut map = self.map.lock();
             map.clock += 1;
             let now = map.clock;
             let Some(e) = map.by_ino.get_mut(&ino) else {
-                return;
+                return true;
             };
+            let doomed = std::mem::take(&mut e.doomed);
             if e.open {
                 e.open = false;
                 e.idle_since = now;
                 map.idle += 1;
             }
             if map.idle <= MAX_IDLE {
-                return;
+                return doomed;
             }
             let mut idle: Vec<(u64, u64)> = map
                 .by_ino
@@ -138,13 +146,16 @@ impl IopenCache {
                 .collect();
             idle.sort_unstable();
             idle.truncate(MAX_IDLE / 4);
-            idle.into_iter()
+            let evicted = idle
+                .into_iter()
                 .filter_map(|(_, ino)| map.remove(ino).map(|e| (ino, e.lock)))
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            (doomed, evicted)
         };
         for (ino, lock) in evicted {
             self.drop_lock(ino, lock);
         }
+        doomed
     }
 
     /// A blocking callback arrived for `lock`. Returns false if it is not an iopen lock
@@ -155,8 +166,10 @@ impl IopenCache {
             let Some(&ino) = map.by_lock.get(&lock) else {
                 return false;
             };
-            if map.by_ino[&ino].open {
-                return true; // our last close frees it
+            let e = map.by_ino.get_mut(&ino).expect("indexed both ways");
+            if e.open {
+                e.doomed = true; // our last close checks it
+                return true;
             }
             map.remove(ino);
             ino
@@ -178,8 +191,11 @@ impl IopenCache {
     pub fn nobody_has_open(&self, ino: u64) -> bool {
         {
             let mut map = self.map.lock();
-            match map.by_ino.get(&ino) {
-                Some(e) if e.open => return false,
+            match map.by_ino.get_mut(&ino) {
+                Some(e) if e.open => {
+                    e.doomed = true; // unlinked here while open here
+                    return false;
+                }
                 Some(_) => {
                     let e = map.remove(ino).expect("present");
                     if let Err(err) = self.conn.unlock(e.lock) {

@@ -243,8 +243,9 @@ impl Cluster {
         self.iopen.opened(ino)
     }
 
-    /// The last local handle of `ino` closed (the lock stays cached).
-    pub fn closed(&self, ino: u64) {
+    /// The last local handle of `ino` closed (the lock stays cached). True if the inode
+    /// may have been unlinked meanwhile: check whether to free it.
+    pub fn closed(&self, ino: u64) -> bool {
         self.iopen.closed(ino)
     }
 

@@ -310,8 +310,9 @@ impl Fs {
             }
             return;
         };
-        // Cluster: the iopen lock stays cached (idle); if the file was unlinked (here or
-        // elsewhere) and no node has it open any more, free it.
+        // Cluster: the iopen lock stays cached (idle). If the file may have lost its last
+        // name meanwhile (here, or a deleter elsewhere called us back) and no node has it
+        // open any more, free it; other closes cost no glock request.
         let blk = {
             let mut g = self.inner.lock();
             let blk = g.blk(ino);
@@ -320,7 +321,9 @@ impl Fs {
             }
             blk
         };
-        cluster.closed(blk);
+        if !cluster.closed(blk) {
+            return;
+        }
         if let Err(e) = self.reap_if_unused(&cluster, blk) {
             tracing::warn!(ino, error = %e, "could not free an unlinked inode; fsck will");
         }
