@@ -24,19 +24,9 @@ FILES=200
 HUB=tbench-hub
 HAPROXY=10.213.202.254
 
-[ "$(id -u)" = 0 ] || { echo "bench web: needs root (network namespaces, FUSE, loop mount): sudo ./tandem bench web" >&2; exit 1; }
-for b in tandem-replicatord tandemadm tandem-lockd tandem-lockctl tandemfs; do
-  [ -x "$TANDEM_BIN_DIR/$b" ] || { echo "bench web: $TANDEM_BIN_DIR/$b missing: cargo build --release --workspace --bins" >&2; exit 1; }
-done
-for b in nginx haproxy wrk curl mkfs.ext4 flock; do
-  command -v "$b" >/dev/null || { echo "bench web: $b missing: ./scripts/install-deps.sh nginx-light curl" >&2; exit 1; }
-done
-# Not while the Pacemaker or seed test runs (they share the CPU and take this lock).
-exec 9>"${TANDEM_PCMK_DIR:-/tmp/tandem-pcmk}.lock"
-if ! flock -n 9; then
-  echo "bench web: a Pacemaker or seed test holds ${TANDEM_PCMK_DIR:-/tmp/tandem-pcmk}.lock; waiting (up to 10 min)" >&2
-  flock -w 600 9 || { echo "bench web: lock still held after 10 min" >&2; exit 1; }
-fi
+# shellcheck source=scripts/lib/preflight.sh
+. "$repo/scripts/lib/preflight.sh"
+preflight "bench web" "cargo build --release --workspace --bins" nginx haproxy wrk curl mkfs.ext4 flock
 
 demo() { "$repo/scripts/demo.sh" "$@" 9>&-; }
 ext4_mounted() { awk -v d="$EXT4" '$5 == d { found = 1 } END { exit !found }' /proc/self/mountinfo; }

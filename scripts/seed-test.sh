@@ -42,21 +42,9 @@ hubcurl() { ip netns exec tseed-hub curl "$@"; }
 hubwrk() { ip netns exec tseed-hub wrk "$@"; }
 secs_since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 
-[ "$(id -u)" = 0 ] || { echo "seed-test: needs root (network namespaces, FUSE): sudo $0" >&2; exit 1; }
-for b in tandem-replicatord tandemadm tandem-lockd tandem-lockctl tandemfs; do
-  [ -x "$TANDEM_BIN_DIR/$b" ] || { echo "seed-test: $TANDEM_BIN_DIR/$b missing: cargo build --workspace --bins" >&2; exit 1; }
-done
-for b in nginx haproxy wrk curl sha256sum flock; do
-  command -v "$b" >/dev/null || { echo "seed-test: $b missing: ./scripts/install-deps.sh nginx-light curl" >&2; exit 1; }
-done
-
-# Not at the same time as the Pacemaker test (same lock; both are timing-sensitive on 2
-# cores) or another run of this test (same namespaces and directory).
-exec 9>"${TANDEM_PCMK_DIR:-/tmp/tandem-pcmk}.lock"
-if ! flock -n 9; then
-  echo "seed-test: the Pacemaker test or another seed test holds ${TANDEM_PCMK_DIR:-/tmp/tandem-pcmk}.lock; waiting (up to 10 min)" >&2
-  flock -w 600 9 || { echo "seed-test: lock still held after 10 min" >&2; exit 1; }
-fi
+# shellcheck source=scripts/lib/preflight.sh
+. "$repo/scripts/lib/preflight.sh"
+preflight seed-test "cargo build --workspace --bins" nginx haproxy wrk curl sha256sum flock
 
 STARTED=()   # PIDs of the background jobs this script started (not the demo's daemons)
 cleanup() {

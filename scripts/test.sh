@@ -9,7 +9,7 @@ export CARGO_TERM_COLOR=never
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== shellcheck (./tandem, scripts/)"
-shellcheck tandem scripts/*.sh
+shellcheck tandem scripts/*.sh scripts/lib/*.sh
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== build binaries (tests drive the real daemons)"
