@@ -132,6 +132,28 @@ impl FsCluster {
         Ok(())
     }
 
+    /// `start(nodes, 0)` and every node mounted.
+    pub fn start_mounted(nodes: usize) -> anyhow::Result<Self> {
+        let mut f = Self::start(nodes, 0)?;
+        for i in 0..nodes {
+            f.mount(i)?;
+        }
+        Ok(f)
+    }
+
+    /// Unmounts the nodes that are still mounted, then runs `fsck -n`: panics with its
+    /// report (and `what`) unless the filesystem is clean.
+    pub fn unmount_all_and_check_clean(&mut self, what: &str) {
+        for i in 0..self.workers.len() {
+            if self.workers[i].is_some() {
+                self.unmount(i)
+                    .unwrap_or_else(|e| panic!("unmount n{}: {e}", i + 1));
+            }
+        }
+        let (clean, text) = self.fsck().expect("run fsck");
+        assert!(clean, "fsck {what}: {text}");
+    }
+
     pub fn w(&self, i: usize) -> &NsWorker {
         self.workers[i].as_ref().expect("node is mounted")
     }

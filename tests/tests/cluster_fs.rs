@@ -15,10 +15,7 @@ fn p(rel: &str) -> String {
 
 #[test]
 fn close_on_one_node_is_seen_by_open_stat_readdir_read_on_the_others() {
-    let mut f = FsCluster::start(3, 0).unwrap();
-    for i in 0..3 {
-        f.mount(i).unwrap();
-    }
+    let mut f = FsCluster::start_mounted(3).unwrap();
     // A file written and closed on n1 is read on n2 and n3.
     f.w(0)
         .run(|| std::fs::write(p("index.html"), b"hello from n1\n"))
@@ -193,11 +190,7 @@ fn close_on_one_node_is_seen_by_open_stat_readdir_read_on_the_others() {
             std::fs::read_to_string(&path).unwrap_or_default()
         );
     }
-    for i in 0..3 {
-        f.unmount(i).unwrap();
-    }
-    let (clean, text) = f.fsck().unwrap();
-    assert!(clean, "fsck: {text}");
+    f.unmount_all_and_check_clean("at the end");
 }
 
 fn statvfs_free_blocks(path: &str) -> u64 {
@@ -244,10 +237,7 @@ fn random_operations_on_random_nodes_match_a_model_read_from_another_node() {
         .unwrap_or(0x7a4d);
     eprintln!("model test: {ops} operations, seed {seed} (TANDEM_SIM_SEED)");
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut f = FsCluster::start(3, 0).unwrap();
-    for i in 0..3 {
-        f.mount(i).unwrap();
-    }
+    let mut f = FsCluster::start_mounted(3).unwrap();
     let mut model = Model::new();
     let dirs = ["", "a", "b", "a/c"];
     for k in 0..ops {
@@ -423,19 +413,12 @@ fn random_operations_on_random_nodes_match_a_model_read_from_another_node() {
             }
         }
     }
-    for i in 0..3 {
-        f.unmount(i).unwrap();
-    }
-    let (clean, text) = f.fsck().unwrap();
-    assert!(clean, "fsck after the model run: {text}");
+    f.unmount_all_and_check_clean("after the model run");
 }
 
 #[test]
 fn all_nodes_create_and_delete_in_one_directory_and_append_to_one_file() {
-    let mut f = FsCluster::start(3, 0).unwrap();
-    for i in 0..3 {
-        f.mount(i).unwrap();
-    }
+    let mut f = FsCluster::start_mounted(3).unwrap();
     f.w(0).run(|| std::fs::create_dir(p("shared"))).unwrap();
     let per_node = 150usize;
     let t0 = Instant::now();
@@ -499,19 +482,12 @@ fn all_nodes_create_and_delete_in_one_directory_and_append_to_one_file() {
         assert_eq!(uniq.len(), 3 * per_node, "overlapping appends");
         assert!(lines.iter().all(|l| l.len() == 14), "torn record in {log}");
     }
-    for i in 0..3 {
-        f.unmount(i).unwrap();
-    }
-    let (clean, text) = f.fsck().unwrap();
-    assert!(clean, "fsck: {text}");
+    f.unmount_all_and_check_clean("at the end");
 }
 
 #[test]
 fn kill9_of_a_nodes_whole_stack_during_writes_survivors_replay_its_journal() {
-    let mut f = FsCluster::start(3, 0).unwrap();
-    for i in 0..3 {
-        f.mount(i).unwrap();
-    }
+    let mut f = FsCluster::start_mounted(3).unwrap();
     f.w(0).run(|| std::fs::create_dir(p("n3"))).unwrap();
     // n3 writes and fsyncs files until it dies; `done` counts the fsync'd ones.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -582,11 +558,7 @@ fn kill9_of_a_nodes_whole_stack_during_writes_survivors_replay_its_journal() {
             b"still here"
         );
     }
-    for i in 0..2 {
-        f.unmount(i).unwrap();
-    }
-    let (clean, text) = f.fsck().unwrap();
-    assert!(clean, "fsck after recovery: {text}");
+    f.unmount_all_and_check_clean("after recovery");
 }
 
 /// Every node reads (all hold `meta` PR), one dies holding it: a survivor's write converts
@@ -596,10 +568,7 @@ fn kill9_of_a_nodes_whole_stack_during_writes_survivors_replay_its_journal() {
 /// scenario: web servers on every node, one killed, a survivor writes.)
 #[test]
 fn kill9_of_a_reader_while_every_node_reads_then_a_survivor_writes() {
-    let mut f = FsCluster::start(3, 0).unwrap();
-    for i in 0..3 {
-        f.mount(i).unwrap();
-    }
+    let mut f = FsCluster::start_mounted(3).unwrap();
     f.w(0)
         .run(|| std::fs::write(p("page.html"), b"<p>shared</p>"))
         .unwrap();
@@ -608,6 +577,7 @@ fn kill9_of_a_reader_while_every_node_reads_then_a_survivor_writes() {
         assert_eq!(got, b"<p>shared</p>");
     }
     f.c.kill9(2);
+    drop(f.workers[2].take()); // n3's mount is gone with it
     let t0 = Instant::now();
     let w0 = f.workers[0].take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -633,19 +603,12 @@ fn kill9_of_a_reader_while_every_node_reads_then_a_survivor_writes() {
     );
     let got = f.w(1).run(|| std::fs::read(p("after-kill.html")).unwrap());
     assert_eq!(got, b"<p>written by n1</p>");
-    for i in 0..2 {
-        f.unmount(i).unwrap();
-    }
-    let (clean, text) = f.fsck().unwrap();
-    assert!(clean, "fsck after recovery: {text}");
+    f.unmount_all_and_check_clean("after recovery");
 }
 
 #[test]
 fn unmount_and_remount_one_node_while_the_others_keep_writing() {
-    let mut f = FsCluster::start(3, 0).unwrap();
-    for i in 0..3 {
-        f.mount(i).unwrap();
-    }
+    let mut f = FsCluster::start_mounted(3).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writers: Vec<_> = (1..3)
         .map(|i| {
@@ -690,9 +653,5 @@ fn unmount_and_remount_one_node_while_the_others_keep_writing() {
         });
         assert_eq!(bad, 0, "files of n{} wrong on the remounted n1", i + 1);
     }
-    for i in 0..3 {
-        f.unmount(i).unwrap();
-    }
-    let (clean, text) = f.fsck().unwrap();
-    assert!(clean, "fsck: {text}");
+    f.unmount_all_and_check_clean("at the end");
 }

@@ -88,9 +88,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::remove_dir_all(&local)?;
 
     eprintln!("starting a 2-node cluster ...");
-    let mut f = FsCluster::start(2, 0)?;
-    f.mount(0)?;
-    f.mount(1)?;
+    let f = FsCluster::start_mounted(2)?;
     // Both nodes touch the root once, so each holds the glock shared at the start.
     for i in 0..2 {
         f.w(i).run(|| std::fs::read_dir(MNT).map(|d| d.count()))?;
