@@ -7,6 +7,20 @@ use std::time::{Duration, Instant};
 
 use tandem_tests::Cluster;
 
+/// Takes and releases `res` through node `node`'s lockd (`lockctl lock --run true`);
+/// panics with lockctl's error and `when` otherwise.
+fn lock_once(c: &Cluster, node: usize, res: &str, when: &str) {
+    let out = c
+        .lockctl(node, &["lock", "test:fs", res, "--run", "true"])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lock on n{} {when}: {}",
+        node + 1,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn leader_seen_by(c: &Cluster, node: usize) -> Option<u64> {
     c.lockctl_status(node).and_then(|s| s["leader"].as_u64())
 }
@@ -26,15 +40,7 @@ fn lock_manager_in_namespaces_survives_leader_kill9_and_the_node_catches_up() {
     .unwrap_or_else(|e| panic!("no common leader: {e}\n{}", c.log(0, "lockd")));
     // Locks work from every node.
     for i in 0..3 {
-        let out = c
-            .lockctl(i, &["lock", "test:fs", "res-a", "--run", "true"])
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "lock on n{}: {}",
-            i + 1,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        lock_once(&c, i, "res-a", "at the start");
     }
     // Load: a client loop on a follower takes and releases locks the whole time.
     let old = (leader - 1) as usize;
@@ -89,15 +95,7 @@ fn lock_manager_in_namespaces_survives_leader_kill9_and_the_node_catches_up() {
         "clients did not continue after the re-election: {report}"
     );
     for &i in &survivors {
-        let out = c
-            .lockctl(i, &["lock", "test:fs", "res-b", "--run", "true"])
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "lock on n{} after the kill: {}",
-            i + 1,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        lock_once(&c, i, "res-b", "after the kill");
     }
     // The killed node restarts with its data directory and catches up.
     c.start_lockd(old).unwrap();
@@ -117,14 +115,7 @@ fn lock_manager_in_namespaces_survives_leader_kill9_and_the_node_catches_up() {
             c.log(old, "lockd")
         )
     });
-    let out = c
-        .lockctl(old, &["lock", "test:fs", "res-c", "--run", "true"])
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lock_once(&c, old, "res-c", "after its restart");
 
     // Wipe a node's lock-manager state: it rejoins through member remove / add.
     let wiped = survivors[1];
@@ -171,14 +162,7 @@ fn lock_manager_in_namespaces_survives_leader_kill9_and_the_node_catches_up() {
             c.log(wiped, "lockd")
         )
     });
-    let out = c
-        .lockctl(wiped, &["lock", "test:fs", "res-d", "--run", "true"])
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lock on the rejoined node: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lock_once(&c, wiped, "res-d", "after rejoining wiped");
     for i in 0..3 {
         assert!(!c.log(i, "lockd").contains("panicked"), "n{}", i + 1);
     }
