@@ -132,3 +132,38 @@ fn a_lost_session_withdraws_every_operation() {
     assert!(matches!(g.enter(Mode::EX), Err(FsError::Withdrawn(_))));
     assert!(g.check_alive().is_err());
 }
+
+#[test]
+fn an_idle_glock_goes_before_the_minimum_hold_a_busy_one_keeps_it() {
+    let (_rec, hooks, g) = setup(Duration::from_millis(500));
+    // Idle (the operation finished) for longer than IDLE_GRACE: given up at once.
+    drop(g.enter(Mode::EX).unwrap());
+    std::thread::sleep(IDLE_GRACE * 3);
+    let t0 = Instant::now();
+    g.demote(LockId(7), Mode::EX);
+    assert!(
+        t0.elapsed() < Duration::from_millis(250),
+        "idle glock kept {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(g.held_mode(), None);
+    assert_eq!(hooks.flushes.load(Ordering::Relaxed), 1);
+    // A burst of operations without idle gaps keeps it for the whole minimum hold.
+    drop(g.enter(Mode::EX).unwrap());
+    let t0 = Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (g2, stop2) = (g.clone(), stop.clone());
+    let burst = std::thread::spawn(move || {
+        while !stop2.load(Ordering::Relaxed) {
+            drop(g2.enter(Mode::EX).unwrap());
+        }
+    });
+    g.demote(LockId(7), Mode::EX);
+    let kept = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    burst.join().unwrap();
+    assert!(
+        kept >= Duration::from_millis(450),
+        "busy glock given up after {kept:?}"
+    );
+}
