@@ -72,6 +72,47 @@ fn space_is_reusable_after_unlink_of_a_file_that_filled_the_disk() {
     );
 }
 
+/// FUSE delivers RELEASE after close(2) has returned, so `close; rm; write` can reach the
+/// filesystem as `unlink; write; release`. The write must wait for that release to free the
+/// unlinked file's space rather than fail with ENOSPC.
+#[test]
+fn enospc_waits_for_a_late_release_of_an_unlinked_file() {
+    let (_d, fs) = fresh(16 << 20);
+    let fs = Arc::new(fs);
+    let f = fs.mknod(CTX, ROOT_INO, b"fill", 0o644, 0, 0).unwrap();
+    let g = fs.mknod(CTX, ROOT_INO, b"after", 0o644, 0, 0).unwrap();
+    let h = fs.mknod(CTX, ROOT_INO, b"held", 0o644, 0, 0).unwrap();
+    fs.open(f.ino).unwrap();
+    let chunk = vec![1u8; 1 << 20];
+    let mut off = 0;
+    while fs.write(f.ino, off, &chunk).is_ok() {
+        off += chunk.len() as u64;
+    }
+    fs.unlink(ROOT_INO, b"fill").unwrap();
+    let releaser = {
+        let fs = fs.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            fs.release(f.ino);
+        })
+    };
+    fs.write(g.ino, 0, &chunk).unwrap();
+    releaser.join().unwrap();
+    // And a file that stays open keeps its space: ENOSPC after the bounded wait.
+    fs.open(h.ino).unwrap();
+    let mut off = 0;
+    while fs.write(h.ino, off, &chunk).is_ok() {
+        off += chunk.len() as u64;
+    }
+    fs.unlink(ROOT_INO, b"held").unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(
+        fs.write(g.ino, 1 << 20, &chunk).unwrap_err().errno(),
+        libc::ENOSPC
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(5));
+}
+
 #[test]
 fn hashed_directories_split_double_and_chain() {
     // 1 KiB blocks: the hash table tops out at 64 leaves, so 5000 entries also chain.

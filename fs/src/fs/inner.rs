@@ -222,6 +222,18 @@ impl Inner {
         }
     }
 
+    /// How many inodes open here have lost their last name (their space is freed on close).
+    pub(super) fn unlinked_open(&mut self) -> Result<usize> {
+        let blks: Vec<u64> = self.opens.keys().copied().collect();
+        let mut n = 0;
+        for blk in blks {
+            if self.st.state(blk)? == BlockState::Unlinked {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// One handle of `blk` closed; true if it was the last one on this node.
     pub(super) fn drop_open(&mut self, blk: u64) -> bool {
         let Some(c) = self.opens.get_mut(&blk) else {

@@ -58,6 +58,9 @@ pub struct Fs {
     block_size: u32,
     /// Cluster mounts: the lock session and the glock every operation enters.
     cluster: Option<Arc<Cluster>>,
+    /// `release` calls running now: an unlinked inode's blocks are not free until its
+    /// release has reaped it, and ENOSPC waits for that (see `with_retry`).
+    releasing: std::sync::atomic::AtomicUsize,
 }
 
 /// The filesystem lock for one operation. When the operation leaves the running
@@ -157,6 +160,7 @@ impl Fs {
                 data_guard: parking_lot::RwLock::new(()),
                 block_size,
                 cluster,
+                releasing: std::sync::atomic::AtomicUsize::new(0),
             },
             stats,
         ))
@@ -175,17 +179,52 @@ impl Fs {
 
     /// Runs `op`; on ENOSPC while freed blocks await commit or checkpoint, makes them
     /// reusable and retries once (ext4 does the same for blocks freed by running transactions).
+    ///
+    /// It also waits (at most `RELEASE_WAIT`) for closes the kernel has not delivered yet:
+    /// FUSE sends RELEASE after close(2) returns, so `close; rm big; write` can see the
+    /// unlinked file still open here for a moment, and its space must count as free.
     fn with_retry<T>(&self, mut op: impl FnMut(&mut Inner) -> Result<T>) -> Result<T> {
-        let _gl = self.hold(Mode::EX)?;
-        {
+        let unlinked_open = {
+            let _gl = self.hold(Mode::EX)?;
             let mut g = self.op();
             match op(&mut g) {
-                Err(FsError::NoSpace) if g.st.has_held_blocks() => {}
+                Err(FsError::NoSpace) => {
+                    let n = g.unlinked_open()?;
+                    if n == 0 && !g.st.has_held_blocks() {
+                        return Err(FsError::NoSpace);
+                    }
+                    n
+                }
                 r => return r,
             }
+        };
+        if unlinked_open > 0 {
+            // The glock and the filesystem lock are released: the release must take them.
+            self.wait_for_releases(unlinked_open);
         }
+        let _gl = self.hold(Mode::EX)?;
         self.sync(false)?;
         op(&mut self.op())
+    }
+
+    /// Waits until fewer than `before` unlinked inodes are open here and no release is
+    /// running (its reap done), or `RELEASE_WAIT` passes.
+    fn wait_for_releases(&self, before: usize) {
+        const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+        let start = std::time::Instant::now();
+        while start.elapsed() < RELEASE_WAIT {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            if self.releasing.load(std::sync::atomic::Ordering::Acquire) > 0 {
+                continue;
+            }
+            let now = {
+                let _gl = self.hold(Mode::PR);
+                self.inner.lock().unlinked_open()
+            };
+            if now.map_or(true, |n| n < before) {
+                return;
+            }
+        }
     }
 
     fn op(&self) -> OpGuard<'_> {
@@ -300,6 +339,13 @@ impl Fs {
     /// Closes a handle from `open`/`create`; frees the inode if it was the last one of an
     /// unlinked file.
     pub fn release(&self, ino: u64) {
+        use std::sync::atomic::Ordering;
+        self.releasing.fetch_add(1, Ordering::AcqRel);
+        self.release_inner(ino);
+        self.releasing.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn release_inner(&self, ino: u64) {
         let Some(cluster) = self.cluster.clone() else {
             let mut g = self.op();
             let blk = g.blk(ino);
