@@ -7,7 +7,11 @@
 #     links, prepared by `up`) at /usr/local/sbin, and a private
 #     /usr/lib/ocf/resource.d with provider `tandem` = this repo's ocf-agents/tandem, so
 #     the agents run exactly as installed without touching the host's /usr;
-#   * `crash NODE` also detaches the node's FUSE mounts (a reboot drops them).
+#   * `crash NODE` also detaches the node's FUSE mounts (a reboot drops them);
+#   * a power switch for fencing: `up` starts a loop on the host (_power_switch) that
+#     serves the fence agent fence_tandem_netns (ocf-agents/tests/), which every node
+#     sees in /usr/sbin; off = `crash`, on = start the node's stack again. With a
+#     stonith device of that agent, Pacemaker itself fences a failed node.
 #
 # Nodes are node1..nodeN (host names inside their UTS namespaces), eth0 = 10.213.77.N/24
 # on a bridge in namespace tpcmk-sw; nothing touches the host's network namespace.
@@ -20,6 +24,7 @@
 #   pcmk-harness.sh kill NODE [corosync|pacemakerd|all]
 #   pcmk-harness.sh crash NODE       SIGKILL every process of NODE, drop its mounts, wipe /run
 #   pcmk-harness.sh stop-node NODE | start-node NODE
+#   pcmk-harness.sh power-switch stop|start   the fence agent's switch (started by up)
 #   pcmk-harness.sh down [--purge]   stop everything this script started (by PID)
 #   pcmk-harness.sh logs NODE
 #
@@ -145,6 +150,8 @@ cmd__init() {
         mount --bind "$nd/log/pcsd" /var/log/pcsd
     fi
     mount --bind "$SANDBOX/sbin"        /usr/local/sbin
+    # The harness's fence agent next to the host's (pacemaker-fenced looks in /usr/sbin).
+    mount -t overlay overlay -o lowerdir="$SANDBOX/fence-agents":/usr/sbin /usr/sbin
     # Host providers (heartbeat, pacemaker, ...) on their mount points, then the whole tree.
     local pd
     for pd in "$SANDBOX"/resource.d/*; do
@@ -298,9 +305,11 @@ prepare_node_dirs() {
             || dd if=/dev/urandom of="$SANDBOX/authkey" bs=256 count=1 status=none
         chmod 400 "$SANDBOX/authkey"
     fi
-    rm -rf "$SANDBOX/nodes" "$SANDBOX/shadow" "$SANDBOX/sbin" "$SANDBOX/resource.d"
+    rm -rf "$SANDBOX/nodes" "$SANDBOX/shadow" "$SANDBOX/sbin" "$SANDBOX/resource.d" \
+        "$SANDBOX/fence-agents" "$SANDBOX/power"
     # What every node sees at /usr/local/sbin and /usr/lib/ocf/resource.d.
-    mkdir -p "$SANDBOX/sbin" "$SANDBOX/resource.d"
+    mkdir -p "$SANDBOX/sbin" "$SANDBOX/resource.d" "$SANDBOX/fence-agents"
+    install -m 755 "$REPO/ocf-agents/tests/fence_tandem_netns" "$SANDBOX/fence-agents/"
     local b
     for b in tandem-replicatord tandemadm tandem-lockd tandem-lockctl tandemfs; do
         [ -x "$TBIN/$b" ] || die "$TBIN/$b is missing: cargo build --workspace --bins first"
@@ -343,6 +352,69 @@ prepare_node_dirs() {
             for j in $(seq 1 "$N"); do echo "$NET.$j node$j"; done
         } > "$nd/etc/hosts"
     done
+}
+
+# ------------------------------------------------------------ power switch --
+# The fence agent's other end (see ocf-agents/tests/fence_tandem_netns). Requests are
+# files $SANDBOX/power/ID.req holding "off N", "on N" or "status N"; the answer goes to
+# ID.res ("ok", "on", "off" or "error: ..."). $SANDBOX/power/alive is touched every loop.
+cmd__power_switch() {
+    local dir="$SANDBOX/power" f id verb n ans
+    trap 'exit 0' TERM INT
+    while :; do
+        touch "$dir/alive"
+        for f in "$dir"/*.req; do
+            [ -e "$f" ] || continue
+            id=${f%.req}
+            read -r verb n < "$f" || true
+            rm -f "$f"
+            if ! [[ ${n:-} =~ ^[1-9]$ ]] || ! [ -d "$(nodedir "$n")" ]; then
+                ans="error: no node '${n:-}'"
+            else
+                case $verb in
+                    off)
+                        if ! holder_pid "$n" >/dev/null; then
+                            ans=ok      # its namespaces are gone: off
+                        elif bash "$SELF" crash "$n" >>"$dir/switch.log" 2>&1; then
+                            ans=ok
+                        else
+                            ans="error: crash node$n failed"
+                        fi ;;
+                    on)
+                        if bash "$SELF" _power_on "$n" >>"$dir/switch.log" 2>&1; then
+                            ans=ok
+                        else
+                            ans="error: starting node$n failed"
+                        fi ;;
+                    status)
+                        if daemon_pid "$n" corosync >/dev/null; then ans=on; else ans=off; fi ;;
+                    *) ans="error: unknown request '$verb'" ;;
+                esac
+            fi
+            log "power switch: $verb node${n:-?}: $ans" 2>>"$dir/switch.log"
+            echo "$ans" > "$id.tmp" && mv "$id.tmp" "$id.res"
+        done
+        sleep 0.2
+    done
+}
+
+switch_pid() {
+    local p; p=$(readpid "$SANDBOX/power.pid")
+    pid_alive "$p" && [[ "$(cmdline_of "$p")" == *" _power_switch"* ]] && echo "$p"
+}
+
+start_power_switch() {
+    local N=$1
+    mkdir -p "$SANDBOX/power"
+    seq 1 "$N" > "$SANDBOX/power/nodes"
+    setsid /bin/bash "$SELF" _power_switch </dev/null >>"$SANDBOX/power/switch.log" 2>&1 &
+    echo $! > "$SANDBOX/power.pid"
+}
+
+stop_power_switch() {
+    local p
+    p=$(switch_pid) && kill -TERM "$p"
+    rm -f "$SANDBOX/power.pid"
 }
 
 # ------------------------------------------------------------ node control --
@@ -477,6 +549,7 @@ cmd_up() {
     local want="N=$N CRYPTO=$CRYPTO TOKEN=$TOKEN PCSD=$PCSD DC_DEADTIME=$DC_DEADTIME NET=$NET"
     if [ -n "$cur" ]; then
         if [ "$cur" = "$N" ] && [ "$(cat "$SANDBOX/config" 2>/dev/null)" = "$want" ] && healthy "$N"; then
+            switch_pid >/dev/null || start_power_switch "$N"
             log "cluster with $N node(s) already up and healthy"; cmd_status; return 0
         fi
         log "existing sandbox ($(cat "$SANDBOX/config" 2>/dev/null)) is not what was asked or not healthy: tearing down"
@@ -490,6 +563,7 @@ cmd_up() {
     echo "$want" > "$SANDBOX/config"
     net_up "$N"
     for i in $(seq 1 "$N"); do start_holder "$i"; done
+    start_power_switch "$N"
     log "namespaces ready after $(elapsed "$t0")s"
     # pcsd (if wanted) only after the cluster is up: it is CPU-hungry at start
     for i in $(seq 1 "$N"); do start_stack "$i" nopcsd; done
@@ -510,6 +584,8 @@ cmd_down() {
     local purge=${1:-} i N t0
     t0=$(now)
     N=$(num_nodes); N=${N:-3}
+    # 0. no fencing meanwhile: a fence's "on" would boot a node being stopped
+    stop_power_switch
     # 1. graceful pacemaker shutdown on all nodes in parallel (by PID)
     for i in $(seq 1 "$N"); do
         p=$(daemon_pid "$i" pacemakerd) && kill -TERM "$p"
@@ -586,8 +662,19 @@ cmd_kill() {
 }
 
 cmd_stop_node()  { local n; n=$(nodenum "$1"); stop_stack "$n" 90; }
+# The power switch's "on": like start-node without waiting to be online (a booting
+# machine does not wait for the cluster either).
+cmd__power_on() {
+    local n; n=$(nodenum "$1")
+    start_node_stack "$n"
+}
 cmd_start_node() {
-    local n nd; n=$(nodenum "$1"); nd=$(nodedir "$n")
+    local n; n=$(nodenum "$1")
+    start_node_stack "$n"
+    wait_for 120 "node$n online" crm_online "$n" "$n"
+}
+start_node_stack() {
+    local n=$1 nd; nd=$(nodedir "$n")
     holder_pid "$n" >/dev/null || die "node$n namespaces are gone; run down + up"
     # If pacemakerd died with corosync, its children may linger: stop them.
     if ! daemon_pid "$n" pacemakerd >/dev/null; then
@@ -599,7 +686,6 @@ cmd_start_node() {
         done
     fi
     start_stack "$n"
-    wait_for 120 "node$n online" crm_online "$n" "$n"
 }
 
 case ${1:-} in
@@ -617,7 +703,14 @@ case ${1:-} in
     crash)       cmd_crash "${2:?node}" ;;
     stop-node)   cmd_stop_node "${2:?node}" ;;
     start-node)  cmd_start_node "${2:?node}" ;;
+    power-switch) case ${2:-} in
+                     stop) stop_power_switch ;;
+                     start) N=$(num_nodes); [ -n "$N" ] || die "sandbox not up"; switch_pid >/dev/null || start_power_switch "$N" ;;
+                     *) die "power-switch start|stop" ;;
+                 esac ;;
     logs)        nd=$(nodedir "$(nodenum "${2:?node}")"); ls -1 "$nd"/log/*/*.log "$nd"/log/corosync/*.stdout "$nd"/init.out 2>/dev/null ;;
     _init)       cmd__init "$2" ;;
+    _power_switch) cmd__power_switch ;;
+    _power_on)   cmd__power_on "$2" ;;
     *)           sed -n '2,/^$/p' "$SELF" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
