@@ -606,6 +606,42 @@ fn kill9_of_a_reader_while_every_node_reads_then_a_survivor_writes() {
     f.unmount_all_and_check_clean("after recovery");
 }
 
+/// A node dies with a file open that another node has unlinked: nobody will ever close
+/// it, so a survivor frees it once it has recovered the dead node's journal (without
+/// that its blocks stay in use until an offline fsck).
+#[test]
+fn a_file_unlinked_while_open_on_a_node_that_dies_is_freed_after_recovery() {
+    let mut f = FsCluster::start_mounted(3).unwrap();
+    let free_blocks = |f: &FsCluster| f.w(0).run(|| statvfs_free_blocks(MNT));
+    let before = free_blocks(&f);
+    f.w(0)
+        .run(|| std::fs::write(p("open-on-n3"), vec![9u8; 4 << 20]))
+        .unwrap();
+    let fh = f.w(2).run(|| std::fs::File::open(p("open-on-n3"))).unwrap();
+    f.w(0)
+        .run(|| std::fs::remove_file(p("open-on-n3")))
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        free_blocks(&f) + 512 < before,
+        "the unlinked file is still open on n3: its 4 MiB stay in use"
+    );
+    f.c.kill9(2);
+    drop(fh);
+    drop(f.workers[2].take());
+    f.c.wait_for(std::time::Duration::from_secs(60), || {
+        Ok(free_blocks(&f) + 16 >= before)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "the file n3 had open when it died was not freed after recovery: {e} ({} free blocks, {before} before)\n{}",
+            free_blocks(&f),
+            f.c.log(0, "fs")
+        )
+    });
+    f.unmount_all_and_check_clean("after the sweep");
+}
+
 #[test]
 fn unmount_and_remount_one_node_while_the_others_keep_writing() {
     let mut f = FsCluster::start_mounted(3).unwrap();

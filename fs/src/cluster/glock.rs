@@ -52,6 +52,12 @@ pub trait GlockHooks: Send + Sync {
     /// This node gave up its cached iopen lock of inode `ino`: free it if it is unlinked
     /// and no node has it open any more. Runs on the reaper thread.
     fn reap_unlinked(&self, _ino: u64) {}
+    /// Free every unlinked inode that no node has open any more: run after a dead node's
+    /// journal was recovered (its open files died with it) and once after mount. False
+    /// when it could not finish (retried later).
+    fn reap_orphans(&self) -> bool {
+        true
+    }
 }
 
 #[derive(Default)]

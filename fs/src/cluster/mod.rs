@@ -194,12 +194,25 @@ impl Cluster {
             .map_err(FsError::Io)?;
         self.threads.lock().push(cb);
         let (conn, stop, me) = (self.conn.clone(), self.stop.clone(), self.journal);
+        let glock = self.glock.clone();
         let rec = std::thread::Builder::new()
             .name("recovery".into())
             .spawn(move || {
+                // Once after mount (a node may have died with files open before we came),
+                // then after each recovery: the dead node's open unlinked files are
+                // closed for good, and nobody else would free them.
+                let mut sweep = true;
                 while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = recovery::scan(&conn, &*dev, &sb, me) {
-                        tracing::warn!(error = %e, "journal recovery scan failed; retrying");
+                    match recovery::scan(&conn, &*dev, &sb, me) {
+                        Ok(n) => sweep |= n > 0,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "journal recovery scan failed; retrying")
+                        }
+                    }
+                    if sweep {
+                        if let Some(h) = glock.hooks() {
+                            sweep = !h.reap_orphans();
+                        }
                     }
                     let mut slept = Duration::ZERO;
                     while slept < recovery_poll && !stop.load(Ordering::Relaxed) {

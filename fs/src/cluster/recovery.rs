@@ -21,9 +21,11 @@ fn lock_err(e: impl std::fmt::Display) -> FsError {
     FsError::Lock(e.to_string())
 }
 
-/// Looks for orphaned journal locks and recovers each journal it can take.
-pub fn scan(conn: &LockdConn, dev: &dyn BlockDevice, sb: &Superblock, mine: u32) -> Result<()> {
+/// Looks for orphaned journal locks and recovers each journal it can take; returns how
+/// many it recovered.
+pub fn scan(conn: &LockdConn, dev: &dyn BlockDevice, sb: &Superblock, mine: u32) -> Result<usize> {
     let resources = conn.locks().map_err(lock_err)?;
+    let mut recovered = 0;
     for r in resources {
         let Some(j) = std::str::from_utf8(&r.name)
             .ok()
@@ -36,10 +38,12 @@ pub fn scan(conn: &LockdConn, dev: &dyn BlockDevice, sb: &Superblock, mine: u32)
             continue;
         }
         if let Some(orphan) = r.granted.iter().find(|l| l.orphaned) {
-            recover(conn, dev, sb, j, orphan.owner.node)?;
+            if recover(conn, dev, sb, j, orphan.owner.node)? {
+                recovered += 1;
+            }
         }
     }
-    Ok(())
+    Ok(recovered)
 }
 
 fn recover(
@@ -48,11 +52,11 @@ fn recover(
     sb: &Superblock,
     j: u32,
     owner: tandem_common::NodeId,
-) -> Result<()> {
+) -> Result<bool> {
     let jl = match conn.lock(&journal_lock(j), Mode::EX, Flags::RECOVERY | Flags::NOQUEUE) {
         Ok(g) => g.lock,
         // Not fenced yet, or another survivor is recovering it.
-        Err(e) if would_block(&e) => return Ok(()),
+        Err(e) if would_block(&e) => return Ok(false),
         Err(e) => return Err(lock_err(e)),
     };
     tracing::warn!(journal = j, node = %owner, "recovering the journal of a failed mount");
@@ -72,7 +76,7 @@ fn recover(
         ms = t0.elapsed().as_millis() as u64,
         "journal recovered; recovery-done sent"
     );
-    Ok(())
+    Ok(true)
 }
 
 /// Takes `meta` EX|RECOVERY, replays journal `j` if it is dirty and marks it clean.

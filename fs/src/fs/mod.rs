@@ -375,24 +375,52 @@ impl Fs {
         }
     }
 
+    /// Cluster: frees every unlinked inode that is open nowhere (after a node died with
+    /// files open). Returns how many were freed.
+    fn reap_all_unused(&self) -> Result<usize> {
+        let Some(cluster) = self.cluster.clone() else {
+            return Ok(0);
+        };
+        if self.inner.lock().opts.read_only {
+            return Ok(0);
+        }
+        let candidates: Vec<u64> = {
+            let _gl = self.hold(Mode::PR)?;
+            let mut g = self.op();
+            let all = g.st.unlinked_inodes()?;
+            all.into_iter()
+                .filter(|b| !g.opens.contains_key(b))
+                .collect()
+        };
+        let mut freed = 0;
+        for blk in candidates {
+            if self.reap_if_unused(&cluster, blk)? {
+                freed += 1;
+            }
+        }
+        Ok(freed)
+    }
+
     /// Cluster: frees `blk` if it is unlinked and open nowhere. Checked under the shared
     /// glock first, so the common case (a file that still has its names) costs no EX.
-    fn reap_if_unused(&self, cluster: &Cluster, blk: u64) -> Result<()> {
+    /// Returns whether it freed it.
+    fn reap_if_unused(&self, cluster: &Cluster, blk: u64) -> Result<bool> {
         let unlinked = |g: &mut Inner| -> Result<bool> {
             Ok(!g.opens.contains_key(&blk) && g.st.state(blk)? == BlockState::Unlinked)
         };
         {
             let _gl = self.hold(Mode::PR)?;
             if !unlinked(&mut self.op())? {
-                return Ok(());
+                return Ok(false);
             }
         }
         let _gl = self.hold(Mode::EX)?;
         let mut g = self.op();
         if unlinked(&mut g)? && cluster.nobody_has_open(blk) {
             g.reap(blk)?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
@@ -891,6 +919,23 @@ impl GlockHooks for Fs {
         };
         if let Err(e) = self.reap_if_unused(&cluster, ino) {
             tracing::warn!(ino, error = %e, "could not free an unlinked inode; fsck will");
+        }
+    }
+
+    fn reap_orphans(&self) -> bool {
+        match self.reap_all_unused() {
+            Ok(0) => true,
+            Ok(n) => {
+                tracing::info!(
+                    inodes = n,
+                    "freed unlinked inodes that no node has open any more"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not sweep unlinked inodes; retrying");
+                false
+            }
         }
     }
 
