@@ -260,9 +260,43 @@ pub fn finish_as_source(sb: &mut Superblock, peer: NodeId) {
     }
 }
 
+/// Whether a resync that made us SyncTarget by `rule` moves our data forward along its
+/// own lineage (the source's generation descends from ours). The others — discard-my-data,
+/// split-brain recovery, lost writes — replace our data with a different branch.
+pub fn target_keeps_lineage(rule: &str) -> bool {
+    matches!(
+        rule,
+        "target-use-bitmap"
+            | "local-outdated"
+            | "local-crashed-primary"
+            | "equal-current-peer-dirty-bitmap"
+            | "equal-current-union-of-bitmaps"
+            | "local-current-in-peer-history"
+            | "local-without-data"
+    )
+}
+
 /// The target finished a resync from `peer`: adopt its generations, become UpToDate, and
 /// drop whatever we had recorded for that peer (it is overwritten now).
-pub fn finish_as_target(sb: &mut Superblock, peer: NodeId, current: u64, history: [u64; 2]) {
+///
+/// `keeps_lineage` false (see `target_keeps_lineage`): our data was replaced by another
+/// branch, so our bitmap generations for third peers no longer name ancestors of our
+/// current one. Kept, they would claim "that peer is at my bitmap generation and I am
+/// newer" and make us the source of a peer that holds newer data (a Primary's
+/// acknowledged writes). Forgotten, the next connect with those peers compares currents
+/// and histories instead, and refuses when it cannot tell.
+pub fn finish_as_target(
+    sb: &mut Superblock,
+    peer: NodeId,
+    current: u64,
+    history: [u64; 2],
+    keeps_lineage: bool,
+) {
+    if !keeps_lineage {
+        for p in sb.peers.iter_mut() {
+            p.bitmap_uuid = 0;
+        }
+    }
     sb.current_uuid = current;
     sb.history_uuids = history;
     sb.disk_state = DiskState::UpToDate;

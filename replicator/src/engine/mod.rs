@@ -214,6 +214,9 @@ pub struct PeerView {
     pub last_error: Option<String>,
     /// `connect --discard-my-data` was requested for the next handshake.
     pub discard_my_data: bool,
+    /// The rule that made us this peer's SyncTarget at the last handshake (see
+    /// `core::target_keeps_lineage`).
+    pub target_rule: Option<&'static str>,
     /// Progress of an online verify we run against this peer.
     pub verify: Option<SyncProgress>,
     /// Blocks found different by the last completed verify.
@@ -337,6 +340,7 @@ impl Resource {
                         standalone: false,
                         last_error: None,
                         discard_my_data: false,
+                        target_rule: None,
                         verify: None,
                         last_verify_oos_blocks: None,
                     },

@@ -10,7 +10,7 @@ use tandem_common::frame::{self, Channel};
 use super::bitmap::DirtyBitmap;
 use super::core::{
     finish_as_source, finish_as_target, peer_generation, plan_connect, receive_uuids, resync_work,
-    Local, Plan,
+    target_keeps_lineage, Local, Plan,
 };
 use super::decide::{decide, Decision, SbSide};
 use super::{Conn, Resource, SyncProgress};
@@ -150,6 +150,8 @@ impl Resource {
                 Ok(())
             }
             Plan::Idle | Plan::AwaitSource => {
+                let target = plan == Plan::AwaitSource;
+                self.update_peer(conn.peer, |p| p.target_rule = target.then_some(rule));
                 if split_brain {
                     tracing::warn!(resource = %self.name(), peer = %name, policy = rule,
                         "Split-Brain detected, resolved automatically: our changes are discarded, resyncing from the peer");
@@ -475,7 +477,12 @@ impl Resource {
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 let peer = conn.peer;
-                self.persist(|sb| finish_as_target(sb, peer, current, history))
+                // Unknown rule (none recorded): assume our data was replaced, the safe side.
+                let keeps_lineage = self
+                    .update_peer(peer, |p| p.target_rule.take())
+                    .flatten()
+                    .is_some_and(target_keeps_lineage);
+                self.persist(|sb| finish_as_target(sb, peer, current, history, keeps_lineage))
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 tracing::info!(resource = %self.name(), peer = %conn.peer, "resync done (SyncTarget): UpToDate");
