@@ -29,6 +29,13 @@ impl FsCluster {
             .resource(ResourceSpec {
                 name: RES.into(),
                 size: "128MiB".into(),
+                // As a cluster filesystem should run from three nodes on: a node cut off
+                // fails its writes instead of writing a split brain.
+                extra: if nodes >= 3 {
+                    "quorum = \"majority\"\non-no-quorum = \"io-error\"\n".into()
+                } else {
+                    String::new()
+                },
                 ..Default::default()
             })
             .start()?;

@@ -932,6 +932,8 @@ impl GlockHooks for Fs {
                 );
                 true
             }
+            // Withdrawn: nothing more can be done here; the next mount sweeps.
+            Err(_) if self.glock().is_some_and(|g| g.check_alive().is_err()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "could not sweep unlinked inodes; retrying");
                 false

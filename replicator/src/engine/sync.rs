@@ -12,7 +12,7 @@ use super::core::{
     finish_as_source, finish_as_target, peer_generation, plan_connect, receive_uuids, resync_work,
     target_keeps_lineage, Local, Plan,
 };
-use super::decide::{decide, Decision, SbSide};
+use super::decide::{decide, Decision, Generation, SbSide};
 use super::{Conn, Resource, SyncProgress};
 use crate::proto::{AckMode, PeerMsg, PeerState};
 use crate::state::{ConnState, DiskState, ReplState, Role};
@@ -195,7 +195,17 @@ impl Resource {
         if view.repl != ReplState::Established {
             return;
         }
-        let (decision, rule) = decide(&self.generation_for(Some(conn.peer)), &peer_generation(st));
+        let (me, peer) = (self.generation_for(Some(conn.peer)), peer_generation(st));
+        let (decision, rule) = decide(&me, &peer);
+        if decision == Decision::SyncSource && live_link_in_sync(&me, &peer) {
+            // Both UpToDate, neither tracks a block for the other: every write reached both,
+            // so the data is the same and only the generations differ — both of us minted
+            // at once (a third node left) and the `Uuids` messages converge them. A full
+            // resync here would make a mounted Primary Inconsistent for nothing.
+            tracing::debug!(resource = %self.name(), peer = %view.name, %rule,
+                "generations differ on an in-sync link: no resync");
+            return;
+        }
         // Only the source acts; the target switches to SyncTarget on SyncStart. A peer that
         // is already being synced by another node is left alone until it reports back.
         let bitmap = match decision {
@@ -749,3 +759,18 @@ impl Resource {
 }
 
 const BLOCK: usize = super::bitmap::BLOCK_BYTES as usize;
+
+/// An Established link whose two sides hold the same data: both UpToDate, neither a
+/// crashed Primary (whose hot extents may differ), and neither has a bitmap generation or
+/// a dirty bit for the other.
+fn live_link_in_sync(me: &Generation, peer: &Generation) -> bool {
+    use crate::state::DiskState;
+    me.disk == DiskState::UpToDate
+        && peer.disk == DiskState::UpToDate
+        && !me.crashed
+        && !peer.crashed
+        && me.bitmap == 0
+        && !me.dirty
+        && peer.bitmap == 0
+        && !peer.dirty
+}
