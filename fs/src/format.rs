@@ -342,6 +342,20 @@ impl Superblock {
         if last_start + 8 > self.block_count {
             return Err("resource groups extend past the end of the filesystem".into());
         }
+        if self.block_count > last_start + u64::from(self.rg_blocks) {
+            return Err("blocks past the last resource group".into());
+        }
+        // 2^60 bytes (1 EiB): far beyond any device, and every size product stays in a u64.
+        if self
+            .block_count
+            .checked_mul(u64::from(self.block_size))
+            .is_none_or(|b| b > 1 << 60)
+        {
+            return Err(format!(
+                "filesystem of {} blocks of {} bytes is impossibly large",
+                self.block_count, self.block_size
+            ));
+        }
         if self.root_block < self.rg_start || self.root_block >= self.block_count {
             return Err(format!(
                 "root inode block {} outside the data area",

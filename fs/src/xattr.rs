@@ -47,6 +47,17 @@ fn parse(b: &[u8], blk: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
             return Err(FsError::inconsistent(blk, "xattr entry overflows"));
         }
         let name = area[p + ENT_HDR..p + ENT_HDR + nl].to_vec();
+        // Only names `setxattr` could have stored: anything else could be listed but never
+        // read or removed (and a NUL would split listxattr's answer).
+        if name.contains(&0) || check_name(&name).is_err() {
+            return Err(FsError::inconsistent(
+                blk,
+                "xattr entry with an invalid name",
+            ));
+        }
+        if out.iter().any(|(n, _): &(Vec<u8>, Vec<u8>)| *n == name) {
+            return Err(FsError::inconsistent(blk, "duplicate xattr name"));
+        }
         let value = area[p + ENT_HDR + nl..p + ENT_HDR + nl + vl].to_vec();
         out.push((name, value));
         p += ENT_HDR + nl + vl;

@@ -427,12 +427,12 @@ pub fn read_superblock(dev: &dyn BlockDevice) -> Result<Superblock> {
         dev.read_at(&mut b, 0)?;
     }
     let sb = Superblock::decode(&b)?;
-    if sb.block_count * u64::from(sb.block_size) > size {
+    let need = sb.block_count.saturating_mul(u64::from(sb.block_size));
+    if need > size {
         return Err(FsError::Corrupt(format::FormatError::Invalid {
             block: 0,
             what: format!(
-                "filesystem needs {} bytes but the device has only {size} (truncated image?)",
-                sb.block_count * u64::from(sb.block_size)
+                "filesystem needs {need} bytes but the device has only {size} (truncated image?)"
             ),
         }));
     }

@@ -148,22 +148,37 @@ fn an_idle_glock_goes_before_the_minimum_hold_a_busy_one_keeps_it() {
     );
     assert_eq!(g.held_mode(), None);
     assert_eq!(hooks.flushes.load(Ordering::Relaxed), 1);
-    // A burst of operations without idle gaps keeps it for the whole minimum hold.
-    drop(g.enter(Mode::EX).unwrap());
-    let t0 = Instant::now();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (g2, stop2) = (g.clone(), stop.clone());
-    let burst = std::thread::spawn(move || {
-        while !stop2.load(Ordering::Relaxed) {
-            drop(g2.enter(Mode::EX).unwrap());
+    // A burst of operations without idle gaps keeps it for the whole minimum hold. On a
+    // loaded machine the burst thread can be descheduled between two operations for
+    // longer than IDLE_GRACE, and then giving the glock up early is right: such a run
+    // proves nothing and is repeated (the longest gap is measured).
+    for attempt in 0.. {
+        drop(g.enter(Mode::EX).unwrap());
+        let t0 = Instant::now();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (g2, stop2) = (g.clone(), stop.clone());
+        let burst = std::thread::spawn(move || {
+            let mut max_gap = Duration::ZERO;
+            let mut left = Instant::now();
+            while !stop2.load(Ordering::Relaxed) {
+                let guard = g2.enter(Mode::EX).unwrap();
+                max_gap = max_gap.max(left.elapsed());
+                drop(guard);
+                left = Instant::now();
+            }
+            max_gap
+        });
+        g.demote(LockId(7), Mode::EX);
+        let kept = t0.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        let max_gap = burst.join().unwrap();
+        if kept < Duration::from_millis(450) && max_gap >= IDLE_GRACE && attempt < 20 {
+            continue; // descheduled: the glock was idle, inconclusive
         }
-    });
-    g.demote(LockId(7), Mode::EX);
-    let kept = t0.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    burst.join().unwrap();
-    assert!(
-        kept >= Duration::from_millis(450),
-        "busy glock given up after {kept:?}"
-    );
+        assert!(
+            kept >= Duration::from_millis(450),
+            "busy glock given up after {kept:?} (longest idle gap {max_gap:?})"
+        );
+        break;
+    }
 }
