@@ -59,3 +59,26 @@ fn every_target_survives_corpus_and_random_inputs() {
         }
     }
 }
+
+/// The whole-image targets patch bytes of images built at run time; a corpus file (or a
+/// crash input with a forged checksum) means the same thing in every process only if
+/// those images are byte-identical every time.
+#[test]
+fn fs_fuzz_images_are_deterministic() {
+    use tandem_fuzz::fs_image;
+    let (a, b) = (fs_image::build_fsck_base(), fs_image::build_fsck_base());
+    assert!(
+        a.image == b.image,
+        "fs_image_fsck base image differs between builds"
+    );
+    assert_eq!(a.meta, b.meta);
+    let (a, b) = (
+        fs_image::build_journal_base(),
+        fs_image::build_journal_base(),
+    );
+    assert!(
+        a.image == b.image,
+        "fs_journal_replay base image differs between builds"
+    );
+    assert!(a.expected == b.expected);
+}
