@@ -305,6 +305,18 @@ pub fn image_fsck(data: &[u8]) {
     let base = fsck_base();
     let mut img = base.image.clone();
     apply_patches(&mut img, data, base);
+    if known("sb-block-count-overflow") {
+        // Reported: `read_superblock` multiplies block_count by block_size unchecked.
+        if let Ok(sb) = Superblock::decode(&img[..4096]) {
+            if sb
+                .block_count
+                .checked_mul(u64::from(sb.block_size))
+                .is_none()
+            {
+                return;
+            }
+        }
+    }
     let dev = Arc::new(FaultDevice::from_image(img));
     let mut sink = |_: &str| {};
     let Ok(report) = fsck(dev.clone(), FsckOptions { repair: false }, &mut sink) else {
