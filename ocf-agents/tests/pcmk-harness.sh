@@ -375,17 +375,10 @@ cmd__power_switch() {
                     off)
                         if ! holder_pid "$n" >/dev/null; then
                             ans=ok      # its namespaces are gone: off
-                        elif bash "$SELF" crash "$n" >>"$dir/switch.log" 2>&1; then
-                            ans=ok
                         else
-                            ans="error: crash node$n failed"
+                            ans=$(switch_run crash "$n")
                         fi ;;
-                    on)
-                        if bash "$SELF" _power_on "$n" >>"$dir/switch.log" 2>&1; then
-                            ans=ok
-                        else
-                            ans="error: starting node$n failed"
-                        fi ;;
+                    on) ans=$(switch_run _power_on "$n") ;;
                     status)
                         if daemon_pid "$n" corosync >/dev/null; then ans=on; else ans=off; fi ;;
                     *) ans="error: unknown request '$verb'" ;;
@@ -396,6 +389,15 @@ cmd__power_switch() {
         done
         sleep 0.2
     done
+}
+
+# switch_run CMD N: this script's CMD for node N, logged; prints "ok" or the error.
+switch_run() {
+    if bash "$SELF" "$1" "$2" >>"$SANDBOX/power/switch.log" 2>&1; then
+        echo ok
+    else
+        echo "error: $1 node$2 failed"
+    fi
 }
 
 switch_pid() {

@@ -193,6 +193,43 @@ fn close_on_one_node_is_seen_by_open_stat_readdir_read_on_the_others() {
     f.unmount_all_and_check_clean("at the end");
 }
 
+/// Record `k` of a node's fsync'd writes (`n3/file-k`).
+fn record(k: usize) -> Vec<u8> {
+    format!("fsynced record {k}\n").repeat(50).into_bytes()
+}
+
+/// Writes and fsyncs record `k` (run inside a node's worker).
+fn write_record(k: usize) -> std::io::Result<()> {
+    let mut fh = std::fs::File::create(p(&format!("n3/file-{k}")))?;
+    fh.write_all(&record(k))?;
+    fh.sync_all()
+}
+
+/// After n3 is gone: a survivor logged the replay of its journal, and records `0..fsynced`
+/// read back exactly on both survivors.
+fn assert_survivors_have_records(f: &FsCluster, fsynced: usize, when: &str) {
+    let logs = format!("{}{}", f.c.log(0, "fs"), f.c.log(1, "fs"));
+    assert!(
+        logs.contains("journal recovered"),
+        "no recovery logged:\n{logs}"
+    );
+    for i in 0..2 {
+        let missing = f.w(i).run(move || {
+            (0..fsynced)
+                .filter(|&k| {
+                    std::fs::read(p(&format!("n3/file-{k}"))).map_or(true, |d| d != record(k))
+                })
+                .count()
+        });
+        assert_eq!(
+            missing,
+            0,
+            "n{}: files n3 fsync'd {when} are missing or wrong",
+            i + 1
+        );
+    }
+}
+
 fn statvfs_free_blocks(path: &str) -> u64 {
     let c = std::ffi::CString::new(path).expect("no NUL");
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
@@ -496,12 +533,7 @@ fn kill9_of_a_nodes_whole_stack_during_writes_survivors_replay_its_journal() {
     let writer = std::thread::spawn(move || {
         w3.run(move || {
             for k in 0.. {
-                let r = (|| {
-                    let mut fh = std::fs::File::create(p(&format!("n3/file-{k}")))?;
-                    fh.write_all(format!("fsynced record {k}\n").repeat(50).as_bytes())?;
-                    fh.sync_all()
-                })();
-                if r.is_err() {
+                if write_record(k).is_err() {
                     return;
                 }
                 d2.store(k + 1, std::sync::atomic::Ordering::SeqCst);
@@ -532,27 +564,8 @@ fn kill9_of_a_nodes_whole_stack_during_writes_survivors_replay_its_journal() {
         .unwrap();
     let blocked = t0.elapsed();
     eprintln!("kill -9 of n3 -> survivors accept writes again after {blocked:?} ({fsynced} files fsync'd by n3)");
-    let logs = format!("{}{}", f.c.log(0, "fs"), f.c.log(1, "fs"));
-    assert!(
-        logs.contains("journal recovered"),
-        "no recovery logged:\n{logs}"
-    );
+    assert_survivors_have_records(&f, fsynced, "before it died");
     for i in 0..2 {
-        let got = f.w(i).run(move || {
-            (0..fsynced)
-                .filter(|k| {
-                    std::fs::read(p(&format!("n3/file-{k}")))
-                        .map(|d| d != format!("fsynced record {k}\n").repeat(50).into_bytes())
-                        .unwrap_or(true)
-                })
-                .count()
-        });
-        assert_eq!(
-            got,
-            0,
-            "n{}: files fsync'd by n3 before it died are missing or wrong",
-            i + 1
-        );
         assert_eq!(
             f.w(i).run(|| std::fs::read(p("after-kill")).unwrap()),
             b"still here"
@@ -657,14 +670,7 @@ fn a_node_cut_off_withdraws_and_the_survivors_carry_on() {
     f.w(0).run(|| std::fs::create_dir(p("n3"))).unwrap();
     let fsynced = 40;
     f.w(2)
-        .run(move || -> std::io::Result<()> {
-            for k in 0..fsynced {
-                let mut fh = std::fs::File::create(p(&format!("n3/file-{k}")))?;
-                fh.write_all(format!("fsynced record {k}\n").repeat(50).as_bytes())?;
-                fh.sync_all()?;
-            }
-            Ok(())
-        })
+        .run(move || -> std::io::Result<()> { (0..fsynced).try_for_each(write_record) })
         .unwrap();
     let t0 = Instant::now();
     f.c.net.cut(2).unwrap();
@@ -696,28 +702,7 @@ fn a_node_cut_off_withdraws_and_the_survivors_carry_on() {
         .run(|| std::fs::write(p("after-cut"), b"written while n3 was cut off"))
         .unwrap();
     eprintln!("cut n3 -> n1 writes again after {:?}", t0.elapsed());
-    let logs = format!("{}{}", f.c.log(0, "fs"), f.c.log(1, "fs"));
-    assert!(
-        logs.contains("journal recovered"),
-        "no recovery logged:\n{logs}"
-    );
-    for i in 0..2 {
-        let missing = f.w(i).run(move || {
-            (0..fsynced)
-                .filter(|k| {
-                    std::fs::read(p(&format!("n3/file-{k}")))
-                        .map(|d| d != format!("fsynced record {k}\n").repeat(50).into_bytes())
-                        .unwrap_or(true)
-                })
-                .count()
-        });
-        assert_eq!(
-            missing,
-            0,
-            "n{}: files n3 fsync'd before the cut are missing or wrong",
-            i + 1
-        );
-    }
+    assert_survivors_have_records(&f, fsynced, "before the cut");
     // Healed: n3's withdrawn mount unmounts, its volume resyncs from the majority, and a
     // new mount sees the survivors' writes.
     f.c.net.heal(2).unwrap();

@@ -774,3 +774,44 @@ fn live_link_in_sync(me: &Generation, peer: &Generation) -> bool {
         && peer.bitmap == 0
         && !peer.dirty
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::DiskState;
+
+    fn gen(current: u64, history: [u64; 2]) -> Generation {
+        Generation {
+            disk: DiskState::UpToDate,
+            current,
+            history,
+            crashed: false,
+            bitmap: 0,
+            dirty: false,
+        }
+    }
+
+    /// Two connected Primaries lose a third node at once: B adopts A's new generation X
+    /// and mints Y on top, while A still shows X. `decide` alone says "B is newer, full
+    /// resync"; on a live link where neither tracks a block for the other that resync
+    /// must not start (it made a mounted Primary Inconsistent).
+    #[test]
+    fn concurrent_mints_on_an_in_sync_link_start_no_resync() {
+        let (parent, x, y) = (0x11, 0x22, 0x33);
+        let a = gen(x, [parent, 0]);
+        let b = gen(y, [x, parent]);
+        assert_eq!(decide(&b, &a).0, Decision::SyncSource);
+        assert!(live_link_in_sync(&b, &a));
+        // Any tracked block, bitmap generation or crash flag means real differences.
+        assert!(!live_link_in_sync(&Generation { dirty: true, ..b }, &a));
+        assert!(!live_link_in_sync(&b, &Generation { bitmap: y, ..a }));
+        assert!(!live_link_in_sync(&b, &Generation { crashed: true, ..a }));
+        assert!(!live_link_in_sync(
+            &b,
+            &Generation {
+                disk: DiskState::Outdated,
+                ..a
+            }
+        ));
+    }
+}
