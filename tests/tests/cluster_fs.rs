@@ -664,7 +664,6 @@ fn a_file_unlinked_while_open_on_a_node_that_dies_is_freed_after_recovery() {
 /// by one survivor and not the other, would leave the survivors different in that block —
 /// the known multi-node gap that DRBD 9 closes with peer-acks (docs/SEMANTICS.md).
 #[test]
-#[ignore = "open bug (issue 6 note): after the cut the survivors' first write can wait over 120 s with no journal recovery started; run with --ignored"]
 fn a_node_cut_off_withdraws_and_the_survivors_carry_on() {
     let mut f = FsCluster::start_mounted(3).unwrap();
     f.w(0).run(|| std::fs::create_dir(p("n3"))).unwrap();

@@ -194,24 +194,22 @@ impl Cluster {
             .map_err(FsError::Io)?;
         self.threads.lock().push(cb);
         let (conn, stop, me) = (self.conn.clone(), self.stop.clone(), self.journal);
-        let glock = self.glock.clone();
+        // Once after mount (a node may have died with files open before we came), then
+        // after each recovery: the dead node's open unlinked files are closed for good,
+        // and nobody else would free them. The reaper thread sweeps, never this one: a
+        // sweep takes the glock, which may wait for exactly the orphans this thread must
+        // recover.
+        let sweep = Arc::new(AtomicBool::new(true));
+        let want_sweep = sweep.clone();
         let rec = std::thread::Builder::new()
             .name("recovery".into())
             .spawn(move || {
-                // Once after mount (a node may have died with files open before we came),
-                // then after each recovery: the dead node's open unlinked files are
-                // closed for good, and nobody else would free them.
-                let mut sweep = true;
                 while !stop.load(Ordering::Relaxed) {
                     match recovery::scan(&conn, &*dev, &sb, me) {
-                        Ok(n) => sweep |= n > 0,
+                        Ok(0) => {}
+                        Ok(_) => want_sweep.store(true, Ordering::Relaxed),
                         Err(e) => {
                             tracing::warn!(error = %e, "journal recovery scan failed; retrying")
-                        }
-                    }
-                    if sweep {
-                        if let Some(h) = glock.hooks() {
-                            sweep = !h.reap_orphans();
                         }
                     }
                     let mut slept = Duration::ZERO;
@@ -230,11 +228,15 @@ impl Cluster {
             .name("iopen-reaper".into())
             .spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let Ok(ino) = rx.recv_timeout(Duration::from_millis(200)) else {
+                    let job = rx.recv_timeout(Duration::from_millis(200));
+                    let Some(h) = glock.hooks() else {
                         continue;
                     };
-                    if let Some(h) = glock.hooks() {
+                    if let Ok(ino) = job {
                         h.reap_unlinked(ino);
+                    }
+                    if sweep.swap(false, Ordering::Relaxed) && !h.reap_orphans() {
+                        sweep.store(true, Ordering::Relaxed); // retried on the next wakeup
                     }
                 }
             })
