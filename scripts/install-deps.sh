@@ -2,7 +2,7 @@
 # Installs the Debian packages Tandem's tools, tests and demo use, when missing.
 # Safe to run repeatedly; does nothing when everything is present or when not root.
 set -euo pipefail
-pkgs=(iproute2 fuse3 libnbd-bin nbdkit qemu-utils fio psmisc util-linux procps e2fsprogs)
+pkgs=(iproute2 nftables fuse3 libnbd-bin nbdkit qemu-utils fio psmisc util-linux procps e2fsprogs)
 # The seed scenario (demo --web, scripts/seed-test.sh, bench web): HAProxy in front of
 # every node's nginx (nginx-light and curl are asked for by those commands), wrk for load.
 pkgs+=(haproxy wrk)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::{bin, Cluster, NsWorker, ResourceSpec};
+use crate::{bin, Cluster, Faults, NsWorker, ResourceSpec};
 
 pub const MNT: &str = "/var/www/html";
 pub const RES: &str = "www";
@@ -24,6 +24,15 @@ impl FsCluster {
     /// Starts `nodes` nodes (lockd + replicator, all Primary) and makes the filesystem
     /// with one journal per node (plus `spare_journals`).
     pub fn start(nodes: usize, spare_journals: usize) -> anyhow::Result<Self> {
+        Self::start_with_faults(nodes, spare_journals, None)
+    }
+
+    /// `start`, with every node's network impaired before any daemon connects.
+    pub fn start_with_faults(
+        nodes: usize,
+        spare_journals: usize,
+        faults: Option<Faults>,
+    ) -> anyhow::Result<Self> {
         let mut c = Cluster::builder()
             .nodes(nodes)
             .resource(ResourceSpec {
@@ -39,6 +48,11 @@ impl FsCluster {
                 ..Default::default()
             })
             .start()?;
+        if let Some(f) = faults {
+            for i in 0..nodes {
+                c.impair_network(i, f)?;
+            }
+        }
         for i in 0..nodes {
             c.start_lockd(i)?;
         }

@@ -3,12 +3,14 @@
 //! replicator, lock manager, filesystem and Pacemaker scenarios in `tests/`.
 
 pub mod cluster;
+pub mod faults;
 pub mod fscluster;
 pub mod netns;
 pub mod nsworker;
 pub mod oracle;
 
 pub use cluster::{bin, bin_dir, Cluster, ResourceSpec};
+pub use faults::Faults;
 pub use nsworker::NsWorker;
 
 /// crc32 of a byte range of a file (for comparing copies).
