@@ -408,6 +408,16 @@ impl Cluster {
         }
     }
 
+    /// PID of a node's process `what` (the newest one started).
+    pub fn pid_of(&self, node: usize, what: &str) -> u32 {
+        self.procs
+            .iter()
+            .rev()
+            .find(|p| p.node == node && p.what == what)
+            .map(|p| p.child.id())
+            .unwrap_or_else(|| panic!("n{} has no {what}", node + 1))
+    }
+
     /// Whether a node's process `what` is still running.
     pub fn alive(&mut self, node: usize, what: &str) -> bool {
         self.procs

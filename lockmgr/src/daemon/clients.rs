@@ -3,20 +3,25 @@
 //! the connection closes, for any reason, the session is closed and its locks released.
 
 use super::core_thread::{CoreInput, Replies};
+use super::flow::{Unanswered, MAX_UNANSWERED, REPLY_QUEUE};
 use crate::proto::{
     ClientReply, ClientRequest, CLIENT_PROTOCOL_MAX, CLIENT_PROTOCOL_MIN, MAX_REQUEST_FRAME_BYTES,
 };
 use crate::table::{Command, LockError};
 use crate::types::{ReqId, SessionId};
 use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::Arc;
 use std::time::Duration;
 use tandem_common::frame::{self, Channel};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Client connections served at once; one more is told why and closed. With the
+/// per-connection bounds in `flow`, this bounds what clients can make the daemon hold.
+pub const MAX_CONNECTIONS: usize = 1024;
 
 /// Hands an input to the core thread without blocking the async workers.
 pub async fn send_to_core(core: &SyncSender<CoreInput>, input: CoreInput) -> Result<(), ()> {
@@ -35,6 +40,7 @@ pub async fn send_to_core(core: &SyncSender<CoreInput>, input: CoreInput) -> Res
 pub async fn listen(listener: UnixListener, core: SyncSender<CoreInput>) {
     // SAFETY: geteuid has no preconditions.
     let my_uid = unsafe { libc::geteuid() };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(x) => x,
@@ -55,11 +61,27 @@ pub async fn listen(listener: UnixListener, core: SyncSender<CoreInput>) {
                 continue;
             }
         }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(
+                max = MAX_CONNECTIONS,
+                "refusing a client: too many connections"
+            );
+            let (_, w) = stream.into_split();
+            let mut w = BufWriter::new(w);
+            tokio::spawn(async move {
+                let message = format!(
+                    "too many client connections ({MAX_CONNECTIONS}); close idle clients and retry"
+                );
+                let _ = tokio::time::timeout(HELLO_TIMEOUT, refuse::<()>(&mut w, message)).await;
+            });
+            continue;
+        };
         let core = core.clone();
         tokio::spawn(async move {
             if let Err(e) = serve(stream, core).await {
                 tracing::info!(error = %e, "client connection closed");
             }
+            drop(slot);
         });
     }
 }
@@ -115,7 +137,8 @@ async fn serve(stream: UnixStream, core: SyncSender<CoreInput>) -> Result<(), St
         );
         return refuse(&mut w, message).await;
     }
-    let (replies, mut reply_rx) = mpsc::unbounded_channel::<ClientReply>();
+    let (replies, mut reply_rx, overflow) = Replies::channel();
+    let unanswered = Arc::new(Unanswered::default());
     let session = if open_session {
         let (opened, opened_rx) = oneshot::channel();
         send_to_core(
@@ -143,15 +166,18 @@ async fn serve(stream: UnixStream, core: SyncSender<CoreInput>) -> Result<(), St
         });
         None
     };
+    let written = unanswered.clone();
     let writer = tokio::spawn(async move {
         while let Some(first) = reply_rx.recv().await {
             let mut closing =
                 matches!(first, ClientReply::Ended { .. } | ClientReply::Error { .. });
             write(&mut w, &first).await?;
+            written.answered(&first);
             while !closing {
                 let Ok(more) = reply_rx.try_recv() else { break };
                 closing = matches!(more, ClientReply::Ended { .. } | ClientReply::Error { .. });
                 write(&mut w, &more).await?;
+                written.answered(&more);
             }
             w.flush().await.map_err(|e| e.to_string())?;
             if closing {
@@ -161,7 +187,14 @@ async fn serve(stream: UnixStream, core: SyncSender<CoreInput>) -> Result<(), St
         let _ = w.shutdown().await;
         Ok::<(), String>(())
     });
-    let result = read_loop(&mut r, session, &replies, &core).await;
+    // A client that does not read its replies fills its queue and is dropped here.
+    let result = tokio::select! {
+        r = read_loop(&mut r, session, &replies, &core, &unanswered) => r,
+        () = overflow.notified() => Err(format!(
+            "the client does not read its replies ({REPLY_QUEUE} queued, {} requests unanswered): disconnected",
+            unanswered.len()
+        )),
+    };
     if let Err(message) = &result {
         let _ = replies.send(ClientReply::Error {
             message: message.clone(),
@@ -180,6 +213,7 @@ async fn read_loop(
     session: Option<SessionId>,
     replies: &Replies,
     core: &SyncSender<CoreInput>,
+    unanswered: &Unanswered,
 ) -> Result<(), String> {
     loop {
         let req: ClientRequest =
@@ -193,7 +227,8 @@ async fn read_loop(
             lock: None,
             error: LockError::NoSession,
         };
-        if request_id(&req) == ReqId(0) && !matches!(req, ClientRequest::Hello { .. }) {
+        let id = request_id(&req);
+        if id == ReqId(0) && !matches!(req, ClientRequest::Hello { .. }) {
             // Id 0 would look like an already-applied duplicate and never be answered.
             let _ = replies.send(ClientReply::Failed {
                 req: ReqId(0),
@@ -228,11 +263,22 @@ async fn read_loop(
                 None => return Err("unexpected request".into()),
             },
         };
+        // Backpressure: past MAX_UNANSWERED this waits (and reads nothing more) until
+        // an answer goes out.
+        let release = matches!(
+            &input,
+            CoreInput::Submit(
+                Command::Unlock { .. } | Command::Cancel { .. } | Command::CancelRequest { .. }
+            )
+        );
+        unanswered.admit(id, release).await;
         send_to_core(core, input)
             .await
             .map_err(|_| "the replica stopped".to_string())?;
     }
 }
+
+const _: () = assert!(2 * MAX_UNANSWERED < REPLY_QUEUE);
 
 fn request_id(req: &ClientRequest) -> ReqId {
     match req {

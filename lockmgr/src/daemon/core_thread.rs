@@ -13,10 +13,10 @@ use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 use tandem_common::NodeId;
-use tokio::sync::mpsc::{Sender, UnboundedSender};
+use tokio::sync::mpsc::Sender;
 use tokio::sync::oneshot;
 
-pub type Replies = UnboundedSender<ClientReply>;
+pub use super::flow::Replies;
 
 pub enum CoreInput {
     Raft(Box<Message>),

@@ -5,6 +5,7 @@
 
 pub mod clients;
 pub mod core_thread;
+pub mod flow;
 pub mod peer;
 
 use crate::log_cache::LogCache;
@@ -18,8 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_common::ClusterConfig;
 
-/// Inputs queued for the replica thread before senders wait.
-const CORE_QUEUE: usize = 65_536;
+/// Inputs queued for the replica thread before senders wait (client connections and
+/// peer readers then stop reading: backpressure). Every queued client request is ahead
+/// of the next one, so a long queue is latency for everyone.
+const CORE_QUEUE: usize = 16_384;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {

@@ -108,6 +108,12 @@ pub enum LockError {
     NodeNotFenced(NodeId),
     #[error("session refused: {0}")]
     Refused(String),
+    /// The session holds the maximum number of locks (the limit); nothing was changed.
+    #[error("too many locks: this session already holds the maximum of {0}; release some first")]
+    TooManyLocks(u64),
+    /// The whole lock table is at its maximum (the limit); nothing was changed.
+    #[error("the lock table is full ({0} locks); release locks or close idle clients")]
+    TableFull(u64),
 }
 
 /// Why a session ended without the client closing it.

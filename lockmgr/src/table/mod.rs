@@ -25,6 +25,13 @@ pub use view::{LockView, ResourceView};
 const MAX_REQ_WINDOW: usize = 4096;
 /// Bound on remembered sessions closed before their open was applied.
 const MAX_CLOSED_EARLY: usize = 4096;
+/// Locks one session may hold or request at once. A filesystem mount holds a few per
+/// cached inode (its idle inode cache is capped at 4096), far below this; the cap keeps a
+/// runaway client from growing every replica's memory without end.
+pub const MAX_LOCKS_PER_SESSION: usize = 65_536;
+/// Locks in the whole table: with the per-session cap, what bounds the replicas' memory
+/// (docs/TESTING.md, "Overload").
+pub const MAX_LOCKS_TOTAL: usize = 262_144;
 
 /// A resource: lockspace plus resource name.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -239,6 +246,12 @@ impl LockTable {
                 validate_lockspace(lockspace).map_err(|m| (None, LockError::Invalid(m)))?;
                 validate_resource(resource).map_err(|m| (None, LockError::Invalid(m)))?;
                 check_flags(*flags)?;
+                if self.sessions[session].locks.len() >= MAX_LOCKS_PER_SESSION {
+                    return Err((None, LockError::TooManyLocks(MAX_LOCKS_PER_SESSION as u64)));
+                }
+                if self.locks.len() >= MAX_LOCKS_TOTAL {
+                    return Err((None, LockError::TableFull(MAX_LOCKS_TOTAL as u64)));
+                }
                 self.new_lock(*session, *req, lockspace, resource, *mode, *flags, fx);
                 Ok(())
             }

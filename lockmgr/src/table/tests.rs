@@ -847,3 +847,43 @@ fn persistent_locks_of_a_closed_session_are_orphaned_and_recoverable_without_fen
         }
     ));
 }
+
+#[test]
+fn a_session_and_the_table_stop_at_their_lock_limits_and_others_keep_working() {
+    let mut t = T::new();
+    let mut next = 0u64;
+    let mut lock = |t: &mut T, s: SessionId| {
+        next += 1;
+        t.table.apply(&Command::Lock {
+            session: s,
+            req: ReqId(next),
+            lockspace: LS.into(),
+            resource: format!("r{next}").into_bytes(),
+            mode: Mode::NL,
+            flags: Flags::default(),
+        })
+    };
+    // Fill four sessions to the per-session cap: together they fill the table.
+    assert_eq!(MAX_LOCKS_TOTAL, 4 * MAX_LOCKS_PER_SESSION);
+    for s in [sid(1, 1), sid(1, 2), sid(2, 1), sid(2, 2)] {
+        for _ in 0..MAX_LOCKS_PER_SESSION {
+            assert!(granted_lock(&lock(&mut t, s), s).is_some());
+        }
+    }
+    let full = sid(1, 1);
+    let fx = lock(&mut t, full);
+    assert!(
+        matches!(&fx[..], [Effect::Failed { error: LockError::TooManyLocks(n), .. }] if *n == MAX_LOCKS_PER_SESSION as u64),
+        "{fx:?}"
+    );
+    let other = sid(3, 1);
+    let fx = lock(&mut t, other);
+    assert!(
+        matches!(&fx[..], [Effect::Failed { error: LockError::TableFull(n), .. }] if *n == MAX_LOCKS_TOTAL as u64),
+        "{fx:?}"
+    );
+    // Closing a full session frees its share: others lock again.
+    t.table.apply(&Command::CloseSession { session: full });
+    assert!(granted_lock(&lock(&mut t, other), other).is_some());
+    t.table.check_invariants().unwrap();
+}

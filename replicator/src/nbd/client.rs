@@ -176,6 +176,12 @@ impl NbdClient {
         self.reply(h)
     }
 
+    /// The negotiated connection, for callers that pipeline requests themselves (the
+    /// overload tests send without waiting for replies).
+    pub fn into_stream(self) -> UnixStream {
+        self.stream
+    }
+
     /// Sends NBD_CMD_DISC; the connection closes.
     pub fn disconnect(mut self) -> std::io::Result<()> {
         self.request(CMD_DISC, 0, 0, 0, &[]).map(|_| ())

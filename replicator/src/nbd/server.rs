@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::proto::*;
 use crate::engine::{IoError, Resource};
@@ -19,7 +19,13 @@ const MAX_INFLIGHT_PER_CLIENT: usize = 128;
 /// Payload bytes buffered at once by all clients of one export (reads and writes), in
 /// 4 KiB units: a flood of large requests waits here instead of growing memory.
 const BUDGET_BYTES: usize = 256 << 20;
+/// One client's share of that budget, so a client that does not read its read replies
+/// cannot hold all of it.
+const CLIENT_BUDGET_BYTES: usize = 64 << 20;
 const BUDGET_UNIT: usize = 4096;
+/// A client that takes no reply for this long is disconnected (its queued replies free
+/// their buffers).
+const REPLY_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn budget_units(len: u32) -> u32 {
     (len as usize).div_ceil(BUDGET_UNIT).max(1) as u32
@@ -196,15 +202,24 @@ async fn handle_client(
     transmission(rd, wr, res, budget).await
 }
 
+/// A reply on its way to the socket, holding the request's slot and buffer budget until
+/// it is written: what a client has not read yet still counts against its limits.
+struct Reply {
+    bytes: Vec<u8>,
+    _slot: OwnedSemaphorePermit,
+    _memory: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+}
+
 async fn transmission(
     mut rd: BufReader<tokio::net::unix::OwnedReadHalf>,
     wr: BufWriter<tokio::net::unix::OwnedWriteHalf>,
     res: Arc<Resource>,
     budget: Arc<Semaphore>,
 ) -> Result<(), ClientError> {
-    let (reply_tx, reply_rx) = mpsc::channel::<Vec<u8>>(MAX_INFLIGHT_PER_CLIENT * 2);
+    let (reply_tx, reply_rx) = mpsc::channel::<Reply>(MAX_INFLIGHT_PER_CLIENT);
     let writer = tokio::spawn(reply_writer(wr, reply_rx));
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT_PER_CLIENT));
+    let mine = Arc::new(Semaphore::new(CLIENT_BUDGET_BYTES / BUDGET_UNIT));
     let result = loop {
         let mut header = [0u8; 28];
         match rd.read_exact(&mut header).await {
@@ -219,15 +234,34 @@ async fn transmission(
         if req.kind == CMD_DISC {
             break Ok(());
         }
-        // Reserve buffer space for the payload (write data or read reply) first.
+        if reply_tx.is_closed() {
+            break Err(ClientError::Protocol(format!(
+                "the client read no reply for {} s: disconnected",
+                REPLY_STALL.as_secs()
+            )));
+        }
+        // A slot first (a client that does not read its replies runs out of slots and
+        // is no longer read from, holding no buffer), then buffer space for the payload
+        // (write data or read reply): the client's own share, then the export's.
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore never closed");
         let bytes = if matches!(req.kind, CMD_WRITE | CMD_READ) {
             req.length.min(MAX_REQUEST_BYTES)
         } else {
             0
         };
-        let memory = budget
+        let units = budget_units(bytes);
+        let own = mine
             .clone()
-            .acquire_many_owned(budget_units(bytes))
+            .acquire_many_owned(units)
+            .await
+            .expect("semaphore never closed");
+        let shared = budget
+            .clone()
+            .acquire_many_owned(units)
             .await
             .expect("semaphore never closed");
         let data = if req.kind == CMD_WRITE {
@@ -245,42 +279,58 @@ async fn transmission(
         } else {
             None
         };
-        let permit = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
         let res = res.clone();
         let tx = reply_tx.clone();
         tokio::spawn(async move {
-            let reply = execute(&res, req, data).await;
-            let _ = tx.send(reply).await;
-            drop(permit);
-            drop(memory);
+            let is_read = req.kind == CMD_READ;
+            let bytes = execute(&res, req, data).await;
+            // A write's data is on disk and its reply is 16 bytes: free its buffer now.
+            let memory = is_read.then_some((own, shared));
+            let _ = tx
+                .send(Reply {
+                    bytes,
+                    _slot: slot,
+                    _memory: memory,
+                })
+                .await;
         });
     };
     // Let in-flight requests finish and their replies go out before closing.
-    let _ = slots.acquire_many(MAX_INFLIGHT_PER_CLIENT as u32).await;
     drop(reply_tx);
     let _ = writer.await;
     result
 }
 
+/// Writes replies in order. A client that takes no reply for `REPLY_STALL` is dropped:
+/// closing the queue frees every slot and buffer its replies held.
 async fn reply_writer(
     mut wr: BufWriter<tokio::net::unix::OwnedWriteHalf>,
-    mut rx: mpsc::Receiver<Vec<u8>>,
+    mut rx: mpsc::Receiver<Reply>,
 ) {
+    let stalled = |what: &str| {
+        tracing::warn!(
+            stall_s = REPLY_STALL.as_secs(),
+            "NBD client takes no replies ({what}); disconnecting it"
+        );
+    };
     while let Some(first) = rx.recv().await {
-        if wr.write_all(&first).await.is_err() {
-            return;
+        match tokio::time::timeout(REPLY_STALL, wr.write_all(&first.bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => return stalled("write"),
         }
+        drop(first);
         while let Ok(more) = rx.try_recv() {
-            if wr.write_all(&more).await.is_err() {
-                return;
+            match tokio::time::timeout(REPLY_STALL, wr.write_all(&more.bytes)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => return stalled("write"),
             }
         }
-        if wr.flush().await.is_err() {
-            return;
+        match tokio::time::timeout(REPLY_STALL, wr.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => return stalled("flush"),
         }
     }
 }
