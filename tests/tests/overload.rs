@@ -378,7 +378,7 @@ fn fuse_operation_flood_keeps_the_mount_daemon_bounded_and_the_other_node_served
                             fh.write_all(&chunk)?;
                             ops += 1;
                         }
-                        if k % 2 == 0 {
+                        if k.is_multiple_of(2) {
                             fh.sync_all()?;
                         }
                         drop(fh);
