@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks (not part of the test pass/fail). Each prints ratios against the raw disk /
 # ext4 measured in the same run, because absolute times on shared machines mislead.
-#   ./tandem bench [replicator|fs] [-- extra args for tandem-bench / tandem-fsbench]
+#   ./tandem bench [replicator|fs|lock] [-- extra args for tandem-bench / tandem-fsbench /
+#                                       tandem-lockbench]
 #   ./tandem bench web   nginx + HAProxy on a 2-node cluster vs on ext4 (scripts/bench-web.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -12,6 +13,7 @@ export TANDEM_BIN_DIR="$PWD/target/release" TMPDIR=/var/tmp RUST_LOG=warn
 case "$what" in
   replicator) exec ./target/release/tandem-bench "$@" ;;
   fs) exec ./target/release/tandem-fsbench "$@" ;;
+  lock) exec ./target/release/tandem-lockbench "$@" ;;
   web) exec ./scripts/bench-web.sh "$@" ;;
-  *) echo "bench: unknown benchmark '$what' (replicator, fs, web)" >&2; exit 2 ;;
+  *) echo "bench: unknown benchmark '$what' (replicator, fs, lock, web)" >&2; exit 2 ;;
 esac

@@ -82,6 +82,11 @@ EOF
     i=$((i + 1))
   done
   printf '\n[[resource]]\nname = "www"\nprotocol = "C"\nallow-two-primaries = true\nsize = "%s"\n' "$size" >> "$cfg"
+  # From three nodes on, a node cut off from the majority fails its writes instead of
+  # writing a split brain under the cluster filesystem (DRBD's quorum majority).
+  if [ "${#nodes[@]}" -ge 3 ]; then
+    printf 'quorum = "majority"\non-no-quorum = "io-error"\n' >> "$cfg"
+  fi
   for n in "${nodes[@]}"; do
     printf '[resource.on.%s]\ndisk = "%s/disks/%s.img"\n' "$n" "$demo" "$n" >> "$cfg"
   done
