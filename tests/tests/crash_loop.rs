@@ -1,6 +1,8 @@
-//! Crash loop: kill -9 the writing Primary's daemon again and again under load, restart
-//! it, resync, and check the acknowledged-write oracle on every copy each time.
-//! `TANDEM_CRASH_LOOPS` sets the iterations (default 10 in the test suite; issue 9's
+//! Crash loops (issue 9): kill -9 the writing Primary's daemon again and again under load,
+//! restart it, resync, and check the acknowledged-write oracle on every copy each time;
+//! and the same with a mounted filesystem on top (mount daemon and replicator killed
+//! together, every fsynced file checked on the survivor, fsck at the end).
+//! `TANDEM_CRASH_LOOPS` sets the iterations (default 10 and 3 in the test suite; issue 9's
 //! drill runs 100).
 
 use std::sync::{Arc, Mutex};
