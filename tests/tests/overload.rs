@@ -15,6 +15,16 @@ use tandem_lockmgr::table::LockError;
 use tandem_lockmgr::types::{Flags, Mode, ReqId};
 use tandem_tests::Cluster;
 
+/// The floods are meant to saturate the machine: one at a time, or each would measure
+/// the other (cargo runs a binary's tests two at once).
+static ONE_FLOOD_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_FLOOD_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Resident memory of a process, KiB (VmRSS).
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -54,6 +64,7 @@ const LOCKD_RSS_BOUND_MIB: u64 = 128;
 
 #[test]
 fn lock_request_flood_is_pushed_back_and_lockd_memory_stays_bounded() {
+    let _serial = serial();
     let mut c = Cluster::builder().nodes(3).start().unwrap();
     let mut pids = Vec::new();
     for i in 0..3 {
@@ -231,6 +242,7 @@ const REPLICATORD_RSS_BOUND_MIB: u64 = 640;
 
 #[test]
 fn nbd_write_flood_is_pushed_back_and_replicatord_memory_stays_bounded() {
+    let _serial = serial();
     use tandem_replicator::nbd::client::NbdClient;
     use tandem_replicator::nbd::proto::{CMD_WRITE, REQUEST_MAGIC};
     let mut c = Cluster::builder().nodes(2).start().unwrap();
@@ -353,6 +365,7 @@ const MOUNT_RSS_BOUND_MIB: u64 = 256;
 
 #[test]
 fn fuse_operation_flood_keeps_the_mount_daemon_bounded_and_the_other_node_served() {
+    let _serial = serial();
     use tandem_tests::fscluster::{FsCluster, MNT};
     use tandem_tests::NsWorker;
     let mut f = FsCluster::start_mounted(2).unwrap();
