@@ -771,3 +771,90 @@ fn unmount_and_remount_one_node_while_the_others_keep_writing() {
     }
     f.unmount_all_and_check_clean("at the end");
 }
+
+/// iopen locks of closed files stay cached, but at most `MAX_IDLE` (4096) of them per
+/// mount: past that the oldest go back to the lock manager (GFS2 keeps its iopen glocks
+/// in a bounded LRU too). Seen both in the mount's glstats and in the lock table.
+#[test]
+fn idle_iopen_locks_beyond_the_cache_limit_are_given_back() {
+    let mut f = FsCluster::start(2, 0).unwrap();
+    f.mount(0).unwrap();
+    f.mount(1).unwrap();
+    let files = 4600;
+    f.w(0)
+        .run(move || -> std::io::Result<()> {
+            std::fs::create_dir(p("many"))?;
+            for k in 0..files {
+                std::fs::write(p(&format!("many/f{k}")), b"x")?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let iopen_held_by = |f: &FsCluster, node: usize| -> usize {
+        let out = f.c.lockctl(node, &["locks", "test:www", "--json"]).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let me = node as u64 + 1;
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                let name: Vec<u8> = r["name"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|b| b.as_u64().unwrap() as u8)
+                    .collect();
+                name.starts_with(b"iopen/")
+            })
+            .flat_map(|r| r["granted"].as_array().unwrap().clone())
+            .filter(|l| l["owner"]["node"].as_u64() == Some(me))
+            .count()
+    };
+    let held = iopen_held_by(&f, 0);
+    eprintln!("n1 holds {held} iopen locks after creating {files} files");
+    assert!(
+        (1..=4096).contains(&held),
+        "n1 holds {held} iopen locks (cache limit 4096)"
+    );
+    // The mount's operator view agrees: nothing open, at most 4096 idle.
+    let stats = std::fs::read_dir(f.c.dir().join("run/n1"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().ends_with(".glstats"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .expect("glstats file of n1's mount");
+    let line = stats
+        .lines()
+        .find(|l| l.starts_with("iopen PR:"))
+        .unwrap_or_else(|| panic!("no iopen line in {stats}"));
+    let idle: usize = line
+        .split(',')
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read {line}"));
+    assert!(idle <= 4096, "{line}");
+    // Files whose lock was given back still work from both nodes, and n2 can delete
+    // them (its EX NOQUEUE on iopen is granted at once, nothing to call back).
+    for i in 0..2 {
+        let n = f
+            .w(i)
+            .run(|| std::fs::read(p("many/f0")))
+            .unwrap_or_else(|e| panic!("n{}: {e}", i + 1));
+        assert_eq!(n, b"x");
+    }
+    f.w(1)
+        .run(move || -> std::io::Result<()> {
+            for k in 0..100 {
+                std::fs::remove_file(p(&format!("many/f{k}")))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    f.unmount_all_and_check_clean("after the iopen eviction");
+}
