@@ -13,6 +13,76 @@ use crate::{bin, Cluster, Faults, NsWorker, ResourceSpec};
 pub const MNT: &str = "/var/www/html";
 pub const RES: &str = "www";
 
+/// Makes the filesystem on node 0's export of the volume (`-J 4`, `journals` journals).
+pub fn mkfs(c: &Cluster, lockproto: &str, journals: usize) -> anyhow::Result<()> {
+    let j = journals.to_string();
+    let out = Command::new(bin("tandemfs"))
+        .args([
+            "mkfs", "-q", "-t", "test:www", "-p", lockproto, "-j", &j, "-J", "4",
+        ])
+        .arg(c.nbd_uri(0, RES))
+        .output()?;
+    if !out.status.success() {
+        bail!("mkfs failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Starts `tandemfs mount` of node `node`'s export at `MNT` in its own mount namespace
+/// (foreground, tracked by PID, `extra` arguments appended) and waits for the FUSE mount.
+pub fn spawn_mount(c: &mut Cluster, node: usize, extra: &[&str]) -> anyhow::Result<u32> {
+    std::fs::create_dir_all(MNT)?;
+    let uri = c.nbd_uri(node, RES);
+    let mut args = vec!["mount", uri.as_str(), MNT, "-f"];
+    args.extend_from_slice(extra);
+    let pid = c.spawn(node, "fs", &bin("tandemfs"), &args)?;
+    c.wait_for(Duration::from_secs(30), || {
+        let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+        Ok(info
+            .lines()
+            .any(|l| l.contains(&format!(" {MNT} ")) && l.contains(" - fuse")))
+    })
+    .with_context(|| {
+        format!(
+            "mount on n{} did not appear:\n{}",
+            node + 1,
+            c.log(node, "fs")
+        )
+    })?;
+    Ok(pid)
+}
+
+/// Unmounts node `node`'s mount through its worker (umount inside its namespace) and
+/// waits until the mount daemon `pid` has exited.
+pub fn unmount(c: &Cluster, node: usize, w: NsWorker, pid: u32) -> anyhow::Result<()> {
+    let ok = w.run(|| {
+        let p = std::ffi::CString::new(MNT).unwrap();
+        // SAFETY: plain umount2 of a path in this thread's namespace.
+        unsafe { libc::umount2(p.as_ptr(), 0) == 0 }
+    });
+    drop(w);
+    if !ok {
+        bail!("umount on n{} failed", node + 1);
+    }
+    c.wait_for(Duration::from_secs(30), || {
+        Ok(!std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true))
+    })
+}
+
+/// `fsck.tandem -n` (exit 0 = clean) through node `node`'s export: (clean, report).
+pub fn fsck(c: &Cluster, node: usize) -> anyhow::Result<(bool, String)> {
+    let out = Command::new(bin("tandemfs"))
+        .args(["fsck", "-n"])
+        .arg(c.nbd_uri(node, RES))
+        .output()?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text += &String::from_utf8_lossy(&out.stderr);
+    Ok((out.status.success(), text))
+}
+
 pub struct FsCluster {
     // Declared first so it drops first: killing the mounts unblocks any stuck worker.
     pub c: Cluster,
@@ -67,26 +137,7 @@ impl FsCluster {
             }))
         })
         .context("the lock managers elected no leader")?;
-        let uri = c.nbd_uri(0, RES);
-        let j = (nodes + spare_journals).to_string();
-        let out = Command::new(bin("tandemfs"))
-            .args([
-                "mkfs",
-                "-q",
-                "-t",
-                "test:www",
-                "-p",
-                "lock_tandem",
-                "-j",
-                &j,
-                "-J",
-                "4",
-            ])
-            .arg(&uri)
-            .output()?;
-        if !out.status.success() {
-            bail!("mkfs failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        mkfs(&c, "lock_tandem", nodes + spare_journals)?;
         Ok(Self {
             c,
             workers: (0..nodes).map(|_| None).collect(),
@@ -96,8 +147,6 @@ impl FsCluster {
 
     /// Mounts the filesystem on node `i` (foreground daemon, tracked by PID).
     pub fn mount(&mut self, i: usize) -> anyhow::Result<()> {
-        std::fs::create_dir_all(MNT)?;
-        let uri = self.c.nbd_uri(i, RES);
         let opts = format!(
             "node={},config={}{}",
             self.c.node_name(i),
@@ -106,26 +155,7 @@ impl FsCluster {
                 .map(|s| format!(",{s}"))
                 .unwrap_or_default()
         );
-        let pid = self.c.spawn(
-            i,
-            "fs",
-            &bin("tandemfs"),
-            &["mount", &uri, MNT, "-f", "-o", &opts],
-        )?;
-        self.c
-            .wait_for(Duration::from_secs(30), || {
-                let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
-                Ok(info
-                    .lines()
-                    .any(|l| l.contains(&format!(" {MNT} ")) && l.contains(" - fuse")))
-            })
-            .with_context(|| {
-                format!(
-                    "mount on n{} did not appear:\n{}",
-                    i + 1,
-                    self.c.log(i, "fs")
-                )
-            })?;
+        let pid = spawn_mount(&mut self.c, i, &["-o", &opts])?;
         self.workers[i] = Some(NsWorker::enter(pid)?);
         self.pids[i] = Some(pid);
         Ok(())
@@ -134,23 +164,8 @@ impl FsCluster {
     /// Clean unmount of node `i` (umount inside its namespace; the daemon exits).
     pub fn unmount(&mut self, i: usize) -> anyhow::Result<()> {
         let w = self.workers[i].take().context("not mounted")?;
-        let ok = w.run(|| {
-            let c = std::ffi::CString::new(MNT).unwrap();
-            // SAFETY: plain umount2 of a path in this thread's namespace.
-            unsafe { libc::umount2(c.as_ptr(), 0) == 0 }
-        });
-        drop(w);
-        if !ok {
-            bail!("umount on n{} failed", i + 1);
-        }
         let pid = self.pids[i].take().expect("pid of a mount");
-        self.c.wait_for(Duration::from_secs(30), || {
-            Ok(!std::path::Path::new(&format!("/proc/{pid}")).exists()
-                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .map(|s| s.contains(") Z "))
-                    .unwrap_or(true))
-        })?;
-        Ok(())
+        unmount(&self.c, i, w, pid)
     }
 
     /// `start(nodes, 0)` and every node mounted.
@@ -181,12 +196,6 @@ impl FsCluster {
 
     /// Runs `fsck.tandem -n` (exit 0 = clean) on node 0's export.
     pub fn fsck(&self) -> anyhow::Result<(bool, String)> {
-        let out = Command::new(bin("tandemfs"))
-            .args(["fsck", "-n"])
-            .arg(self.c.nbd_uri(0, RES))
-            .output()?;
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text += &String::from_utf8_lossy(&out.stderr);
-        Ok((out.status.success(), text))
+        fsck(&self.c, 0)
     }
 }

@@ -48,6 +48,15 @@ impl WriteLog {
         self.in_flight.remove(&block);
         self.acked.insert(block, generation);
     }
+    /// Checks blocks `blocks` of a whole disk image (a backing file read back).
+    pub fn check_image(&self, image: &[u8], blocks: std::ops::Range<u64>) -> Result<(), String> {
+        for block in blocks {
+            let at = block as usize * BLOCK_BYTES;
+            self.check(block, &image[at..at + BLOCK_BYTES])?;
+        }
+        Ok(())
+    }
+
     /// Checks a block read back after a crash.
     pub fn check(&self, block: u64, data: &[u8]) -> Result<(), String> {
         let got = block_generation(block, data)

@@ -13,12 +13,17 @@ use tandem_replicator::nbd::client::NbdClient;
 use tandem_tests::oracle::{block_data, WriteLog, BLOCK_BYTES};
 use tandem_tests::Cluster;
 
-#[test]
-fn kill9_loop_of_the_primary_never_loses_an_acknowledged_write() {
-    let loops: usize = std::env::var("TANDEM_CRASH_LOOPS")
+/// Rounds to run: `TANDEM_CRASH_LOOPS`, or `default`.
+fn crash_loops(default: usize) -> usize {
+    std::env::var("TANDEM_CRASH_LOOPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+        .unwrap_or(default)
+}
+
+#[test]
+fn kill9_loop_of_the_primary_never_loses_an_acknowledged_write() {
+    let loops = crash_loops(10);
     let mut c = Cluster::builder().nodes(2).start().unwrap();
     c.bring_up_fresh("www").unwrap();
     let log = Arc::new(Mutex::new(WriteLog::default()));
@@ -58,11 +63,8 @@ fn kill9_loop_of_the_primary_never_loses_an_acknowledged_write() {
         let snapshot = log.lock().unwrap().clone();
         for i in 0..2 {
             let disk = std::fs::read(c.disk_path(i, "www")).unwrap();
-            for block in 0..blocks {
-                let at = block as usize * BLOCK_BYTES;
-                if let Err(e) = snapshot.check(block, &disk[at..at + BLOCK_BYTES]) {
-                    panic!("round {round}, n{}: {e}", i + 1);
-                }
+            if let Err(e) = snapshot.check_image(&disk, 0..blocks) {
+                panic!("round {round}, n{}: {e}", i + 1);
             }
         }
         let other = 1 - primary;
@@ -100,47 +102,14 @@ fn fs_record(round: usize, k: u64) -> Vec<u8> {
 /// `TANDEM_CRASH_LOOPS` rounds (default 3 here); fsck is clean at the end.
 #[test]
 fn kill9_loop_of_a_mounted_primary_never_loses_an_fsynced_file() {
-    use tandem_tests::fscluster::MNT;
-    use tandem_tests::{bin, NsWorker};
-    let loops: usize = std::env::var("TANDEM_CRASH_LOOPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    use tandem_tests::fscluster::{self, MNT};
+    use tandem_tests::NsWorker;
+    let loops = crash_loops(3);
     let mut c = Cluster::builder().nodes(2).start().unwrap();
     c.bring_up_fresh("www").unwrap();
-    let out = std::process::Command::new(bin("tandemfs"))
-        .args([
-            "mkfs",
-            "-q",
-            "-t",
-            "test:www",
-            "-p",
-            "lock_nolock",
-            "-J",
-            "4",
-        ])
-        .arg(c.nbd_uri(0, "www"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mkfs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::create_dir_all(MNT).unwrap();
+    fscluster::mkfs(&c, "lock_nolock", 1).unwrap();
     let mount = |c: &mut Cluster, node: usize| -> NsWorker {
-        let uri = c.nbd_uri(node, "www");
-        let pid = c
-            .spawn(node, "fs", &bin("tandemfs"), &["mount", &uri, MNT, "-f"])
-            .unwrap();
-        c.wait_for(Duration::from_secs(30), || {
-            let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
-            Ok(info
-                .lines()
-                .any(|l| l.contains(&format!(" {MNT} ")) && l.contains(" - fuse")))
-        })
-        .unwrap_or_else(|e| panic!("mount on n{}: {e}\n{}", node + 1, c.log(node, "fs")));
-        NsWorker::enter(pid).unwrap()
+        NsWorker::enter(fscluster::spawn_mount(c, node, &[]).unwrap()).unwrap()
     };
     // Every file whose fsync returned, across all rounds.
     let mut acked: Vec<(usize, u64)> = Vec::new();
@@ -243,28 +212,8 @@ fn kill9_loop_of_a_mounted_primary_never_loses_an_fsynced_file() {
     // in a stream of commits, its log is never clean).
     assert_eq!(replays, loops, "journal replays logged");
     // Clean unmount of the last writer, then fsck of the replicated volume.
-    let ok = w.run(|| {
-        let p = std::ffi::CString::new(MNT).unwrap();
-        // SAFETY: plain umount2 of a path in this thread's namespace.
-        unsafe { libc::umount2(p.as_ptr(), 0) == 0 }
-    });
-    drop(w);
-    assert!(ok, "umount failed");
     let fs_pid = c.pid_of(writer_node, "fs");
-    c.wait_for(Duration::from_secs(30), || {
-        let stat = std::fs::read_to_string(format!("/proc/{fs_pid}/stat")).unwrap_or_default();
-        Ok(stat.is_empty() || stat.contains(") Z "))
-    })
-    .unwrap();
-    let out = std::process::Command::new(bin("tandemfs"))
-        .args(["fsck", "-n"])
-        .arg(c.nbd_uri(writer_node, "www"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fsck after the crash loop: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fscluster::unmount(&c, writer_node, w, fs_pid).unwrap();
+    let (clean, report) = fscluster::fsck(&c, writer_node).unwrap();
+    assert!(clean, "fsck after the crash loop: {report}");
 }

@@ -35,16 +35,58 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Samples a process's RSS every 100 ms until `stop`; returns the peak.
-fn watch_rss(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
-    std::thread::spawn(move || {
-        let mut peak = 0;
-        while !stop.load(Ordering::Relaxed) {
-            peak = peak.max(rss_kib(pid));
-            std::thread::sleep(Duration::from_millis(100));
+/// Peak-RSS watchers of some daemons (one per node), started before a flood: each samples
+/// its daemon's RSS every 100 ms until the flood's `stop` is set.
+struct RssWatch {
+    what: &'static str,
+    before_kib: Vec<(usize, u64)>,
+    peaks: Vec<std::thread::JoinHandle<u64>>,
+}
+
+impl RssWatch {
+    /// `daemons`: (node index, PID).
+    fn start(what: &'static str, daemons: &[(usize, u32)], stop: &Arc<AtomicBool>) -> Self {
+        let before_kib = daemons.iter().map(|&(n, pid)| (n, rss_kib(pid))).collect();
+        let peaks = daemons
+            .iter()
+            .map(|&(_, pid)| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut peak = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        peak = peak.max(rss_kib(pid));
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    peak
+                })
+            })
+            .collect();
+        Self {
+            what,
+            before_kib,
+            peaks,
         }
-        peak
-    })
+    }
+
+    /// Once `stop` is set: prints before and peak of each daemon and asserts every peak
+    /// stayed under `bound_mib`.
+    fn check(self, bound_mib: u64) {
+        for ((node, before), peak) in self.before_kib.into_iter().zip(self.peaks) {
+            let peak_mib = peak.join().unwrap() / 1024;
+            eprintln!(
+                "{} n{} RSS before {} MiB, peak {peak_mib} MiB",
+                self.what,
+                node + 1,
+                before / 1024
+            );
+            assert!(
+                peak_mib < bound_mib,
+                "{} n{} grew to {peak_mib} MiB (bound {bound_mib} MiB)",
+                self.what,
+                node + 1
+            );
+        }
+    }
 }
 
 /// A client on node `node` that takes and releases a lock: how long it took, or its error.
@@ -78,7 +120,6 @@ fn lock_request_flood_is_pushed_back_and_lockd_memory_stays_bounded() {
     })
     .unwrap();
     timed_lock(&c, 0, "warm-up").unwrap();
-    let before = rss_kib(pids[0]);
     let config = tandem_common::config::ClusterConfig::load(c.config_path(0)).unwrap();
     let socket = config.lockd_socket(&c.node_name(0));
 
@@ -93,7 +134,7 @@ fn lock_request_flood_is_pushed_back_and_lockd_memory_stays_bounded() {
             std::thread::spawn(move || flood_locks(&socket, f, f >= 2, &stop))
         })
         .collect();
-    let peak = watch_rss(pids[0], stop.clone());
+    let rss = RssWatch::start("lockd", &[(0, pids[0])], &stop);
     let mut slowest = Duration::ZERO;
     let mut failures = Vec::new();
     let t = Instant::now();
@@ -106,12 +147,7 @@ fn lock_request_flood_is_pushed_back_and_lockd_memory_stays_bounded() {
     }
     stop.store(true, Ordering::Relaxed);
     let reports: Vec<String> = flooders.into_iter().map(|f| f.join().unwrap()).collect();
-    let peak = peak.join().unwrap();
-    eprintln!(
-        "lockd n1 RSS before {} MiB, peak {} MiB; slowest well-behaved lock {slowest:?}",
-        before / 1024,
-        peak / 1024
-    );
+    eprintln!("slowest well-behaved lock {slowest:?}");
     for r in &reports {
         eprintln!("  {r}");
     }
@@ -120,11 +156,7 @@ fn lock_request_flood_is_pushed_back_and_lockd_memory_stays_bounded() {
         failures.is_empty(),
         "well-behaved clients failed: {failures:?}"
     );
-    assert!(
-        peak / 1024 < LOCKD_RSS_BOUND_MIB,
-        "lockd grew to {} MiB (bound {LOCKD_RSS_BOUND_MIB} MiB)",
-        peak / 1024
-    );
+    rss.check(LOCKD_RSS_BOUND_MIB);
     assert!(
         slowest < Duration::from_secs(10),
         "a well-behaved client waited {slowest:?}"
@@ -244,15 +276,15 @@ const REPLICATORD_RSS_BOUND_MIB: u64 = 640;
 fn nbd_write_flood_is_pushed_back_and_replicatord_memory_stays_bounded() {
     let _serial = serial();
     use tandem_replicator::nbd::client::NbdClient;
-    use tandem_replicator::nbd::proto::{CMD_WRITE, REQUEST_MAGIC};
+    use tandem_replicator::nbd::proto::{Request, CMD_READ, CMD_WRITE};
     let mut c = Cluster::builder().nodes(2).start().unwrap();
     c.bring_up_fresh("www").unwrap();
-    let pids: Vec<u32> = (0..2).map(|i| c.pid_of(i, "replicatord")).collect();
-    let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let daemons: Vec<(usize, u32)> = (0..2).map(|i| (i, c.pid_of(i, "replicatord"))).collect();
     let stop = Arc::new(AtomicBool::new(false));
     // Three clients pipeline 4 MiB writes as fast as the socket takes them; two never
-    // read a reply.
-    let flooders: Vec<_> = (0..3)
+    // read a reply. A fourth pipelines 16 MiB reads and never reads a reply: its unsent
+    // read data may hold only its own share of the export's buffer budget.
+    let flooders: Vec<_> = (0..4)
         .map(|f| {
             let stop = stop.clone();
             let sock = c.nbd_socket(0, "www");
@@ -273,17 +305,25 @@ fn nbd_write_flood_is_pushed_back_and_replicatord_memory_stays_bounded() {
                         total / 16
                     })
                 });
-                let payload = vec![0x5au8; 4 << 20];
+                let reads = f == 3;
+                let payload = if reads { Vec::new() } else { vec![0x5au8; 4 << 20] };
                 let (mut sent, mut stalls) = (0u64, 0u64);
                 'outer: while !stop.load(Ordering::Relaxed) {
-                    let offset = (sent % 7) * (4 << 20);
+                    let (kind, offset, length) = if reads {
+                        (CMD_READ, 0, 16 << 20)
+                    } else {
+                        (CMD_WRITE, (sent % 7) * (4 << 20), payload.len() as u32)
+                    };
+                    let header = Request {
+                        flags: 0,
+                        kind,
+                        handle: sent + 1,
+                        offset,
+                        length,
+                    }
+                    .encode();
                     let mut req = Vec::with_capacity(28 + payload.len());
-                    req.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-                    req.extend_from_slice(&0u16.to_be_bytes());
-                    req.extend_from_slice(&CMD_WRITE.to_be_bytes());
-                    req.extend_from_slice(&(sent + 1).to_be_bytes());
-                    req.extend_from_slice(&offset.to_be_bytes());
-                    req.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                    req.extend_from_slice(&header);
                     req.extend_from_slice(&payload);
                     let mut off = 0;
                     while off < req.len() {
@@ -308,11 +348,12 @@ fn nbd_write_flood_is_pushed_back_and_replicatord_memory_stays_bounded() {
                 }
                 let _ = s.shutdown(std::net::Shutdown::Both);
                 let replies = drain.map(|d| d.join().unwrap());
-                format!("nbd flood-{f}: {sent} writes of 4 MiB sent, {stalls} write stalls, replies read: {replies:?}")
+                let what = if reads { "reads of 16 MiB" } else { "writes of 4 MiB" };
+                format!("nbd flood-{f}: {sent} {what} sent, {stalls} write stalls, replies read: {replies:?}")
             })
         })
         .collect();
-    let peaks: Vec<_> = pids.iter().map(|p| watch_rss(*p, stop.clone())).collect();
+    let rss = RssWatch::start("replicatord", &daemons, &stop);
     // A well-behaved client writes a block and flushes, again and again.
     let mut slowest = Duration::ZERO;
     let t = Instant::now();
@@ -332,25 +373,11 @@ fn nbd_write_flood_is_pushed_back_and_replicatord_memory_stays_bounded() {
     for f in flooders {
         eprintln!("  {}", f.join().unwrap());
     }
-    let peaks: Vec<u64> = peaks.into_iter().map(|p| p.join().unwrap()).collect();
-    for (i, (b, p)) in before.iter().zip(&peaks).enumerate() {
-        eprintln!(
-            "replicatord n{} RSS before {} MiB, peak {} MiB",
-            i + 1,
-            b / 1024,
-            p / 1024
-        );
-    }
     eprintln!("{count} well-behaved writes, slowest {slowest:?}");
-    for (i, p) in peaks.iter().enumerate() {
+    for i in 0..2 {
         assert!(c.alive(i, "replicatord"), "n{} died", i + 1);
-        assert!(
-            p / 1024 < REPLICATORD_RSS_BOUND_MIB,
-            "n{} replicatord grew to {} MiB (bound {REPLICATORD_RSS_BOUND_MIB} MiB)",
-            i + 1,
-            p / 1024
-        );
     }
+    rss.check(REPLICATORD_RSS_BOUND_MIB);
     assert!(
         slowest < Duration::from_secs(10),
         "a well-behaved write waited {slowest:?}"
@@ -370,9 +397,8 @@ fn fuse_operation_flood_keeps_the_mount_daemon_bounded_and_the_other_node_served
     use tandem_tests::NsWorker;
     let mut f = FsCluster::start_mounted(2).unwrap();
     let pids: Vec<u32> = (0..2).map(|i| f.c.pid_of(i, "fs")).collect();
-    let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let peaks: Vec<_> = pids.iter().map(|p| watch_rss(*p, stop.clone())).collect();
+    let rss = RssWatch::start("mount daemon", &[(0, pids[0]), (1, pids[1])], &stop);
     // 8 threads on n1: write 2 MiB files in 64 KiB pieces, fsync some, list, unlink,
     // make and remove directories, as fast as they can.
     let flood: Vec<_> = (0..8)
@@ -434,22 +460,8 @@ fn fuse_operation_flood_keeps_the_mount_daemon_bounded_and_the_other_node_served
         .into_iter()
         .map(|h| h.join().unwrap().expect("a flood thread failed"))
         .sum();
-    let peaks: Vec<u64> = peaks.into_iter().map(|p| p.join().unwrap()).collect();
     eprintln!("{ops} FUSE-level operations on n1; {n} small files on n2, slowest {slowest:?}");
-    for (i, (b, p)) in before.iter().zip(&peaks).enumerate() {
-        eprintln!(
-            "mount daemon n{} RSS before {} MiB, peak {} MiB",
-            i + 1,
-            b / 1024,
-            p / 1024
-        );
-        assert!(
-            p / 1024 < MOUNT_RSS_BOUND_MIB,
-            "n{} mount daemon grew to {} MiB (bound {MOUNT_RSS_BOUND_MIB} MiB)",
-            i + 1,
-            p / 1024
-        );
-    }
+    rss.check(MOUNT_RSS_BOUND_MIB);
     assert!(
         slowest < Duration::from_secs(20),
         "n2 waited {slowest:?} for a small file"

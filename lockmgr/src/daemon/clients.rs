@@ -228,6 +228,12 @@ async fn read_loop(
             error: LockError::NoSession,
         };
         let id = request_id(&req);
+        let release = matches!(
+            req,
+            ClientRequest::Unlock { .. }
+                | ClientRequest::Cancel { .. }
+                | ClientRequest::CancelRequest { .. }
+        );
         if id == ReqId(0) && !matches!(req, ClientRequest::Hello { .. }) {
             // Id 0 would look like an already-applied duplicate and never be answered.
             let _ = replies.send(ClientReply::Failed {
@@ -265,12 +271,6 @@ async fn read_loop(
         };
         // Backpressure: past MAX_UNANSWERED this waits (and reads nothing more) until
         // an answer goes out.
-        let release = matches!(
-            &input,
-            CoreInput::Submit(
-                Command::Unlock { .. } | Command::Cancel { .. } | Command::CancelRequest { .. }
-            )
-        );
         unanswered.admit(id, release).await;
         send_to_core(core, input)
             .await

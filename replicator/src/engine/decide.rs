@@ -133,11 +133,12 @@ pub fn decide(me: &Generation, peer: &Generation) -> (Decision, &'static str) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use DiskState::*;
 
-    fn g(disk: DiskState, current: u64, history: [u64; 2]) -> Generation {
+    /// A generation with no bitmap, not crashed (also used by `sync`'s tests).
+    pub(in crate::engine) fn g(disk: DiskState, current: u64, history: [u64; 2]) -> Generation {
         Generation {
             disk,
             current,

@@ -781,14 +781,7 @@ mod tests {
     use crate::state::DiskState;
 
     fn gen(current: u64, history: [u64; 2]) -> Generation {
-        Generation {
-            disk: DiskState::UpToDate,
-            current,
-            history,
-            crashed: false,
-            bitmap: 0,
-            dirty: false,
-        }
+        super::super::decide::tests::g(DiskState::UpToDate, current, history)
     }
 
     /// Two connected Primaries lose a third node at once: B adopts A's new generation X

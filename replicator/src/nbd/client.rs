@@ -114,13 +114,16 @@ impl NbdClient {
     ) -> std::io::Result<u64> {
         let handle = self.next_handle;
         self.next_handle += 1;
+        let header = Request {
+            flags,
+            kind,
+            handle,
+            offset,
+            length,
+        }
+        .encode();
         let mut h = Vec::with_capacity(28 + payload.len());
-        h.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        h.extend_from_slice(&flags.to_be_bytes());
-        h.extend_from_slice(&kind.to_be_bytes());
-        h.extend_from_slice(&handle.to_be_bytes());
-        h.extend_from_slice(&offset.to_be_bytes());
-        h.extend_from_slice(&length.to_be_bytes());
+        h.extend_from_slice(&header);
         h.extend_from_slice(payload);
         self.stream.write_all(&h)?;
         Ok(handle)

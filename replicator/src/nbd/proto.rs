@@ -89,6 +89,20 @@ pub fn parse_request(b: &[u8; 28]) -> Result<Request, NbdParseError> {
     })
 }
 
+impl Request {
+    /// The 28-byte header a client sends (what `parse_request` reads back).
+    pub fn encode(&self) -> [u8; 28] {
+        let mut b = [0u8; 28];
+        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        b[8..16].copy_from_slice(&self.handle.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..28].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+}
+
 /// Parses NBD_OPT_INFO / NBD_OPT_GO data: export name and requested info types.
 pub fn parse_go(data: &[u8]) -> Result<(String, Vec<u16>), NbdParseError> {
     if data.len() < 6 {
@@ -141,6 +155,18 @@ pub fn option_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_header_round_trips() {
+        let r = Request {
+            flags: CMD_FLAG_FUA,
+            kind: CMD_WRITE,
+            handle: 0x0102_0304_0506_0708,
+            offset: 1 << 40,
+            length: 4096,
+        };
+        assert_eq!(parse_request(&r.encode()).unwrap(), r);
+    }
 
     #[test]
     fn go_parses_and_rejects() {

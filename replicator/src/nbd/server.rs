@@ -307,30 +307,33 @@ async fn reply_writer(
     mut wr: BufWriter<tokio::net::unix::OwnedWriteHalf>,
     mut rx: mpsc::Receiver<Reply>,
 ) {
-    let stalled = |what: &str| {
-        tracing::warn!(
-            stall_s = REPLY_STALL.as_secs(),
-            "NBD client takes no replies ({what}); disconnecting it"
-        );
-    };
     while let Some(first) = rx.recv().await {
-        match tokio::time::timeout(REPLY_STALL, wr.write_all(&first.bytes)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return,
-            Err(_) => return stalled("write"),
+        if !in_time(wr.write_all(&first.bytes), "write").await {
+            return;
         }
         drop(first);
         while let Ok(more) = rx.try_recv() {
-            match tokio::time::timeout(REPLY_STALL, wr.write_all(&more.bytes)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return,
-                Err(_) => return stalled("write"),
+            if !in_time(wr.write_all(&more.bytes), "write").await {
+                return;
             }
         }
-        match tokio::time::timeout(REPLY_STALL, wr.flush()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return,
-            Err(_) => return stalled("flush"),
+        if !in_time(wr.flush(), "flush").await {
+            return;
+        }
+    }
+}
+
+/// One socket operation under the stall limit: false ends the connection (a stall is
+/// logged; a socket error was the client leaving).
+async fn in_time(op: impl std::future::Future<Output = std::io::Result<()>>, what: &str) -> bool {
+    match tokio::time::timeout(REPLY_STALL, op).await {
+        Ok(result) => result.is_ok(),
+        Err(_) => {
+            tracing::warn!(
+                stall_s = REPLY_STALL.as_secs(),
+                "NBD client takes no replies ({what}); disconnecting it"
+            );
+            false
         }
     }
 }
