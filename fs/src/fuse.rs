@@ -3,10 +3,11 @@
 //!
 //! Kernel caching: attributes and entries are cached for `ttl` and file pages are kept
 //! across opens (`FOPEN_KEEP_CACHE`). That is valid because this daemon is the only writer.
-//! A cluster mount is not: it runs with `ttl` 0 (every lookup and stat asks the daemon,
-//! which answers under the glock), drops a file's cached pages on open (no KEEP_CACHE) and
-//! asks the kernel to check the file's mtime and size before every cached read
-//! (`FUSE_AUTO_INVAL_DATA`), so a read after another node's close sees the new data.
+//! A cluster mount is not: names are never cached (every lookup asks the daemon, which
+//! answers under the glock); attributes and pages are cached only while this node holds
+//! the `meta` glock and are forgotten before it goes (`cluster::kcache`); and the kernel
+//! checks a file's mtime and size before every cached read (`FUSE_AUTO_INVAL_DATA`), so a
+//! descriptor kept open across another node's write sees the new data.
 //! O_APPEND writes bypass the page cache and append at the daemon's end of file, under the
 //! exclusive glock, so appends from several nodes never overlap.
 
@@ -23,6 +24,7 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::cluster::kcache::{Grant, KernelCache, Ticket};
 use crate::error::FsError;
 use crate::fs::{Attr, Ctx, FileKind, Fs, SetAttr};
 
@@ -40,7 +42,8 @@ const CLUSTER_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 pub struct FuseFs {
     fs: Arc<Fs>,
     ttl: Duration,
-    cluster: bool,
+    /// Cluster mounts: what the kernel may cache while the glock is held.
+    kcache: Option<Arc<KernelCache>>,
 }
 
 impl FuseFs {
@@ -48,26 +51,17 @@ impl FuseFs {
         Self {
             fs,
             ttl,
-            cluster: false,
+            kcache: None,
         }
     }
 
-    /// A cluster mount: no kernel caching that another node's writes could make stale.
-    pub fn new_cluster(fs: Arc<Fs>) -> Self {
+    /// A cluster mount: the kernel caches only what the glock protects, and forgets it
+    /// before the glock goes (`kcache`, attached to the glock by the caller).
+    pub fn new_cluster(fs: Arc<Fs>, kcache: Arc<KernelCache>) -> Self {
         Self {
             fs,
             ttl: Duration::ZERO,
-            cluster: true,
-        }
-    }
-
-    fn open_flags(&self, flags: i32) -> FopenFlags {
-        if !self.cluster {
-            OPEN_FLAGS
-        } else if flags & libc::O_APPEND != 0 {
-            CLUSTER_OPEN_FLAGS | FopenFlags::FOPEN_DIRECT_IO
-        } else {
-            CLUSTER_OPEN_FLAGS
+            kcache: Some(kcache),
         }
     }
 }
@@ -132,10 +126,64 @@ fn ctx(req: &Request) -> Ctx {
 }
 
 impl FuseFs {
-    fn entry(&self, r: crate::Result<Attr>, reply: ReplyEntry) {
-        match r {
-            Ok(a) => reply.entry(&self.ttl, &fattr(&a), Generation(a.generation)),
+    /// Runs `op` and replies with its entry. Cluster mounts cache the attributes while
+    /// the glock protects them (`kcache.rs`), never the name.
+    fn entry(&self, reply: ReplyEntry, op: impl FnOnce() -> crate::Result<Attr>) {
+        let t = self.ticket();
+        match op() {
+            Ok(a) => {
+                let (_grant, attr_ttl, entry_ttl) = self.lifetimes(t, a.ino);
+                reply.entry_with_ttls(&attr_ttl, &entry_ttl, &fattr(&a), Generation(a.generation))
+            }
             Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn attr(&self, reply: ReplyAttr, op: impl FnOnce() -> crate::Result<Attr>) {
+        let t = self.ticket();
+        match op() {
+            Ok(a) => {
+                let (_grant, attr_ttl, _) = self.lifetimes(t, a.ino);
+                reply.attr(&attr_ttl, &fattr(&a))
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn ticket(&self) -> Option<Ticket> {
+        self.kcache.as_ref().map(|k| k.ticket())
+    }
+
+    /// Attribute and entry lifetimes for a reply about `ino`, and the grant to hold
+    /// until the reply is written.
+    fn lifetimes(&self, t: Option<Ticket>, ino: u64) -> (Option<Grant<'_>>, Duration, Duration) {
+        match (&self.kcache, t) {
+            (Some(k), Some(t)) => {
+                let g = k.attrs(t, ino);
+                let ttl = g.attr_ttl;
+                (Some(g), ttl, Duration::ZERO)
+            }
+            _ => (None, self.ttl, self.ttl),
+        }
+    }
+
+    /// Open flags for `ino` opened with `flags` since `t`, and the grant to hold until
+    /// the reply is written.
+    fn open_reply(
+        &self,
+        t: Option<Ticket>,
+        ino: u64,
+        flags: i32,
+    ) -> (Option<Grant<'_>>, FopenFlags) {
+        let (Some(k), Some(t)) = (&self.kcache, t) else {
+            return (None, OPEN_FLAGS);
+        };
+        if flags & libc::O_APPEND != 0 {
+            return (None, CLUSTER_OPEN_FLAGS | FopenFlags::FOPEN_DIRECT_IO);
+        }
+        match k.keep_pages(t, ino) {
+            (g, true) => (g, CLUSTER_OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE),
+            (g, false) => (g, CLUSTER_OPEN_FLAGS),
         }
     }
     fn empty(r: crate::Result<()>, reply: ReplyEmpty) {
@@ -153,7 +201,7 @@ impl Filesystem for FuseFs {
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         let _ = config.add_capabilities(InitFlags::FUSE_BIG_WRITES | InitFlags::FUSE_ASYNC_READ);
-        if self.cluster {
+        if self.kcache.is_some() {
             if let Err(missing) = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA) {
                 tracing::warn!(?missing, "the kernel lacks FUSE_AUTO_INVAL_DATA: a file kept open may show stale cached pages after another node writes it");
             }
@@ -168,7 +216,7 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(self.fs.lookup(parent.0, name.as_bytes()), reply);
+        self.entry(reply, || self.fs.lookup(parent.0, name.as_bytes()));
     }
 
     fn forget(&self, _req: &Request, _ino: INodeNo, _nlookup: u64) {
@@ -176,10 +224,7 @@ impl Filesystem for FuseFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&self.ttl, &fattr(&a)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.attr(reply, || self.fs.getattr(ino.0));
     }
 
     fn setattr(
@@ -209,10 +254,7 @@ impl Filesystem for FuseFs {
             mtime: mtime.map(time),
             ctime,
         };
-        match self.fs.setattr(ino.0, s) {
-            Ok(a) => reply.attr(&self.ttl, &fattr(&a)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        self.attr(reply, || self.fs.setattr(ino.0, s));
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -232,11 +274,10 @@ impl Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.entry(
+        self.entry(reply, || {
             self.fs
-                .mknod(ctx(req), parent.0, name.as_bytes(), mode, umask, rdev),
-            reply,
-        );
+                .mknod(ctx(req), parent.0, name.as_bytes(), mode, umask, rdev)
+        });
     }
 
     fn mkdir(
@@ -248,11 +289,10 @@ impl Filesystem for FuseFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        self.entry(
+        self.entry(reply, || {
             self.fs
-                .mkdir(ctx(req), parent.0, name.as_bytes(), mode, umask),
-            reply,
-        );
+                .mkdir(ctx(req), parent.0, name.as_bytes(), mode, umask)
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -271,15 +311,14 @@ impl Filesystem for FuseFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        self.entry(
+        self.entry(reply, || {
             self.fs.symlink(
                 ctx(req),
                 parent.0,
                 link_name.as_bytes(),
                 target.as_os_str().as_bytes(),
-            ),
-            reply,
-        );
+            )
+        });
     }
 
     fn rename(
@@ -310,12 +349,18 @@ impl Filesystem for FuseFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.entry(self.fs.link(ino.0, newparent.0, newname.as_bytes()), reply);
+        self.entry(reply, || {
+            self.fs.link(ino.0, newparent.0, newname.as_bytes())
+        });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let t = self.ticket();
         match self.fs.open(ino.0) {
-            Ok(()) => reply.opened(FileHandle(0), self.open_flags(flags.0)),
+            Ok(()) => {
+                let (_grant, open_flags) = self.open_reply(t, ino.0, flags.0);
+                reply.opened(FileHandle(0), open_flags)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -349,7 +394,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let res = if self.cluster && flags.0 & libc::O_APPEND != 0 {
+        let res = if self.kcache.is_some() && flags.0 & libc::O_APPEND != 0 {
             // The kernel's idea of the end of file may be stale: another node appended.
             self.fs.append(ino.0, data)
         } else {
@@ -435,7 +480,12 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let ttl = self.ttl;
+        // One lifetime for name and attributes here: the name's (0 when clustered).
+        let ttl = if self.kcache.is_some() {
+            Duration::ZERO
+        } else {
+            self.ttl
+        };
         let r = self.fs.readdirplus(fh.0, offset, |e, a| {
             !reply.add(
                 INodeNo(e.ino),
@@ -534,18 +584,28 @@ impl Filesystem for FuseFs {
         reply: ReplyCreate,
     ) {
         // The new file is open: count it like `open` does, so an unlink keeps it alive.
+        let t = self.ticket();
         let res = self
             .fs
             .create_file(ctx(req), parent.0, name.as_bytes(), mode, umask, flags)
             .and_then(|a| self.fs.open(a.ino).map(|()| a));
         match res {
-            Ok(a) => reply.created(
-                &self.ttl,
-                &fattr(&a),
-                Generation(a.generation),
-                FileHandle(0),
-                self.open_flags(flags),
-            ),
+            Ok(a) => {
+                // One lifetime for name and attributes here: the name's (0 when clustered).
+                let (_grant, open_flags) = self.open_reply(t, a.ino, flags);
+                let ttl = if self.kcache.is_some() {
+                    Duration::ZERO
+                } else {
+                    self.ttl
+                };
+                reply.created(
+                    &ttl,
+                    &fattr(&a),
+                    Generation(a.generation),
+                    FileHandle(0),
+                    open_flags,
+                )
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }

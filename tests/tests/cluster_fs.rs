@@ -858,3 +858,98 @@ fn idle_iopen_locks_beyond_the_cache_limit_are_given_back() {
         .unwrap();
     f.unmount_all_and_check_clean("after the iopen eviction");
 }
+
+/// Lines of a node's glstats file that start with `prefix`.
+fn glstats_line(f: &FsCluster, node: usize, prefix: &str) -> Option<String> {
+    let dir = f.c.dir().join(format!("run/n{}", node + 1));
+    let stats = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().ends_with(".glstats"))
+        .and_then(|e| std::fs::read_to_string(e.path()).ok())?;
+    stats
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .map(str::to_string)
+}
+
+/// While a node holds `meta` the kernel caches attributes and pages (fewer round trips
+/// for web serving); before the glock goes, they are forgotten. Each round n2 reads the
+/// file twice through new opens and stats it twice through a descriptor it keeps open
+/// (`fstat` is answered from the kernel's attribute cache), then n1 changes it in a way
+/// only a cache that is really dropped can show: same size with the old mtime put back
+/// (like `cp -p` or `rsync -t`), and a new mode. n2 must see every change at once.
+#[test]
+fn kernel_caches_while_the_glock_is_held_and_forgets_before_it_goes() {
+    let mut f = FsCluster::start(2, 0).unwrap();
+    f.mount(0).unwrap();
+    f.mount(1).unwrap();
+    fn body(round: u32) -> Vec<u8> {
+        format!("<p>round {round:06}</p>\n").into_bytes()
+    }
+    fn mode_of(round: u32) -> u32 {
+        if round % 3 == 0 {
+            0o600
+        } else {
+            0o644
+        }
+    }
+    let file = p("cached.html");
+    let (f0, b0) = (file.clone(), body(0));
+    f.w(0)
+        .run(move || -> std::io::Result<()> {
+            std::fs::write(&f0, b0)?;
+            std::fs::set_permissions(&f0, std::fs::Permissions::from_mode(mode_of(0)))
+        })
+        .unwrap();
+    let f1 = file.clone();
+    let held = std::sync::Arc::new(f.w(1).run(move || std::fs::File::open(f1)).unwrap());
+    let mut saw_cache = false;
+    for round in 1..=30u32 {
+        let (file2, held2) = (file.clone(), held.clone());
+        let (got, modes) = f
+            .w(1)
+            .run(move || -> std::io::Result<(Vec<u8>, [u32; 2])> {
+                // fstat first: a lookup by name would refresh the attributes anyway.
+                let m1 = held2.metadata()?.permissions().mode() & 0o7777;
+                let m2 = held2.metadata()?.permissions().mode() & 0o7777;
+                let a = std::fs::read(&file2)?;
+                let b = std::fs::read(&file2)?;
+                assert_eq!(a, b);
+                Ok((a, [m1, m2]))
+            })
+            .unwrap();
+        assert_eq!(got, body(round - 1), "round {round}: n2 read stale data");
+        let want = mode_of(round - 1);
+        assert_eq!(modes, [want, want], "round {round}: n2 saw a stale mode");
+        if !saw_cache {
+            // The operator view shows the kernel holding attributes (glstats every 1 s).
+            saw_cache = glstats_line(&f, 1, "kernel cache:")
+                .is_some_and(|l| !l.contains("attributes of 0 inodes"));
+        }
+        // n1: rewrite in place (same size), put the old mtime back, set the mode.
+        let (file1, new) = (file.clone(), body(round));
+        f.w(0)
+            .run(move || -> std::io::Result<()> {
+                let old = std::fs::metadata(&file1)?.modified()?;
+                let h = std::fs::OpenOptions::new().write(true).open(&file1)?;
+                h.write_all_at(&new, 0)?;
+                h.set_modified(old)?;
+                drop(h);
+                std::fs::set_permissions(&file1, std::fs::Permissions::from_mode(mode_of(round)))
+            })
+            .unwrap();
+    }
+    // Give the glstats writer (1 s period) a chance if the loop was quick.
+    let t = Instant::now();
+    while !saw_cache && t.elapsed() < std::time::Duration::from_secs(3) {
+        let h = held.clone();
+        let _ = f.w(1).run(move || h.metadata());
+        saw_cache = glstats_line(&f, 1, "kernel cache:")
+            .is_some_and(|l| !l.contains("attributes of 0 inodes"));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(saw_cache, "n2's kernel never cached any attributes");
+    drop(held);
+    f.unmount_all_and_check_clean("at the end");
+}

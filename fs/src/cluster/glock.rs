@@ -60,6 +60,20 @@ pub trait GlockHooks: Send + Sync {
     }
 }
 
+/// Told when the lock starts and stops protecting caches outside the daemon (the
+/// kernel's, `kcache.rs`).
+pub trait CacheObserver: Send + Sync {
+    /// Acquired from nothing; no local operation has been admitted yet.
+    fn granted(&self);
+    /// About to be released (or void): must forget everything cached under it first.
+    /// Runs with no local operation inside the glock, so it must not wait for one.
+    fn releasing(&self);
+    /// Inodes whose attributes the kernel may be caching (operator view).
+    fn cached_inodes(&self) -> usize {
+        0
+    }
+}
+
 #[derive(Default)]
 struct State {
     held: Option<(LockId, Mode)>,
@@ -94,6 +108,7 @@ pub struct Glock {
     name: String,
     backend: Arc<dyn LockBackend>,
     hooks: Mutex<Option<Weak<dyn GlockHooks>>>,
+    observer: Mutex<Option<Arc<dyn CacheObserver>>>,
     st: Mutex<State>,
     cv: Condvar,
     min_hold: Duration,
@@ -126,6 +141,7 @@ impl Glock {
             name: name.to_string(),
             backend,
             hooks: Mutex::new(None),
+            observer: Mutex::new(None),
             st: Mutex::new(State::default()),
             cv: Condvar::new(),
             min_hold,
@@ -135,6 +151,31 @@ impl Glock {
 
     pub fn set_hooks(&self, hooks: Weak<dyn GlockHooks>) {
         *self.hooks.lock() = Some(hooks);
+    }
+
+    /// Attaches the kernel-cache observer; told `granted` at once if the lock is held.
+    pub fn set_observer(&self, o: Arc<dyn CacheObserver>) {
+        let st = self.st.lock();
+        if st.held.is_some() && st.withdrawn.is_none() {
+            o.granted();
+        }
+        *self.observer.lock() = Some(o);
+    }
+
+    /// Inodes whose attributes the kernel may cache under this glock now.
+    pub fn kernel_cached_inodes(&self) -> usize {
+        self.observer().map_or(0, |o| o.cached_inodes())
+    }
+
+    fn observer(&self) -> Option<Arc<dyn CacheObserver>> {
+        self.observer.lock().clone()
+    }
+
+    /// Before any unlock, and when the lock becomes void.
+    fn releasing(&self) {
+        if let Some(o) = self.observer() {
+            o.releasing();
+        }
     }
 
     pub fn hooks(&self) -> Option<Arc<dyn GlockHooks>> {
@@ -167,6 +208,7 @@ impl Glock {
         if st.withdrawn.is_none() {
             tracing::error!(glock = %self.name, why, "withdrawn: the filesystem refuses all I/O until it is unmounted and mounted again");
             st.withdrawn = Some(why.to_string());
+            self.releasing();
         }
         self.cv.notify_all();
     }
@@ -197,7 +239,10 @@ impl Glock {
                         // Lost a conversion deadlock: give our PR back so the other node
                         // can go on, then ask again from nothing.
                         let id = held.expect("converted a held lock").0;
-                        let r = self.exclusively(&mut st, || self.backend.unlock(id));
+                        let r = self.exclusively(&mut st, || {
+                            self.releasing();
+                            self.backend.unlock(id)
+                        });
                         st.held = None;
                         if let Err(e) = r {
                             self.fail(&mut st, e);
@@ -223,6 +268,7 @@ impl Glock {
             if st.withdrawn.is_none() {
                 tracing::error!(glock = %self.name, why, "lock manager session lost: withdrawn");
                 st.withdrawn = Some(why);
+                self.releasing();
             }
         }
     }
@@ -245,6 +291,9 @@ impl Glock {
                 // Another node may have changed anything since we last held it.
                 if let Some(h) = self.hooks() {
                     h.invalidate();
+                }
+                if let Some(o) = self.observer() {
+                    o.granted();
                 }
                 Some((id, need))
             }
@@ -334,6 +383,7 @@ impl Glock {
             self.backend.convert(id, Mode::PR)?;
             return Ok(Some((id, Mode::PR)));
         }
+        self.releasing();
         self.backend.unlock(id)?;
         Ok(None)
     }

@@ -15,6 +15,7 @@
 
 pub mod glock;
 mod iopen;
+pub mod kcache;
 pub mod lockd;
 mod recovery;
 
@@ -320,5 +321,9 @@ pub fn glstats_text(c: &Cluster) -> String {
     );
     let io = c.iopen.stats();
     out += &format!("iopen PR: {} open, {} cached idle\n", io.open, io.idle);
+    out += &format!(
+        "kernel cache: attributes of {} inodes\n",
+        g.kernel_cached_inodes()
+    );
     out
 }

@@ -4,7 +4,7 @@
 //! parent waits on a pipe and exits with the mount's outcome), connect to this node's
 //! tandem-lockd, claim a free journal, take the `meta` glock EX, replay our journal and
 //! any unowned dirty one, start the callback and recovery threads, then serve FUSE with no
-//! kernel caching that another node's writes could make stale.
+//! kernel caching that outlives this node's `meta` glock.
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tandem_common::config::ClusterConfig;
+use tandem_fs::cluster::kcache::KernelCache;
 use tandem_fs::cluster::{Cluster, ClusterOptions};
 use tandem_fs::fs::Fs;
 use tandem_fs::fuse::FuseFs;
@@ -72,8 +73,16 @@ pub fn run(mut o: Opts) -> anyhow::Result<()> {
         );
     }
     o.fs.relatime = false;
-    let session = fuser::Session::new(FuseFs::new_cluster(fs.clone()), &o.dir, &fuse_config(&o))
-        .with_context(|| format!("cannot mount FUSE at {}", o.dir))?;
+    let kcache = Arc::new(KernelCache::default());
+    let session = fuser::Session::new(
+        FuseFs::new_cluster(fs.clone(), kcache.clone()),
+        &o.dir,
+        &fuse_config(&o),
+    )
+    .with_context(|| format!("cannot mount FUSE at {}", o.dir))?;
+    // The kernel may cache what `meta` protects only once invalidations can be sent.
+    kcache.set_notifier(Box::new(session.notifier()));
+    cluster.glock.set_observer(kcache);
     if let Some(fd) = status {
         detach(fd, open_log(&o)?)?;
     }

@@ -1,0 +1,288 @@
+//! What the kernel may cache on a cluster mount, and when it must forget it.
+//!
+//! While this node holds the `meta` glock (PR or EX) no other node can change anything,
+//! so the kernel may keep attributes and file pages like on a local mount. Before the
+//! glock is released every attribute handed out with a lifetime is invalidated
+//! (`FUSE_NOTIFY_INVAL_INODE` with a negative offset: attributes only), and a file's
+//! cached pages are dropped at its next open unless that open happens in the same grant
+//! as the open that last dropped them.
+//!
+//! Why not more:
+//! - Directory entries are never cached (entry lifetime 0): invalidating one takes the
+//!   parent directory's `i_rwsem`, which a local request waiting for this very glock may
+//!   hold (a create waiting for EX), so the release would deadlock. A lookup costs one
+//!   round trip.
+//! - Pages are not invalidated at release time for the same reason (an in-flight read or
+//!   write holds page locks while its handler waits for the glock). Dropping them at the
+//!   next open covers new opens; a descriptor kept open across the release revalidates
+//!   through `FUSE_AUTO_INVAL_DATA`, whose attribute check the invalidated attributes force.
+//!
+//! Races: every reply that grants a lifetime carries a `Ticket` taken before the
+//! operation ran. The grant holds the read side of `epoch` until the reply is written;
+//! `releasing` takes the write side, so it waits for grants being sent, and any operation
+//! that started before a release or grant sees a different epoch and gets lifetime 0.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+
+use super::glock::CacheObserver;
+
+/// Inodes whose attributes may be cached at once; beyond this, lifetimes are 0 until the
+/// next release (bounds the work of a release and the memory).
+pub const MAX_TRACKED_INODES: usize = 65_536;
+
+/// Lifetime of cached attributes: long, since a release invalidates them anyway.
+pub const ATTR_TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Default)]
+struct Epoch {
+    /// Bumped at every grant and every release.
+    n: u64,
+    /// The glock is held: replies may grant lifetimes.
+    cacheable: bool,
+}
+
+#[derive(Default)]
+struct Tracked {
+    /// Inodes whose attributes the kernel may hold with a lifetime.
+    attrs: HashSet<u64>,
+    /// Inode → epoch of the open that last dropped its cached pages.
+    pages: HashMap<u64, u64>,
+}
+
+/// Taken before an operation; a grant is valid only in the same epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket(u64);
+
+/// Sends kernel cache invalidations; the real one wraps `fuser::Notifier`.
+pub trait Invalidate: Send + Sync {
+    /// Forget the attributes of `ino` (not its pages).
+    fn inval_attrs(&self, ino: u64);
+}
+
+impl Invalidate for fuser::Notifier {
+    fn inval_attrs(&self, ino: u64) {
+        // ENOENT: the kernel has forgotten the inode already.
+        if let Err(e) = self.inval_inode(fuser::INodeNo(ino), -1, 0) {
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                tracing::warn!(ino, error = %e, "attribute invalidation failed");
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct KernelCache {
+    epoch: RwLock<Epoch>,
+    tracked: Mutex<Tracked>,
+    notifier: Mutex<Option<Box<dyn Invalidate>>>,
+}
+
+/// A granted lifetime; the epoch cannot change until it is dropped, so drop it only
+/// after the reply is written.
+pub struct Grant<'a> {
+    _epoch: parking_lot::RwLockReadGuard<'a, Epoch>,
+    pub attr_ttl: Duration,
+}
+
+impl KernelCache {
+    /// Without a notifier nothing is ever granted (invalidation would be impossible).
+    pub fn set_notifier(&self, n: Box<dyn Invalidate>) {
+        *self.notifier.lock() = Some(n);
+    }
+
+    pub fn ticket(&self) -> Ticket {
+        Ticket(self.epoch.read().n)
+    }
+
+    fn valid<'a>(&'a self, t: Ticket) -> Option<parking_lot::RwLockReadGuard<'a, Epoch>> {
+        let e = self.epoch.read();
+        (e.cacheable && e.n == t.0 && self.notifier.lock().is_some()).then_some(e)
+    }
+
+    /// The attribute lifetime for a reply about `ino` computed since `t`.
+    pub fn attrs(&self, t: Ticket, ino: u64) -> Grant<'_> {
+        let epoch = match self.valid(t) {
+            Some(e) => e,
+            None => return self.no_grant(),
+        };
+        let mut tr = self.tracked.lock();
+        if tr.attrs.len() >= MAX_TRACKED_INODES && !tr.attrs.contains(&ino) {
+            drop(tr);
+            drop(epoch);
+            return self.no_grant();
+        }
+        tr.attrs.insert(ino);
+        Grant {
+            _epoch: epoch,
+            attr_ttl: ATTR_TTL,
+        }
+    }
+
+    /// Whether an open of `ino` since `t` may keep the kernel's cached pages
+    /// (`FOPEN_KEEP_CACHE`). Hold the returned guard until the reply is written.
+    pub fn keep_pages(&self, t: Ticket, ino: u64) -> (Option<Grant<'_>>, bool) {
+        let Some(epoch) = self.valid(t) else {
+            return (None, false);
+        };
+        let n = epoch.n;
+        let mut tr = self.tracked.lock();
+        if tr.pages.get(&ino) == Some(&n) {
+            return (
+                Some(Grant {
+                    _epoch: epoch,
+                    attr_ttl: ATTR_TTL,
+                }),
+                true,
+            );
+        }
+        // This open drops the pages: everything cached from now on is of this grant.
+        if tr.pages.len() >= MAX_TRACKED_INODES {
+            tr.pages.clear();
+        }
+        tr.pages.insert(ino, n);
+        (
+            Some(Grant {
+                _epoch: epoch,
+                attr_ttl: ATTR_TTL,
+            }),
+            false,
+        )
+    }
+
+    fn no_grant(&self) -> Grant<'_> {
+        Grant {
+            _epoch: self.epoch.read(),
+            attr_ttl: Duration::ZERO,
+        }
+    }
+
+    /// Inodes whose attributes are currently granted (for tests and status).
+    pub fn tracked_inodes(&self) -> usize {
+        self.tracked.lock().attrs.len()
+    }
+}
+
+impl CacheObserver for KernelCache {
+    fn cached_inodes(&self) -> usize {
+        self.tracked_inodes()
+    }
+
+    fn granted(&self) {
+        let mut e = self.epoch.write();
+        e.n += 1;
+        e.cacheable = true;
+    }
+
+    fn releasing(&self) {
+        {
+            let mut e = self.epoch.write();
+            e.n += 1;
+            e.cacheable = false;
+        }
+        // Every grant of the old epoch has been written (we had the write side), and no
+        // new one can be made: invalidate them all before the lock goes.
+        let inos = std::mem::take(&mut self.tracked.lock().attrs);
+        if let Some(n) = self.notifier.lock().as_ref() {
+            for ino in inos {
+                n.inval_attrs(ino);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Default)]
+    struct Rec(Arc<Mutex<Vec<u64>>>);
+    impl Invalidate for Rec {
+        fn inval_attrs(&self, ino: u64) {
+            self.0.lock().push(ino);
+        }
+    }
+
+    fn cache() -> (KernelCache, Arc<Mutex<Vec<u64>>>) {
+        let k = KernelCache::default();
+        let rec = Rec::default();
+        let seen = rec.0.clone();
+        k.set_notifier(Box::new(rec));
+        (k, seen)
+    }
+
+    #[test]
+    fn nothing_is_granted_before_the_glock_is_held() {
+        let (k, _) = cache();
+        let t = k.ticket();
+        assert_eq!(k.attrs(t, 5).attr_ttl, Duration::ZERO);
+        assert!(!k.keep_pages(t, 5).1);
+        assert_eq!(k.tracked_inodes(), 0);
+    }
+
+    #[test]
+    fn an_operation_that_straddles_a_grant_or_release_gets_no_lifetime() {
+        let (k, seen) = cache();
+        let before_grant = k.ticket();
+        k.granted();
+        assert_eq!(k.attrs(before_grant, 1).attr_ttl, Duration::ZERO);
+        let t = k.ticket();
+        assert_eq!(k.attrs(t, 2).attr_ttl, ATTR_TTL);
+        k.releasing();
+        assert_eq!(*seen.lock(), [2], "the granted inode is invalidated");
+        k.granted();
+        // Started in the old grant, answered in the new one: its data may be stale.
+        assert_eq!(k.attrs(t, 3).attr_ttl, Duration::ZERO);
+    }
+
+    #[test]
+    fn pages_are_kept_only_within_the_grant_that_dropped_them() {
+        let (k, _) = cache();
+        k.granted();
+        let t = k.ticket();
+        assert!(!k.keep_pages(t, 9).1, "first open drops the pages");
+        assert!(k.keep_pages(t, 9).1, "same grant: keep");
+        k.releasing();
+        k.granted();
+        let t = k.ticket();
+        assert!(
+            !k.keep_pages(t, 9).1,
+            "new grant: another node may have written"
+        );
+        assert!(k.keep_pages(t, 9).1);
+    }
+
+    #[test]
+    fn a_release_waits_for_grants_being_written() {
+        let (k, seen) = cache();
+        let k = Arc::new(k);
+        k.granted();
+        let g = k.attrs(k.ticket(), 4);
+        let k2 = k.clone();
+        let rel = std::thread::spawn(move || k2.releasing());
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            seen.lock().is_empty(),
+            "released while a grant was being written"
+        );
+        drop(g);
+        rel.join().unwrap();
+        assert_eq!(*seen.lock(), [4]);
+    }
+
+    #[test]
+    fn tracking_is_bounded() {
+        let (k, _) = cache();
+        k.granted();
+        let t = k.ticket();
+        for ino in 0..MAX_TRACKED_INODES as u64 {
+            assert_eq!(k.attrs(t, ino).attr_ttl, ATTR_TTL);
+        }
+        assert_eq!(k.attrs(t, u64::MAX).attr_ttl, Duration::ZERO);
+        assert_eq!(k.attrs(t, 7).attr_ttl, ATTR_TTL, "already tracked");
+        assert_eq!(k.tracked_inodes(), MAX_TRACKED_INODES);
+    }
+}
