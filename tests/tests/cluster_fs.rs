@@ -888,7 +888,7 @@ fn kernel_caches_while_the_glock_is_held_and_forgets_before_it_goes() {
         format!("<p>round {round:06}</p>\n").into_bytes()
     }
     fn mode_of(round: u32) -> u32 {
-        if round % 3 == 0 {
+        if round.is_multiple_of(3) {
             0o600
         } else {
             0o644
