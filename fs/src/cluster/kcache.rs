@@ -58,17 +58,17 @@ pub struct Ticket(u64);
 
 /// Sends kernel cache invalidations; the real one wraps `fuser::Notifier`.
 pub trait Invalidate: Send + Sync {
-    /// Forget the attributes of `ino` (not its pages).
-    fn inval_attrs(&self, ino: u64);
+    /// Forget the attributes of `ino` (not its pages). `Ok` also when the kernel no
+    /// longer knows the inode.
+    fn inval_attrs(&self, ino: u64) -> std::io::Result<()>;
 }
 
 impl Invalidate for fuser::Notifier {
-    fn inval_attrs(&self, ino: u64) {
-        // ENOENT: the kernel has forgotten the inode already.
-        if let Err(e) = self.inval_inode(fuser::INodeNo(ino), -1, 0) {
-            if e.raw_os_error() != Some(libc::ENOENT) {
-                tracing::warn!(ino, error = %e, "attribute invalidation failed");
-            }
+    fn inval_attrs(&self, ino: u64) -> std::io::Result<()> {
+        match self.inval_inode(fuser::INodeNo(ino), -1, 0) {
+            // The kernel has forgotten the inode already.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            r => r,
         }
     }
 }
@@ -186,8 +186,16 @@ impl CacheObserver for KernelCache {
         // new one can be made: invalidate them all before the lock goes.
         let inos = std::mem::take(&mut self.tracked.lock().attrs);
         if let Some(n) = self.notifier.lock().as_ref() {
+            // After unmount the connection is gone and every call fails: say so once.
+            let (mut failed, mut first) = (0usize, None);
             for ino in inos {
-                n.inval_attrs(ino);
+                if let Err(e) = n.inval_attrs(ino) {
+                    failed += 1;
+                    first.get_or_insert(e);
+                }
+            }
+            if let Some(e) = first {
+                tracing::warn!(failed, error = %e, "kernel attribute invalidations failed (expected only once the mount is gone)");
             }
         }
     }
@@ -201,8 +209,9 @@ mod tests {
     #[derive(Default)]
     struct Rec(Arc<Mutex<Vec<u64>>>);
     impl Invalidate for Rec {
-        fn inval_attrs(&self, ino: u64) {
+        fn inval_attrs(&self, ino: u64) -> std::io::Result<()> {
             self.0.lock().push(ino);
+            Ok(())
         }
     }
 
