@@ -4,7 +4,8 @@
 # /var/tmp/tandem-bench-scale, namespaces tscale-*) with nginx on every node and HAProxy
 # in front, writes 200 files of 8 KiB, then samples every Tandem process of every node
 # (tandem-replicatord, tandem-lockd, the tandemfs mount daemon) and nginx:
-#   idle: 10 s with nothing running; load: wrk through HAProxy (all nodes in rotation).
+#   idle: 10 s with nothing running; load: wrk through HAProxy (all nodes in rotation)
+#   while n1 writes 10 new 8 KiB files per second through its mount.
 # Printed per node and process: RSS (MiB) and CPU (% of one core) in each phase.
 # Not part of the tests. Env: TANDEM_BENCH_NODES (5), TANDEM_BENCH_SECONDS (15),
 # TANDEM_BENCH_CONNECTIONS (16), TANDEM_BIN_DIR (default target/release).
@@ -99,17 +100,29 @@ sample() {
 echo "bench scale: idle for 10 s"
 idle=$(sample 10 sleep 10)
 echo "bench scale: load for $SECS s (wrk -t1 -c$CONNS through HAProxy, all nodes)"
-wrk_load() { ip netns exec "$HUB" wrk -t1 -c"$CONNS" -d"${SECS}s" --timeout 10s -s "$D/random.lua" "http://$HAPROXY:80/" >"$D/logs/wrk.log" 2>&1; }
+# The web load, plus a writer on n1 (10 new 8 KiB files per second, like uploads), so the
+# replicator and the lock manager work too.
+wrk_load() {
+  local end=$((SECONDS + SECS)) k=0
+  ip netns exec "$HUB" wrk -t1 -c"$CONNS" -d"${SECS}s" --timeout 10s -s "$D/random.lua" "http://$HAPROXY:80/" >"$D/logs/wrk.log" 2>&1 &
+  while [ "$SECONDS" -lt "$end" ]; do
+    head -c 8192 /dev/urandom >"$D/mnt/n1/bench/upload$k.bin"
+    k=$((k + 1))
+    sleep 0.1
+  done
+  wait
+  echo "$k" >"$D/logs/uploads"
+}
 load=$(sample "$SECS" wrk_load)
 
 # Sum nginx master + workers per node, then print one table.
 summ() { awk '{ k = $1 " " $2; rss[k] += $3; cpu[k] += $4 } END { for (k in rss) print k, rss[k], cpu[k] }' | sort; }
-printf '\n%-5s %-12s %14s %12s %14s %12s\n' node process "idle RSS MiB" "idle CPU %" "load RSS MiB" "load CPU %"
+printf '\n%-5s %-19s %14s %12s %14s %12s\n' node process "idle RSS MiB" "idle CPU %" "load RSS MiB" "load CPU %"
 join -j1 <(summ <<<"$idle" | awk '{ print $1 "/" $2, $3, $4 }') <(summ <<<"$load" | awk '{ print $1 "/" $2, $3, $4 }') |
   awk '{ split($1, k, "/"); name = k[2] == "fs" ? "tandemfs" : (k[2] == "nginx" ? "nginx" : "tandem-" k[2])
-    printf "%-5s %-12s %14.1f %12s %14.1f %12s\n", k[1], name, $2 / 1024, $3, $4 / 1024, $5
+    printf "%-5s %-19s %14.1f %12s %14.1f %12s\n", k[1], name, $2 / 1024, $3, $4 / 1024, $5
     ti[k[1]] += $2; tc[k[1]] += $3; li[k[1]] += $4; lc[k[1]] += $5 }
-    END { for (n in ti) printf "%-5s %-12s %14.1f %12.1f %14.1f %12.1f\n", n, "all", ti[n] / 1024, tc[n], li[n] / 1024, lc[n] }' |
+    END { for (n in ti) printf "%-5s %-19s %14.1f %12.1f %14.1f %12.1f\n", n, "all", ti[n] / 1024, tc[n], li[n] / 1024, lc[n] }' |
   sort -k1,1 -s
 echo "(RSS: peak of 1 s samples; CPU: % of one core over the phase; $(nproc) cores on this machine)"
-echo "load: $(awk '/Requests\/sec/ { print $2 }' "$D/logs/wrk.log") req/s through HAProxy, $(awk '/Socket errors/ { print }' "$D/logs/wrk.log" | tr -s ' ')"
+echo "load: $(awk '/Requests\/sec/ { print $2 }' "$D/logs/wrk.log") req/s through HAProxy ($(awk '/Socket errors/ { gsub(",", ""); e += $4 + $6 + $8 + $10 } /Non-2xx/ { e += $NF } END { print e + 0 }' "$D/logs/wrk.log") failed), $(cat "$D/logs/uploads") files written through n1"
