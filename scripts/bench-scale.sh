@@ -8,7 +8,8 @@
 #   while n1 writes 10 new 8 KiB files per second through its mount.
 # Printed per node and process: RSS (MiB) and CPU (% of one core) in each phase.
 # Not part of the tests. Env: TANDEM_BENCH_NODES (5), TANDEM_BENCH_SECONDS (15),
-# TANDEM_BENCH_CONNECTIONS (16), TANDEM_BIN_DIR (default target/release).
+# TANDEM_BENCH_CONNECTIONS (16), TANDEM_BENCH_UPLOADS (1 = the writer on n1, 0 = web
+# load only), TANDEM_BIN_DIR (default target/release).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export TANDEM_BIN_DIR=${TANDEM_BIN_DIR:-$repo/target/release}
@@ -18,6 +19,7 @@ export TANDEM_DEMO_NODES=${TANDEM_BENCH_NODES:-5}
 D=$TANDEM_DEMO_DIR
 SECS=${TANDEM_BENCH_SECONDS:-15}
 CONNS=${TANDEM_BENCH_CONNECTIONS:-16}
+UPLOADS=${TANDEM_BENCH_UPLOADS:-1}
 HUB=tscale-hub
 HAPROXY=10.213.203.254
 HZ=$(getconf CLK_TCK)
@@ -105,7 +107,7 @@ echo "bench scale: load for $SECS s (wrk -t1 -c$CONNS through HAProxy, all nodes
 wrk_load() {
   local end=$((SECONDS + SECS)) k=0
   ip netns exec "$HUB" wrk -t1 -c"$CONNS" -d"${SECS}s" --timeout 10s -s "$D/random.lua" "http://$HAPROXY:80/" >"$D/logs/wrk.log" 2>&1 &
-  while [ "$SECONDS" -lt "$end" ]; do
+  while [ "$UPLOADS" != 0 ] && [ "$SECONDS" -lt "$end" ]; do
     head -c 8192 /dev/urandom >"$D/mnt/n1/bench/upload$k.bin"
     k=$((k + 1))
     sleep 0.1

@@ -41,6 +41,7 @@ const CLUSTER_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
 pub struct FuseFs {
     fs: Arc<Fs>,
+    /// Lifetime of names (and of attributes on a local mount); 0 on a cluster mount.
     ttl: Duration,
     /// Cluster mounts: what the kernel may cache while the glock is held.
     kcache: Option<Arc<KernelCache>>,
@@ -127,13 +128,13 @@ fn ctx(req: &Request) -> Ctx {
 
 impl FuseFs {
     /// Runs `op` and replies with its entry. Cluster mounts cache the attributes while
-    /// the glock protects them (`kcache.rs`), never the name.
+    /// the glock protects them (`kcache.rs`), never the name (`ttl` is 0 there).
     fn entry(&self, reply: ReplyEntry, op: impl FnOnce() -> crate::Result<Attr>) {
         let t = self.ticket();
         match op() {
             Ok(a) => {
-                let (_grant, attr_ttl, entry_ttl) = self.lifetimes(t, a.ino);
-                reply.entry_with_ttls(&attr_ttl, &entry_ttl, &fattr(&a), Generation(a.generation))
+                let (_grant, attr_ttl) = self.attr_lifetime(t, a.ino);
+                reply.entry_with_ttls(&attr_ttl, &self.ttl, &fattr(&a), Generation(a.generation))
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -143,49 +144,45 @@ impl FuseFs {
         let t = self.ticket();
         match op() {
             Ok(a) => {
-                let (_grant, attr_ttl, _) = self.lifetimes(t, a.ino);
+                let (_grant, attr_ttl) = self.attr_lifetime(t, a.ino);
                 reply.attr(&attr_ttl, &fattr(&a))
             }
             Err(e) => reply.error(errno(&e)),
         }
     }
 
+    /// Taken before an operation on a cluster mount (see `kcache::Ticket`).
     fn ticket(&self) -> Option<Ticket> {
         self.kcache.as_ref().map(|k| k.ticket())
     }
 
-    /// Attribute and entry lifetimes for a reply about `ino`, and the grant to hold
-    /// until the reply is written.
-    fn lifetimes(&self, t: Option<Ticket>, ino: u64) -> (Option<Grant<'_>>, Duration, Duration) {
+    /// The attribute lifetime for a reply about `ino`, and the grant to hold until the
+    /// reply is written.
+    fn attr_lifetime(&self, t: Option<Ticket>, ino: u64) -> (Grant<'_>, Duration) {
         match (&self.kcache, t) {
-            (Some(k), Some(t)) => {
-                let g = k.attrs(t, ino);
-                let ttl = g.attr_ttl;
-                (Some(g), ttl, Duration::ZERO)
-            }
-            _ => (None, self.ttl, self.ttl),
+            (Some(k), Some(t)) => k.attrs(t, ino),
+            _ => (Grant::none(), self.ttl),
         }
     }
 
     /// Open flags for `ino` opened with `flags` since `t`, and the grant to hold until
     /// the reply is written.
-    fn open_reply(
-        &self,
-        t: Option<Ticket>,
-        ino: u64,
-        flags: i32,
-    ) -> (Option<Grant<'_>>, FopenFlags) {
+    fn open_reply(&self, t: Option<Ticket>, ino: u64, flags: i32) -> (Grant<'_>, FopenFlags) {
         let (Some(k), Some(t)) = (&self.kcache, t) else {
-            return (None, OPEN_FLAGS);
+            return (Grant::none(), OPEN_FLAGS);
         };
         if flags & libc::O_APPEND != 0 {
-            return (None, CLUSTER_OPEN_FLAGS | FopenFlags::FOPEN_DIRECT_IO);
+            return (
+                Grant::none(),
+                CLUSTER_OPEN_FLAGS | FopenFlags::FOPEN_DIRECT_IO,
+            );
         }
         match k.keep_pages(t, ino) {
             (g, true) => (g, CLUSTER_OPEN_FLAGS | FopenFlags::FOPEN_KEEP_CACHE),
             (g, false) => (g, CLUSTER_OPEN_FLAGS),
         }
     }
+
     fn empty(r: crate::Result<()>, reply: ReplyEmpty) {
         match r {
             Ok(()) => reply.ok(),
@@ -481,11 +478,7 @@ impl Filesystem for FuseFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         // One lifetime for name and attributes here: the name's (0 when clustered).
-        let ttl = if self.kcache.is_some() {
-            Duration::ZERO
-        } else {
-            self.ttl
-        };
+        let ttl = self.ttl;
         let r = self.fs.readdirplus(fh.0, offset, |e, a| {
             !reply.add(
                 INodeNo(e.ino),
@@ -593,13 +586,8 @@ impl Filesystem for FuseFs {
             Ok(a) => {
                 // One lifetime for name and attributes here: the name's (0 when clustered).
                 let (_grant, open_flags) = self.open_reply(t, a.ino, flags);
-                let ttl = if self.kcache.is_some() {
-                    Duration::ZERO
-                } else {
-                    self.ttl
-                };
                 reply.created(
-                    &ttl,
+                    &self.ttl,
                     &fattr(&a),
                     Generation(a.generation),
                     FileHandle(0),

@@ -294,6 +294,38 @@ impl Cluster {
             .flatten()
     }
 
+    /// Waits until `nodes` all name the same lock-manager leader; returns its id.
+    /// Panics with the first node's lockd log if they do not within `timeout`.
+    pub fn wait_common_leader(&self, nodes: &[usize], timeout: Duration) -> u64 {
+        let mut leader = 0u64;
+        self.wait_for(timeout, || {
+            let seen: Vec<Option<u64>> = nodes
+                .iter()
+                .map(|&i| self.lockctl_status(i).and_then(|s| s["leader"].as_u64()))
+                .collect();
+            leader = seen[0].unwrap_or(0);
+            Ok(leader != 0 && seen.iter().all(|l| *l == Some(leader)))
+        })
+        .unwrap_or_else(|e| panic!("no common leader: {e}\n{}", self.log(nodes[0], "lockd")));
+        leader
+    }
+
+    /// Checks every node's copy of `res` against the acknowledged writes of `log` in
+    /// `blocks`; panics naming the node and the first wrong block.
+    pub fn check_acknowledged(
+        &self,
+        res: &str,
+        log: &crate::oracle::WriteLog,
+        blocks: std::ops::Range<u64>,
+    ) {
+        for i in 0..self.node_count() {
+            let disk = std::fs::read(self.disk_path(i, res)).unwrap();
+            if let Err(e) = log.check_image(&disk, blocks.clone()) {
+                panic!("n{}: {e}", i + 1);
+            }
+        }
+    }
+
     /// Runs tandemadm for a node.
     pub fn tandemadm(&self, node: usize, args: &[&str]) -> anyhow::Result<Output> {
         self.node_tool("tandemadm", node, args)

@@ -822,16 +822,7 @@ fn idle_iopen_locks_beyond_the_cache_limit_are_given_back() {
         "n1 holds {held} iopen locks (cache limit 4096)"
     );
     // The mount's operator view agrees: nothing open, at most 4096 idle.
-    let stats = std::fs::read_dir(f.c.dir().join("run/n1"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .find(|e| e.file_name().to_string_lossy().ends_with(".glstats"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap())
-        .expect("glstats file of n1's mount");
-    let line = stats
-        .lines()
-        .find(|l| l.starts_with("iopen PR:"))
-        .unwrap_or_else(|| panic!("no iopen line in {stats}"));
+    let line = glstats_line(&f, 0, "iopen PR:").expect("an iopen line in n1's glstats");
     let idle: usize = line
         .split(',')
         .nth(1)

@@ -106,12 +106,7 @@ fn replication_over_a_lossy_jittery_network_stays_identical_and_loses_no_acknowl
     assert_faults_happened(&c);
     assert_identical(&c);
     let log = log.lock().unwrap().clone();
-    for i in 0..3 {
-        let disk = std::fs::read(c.disk_path(i, "www")).unwrap();
-        if let Err(e) = log.check_image(&disk, 100..100 + blocks) {
-            panic!("n{}: {e}", i + 1);
-        }
-    }
+    c.check_acknowledged("www", &log, 100..100 + blocks);
 }
 
 #[test]
@@ -121,13 +116,7 @@ fn lock_manager_keeps_mutual_exclusion_over_a_lossy_jittery_network() {
         c.impair_network(i, BAD_NETWORK).unwrap();
         c.start_lockd(i).unwrap();
     }
-    c.wait_for(Duration::from_secs(60), || {
-        let seen: Vec<Option<u64>> = (0..3)
-            .map(|i| c.lockctl_status(i).and_then(|s| s["leader"].as_u64()))
-            .collect();
-        Ok(seen[0].is_some_and(|l| l != 0) && seen.iter().all(|l| *l == seen[0]))
-    })
-    .unwrap_or_else(|e| panic!("no common leader: {e}\n{}", c.log(0, "lockd")));
+    c.wait_common_leader(&[0, 1, 2], Duration::from_secs(60));
     // The critical section: read a counter, pause, write it back plus one, with an
     // atomic mkdir as an overlap detector. Run from every node at once under one EX lock.
     let dir = c.dir().to_path_buf();

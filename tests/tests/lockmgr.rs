@@ -31,13 +31,7 @@ fn lock_manager_in_namespaces_survives_leader_kill9_and_the_node_catches_up() {
     for i in 0..3 {
         c.start_lockd(i).unwrap();
     }
-    let mut leader = 0u64;
-    c.wait_for(Duration::from_secs(30), || {
-        let seen: Vec<Option<u64>> = (0..3).map(|i| leader_seen_by(&c, i)).collect();
-        leader = seen[0].unwrap_or(0);
-        Ok(leader != 0 && seen.iter().all(|l| *l == Some(leader)))
-    })
-    .unwrap_or_else(|e| panic!("no common leader: {e}\n{}", c.log(0, "lockd")));
+    let leader = c.wait_common_leader(&[0, 1, 2], Duration::from_secs(30));
     // Locks work from every node.
     for i in 0..3 {
         lock_once(&c, i, "res-a", "at the start");

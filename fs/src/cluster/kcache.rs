@@ -25,7 +25,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
 use super::glock::CacheObserver;
 
@@ -80,15 +80,21 @@ pub struct KernelCache {
     notifier: Mutex<Option<Box<dyn Invalidate>>>,
 }
 
-/// A granted lifetime; the epoch cannot change until it is dropped, so drop it only
-/// after the reply is written.
+/// Keeps the epoch from changing while a reply that grants a lifetime is written: drop
+/// it only after the reply. Empty when nothing was granted (nothing to protect).
 pub struct Grant<'a> {
-    _epoch: parking_lot::RwLockReadGuard<'a, Epoch>,
-    pub attr_ttl: Duration,
+    _epoch: Option<RwLockReadGuard<'a, Epoch>>,
+}
+
+impl Grant<'_> {
+    pub fn none() -> Self {
+        Grant { _epoch: None }
+    }
 }
 
 impl KernelCache {
-    /// Without a notifier nothing is ever granted (invalidation would be impossible).
+    /// Without a notifier nothing is ever granted (invalidation would be impossible);
+    /// set it before the glock observer is attached.
     pub fn set_notifier(&self, n: Box<dyn Invalidate>) {
         *self.notifier.lock() = Some(n);
     }
@@ -97,66 +103,52 @@ impl KernelCache {
         Ticket(self.epoch.read().n)
     }
 
-    fn valid<'a>(&'a self, t: Ticket) -> Option<parking_lot::RwLockReadGuard<'a, Epoch>> {
+    /// The epoch, read-locked, if `t` is still current and the glock is held.
+    fn valid(&self, t: Ticket) -> Option<RwLockReadGuard<'_, Epoch>> {
         let e = self.epoch.read();
-        (e.cacheable && e.n == t.0 && self.notifier.lock().is_some()).then_some(e)
+        (e.cacheable && e.n == t.0).then_some(e)
     }
 
     /// The attribute lifetime for a reply about `ino` computed since `t`.
-    pub fn attrs(&self, t: Ticket, ino: u64) -> Grant<'_> {
-        let epoch = match self.valid(t) {
-            Some(e) => e,
-            None => return self.no_grant(),
+    pub fn attrs(&self, t: Ticket, ino: u64) -> (Grant<'_>, Duration) {
+        let Some(epoch) = self.valid(t) else {
+            return (Grant::none(), Duration::ZERO);
         };
         let mut tr = self.tracked.lock();
         if tr.attrs.len() >= MAX_TRACKED_INODES && !tr.attrs.contains(&ino) {
-            drop(tr);
-            drop(epoch);
-            return self.no_grant();
+            return (Grant::none(), Duration::ZERO);
         }
         tr.attrs.insert(ino);
-        Grant {
-            _epoch: epoch,
-            attr_ttl: ATTR_TTL,
-        }
-    }
-
-    /// Whether an open of `ino` since `t` may keep the kernel's cached pages
-    /// (`FOPEN_KEEP_CACHE`). Hold the returned guard until the reply is written.
-    pub fn keep_pages(&self, t: Ticket, ino: u64) -> (Option<Grant<'_>>, bool) {
-        let Some(epoch) = self.valid(t) else {
-            return (None, false);
-        };
-        let n = epoch.n;
-        let mut tr = self.tracked.lock();
-        if tr.pages.get(&ino) == Some(&n) {
-            return (
-                Some(Grant {
-                    _epoch: epoch,
-                    attr_ttl: ATTR_TTL,
-                }),
-                true,
-            );
-        }
-        // This open drops the pages: everything cached from now on is of this grant.
-        if tr.pages.len() >= MAX_TRACKED_INODES {
-            tr.pages.clear();
-        }
-        tr.pages.insert(ino, n);
         (
-            Some(Grant {
-                _epoch: epoch,
-                attr_ttl: ATTR_TTL,
-            }),
-            false,
+            Grant {
+                _epoch: Some(epoch),
+            },
+            ATTR_TTL,
         )
     }
 
-    fn no_grant(&self) -> Grant<'_> {
-        Grant {
-            _epoch: self.epoch.read(),
-            attr_ttl: Duration::ZERO,
+    /// Whether an open of `ino` since `t` may keep the kernel's cached pages
+    /// (`FOPEN_KEEP_CACHE`).
+    pub fn keep_pages(&self, t: Ticket, ino: u64) -> (Grant<'_>, bool) {
+        let Some(epoch) = self.valid(t) else {
+            return (Grant::none(), false);
+        };
+        let n = epoch.n;
+        let mut tr = self.tracked.lock();
+        let keep = tr.pages.get(&ino) == Some(&n);
+        if !keep {
+            // This open drops the pages: everything cached from now on is of this grant.
+            if tr.pages.len() >= MAX_TRACKED_INODES {
+                tr.pages.clear();
+            }
+            tr.pages.insert(ino, n);
         }
+        (
+            Grant {
+                _epoch: Some(epoch),
+            },
+            keep,
+        )
     }
 
     /// Inodes whose attributes are currently granted (for tests and status).
@@ -171,9 +163,10 @@ impl CacheObserver for KernelCache {
     }
 
     fn granted(&self) {
+        let can_invalidate = self.notifier.lock().is_some();
         let mut e = self.epoch.write();
         e.n += 1;
-        e.cacheable = true;
+        e.cacheable = can_invalidate;
     }
 
     fn releasing(&self) {
@@ -227,9 +220,18 @@ mod tests {
     fn nothing_is_granted_before_the_glock_is_held() {
         let (k, _) = cache();
         let t = k.ticket();
-        assert_eq!(k.attrs(t, 5).attr_ttl, Duration::ZERO);
+        assert_eq!(k.attrs(t, 5).1, Duration::ZERO);
         assert!(!k.keep_pages(t, 5).1);
         assert_eq!(k.tracked_inodes(), 0);
+    }
+
+    #[test]
+    fn without_a_notifier_nothing_is_granted_even_under_the_glock() {
+        let k = KernelCache::default();
+        k.granted();
+        let t = k.ticket();
+        assert_eq!(k.attrs(t, 5).1, Duration::ZERO);
+        assert!(!k.keep_pages(t, 5).1);
     }
 
     #[test]
@@ -237,14 +239,14 @@ mod tests {
         let (k, seen) = cache();
         let before_grant = k.ticket();
         k.granted();
-        assert_eq!(k.attrs(before_grant, 1).attr_ttl, Duration::ZERO);
+        assert_eq!(k.attrs(before_grant, 1).1, Duration::ZERO);
         let t = k.ticket();
-        assert_eq!(k.attrs(t, 2).attr_ttl, ATTR_TTL);
+        assert_eq!(k.attrs(t, 2).1, ATTR_TTL);
         k.releasing();
         assert_eq!(*seen.lock(), [2], "the granted inode is invalidated");
         k.granted();
         // Started in the old grant, answered in the new one: its data may be stale.
-        assert_eq!(k.attrs(t, 3).attr_ttl, Duration::ZERO);
+        assert_eq!(k.attrs(t, 3).1, Duration::ZERO);
     }
 
     #[test]
@@ -288,10 +290,10 @@ mod tests {
         k.granted();
         let t = k.ticket();
         for ino in 0..MAX_TRACKED_INODES as u64 {
-            assert_eq!(k.attrs(t, ino).attr_ttl, ATTR_TTL);
+            assert_eq!(k.attrs(t, ino).1, ATTR_TTL);
         }
-        assert_eq!(k.attrs(t, u64::MAX).attr_ttl, Duration::ZERO);
-        assert_eq!(k.attrs(t, 7).attr_ttl, ATTR_TTL, "already tracked");
+        assert_eq!(k.attrs(t, u64::MAX).1, Duration::ZERO);
+        assert_eq!(k.attrs(t, 7).1, ATTR_TTL, "already tracked");
         assert_eq!(k.tracked_inodes(), MAX_TRACKED_INODES);
     }
 }

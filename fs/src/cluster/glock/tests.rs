@@ -182,3 +182,68 @@ fn an_idle_glock_goes_before_the_minimum_hold_a_busy_one_keeps_it() {
         break;
     }
 }
+
+/// Records the kernel-cache observer's calls in the backend's call list, so their order
+/// against lock, convert and unlock shows.
+struct Observer(Arc<Rec>);
+
+impl CacheObserver for Observer {
+    fn granted(&self) {
+        self.0.calls.lock().push("granted".into());
+    }
+    fn releasing(&self) {
+        self.0.calls.lock().push("releasing".into());
+    }
+}
+
+#[test]
+fn the_cache_observer_hears_of_every_grant_before_use_and_every_release_before_unlock() {
+    let (rec, _hooks, g) = setup(Duration::ZERO);
+    g.set_observer(Arc::new(Observer(rec.clone())));
+    drop(g.enter(Mode::PR).unwrap());
+    drop(g.enter(Mode::EX).unwrap()); // a conversion keeps the cache: no event
+    g.demote(LockId(7), Mode::PR); // EX -> PR keeps it too
+    g.demote(LockId(7), Mode::EX); // released
+    drop(g.enter(Mode::PR).unwrap());
+    g.withdraw("test"); // void: forget it
+    assert_eq!(
+        *rec.calls.lock(),
+        [
+            "lock PR",
+            "granted",
+            "convert 7 EX",
+            "convert 7 PR",
+            "releasing",
+            "unlock 7",
+            "lock PR",
+            "granted",
+            "releasing",
+        ]
+    );
+    // Attached while held: told at once.
+    let (rec, _hooks, g) = setup(Duration::ZERO);
+    drop(g.enter(Mode::PR).unwrap());
+    g.set_observer(Arc::new(Observer(rec.clone())));
+    assert_eq!(*rec.calls.lock(), ["lock PR", "granted"]);
+}
+
+#[test]
+fn a_lost_conversion_deadlock_tells_the_observer_before_giving_the_lock_back() {
+    let (rec, _hooks, g) = setup(Duration::ZERO);
+    g.set_observer(Arc::new(Observer(rec.clone())));
+    drop(g.enter(Mode::PR).unwrap());
+    rec.deadlock_next_convert.store(true, Ordering::Relaxed);
+    drop(g.enter(Mode::EX).unwrap());
+    assert_eq!(
+        *rec.calls.lock(),
+        [
+            "lock PR",
+            "granted",
+            "convert EX deadlock",
+            "releasing",
+            "unlock 7",
+            "lock EX",
+            "granted",
+        ]
+    );
+}
