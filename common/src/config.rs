@@ -493,12 +493,19 @@ impl ClusterConfig {
                 let node = self.nodes.iter().find(|n| &n.name == name).ok_or_else(|| {
                     invalid(format!("{key}.nodes"), format!("unknown node `{name}`"))
                 })?;
-                if node.witness {
+                // A witness may take part only as a diskless tiebreaker, listed by name.
+                if node.witness && self.disk_for(res, name).is_some() {
                     return Err(invalid(
-                        format!("{key}.nodes"),
-                        format!("node `{name}` is a lock-manager witness and holds no disks"),
+                        format!("{key}.on.{name}.disk"),
+                        format!("node `{name}` is a witness and holds no disks; remove the disk to make it a diskless tiebreaker"),
                     ));
                 }
+            }
+            if members.iter().all(|n| self.disk_for(res, n).is_none()) {
+                return Err(invalid(
+                    format!("{key}.on"),
+                    "no member has a disk: set resource.on.NODE.disk on at least one node",
+                ));
             }
             for (name, on) in &res.on {
                 if !members.contains(name) {
@@ -510,6 +517,12 @@ impl ClusterConfig {
                 if let Some(meta) = &on.meta_disk {
                     if meta.is_empty() {
                         return Err(invalid(format!("{key}.on.{name}.meta-disk"), "empty"));
+                    }
+                    if on.disk.is_none() {
+                        return Err(invalid(
+                            format!("{key}.on.{name}.meta-disk"),
+                            "a diskless node has no metadata: set disk too, or remove meta-disk",
+                        ));
                     }
                 }
             }
@@ -625,6 +638,11 @@ impl ClusterConfig {
     /// The lock manager's client socket for a node.
     pub fn lockd_socket(&self, node: &str) -> PathBuf {
         self.node_run_dir(node).join("lockd.sock")
+    }
+
+    /// A member without a disk: a diskless tiebreaker (votes for quorum, stores nothing).
+    pub fn is_diskless(&self, res: &ResourceConfig, node: &str) -> bool {
+        self.disk_for(res, node).is_none()
     }
 
     /// Backing disk of a resource on a node, if the node has one.

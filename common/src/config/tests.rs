@@ -109,3 +109,41 @@ fn quorum_values() {
     let e = err_of(&EXAMPLE.replace("size = \"64MiB\"", "size = \"64MiB\"\nquorum = 3"));
     assert!(e.contains("resource.www.quorum"), "{e}");
 }
+
+#[test]
+fn diskless_tiebreaker_members() {
+    // A third node without a disk, listed by name: a diskless tiebreaker, even a witness.
+    let with_witness = EXAMPLE
+        .replace(
+            "[[resource]]",
+            "[[node]]\nname = \"tb\"\nid = 3\naddress = \"10.99.0.3\"\nwitness = true\n\n[[resource]]",
+        )
+        .replace(
+            "size = \"64MiB\"",
+            "size = \"64MiB\"\nnodes = [\"node1\", \"node2\", \"tb\"]\nquorum = \"majority\"",
+        );
+    let c = ClusterConfig::parse(&with_witness).unwrap();
+    let r = c.resource("www").unwrap();
+    assert_eq!(c.resource_node_names(r), vec!["node1", "node2", "tb"]);
+    assert!(c.is_diskless(r, "tb"));
+    assert!(!c.is_diskless(r, "node1"));
+    // A witness with a disk is refused, naming the key.
+    let e = err_of(&format!(
+        "{with_witness}\n[resource.on.tb]\ndisk = \"/tmp/tb.img\"\n"
+    ));
+    assert!(e.contains("resource.www.on.tb.disk"), "{e}");
+    // meta-disk without a disk means nothing.
+    let e = err_of(&format!(
+        "{with_witness}\n[resource.on.tb]\nmeta-disk = \"/tmp/tb.meta\"\n"
+    ));
+    assert!(e.contains("resource.www.on.tb.meta-disk"), "{e}");
+    // Somebody must hold the data.
+    let none = EXAMPLE
+        .replace("[resource.on.node1]\ndisk = \"/tmp/n1.img\"\n", "")
+        .replace(
+            "[resource.on.node2]\ndisk = \"/tmp/n2.img\"\nmeta-disk = \"/tmp/n2.meta\"\n",
+            "",
+        );
+    let e = err_of(&none);
+    assert!(e.contains("resource.www.on"), "{e}");
+}

@@ -30,6 +30,8 @@ pub enum BackingError {
     Poisoned,
     #[error("request {offset}+{len} is outside the disk of {size} bytes")]
     OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("this node is a diskless tiebreaker for the resource: it has no local disk")]
+    NoDisk,
 }
 
 /// Requests up to this size run inline on the calling worker with pread/pwrite: a
@@ -43,10 +45,11 @@ enum Engine {
     Uring(uring::UringEngine),
 }
 
-/// A backing disk. Cheap to clone (shared handle).
+/// A backing disk, or none on a diskless tiebreaker (every request then fails with
+/// `NoDisk`). Cheap to clone (shared handle).
 #[derive(Clone)]
 pub struct Backing {
-    inner: Arc<Inner>,
+    inner: Option<Arc<Inner>>,
 }
 
 struct Inner {
@@ -102,79 +105,95 @@ impl Backing {
             },
         };
         Ok(Self {
-            inner: Arc::new(Inner {
+            inner: Some(Arc::new(Inner {
                 path: path.to_path_buf(),
                 file,
                 size_bytes,
                 engine,
                 poisoned: AtomicBool::new(false),
                 fault_eio: AtomicBool::new(false),
-            }),
+            })),
         })
     }
 
+    /// No disk at all (a diskless tiebreaker).
+    pub fn none() -> Self {
+        Self { inner: None }
+    }
+
+    fn disk(&self) -> Result<&Inner, BackingError> {
+        self.inner.as_deref().ok_or(BackingError::NoDisk)
+    }
+
     pub fn path(&self) -> &Path {
-        &self.inner.path
+        self.inner
+            .as_deref()
+            .map_or(Path::new("none"), |i| i.path.as_path())
     }
 
     pub fn size_bytes(&self) -> u64 {
-        self.inner.size_bytes
+        self.inner.as_deref().map_or(0, |i| i.size_bytes)
     }
 
     pub fn engine_name(&self) -> &'static str {
-        match self.inner.engine {
-            Engine::Posix(_) => "posix",
-            Engine::Uring(_) => "io_uring",
+        match self.inner.as_deref().map(|i| &i.engine) {
+            Some(Engine::Posix(_)) => "posix",
+            Some(Engine::Uring(_)) => "io_uring",
+            None => "none",
         }
-    }
-
-    /// The raw file, for synchronous metadata I/O at startup.
-    pub fn file(&self) -> &Arc<File> {
-        &self.inner.file
     }
 
     /// Makes every later request fail with EIO, as a dying disk would.
     pub fn inject_eio(&self) {
-        self.inner.fault_eio.store(true, Ordering::Release);
+        if let Some(i) = self.inner.as_deref() {
+            i.fault_eio.store(true, Ordering::Release);
+        }
     }
 
-    fn check(&self, offset: u64, len: u64) -> Result<(), BackingError> {
-        if self.inner.fault_eio.load(Ordering::Acquire) {
-            return Err(BackingError::Io(std::io::Error::from_raw_os_error(
-                libc::EIO,
-            )));
-        }
-        if self.inner.poisoned.load(Ordering::Acquire) {
-            return Err(BackingError::Poisoned);
-        }
+    fn check(&self, offset: u64, len: u64) -> Result<&Inner, BackingError> {
+        let inner = self.usable()?;
         match offset.checked_add(len) {
-            Some(end) if end <= self.inner.size_bytes => Ok(()),
+            Some(end) if end <= inner.size_bytes => Ok(inner),
             _ => Err(BackingError::OutOfRange {
                 offset,
                 len,
-                size: self.inner.size_bytes,
+                size: inner.size_bytes,
             }),
         }
     }
 
-    fn poison_on_err<T>(&self, r: std::io::Result<T>) -> Result<T, BackingError> {
+    /// The disk, unless it is absent, failed earlier or has an injected fault.
+    fn usable(&self) -> Result<&Inner, BackingError> {
+        let inner = self.disk()?;
+        if inner.fault_eio.load(Ordering::Acquire) {
+            return Err(BackingError::Io(std::io::Error::from_raw_os_error(
+                libc::EIO,
+            )));
+        }
+        if inner.poisoned.load(Ordering::Acquire) {
+            return Err(BackingError::Poisoned);
+        }
+        Ok(inner)
+    }
+
+    fn poison_on_err<T>(inner: &Inner, r: std::io::Result<T>) -> Result<T, BackingError> {
         r.map_err(|e| {
-            tracing::error!(path = %self.inner.path.display(), error = %e,
+            tracing::error!(path = %inner.path.display(), error = %e,
                 "backing disk write/sync failed; poisoning handle");
-            self.inner.poisoned.store(true, Ordering::Release);
+            inner.poisoned.store(true, Ordering::Release);
             BackingError::Io(e)
         })
     }
 
     pub async fn read_at(&self, offset: u64, len: usize) -> Result<Vec<u8>, BackingError> {
-        self.check(offset, len as u64)?;
+        let inner = self.check(offset, len as u64)?;
         if len <= INLINE_MAX_BYTES {
             use std::os::unix::fs::FileExt;
             let mut buf = vec![0u8; len];
-            self.inner.file.read_exact_at(&mut buf, offset)?;
+            inner.file.read_exact_at(&mut buf, offset)?;
             return Ok(buf);
         }
-        let r = match &self.inner.engine {
+        let r = match &inner.engine {
             Engine::Posix(e) => e.read_at(offset, len).await,
             Engine::Uring(e) => e.read_at(offset, len).await,
         };
@@ -182,34 +201,27 @@ impl Backing {
     }
 
     pub async fn write_at(&self, offset: u64, data: Vec<u8>) -> Result<(), BackingError> {
-        self.check(offset, data.len() as u64)?;
+        let inner = self.check(offset, data.len() as u64)?;
         if data.len() <= INLINE_MAX_BYTES {
             use std::os::unix::fs::FileExt;
-            let r = self.inner.file.write_all_at(&data, offset);
-            return self.poison_on_err(r);
+            let r = inner.file.write_all_at(&data, offset);
+            return Self::poison_on_err(inner, r);
         }
-        let r = match &self.inner.engine {
+        let r = match &inner.engine {
             Engine::Posix(e) => e.write_at(offset, data).await,
             Engine::Uring(e) => e.write_at(offset, data).await,
         };
-        self.poison_on_err(r)
+        Self::poison_on_err(inner, r)
     }
 
     /// Makes every completed write durable (fdatasync).
     pub async fn sync(&self) -> Result<(), BackingError> {
-        if self.inner.fault_eio.load(Ordering::Acquire) {
-            return Err(BackingError::Io(std::io::Error::from_raw_os_error(
-                libc::EIO,
-            )));
-        }
-        if self.inner.poisoned.load(Ordering::Acquire) {
-            return Err(BackingError::Poisoned);
-        }
-        let r = match &self.inner.engine {
+        let inner = self.usable()?;
+        let r = match &inner.engine {
             Engine::Posix(e) => e.sync().await,
             Engine::Uring(e) => e.sync().await,
         };
-        self.poison_on_err(r)
+        Self::poison_on_err(inner, r)
     }
 
     /// Writes zeroes over a range (used for TRIM and WRITE_ZEROES; we never punch holes
@@ -273,6 +285,27 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn uring_engine_reads_back_writes() {
         exercise(IoEngine::Uring).await;
+    }
+
+    #[tokio::test]
+    async fn no_disk_refuses_every_request_clearly() {
+        let b = Backing::none();
+        assert_eq!(b.size_bytes(), 0);
+        assert_eq!(b.engine_name(), "none");
+        b.inject_eio();
+        assert!(matches!(
+            b.read_at(0, 4096).await,
+            Err(BackingError::NoDisk)
+        ));
+        assert!(matches!(
+            b.write_at(0, vec![0; 4096]).await,
+            Err(BackingError::NoDisk)
+        ));
+        assert!(matches!(b.sync().await, Err(BackingError::NoDisk)));
+        assert!(matches!(
+            b.write_zeroes(0, 8).await,
+            Err(BackingError::NoDisk)
+        ));
     }
 
     #[test]

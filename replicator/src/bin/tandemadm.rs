@@ -331,12 +331,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             let deadline = Instant::now() + Duration::from_secs(timeout_s);
             loop {
                 let list = status(&ctx, Some(resource.clone())).await?;
+                use tandem_replicator::state::{DiskState, ReplState};
+                // A diskless tiebreaker is in sync when it is Diskless and connected.
+                let good = |disk: DiskState, client: bool| {
+                    disk == DiskState::UpToDate || (client && disk == DiskState::Diskless)
+                };
                 let done = list.iter().all(|st| {
-                    st.disk_state == tandem_replicator::state::DiskState::UpToDate
+                    good(st.disk_state, st.client)
                         && st.connections.iter().all(|c| {
-                            c.replication_state == tandem_replicator::state::ReplState::Established
-                                && c.peer_disk_state
-                                    == tandem_replicator::state::DiskState::UpToDate
+                            c.replication_state == ReplState::Established
+                                && good(c.peer_disk_state, c.peer_client)
                         })
                 });
                 if done {
@@ -429,7 +433,14 @@ async fn status(ctx: &Ctx, resource: Option<String>) -> anyhow::Result<Vec<Resou
 
 /// DRBD-style text status.
 fn render_status(st: &ResourceStatus) -> String {
-    let mut out = format!("{} role:{}\n  disk:{}\n", st.name, st.role, st.disk_state);
+    let mut out = format!("{} role:{}\n  disk:{}", st.name, st.role, st.disk_state);
+    if st.client {
+        out += " client:yes";
+    }
+    if !st.quorum {
+        out += " quorum:no";
+    }
+    out += "\n";
     for c in &st.connections {
         if c.connection_state != ConnState::Connected {
             out += &format!("  {} connection:{}", c.name, c.connection_state);
@@ -445,6 +456,12 @@ fn render_status(st: &ResourceStatus) -> String {
             out += &format!("replication:{} ", c.replication_state);
         }
         out += &format!("peer-disk:{}", c.peer_disk_state);
+        if c.peer_client {
+            out += " peer-client:yes";
+        }
+        if c.tiebreaker_vote == Some(false) {
+            out += " tiebreaker-vote:no";
+        }
         if let Some(s) = &c.sync {
             out += &format!(
                 " done:{:.1} speed:{}/s eta:{}",

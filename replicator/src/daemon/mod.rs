@@ -23,7 +23,8 @@ use crate::proto::SERVICE;
 struct UpResource {
     res: Arc<Resource>,
     tasks: Vec<JoinHandle<()>>,
-    nbd_socket: PathBuf,
+    /// `None` on a diskless tiebreaker (nothing to export).
+    nbd_socket: Option<PathBuf>,
 }
 
 pub struct Daemon {
@@ -70,6 +71,19 @@ impl Daemon {
                 tasks.push(tokio::spawn(peer::dial_loop(res.clone(), peer, addr)));
             }
         }
+        if res.settings.diskless {
+            self.resources.lock().insert(
+                name.to_string(),
+                UpResource {
+                    res,
+                    tasks,
+                    nbd_socket: None,
+                },
+            );
+            return Ok(format!(
+                "{name}: up as a diskless tiebreaker (votes for quorum, no data, no NBD export)"
+            ));
+        }
         let socket = self.config.nbd_socket(&self.node, name);
         let listener = nbd::server::bind(&socket)
             .with_context(|| format!("cannot bind NBD socket {}", socket.display()))?;
@@ -83,7 +97,7 @@ impl Daemon {
             UpResource {
                 res,
                 tasks,
-                nbd_socket: socket.clone(),
+                nbd_socket: Some(socket.clone()),
             },
         );
         Ok(format!("{name}: up, NBD export at {}", socket.display()))
@@ -99,7 +113,9 @@ impl Daemon {
             t.abort();
         }
         up.res.detach_cleanly().await;
-        let _ = std::fs::remove_file(&up.nbd_socket);
+        if let Some(socket) = &up.nbd_socket {
+            let _ = std::fs::remove_file(socket);
+        }
         up.res.emit("destroy", "resource", "");
         Ok(format!("{name}: down"))
     }

@@ -133,8 +133,9 @@ impl Resource {
         };
         if !pages.is_empty() {
             let meta = self.meta.lock().await;
-            let (store, sb) = &*meta;
-            tokio::task::block_in_place(|| store.write_al_pages(sb, &pages))?;
+            if let (Some(store), sb) = &*meta {
+                tokio::task::block_in_place(|| store.write_al_pages(sb, &pages))?;
+            }
         }
         Ok(guard)
     }
@@ -143,8 +144,9 @@ impl Resource {
     pub(super) async fn al_clear(&self) -> Result<(), EngineError> {
         let pages = self.al.lock().clear();
         let meta = self.meta.lock().await;
-        let (store, sb) = &*meta;
-        tokio::task::block_in_place(|| store.write_al_pages(sb, &pages))?;
+        if let (Some(store), sb) = &*meta {
+            tokio::task::block_in_place(|| store.write_al_pages(sb, &pages))?;
+        }
         Ok(())
     }
 }

@@ -55,7 +55,9 @@ impl Resource {
             return Ok(());
         }
         let guard = self.meta.lock().await;
-        let (store, sb) = &*guard;
+        let (Some(store), sb) = &*guard else {
+            return Ok(());
+        };
         tokio::task::block_in_place(|| {
             for (slot, pages) in &changed {
                 store.write_bitmap_pages(sb, *slot, pages)?;

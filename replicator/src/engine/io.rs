@@ -81,6 +81,10 @@ impl Resource {
         let mut targets = Vec::new();
         let mut missing = Vec::new();
         for (id, p) in &inner.peers {
+            // Tiebreakers hold no data: they neither get writes nor miss them.
+            if self.is_tiebreaker(*id) {
+                continue;
+            }
             match (&p.conn, p.repl) {
                 (Some(c), ReplState::Established | ReplState::SyncSource | ReplState::VerifyS) => {
                     targets.push(c.clone())
@@ -91,7 +95,8 @@ impl Resource {
         (targets, missing)
     }
 
-    /// Quorum gate for writes and flushes: fail (io-error) or wait (suspend-io).
+    /// Quorum gate for writes and flushes: fail (io-error) or wait (suspend-io). With
+    /// io-error, a quorum that only waits for a tiebreaker's confirmation is waited for.
     async fn wait_for_quorum(&self) -> Result<(), IoError> {
         loop {
             let notified = self.quorum_changed.notified();
@@ -102,7 +107,12 @@ impl Resource {
                 return Err(IoError::Down);
             }
             match self.settings.on_no_quorum {
-                tandem_common::config::OnNoQuorum::IoError => return Err(IoError::NoQuorum),
+                tandem_common::config::OnNoQuorum::IoError => {
+                    if self.quorum_pending() && self.write_has_quorum_soon().await {
+                        continue;
+                    }
+                    return Err(IoError::NoQuorum);
+                }
                 tandem_common::config::OnNoQuorum::SuspendIo => {
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), notified).await;
                 }
@@ -279,7 +289,7 @@ impl Resource {
         // Those peers may lack this write: record it before acknowledging.
         self.record_missed_write(&lost, offset, len).await?;
         let needed = self.quorum_needed();
-        if needed > 0 && 1 + targets.len() - lost.len() < needed {
+        if needed > 0 && !self.write_has_quorum(targets.len() - lost.len()).await {
             // Our disk has a write the majority may never see: never acknowledge it, and
             // take a peer's copy at the next connect.
             self.persist(|sb| sb.flags |= crate::meta::format::FLAG_LOST_QUORUM)

@@ -12,6 +12,7 @@ pub mod decide;
 mod detach;
 mod dirty;
 mod io;
+mod quorum;
 pub mod ranges;
 #[cfg(test)]
 mod sim;
@@ -19,13 +20,14 @@ mod sim;
 mod sim_mint;
 mod status;
 mod sync;
+pub mod tiebreak;
 mod verify;
 
 pub use io::IoError;
 pub use status::{PeerStatus, ResourceStatus, SyncProgressView};
 pub use sync::SessionEnd;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -71,6 +73,10 @@ pub struct Settings {
     pub on_io_error: tandem_common::config::OnIoError,
     /// Every other member: id and name.
     pub peers: Vec<(NodeId, String)>,
+    /// This node has no disk for the resource: a tiebreaker (see `tiebreak.rs`).
+    pub diskless: bool,
+    /// Members without a disk: they vote for quorum but get no data and no bitmap.
+    pub tiebreakers: BTreeSet<NodeId>,
     pub secret: Vec<u8>,
 }
 
@@ -81,11 +87,16 @@ impl Settings {
         node: &str,
     ) -> Result<Self, EngineError> {
         let me = config.node(node).map_err(meta::MetaError::from)?;
-        let peers = config
+        let peers: Vec<(NodeId, String)> = config
             .resource_node_names(res)
             .into_iter()
             .filter(|n| n != node)
             .filter_map(|n| config.node(&n).ok().map(|c| (c.node_id(), n.clone())))
+            .collect();
+        let tiebreakers = peers
+            .iter()
+            .filter(|(_, n)| config.is_diskless(res, n))
+            .map(|(id, _)| *id)
             .collect();
         Ok(Self {
             name: res.name.clone(),
@@ -104,6 +115,8 @@ impl Settings {
             split_brain_handler: res.split_brain_handler.clone(),
             on_io_error: res.on_io_error,
             peers,
+            diskless: config.is_diskless(res, node),
+            tiebreakers,
             secret: config
                 .secret_for(res)
                 .ok_or_else(|| EngineError::Refused("no shared secret configured".into()))?,
@@ -245,7 +258,8 @@ pub struct Resource {
     pub settings: Settings,
     backing: Backing,
     usable_bytes: u64,
-    meta: tokio::sync::Mutex<(MetaStore, Superblock)>,
+    /// `None` on a diskless tiebreaker.
+    meta: tokio::sync::Mutex<(Option<MetaStore>, Superblock)>,
     /// Copy of the persisted superblock for lock-free reads in hot paths.
     sb_cache: Mutex<Superblock>,
     /// Activity log (hot extents of a Primary), see `al.rs`.
@@ -292,6 +306,9 @@ impl Resource {
         events: broadcast::Sender<String>,
     ) -> Result<Arc<Self>, EngineError> {
         let settings = Settings::from_config(config, res, node)?;
+        if settings.diskless {
+            return Ok(Self::attach_diskless(settings, events));
+        }
         let (store, mut sb) = meta::open(config, res, node)?;
         let disk_path = config.disk_for(res, node).expect("plan checked the disk");
         let backing = Backing::open(&disk_path, res.io_engine)?;
@@ -324,6 +341,65 @@ impl Resource {
             }
             bitmaps.insert(p.node_id, (slot, bm));
         }
+        tracing::info!(resource = %res.name, disk = %disk_path.display(), engine = backing.engine_name(),
+            size = sb.usable_size_bytes, state = %sb.disk_state, "attached");
+        Ok(Self::build(
+            settings,
+            backing,
+            Some(store),
+            sb,
+            al,
+            crashed_extents,
+            bitmaps,
+            events,
+        ))
+    }
+
+    /// A diskless tiebreaker: no disk, no metadata, never a replication target. Its
+    /// superblock lives in memory and holds the data generation it vouches for.
+    fn attach_diskless(settings: Settings, events: broadcast::Sender<String>) -> Arc<Self> {
+        let sb = Superblock {
+            flags: 0,
+            seq: 0,
+            usable_size_bytes: 0,
+            backing_size_bytes: 0,
+            node_id: settings.node_id,
+            disk_state: DiskState::Diskless,
+            current_uuid: 0,
+            history_uuids: [0, 0],
+            resource: settings.name.clone(),
+            peers: Vec::new(),
+            md_offset: 0,
+            al_offset: 0,
+            bitmap_offset: 0,
+            bitmap_bytes_per_peer: 0,
+        };
+        tracing::info!(resource = %settings.name, "attached as a diskless tiebreaker: votes for quorum, stores no data");
+        let r = Self::build(
+            settings,
+            Backing::none(),
+            None,
+            sb,
+            al::ActivityLog::new(0, &[]),
+            None,
+            BTreeMap::new(),
+            events,
+        );
+        r.detached.store(true, Ordering::Release);
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        settings: Settings,
+        backing: Backing,
+        store: Option<MetaStore>,
+        sb: Superblock,
+        al: al::ActivityLog,
+        crashed_extents: Option<Vec<u64>>,
+        bitmaps: BTreeMap<NodeId, (usize, bitmap::DirtyBitmap)>,
+        events: broadcast::Sender<String>,
+    ) -> Arc<Self> {
         let peers = settings
             .peers
             .iter()
@@ -347,8 +423,6 @@ impl Resource {
                 )
             })
             .collect();
-        tracing::info!(resource = %res.name, disk = %disk_path.display(), engine = backing.engine_name(),
-            size = sb.usable_size_bytes, state = %sb.disk_state, "attached");
         let r = Arc::new(Self {
             usable_bytes: sb.usable_size_bytes,
             inner: Mutex::new(Inner {
@@ -382,7 +456,7 @@ impl Resource {
         });
         r.emit("create", "resource", &format!("role:{}", Role::Secondary));
         r.emit("create", "device", &format!("disk:{}", r.disk()));
-        Ok(r)
+        r
     }
 
     pub fn name(&self) -> &str {
@@ -475,8 +549,12 @@ impl Resource {
         let mut next = sb.clone();
         change(&mut next);
         // Metadata writes are small and rare; block_in_place keeps the fsync off the
-        // async workers' queue without an extra thread hop.
-        tokio::task::block_in_place(|| store.write(&mut next))?;
+        // async workers' queue without an extra thread hop. A diskless tiebreaker keeps
+        // its view of the data's generation in memory only.
+        match store {
+            Some(store) => tokio::task::block_in_place(|| store.write(&mut next))?,
+            None => next.seq += 1,
+        }
         *sb = next;
         *self.sb_cache.lock() = sb.clone();
         Ok(())
@@ -551,8 +629,21 @@ impl Resource {
 
     // ----- roles -----
 
+    /// Commands that need local data are refused on a diskless tiebreaker.
+    pub fn refuse_if_diskless(&self, what: &str) -> Result<(), EngineError> {
+        if self.settings.diskless {
+            return Err(EngineError::Refused(format!(
+                "refusing `{what}`: this node is a diskless tiebreaker of {} (no disk configured); it only votes for quorum. Run it on a node with a disk, or set resource.on.{}.disk",
+                self.name(),
+                self.settings.node_name
+            )));
+        }
+        Ok(())
+    }
+
     /// `tandemadm primary [--force]`.
     pub async fn promote(self: &Arc<Self>, force: bool) -> Result<(), EngineError> {
+        self.refuse_if_diskless("primary")?;
         if self.role() == Role::Primary {
             return Ok(());
         }
@@ -631,6 +722,7 @@ impl Resource {
     /// `new-current-uuid --clear-bitmap`: on fresh, empty disks, skip the initial sync.
     /// Every peer must be connected and without data.
     pub async fn new_current_uuid_clear_bitmap(&self) -> Result<(), EngineError> {
+        self.refuse_if_diskless("new-current-uuid")?;
         let g = self.generation();
         if g.current != 0 || self.disk() != DiskState::Inconsistent {
             return Err(EngineError::Refused(
@@ -639,7 +731,14 @@ impl Resource {
         }
         let conns = {
             let inner = self.inner.lock();
-            for p in inner.peers.values() {
+            let disk_peers = || {
+                inner
+                    .peers
+                    .iter()
+                    .filter(|(id, _)| !self.is_tiebreaker(**id))
+                    .map(|(_, p)| p)
+            };
+            for p in disk_peers() {
                 let fresh = p
                     .state
                     .as_ref()
@@ -651,9 +750,7 @@ impl Resource {
                     )));
                 }
             }
-            inner
-                .peers
-                .values()
+            disk_peers()
                 .filter_map(|p| p.conn.clone())
                 .collect::<Vec<_>>()
         };
@@ -688,29 +785,6 @@ impl Resource {
         self.conn_changed.store(true, Ordering::Release);
         self.quorum_changed.notify_waiters();
         conn
-    }
-
-    /// Nodes needed for quorum (0 = quorum off).
-    pub fn quorum_needed(&self) -> usize {
-        let total = 1 + self.settings.peers.len();
-        match self.settings.quorum {
-            Quorum::Off => 0,
-            Quorum::Majority => total / 2 + 1,
-            Quorum::All => total,
-            Quorum::Nodes(n) => n as usize,
-        }
-    }
-
-    /// This node plus the peers it is connected to form a quorum.
-    pub fn has_quorum(&self) -> bool {
-        let votes = 1 + self
-            .inner
-            .lock()
-            .peers
-            .values()
-            .filter(|p| p.conn.is_some())
-            .count();
-        votes >= self.quorum_needed()
     }
 
     /// The session for `conn` ended (error or shutdown).

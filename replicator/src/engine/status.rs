@@ -36,6 +36,13 @@ pub struct PeerStatus {
     /// Blocks the last completed verify found different.
     pub last_verify_out_of_sync_blocks: Option<u64>,
     pub last_error: Option<String>,
+    /// The peer is a diskless tiebreaker (DRBD's `peer-client:yes`).
+    #[serde(default)]
+    pub peer_client: bool,
+    /// For a tiebreaker peer: whether its vote counts for us now (it vouches for our data
+    /// generation; see docs/SEMANTICS.md).
+    #[serde(default)]
+    pub tiebreaker_vote: Option<bool>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -59,6 +66,9 @@ pub struct ResourceStatus {
     pub concurrent_write_conflicts: u64,
     /// Whether this node has quorum (always true with `quorum = off`).
     pub quorum: bool,
+    /// This node is a diskless tiebreaker (DRBD's `client:yes`).
+    #[serde(default)]
+    pub client: bool,
     pub connections: Vec<PeerStatus>,
 }
 
@@ -73,6 +83,7 @@ impl Resource {
             .map(|(id, _)| (*id, self.bitmap_dirty_bytes(*id)))
             .collect();
         let quorum = self.has_quorum();
+        let vouching = self.tiebreaker_votes();
         let inner = self.inner.lock();
         let connections = inner
             .peers
@@ -129,6 +140,8 @@ impl Resource {
                     verify,
                     last_verify_out_of_sync_blocks: p.last_verify_oos_blocks,
                     last_error: p.last_error.clone(),
+                    peer_client: self.is_tiebreaker(*id),
+                    tiebreaker_vote: vouching.get(id).copied(),
                 }
             })
             .collect();
@@ -150,6 +163,7 @@ impl Resource {
             resync_received_bytes: self.stats.resync_received_bytes.load(Relaxed),
             concurrent_write_conflicts: self.stats.conflicts.load(Relaxed),
             quorum,
+            client: self.settings.diskless,
             connections,
         }
     }

@@ -54,20 +54,26 @@ impl Resource {
         first: bool,
     ) -> Result<(), SessionEnd> {
         self.update_peer(conn.peer, |p| p.state = Some(st.clone()));
+        if self.is_tiebreaker(conn.peer) {
+            self.tiebreaker_changed();
+        }
         if first {
             self.emit(
                 "change",
                 "connection",
                 &format!("peer-node-id:{} role:{}", conn.peer, st.role),
             );
-            return self.handshake_decision(conn, &st).await;
+            self.handshake_decision(conn, &st).await?;
+        } else {
+            self.emit(
+                "change",
+                "peer-device",
+                &format!("peer-node-id:{} peer-disk:{}", conn.peer, st.disk),
+            );
+            self.reevaluate(conn).await;
         }
-        self.emit(
-            "change",
-            "peer-device",
-            &format!("peer-node-id:{} peer-disk:{}", conn.peer, st.disk),
-        );
-        self.reevaluate(conn).await;
+        // A tiebreaker may now vouch for a newer generation (no-op on disk nodes).
+        self.tiebreaker_observe().await;
         Ok(())
     }
 
@@ -80,7 +86,9 @@ impl Resource {
             .peer_view(conn.peer)
             .map(|p| p.name)
             .unwrap_or_default();
-        if st.usable_size_bytes != self.usable_bytes {
+        // A tiebreaker has no volume, so no size to compare.
+        let sized = !self.settings.diskless && !self.is_tiebreaker(conn.peer);
+        if sized && st.usable_size_bytes != self.usable_bytes {
             return Err(SessionEnd::standalone(format!(
                 "size mismatch: peer {name} has {} bytes, we have {}; recreate metadata with the same resource size",
                 st.usable_size_bytes, self.usable_bytes
@@ -391,6 +399,9 @@ impl Resource {
         conn: &Arc<Conn>,
         msg: PeerMsg,
     ) -> Result<(), SessionEnd> {
+        if self.settings.diskless {
+            return self.tiebreaker_apply(conn, msg).await;
+        }
         match msg {
             PeerMsg::Write {
                 seq,

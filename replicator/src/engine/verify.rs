@@ -42,6 +42,7 @@ impl Conn {
 impl Resource {
     /// Starts an online verify against every Established peer; returns their names.
     pub fn start_verify(self: &Arc<Self>) -> Result<Vec<String>, EngineError> {
+        self.refuse_if_diskless("verify")?;
         if self.disk() != DiskState::UpToDate {
             return Err(EngineError::Refused(
                 "verify needs UpToDate local data".into(),
@@ -51,7 +52,9 @@ impl Resource {
             let inner = self.inner.lock();
             inner
                 .peers
-                .values()
+                .iter()
+                .filter(|(id, _)| !self.is_tiebreaker(**id))
+                .map(|(_, p)| p)
                 .filter(|p| p.repl == ReplState::Established && p.verify.is_none())
                 .filter_map(|p| p.conn.clone().map(|c| (c, p.name.clone())))
                 .collect()
@@ -202,6 +205,7 @@ impl Resource {
     /// `tandemadm invalidate`: our data is bad; become Inconsistent and take a full
     /// resync from a connected UpToDate peer.
     pub async fn invalidate(self: &Arc<Self>) -> Result<(), EngineError> {
+        self.refuse_if_diskless("invalidate")?;
         if self.role() == Role::Primary {
             return Err(EngineError::Refused(
                 "refusing to invalidate a Primary: run `tandemadm secondary` first".into(),
@@ -229,6 +233,7 @@ impl Resource {
     /// `tandemadm invalidate-remote`: the peers' data is bad; resync them from us — only
     /// the blocks a verify found different when it found any, else everything.
     pub async fn invalidate_remote(self: &Arc<Self>) -> Result<Vec<String>, EngineError> {
+        self.refuse_if_diskless("invalidate-remote")?;
         if self.disk() != DiskState::UpToDate {
             return Err(EngineError::Refused(
                 "invalidate-remote needs UpToDate local data".into(),
@@ -238,7 +243,9 @@ impl Resource {
             let inner = self.inner.lock();
             inner
                 .peers
-                .values()
+                .iter()
+                .filter(|(id, _)| !self.is_tiebreaker(**id))
+                .map(|(_, p)| p)
                 .filter(|p| p.repl == ReplState::Established)
                 .filter_map(|p| p.conn.clone().map(|c| (c, p.name.clone())))
                 .collect()
@@ -262,10 +269,17 @@ impl Resource {
 
     /// `tandemadm outdate`: mark our data Outdated (only while disconnected Secondary).
     pub async fn outdate(&self) -> Result<(), EngineError> {
+        self.refuse_if_diskless("outdate")?;
         if self.role() == Role::Primary {
             return Err(EngineError::Refused("refusing to outdate a Primary".into()));
         }
-        if self.inner.lock().peers.values().any(|p| p.conn.is_some()) {
+        let connected = self
+            .inner
+            .lock()
+            .peers
+            .iter()
+            .any(|(id, p)| p.conn.is_some() && !self.is_tiebreaker(*id));
+        if connected {
             return Err(EngineError::Refused(
                 "outdate is for a disconnected node (run `tandemadm disconnect` first)".into(),
             ));

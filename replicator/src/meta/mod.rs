@@ -62,7 +62,7 @@ pub enum MetaError {
     #[error("backing disk {path} does not exist and resource `{resource}` sets no `size` to create it with")]
     NoDisk { path: PathBuf, resource: String },
     #[error(
-        "node `{node}` has no backing disk for resource `{resource}` (set resource.on.{node}.disk)"
+        "node `{node}` is a diskless tiebreaker of resource `{resource}`: it has no metadata; set resource.on.{node}.disk to give it a copy of the data"
     )]
     Diskless { node: String, resource: String },
     #[error("{0}")]
@@ -225,10 +225,11 @@ pub fn plan(
             node: node.to_string(),
             resource: res.name.clone(),
         })?;
+    // Bitmap slots only for peers that hold data: a diskless tiebreaker misses nothing.
     let peers = config
         .resource_node_names(res)
         .iter()
-        .filter(|n| n.as_str() != node)
+        .filter(|n| n.as_str() != node && !config.is_diskless(res, n))
         .filter_map(|n| config.node(n).ok().map(|c| c.node_id()))
         .collect();
     Ok(DiskPlan {
