@@ -45,6 +45,8 @@ pub struct ResourceSpec {
     pub io_engine: String,
     /// Extra `key = value` lines for the resource section.
     pub extra: String,
+    /// Node indexes without a disk: diskless tiebreakers.
+    pub diskless: Vec<usize>,
 }
 
 impl Default for ResourceSpec {
@@ -56,6 +58,7 @@ impl Default for ResourceSpec {
             allow_two_primaries: true,
             io_engine: "uring".into(),
             extra: String::new(),
+            diskless: Vec::new(),
         }
     }
 }
@@ -187,7 +190,7 @@ impl Cluster {
             if !r.extra.is_empty() && !r.extra.ends_with('\n') {
                 s += "\n";
             }
-            for i in 0..self.net.nodes.len() {
+            for i in (0..self.net.nodes.len()).filter(|i| !r.diskless.contains(i)) {
                 s += &format!(
                     "[resource.on.n{}]\ndisk = \"{}\"\n",
                     i + 1,
@@ -376,8 +379,16 @@ impl Cluster {
     /// Creates metadata on every node, starts the daemons, brings the resource up and
     /// makes node 0 UpToDate Primary with every peer in sync (fresh disks: no initial sync).
     pub fn bring_up_fresh(&mut self, res: &str) -> anyhow::Result<()> {
+        let diskless = self
+            .resources
+            .iter()
+            .find(|r| r.name == res)
+            .map(|r| r.diskless.clone())
+            .unwrap_or_default();
         for i in 0..self.node_count() {
-            self.adm(i, &["create-md", res])?;
+            if !diskless.contains(&i) {
+                self.adm(i, &["create-md", res])?;
+            }
             self.start_replicator(i)?;
             self.adm(i, &["up", res])?;
         }

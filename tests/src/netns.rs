@@ -159,6 +159,29 @@ impl Network {
     }
 }
 
+impl Network {
+    /// Cuts only the link between nodes `a` and `b` (each drops packets to the other);
+    /// both keep talking to everyone else. Non-transitive partitions need this.
+    pub fn cut_link(&self, a: usize, b: usize) -> anyhow::Result<()> {
+        self.link_route(a, b, "add")?;
+        self.link_route(b, a, "add")
+    }
+
+    pub fn heal_link(&self, a: usize, b: usize) -> anyhow::Result<()> {
+        self.link_route(a, b, "del")?;
+        self.link_route(b, a, "del")
+    }
+
+    fn link_route(&self, from: usize, to: usize, op: &str) -> anyhow::Result<()> {
+        let dst = format!("{}/32", self.nodes[to].addr);
+        run(
+            "ip",
+            &["-n", &self.nodes[from].ns, "route", op, "blackhole", &dst],
+        )
+        .map(|_| ())
+    }
+}
+
 impl Drop for Network {
     fn drop(&mut self) {
         for n in &self.nodes {
