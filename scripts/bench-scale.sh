@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# ./tandem bench scale: memory and CPU per node of an N-node cluster (default 5), idle and
-# under web load. Starts its own demo cluster (release build, directory
+# ./tandem bench scale: memory and CPU per node of an N-node cluster (default 5: 3 with
+# disks, 2 diskless tiebreakers), idle and under web load. Starts its own demo cluster (release build, directory
 # /var/tmp/tandem-bench-scale, namespaces tscale-*) with nginx on every node and HAProxy
 # in front, writes 200 files of 8 KiB, then samples every Tandem process of every node
 # (tandem-replicatord, tandem-lockd, the tandemfs mount daemon) and nginx:
 #   idle: 10 s with nothing running; load: wrk through HAProxy (all nodes in rotation)
 #   while n1 writes 10 new 8 KiB files per second through its mount.
 # Printed per node and process: RSS (MiB) and CPU (% of one core) in each phase.
-# Not part of the tests. Env: TANDEM_BENCH_NODES (5), TANDEM_BENCH_SECONDS (15),
+# Not part of the tests. Env: TANDEM_BENCH_NODES (5), TANDEM_BENCH_DISKLESS (2: the last
+# nodes are diskless tiebreakers and lockd witnesses, no mount, no nginx), TANDEM_BENCH_SECONDS (15),
 # TANDEM_BENCH_CONNECTIONS (16), TANDEM_BENCH_UPLOADS (1 = the writer on n1, 0 = web
 # load only), TANDEM_BIN_DIR (default target/release).
 set -euo pipefail
@@ -16,6 +17,7 @@ export TANDEM_BIN_DIR=${TANDEM_BIN_DIR:-$repo/target/release}
 export TANDEM_DEMO_DIR=/var/tmp/tandem-bench-scale
 export TANDEM_DEMO_NS=tscale TANDEM_DEMO_NET=10.213.203
 export TANDEM_DEMO_NODES=${TANDEM_BENCH_NODES:-5}
+export TANDEM_DEMO_DISKLESS=${TANDEM_BENCH_DISKLESS:-2}
 D=$TANDEM_DEMO_DIR
 SECS=${TANDEM_BENCH_SECONDS:-15}
 CONNS=${TANDEM_BENCH_CONNECTIONS:-16}
@@ -42,7 +44,7 @@ trap 'exit 130' INT TERM
 demo stop >/dev/null 2>&1 || true
 rm -rf "$D"
 mkdir -p "$D"
-echo "bench scale: starting a $TANDEM_DEMO_NODES-node cluster with nginx + HAProxy"
+echo "bench scale: starting a $TANDEM_DEMO_NODES-node cluster ($TANDEM_DEMO_DISKLESS diskless) with nginx + HAProxy"
 demo start --web >"$D.start.log" 2>&1 || { cat "$D.start.log"; rm -f "$D.start.log"; echo "bench scale: demo start failed (above)" >&2; exit 1; }
 mv "$D.start.log" "$D/logs/demo-start.log"
 mkdir -p "$D/mnt/n1/bench"

@@ -12,6 +12,8 @@
 # Other settings (for tests and benchmarks that run their own copy beside a user's demo):
 # TANDEM_DEMO_NS (namespace prefix, default tdemo), TANDEM_DEMO_NET (first three octets,
 # default 10.213.200), TANDEM_DEMO_NODES (default 3), TANDEM_DEMO_SIZE (default 256MiB),
+# TANDEM_DEMO_DISKLESS (default 0: the last K nodes are diskless tiebreakers: replicator
+# quorum vote and lock-manager witness, no disk, no mount, no nginx),
 # TANDEM_BIN_DIR (use these binaries instead of building target/release).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,6 +37,14 @@ net="${TANDEM_DEMO_NET:-10.213.200}"
 size="${TANDEM_DEMO_SIZE:-256MiB}"
 nodes=()
 for i in $(seq 1 "${TANDEM_DEMO_NODES:-3}"); do nodes+=("n$i"); done
+# The last TANDEM_DEMO_DISKLESS nodes hold no disk: quorum tiebreakers and lockd witnesses.
+tb_count="${TANDEM_DEMO_DISKLESS:-0}"
+if ! [ "$tb_count" -ge 0 ] 2>/dev/null || [ "$tb_count" -ge "${#nodes[@]}" ]; then
+  echo "demo: TANDEM_DEMO_DISKLESS must be 0..$((${#nodes[@]} - 1)), not '$tb_count'" >&2; exit 2
+fi
+disk_nodes=("${nodes[@]:0:${#nodes[@]}-tb_count}")
+tb_nodes=("${nodes[@]:${#nodes[@]}-tb_count}")
+is_tb() { [[ " ${tb_nodes[*]} " == *" $1 "* ]]; }
 if [ -n "${TANDEM_BIN_DIR:-}" ]; then bin="$TANDEM_BIN_DIR"; build=0; else bin="$repo/target/release"; build=1; fi
 cfg="$demo/cluster.toml"
 hub="$ns-hub"
@@ -79,15 +89,19 @@ EOF
   local i=1
   for n in "${nodes[@]}"; do
     printf '\n[[node]]\nname = "%s"\nid = %d\naddress = "%s.%d"\n' "$n" "$i" "$net" "$i" >> "$cfg"
+    if is_tb "$n"; then printf 'witness = true\n' >> "$cfg"; fi
     i=$((i + 1))
   done
   printf '\n[[resource]]\nname = "www"\nprotocol = "C"\nallow-two-primaries = true\nsize = "%s"\n' "$size" >> "$cfg"
+  if [ "$tb_count" -gt 0 ]; then
+    printf 'nodes = [%s]\n' "$(printf '"%s", ' "${nodes[@]}" | sed 's/, $//')" >> "$cfg"
+  fi
   # From three nodes on, a node cut off from the majority fails its writes instead of
   # writing a split brain under the cluster filesystem (DRBD's quorum majority).
   if [ "${#nodes[@]}" -ge 3 ]; then
     printf 'quorum = "majority"\non-no-quorum = "io-error"\n' >> "$cfg"
   fi
-  for n in "${nodes[@]}"; do
+  for n in "${disk_nodes[@]}"; do
     printf '[resource.on.%s]\ndisk = "%s/disks/%s.img"\n' "$n" "$demo" "$n" >> "$cfg"
   done
 }
@@ -258,13 +272,13 @@ backend nodes
     http-check expect status 200
     default-server check inter 1s fall 2 rise 2
 EOF
-    for n in "${nodes[@]}"; do echo "    server $n $net.$i:80"; i=$((i + 1)); done
+    for n in "${disk_nodes[@]}"; do echo "    server $n $net.$i:80"; i=$((i + 1)); done
     if [ -n "${TANDEM_DEMO_WEB_BASELINE:-}" ]; then
       printf 'frontend baseline\n    bind %s:81\n    default_backend baseline\n' "$hubip"
       printf 'backend baseline\n    balance roundrobin\n    option httpchk\n    http-check send meth GET uri /whoami\n'
       printf '    default-server check inter 1s fall 2 rise 2\n'
       i=1
-      for n in "${nodes[@]}"; do echo "    server $n $net.$i:81"; i=$((i + 1)); done
+      for n in "${disk_nodes[@]}"; do echo "    server $n $net.$i:81"; i=$((i + 1)); done
     fi
   } > "$demo/web/haproxy.cfg"
 }
@@ -291,7 +305,7 @@ start_web() {
   mkdir -p "$demo/web"
   ip -n "$hub" addr add "$hubip/24" dev br0 2>/dev/null || true
   touch "$demo/web.enabled"
-  for n in "${nodes[@]}"; do start_nginx "$n"; done
+  for n in "${disk_nodes[@]}"; do start_nginx "$n"; done
   local first="${nodes[0]}"
   if [ ! -f "$demo/mnt/$first/index.html" ] || ! grep -q tandem_node "$demo/mnt/$first/index.html"; then
     cat > "$demo/mnt/$first/index.html" <<'EOF'
@@ -327,7 +341,7 @@ start() {
   write_config
   make_net
   local fresh=0
-  for n in "${nodes[@]}"; do
+  for n in "${disk_nodes[@]}"; do
     if ! adm "$n" dump-md www >/dev/null 2>&1; then
       adm "$n" create-md www >/dev/null
       fresh=1
@@ -339,20 +353,20 @@ start() {
     adm n1 new-current-uuid --clear-bitmap www
   fi
   # Dual-primary: every node writes the volume (allow-two-primaries in the config).
-  for n in "${nodes[@]}"; do volume_primary "$n"; done
+  for n in "${disk_nodes[@]}"; do volume_primary "$n"; done
   for n in "${nodes[@]}"; do
     start_daemon "$n" lockd "$bin/tandem-lockd" --config "$cfg" --node "$n"
   done
   wait_until 30 has_leader n1
   local uri="nbd+unix:///www?socket=$demo/run/n1/nbd-www.sock"
   if ! "$bin/tandemfs" fsck -n "$uri" >/dev/null 2>&1; then
-    "$bin/tandemfs" mkfs -q -t demo:www -j "${#nodes[@]}" -p lock_tandem "$uri"
+    "$bin/tandemfs" mkfs -q -t demo:www -j "${#disk_nodes[@]}" -p lock_tandem "$uri"
   fi
-  for n in "${nodes[@]}"; do mount_node "$n"; done
+  for n in "${disk_nodes[@]}"; do mount_node "$n"; done
   if [ "$web" = 1 ] || [ -f "$demo/web.enabled" ]; then start_web; web=1; fi
   cat <<EOF
 
-Tandem demo cluster is up: ${#nodes[@]} nodes (${nodes[*]}) in network namespaces $ns-n1..,
+Tandem demo cluster is up: ${#nodes[@]} nodes (${nodes[*]}${tb_nodes[*]:+; diskless tiebreakers: ${tb_nodes[*]}}) in network namespaces $ns-n1..,
 replicated volume "www" ($size, protocol C) on file-backed disks in $demo/disks.
 
   inspect:   $bin/tandemadm --config $cfg --node n1 status
@@ -426,6 +440,11 @@ restart_node() { # node
   adm "$n" wait-sync www --timeout-s 120 >/dev/null || {
     echo "demo: $n's volume did not resync in 120 s; see $demo/logs/$n-replicatord.log and tandemadm status" >&2; exit 1; }
   t=$(since "$t0")
+  if is_tb "$n"; then
+    start_daemon "$n" lockd "$bin/tandem-lockd" --config "$cfg" --node "$n"
+    echo "demo: $n is back: diskless tiebreaker connected after ${t}s, tandem-lockd witness"
+    return 0
+  fi
   adm "$n" primary www >/dev/null
   start_daemon "$n" lockd "$bin/tandem-lockd" --config "$cfg" --node "$n"
   wait_until 30 has_leader "$n" >/dev/null || {
