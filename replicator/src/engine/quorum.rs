@@ -34,9 +34,11 @@ impl Resource {
     }
 
     fn own_generation(&self) -> Own {
+        // One lock at a time: never hold `sb_cache` while taking `inner`.
+        let disk = self.disk();
         let sb = self.sb_cache.lock();
         Own {
-            disk: self.disk(),
+            disk,
             current: sb.current_uuid,
             history: sb.history_uuids,
         }
