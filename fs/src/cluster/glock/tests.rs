@@ -163,8 +163,10 @@ fn an_idle_glock_goes_before_the_minimum_hold_a_busy_one_keeps_it() {
             while !stop2.load(Ordering::Relaxed) {
                 let guard = g2.enter(Mode::EX).unwrap();
                 max_gap = max_gap.max(left.elapsed());
-                drop(guard);
+                // Taken before the drop: a preemption right after the guard's drop (the
+                // glock idle, the clock not yet read) must count as a gap too.
                 left = Instant::now();
+                drop(guard);
             }
             max_gap
         });
