@@ -208,11 +208,13 @@ fn write_record(k: usize) -> std::io::Result<()> {
 /// After n3 is gone: a survivor logged the replay of its journal, and records `0..fsynced`
 /// read back exactly on both survivors.
 fn assert_survivors_have_records(f: &FsCluster, fsynced: usize, when: &str) {
+    // The survivor logs "journal recovered" after recovery-done reached the lock manager,
+    // which already lets writes resume: the line may come a moment after them.
+    let logged = f.c.wait_for(std::time::Duration::from_secs(15), || {
+        Ok(format!("{}{}", f.c.log(0, "fs"), f.c.log(1, "fs")).contains("journal recovered"))
+    });
     let logs = format!("{}{}", f.c.log(0, "fs"), f.c.log(1, "fs"));
-    assert!(
-        logs.contains("journal recovered"),
-        "no recovery logged:\n{logs}"
-    );
+    assert!(logged.is_ok(), "no recovery logged:\n{logs}");
     for i in 0..2 {
         let missing = f.w(i).run(move || {
             (0..fsynced)
