@@ -108,10 +108,10 @@ impl Resource {
             }
             match self.settings.on_no_quorum {
                 tandem_common::config::OnNoQuorum::IoError => {
-                    if self.quorum_pending() && self.write_has_quorum_soon().await {
-                        continue;
-                    }
-                    return Err(IoError::NoQuorum);
+                    return match self.await_quorum(None).await {
+                        true => Ok(()),
+                        false => Err(IoError::NoQuorum),
+                    };
                 }
                 tandem_common::config::OnNoQuorum::SuspendIo => {
                     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), notified).await;
@@ -289,7 +289,7 @@ impl Resource {
         // Those peers may lack this write: record it before acknowledging.
         self.record_missed_write(&lost, offset, len).await?;
         let needed = self.quorum_needed();
-        if needed > 0 && !self.write_has_quorum(targets.len() - lost.len()).await {
+        if needed > 0 && !self.await_quorum(Some(targets.len() - lost.len())).await {
             // Our disk has a write the majority may never see: never acknowledge it, and
             // take a peer's copy at the next connect.
             self.persist(|sb| sb.flags |= crate::meta::format::FLAG_LOST_QUORUM)

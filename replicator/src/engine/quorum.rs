@@ -45,20 +45,15 @@ impl Resource {
     }
 
     /// Connected disk peers and our view of every tiebreaker.
-    fn voters(&self) -> (usize, Vec<Tiebreaker>) {
+    fn voters(&self) -> (usize, Vec<(NodeId, Tiebreaker)>) {
         let inner = self.inner.lock();
         let mut disk = 0;
         let mut tbs = Vec::new();
         for (id, p) in &inner.peers {
             if self.is_tiebreaker(*id) {
-                tbs.push(Tiebreaker {
-                    connected: p.conn.is_some(),
-                    known: p
-                        .state
-                        .as_ref()
-                        .filter(|_| p.conn.is_some())
-                        .map_or(0, |s| s.current_uuid),
-                });
+                let known = p.state.as_ref().map_or(0, |s| s.current_uuid);
+                let connected = p.conn.is_some();
+                tbs.push((*id, Tiebreaker { connected, known }));
             } else if p.conn.is_some() {
                 disk += 1;
             }
@@ -70,6 +65,7 @@ impl Resource {
     /// (`None` = the connected ones).
     fn votes(&self, disk_votes: Option<usize>) -> (usize, usize) {
         let (connected, tbs) = self.voters();
+        let tbs: Vec<Tiebreaker> = tbs.into_iter().map(|(_, t)| t).collect();
         if self.settings.diskless {
             let all = 1 + connected + tbs.iter().filter(|t| t.connected).count();
             return (all, all);
@@ -87,41 +83,32 @@ impl Resource {
             return Default::default();
         }
         let me = self.own_generation();
-        let inner = self.inner.lock();
-        inner
-            .peers
-            .iter()
-            .filter(|(id, _)| self.is_tiebreaker(**id))
-            .map(|(id, p)| {
-                let t = Tiebreaker {
-                    connected: p.conn.is_some(),
-                    known: p.state.as_ref().map_or(0, |s| s.current_uuid),
-                };
-                (*id, tiebreak::vouches(&t, &me))
-            })
+        let (_, tbs) = self.voters();
+        tbs.into_iter()
+            .map(|(id, t)| (id, tiebreak::vouches(&t, &me)))
             .collect()
     }
 
     /// This node, its connected peers and the tiebreakers that vouch form a quorum.
     pub fn has_quorum(&self) -> bool {
-        self.votes(None).0 >= self.quorum_needed()
+        // Quorum off: nothing to count (this runs on every write).
+        let needed = self.quorum_needed();
+        needed == 0 || self.votes(None).0 >= needed
     }
 
-    /// No quorum now, but our tiebreakers will give it once they hear our generation.
-    pub(super) fn quorum_pending(&self) -> bool {
-        let (now, soon) = self.votes(None);
+    /// Whether `disk_votes` disk peers (`None` = the connected ones, re-read at every
+    /// check) and the vouching tiebreakers are a quorum. When only a tiebreaker's
+    /// confirmation of our generation is missing, waits for it (briefly).
+    pub(super) async fn await_quorum(&self, disk_votes: Option<usize>) -> bool {
         let needed = self.quorum_needed();
-        now < needed && soon >= needed
-    }
-
-    /// Whether a write that reached `acked` disk peers may be acknowledged: they and the
-    /// vouching tiebreakers are a quorum. Waits briefly for a tiebreaker's confirmation.
-    pub(super) async fn write_has_quorum(&self, acked: usize) -> bool {
-        let needed = self.quorum_needed();
+        // Enough without any tiebreaker: the common case of a write acked by its peers.
+        if disk_votes.is_some_and(|d| 1 + d >= needed) {
+            return true;
+        }
         let deadline = tokio::time::Instant::now() + TIEBREAK_CONFIRM;
         loop {
             let notified = self.quorum_changed.notified();
-            let (now, soon) = self.votes(Some(acked));
+            let (now, soon) = self.votes(disk_votes);
             if now >= needed {
                 return true;
             }
@@ -132,17 +119,6 @@ impl Resource {
                 return false;
             }
         }
-    }
-
-    /// Waits (briefly) for a pending tiebreaker confirmation; true if quorum came.
-    pub(super) async fn write_has_quorum_soon(&self) -> bool {
-        let (connected, _) = self.voters();
-        self.write_has_quorum(connected).await
-    }
-
-    /// Wakes quorum waiters: a tiebreaker's view changed.
-    pub(super) fn tiebreaker_changed(&self) {
-        self.quorum_changed.notify_waiters();
     }
 
     /// Tiebreaker side: recomputes the generation we vouch for from what the disk nodes
@@ -157,10 +133,9 @@ impl Resource {
                 .peers
                 .iter()
                 .filter(|(id, _)| !self.is_tiebreaker(**id))
-                .map(|(id, p)| {
+                .map(|(_, p)| {
                     let st = p.state.as_ref().filter(|_| p.conn.is_some());
                     DiskNode {
-                        id: *id,
                         connected: st.is_some(),
                         disk: st.map_or(DiskState::DUnknown, |s| s.disk),
                         current: st.map_or(0, |s| s.current_uuid),

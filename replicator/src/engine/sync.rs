@@ -55,7 +55,8 @@ impl Resource {
     ) -> Result<(), SessionEnd> {
         self.update_peer(conn.peer, |p| p.state = Some(st.clone()));
         if self.is_tiebreaker(conn.peer) {
-            self.tiebreaker_changed();
+            // Its vote may count now: wake writers waiting for quorum.
+            self.quorum_changed.notify_waiters();
         }
         if first {
             self.emit(

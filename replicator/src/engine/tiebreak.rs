@@ -18,14 +18,11 @@
 //! tiebreaker reported the write's generation back (`vouches`), so an acknowledged write
 //! is always on a node the tiebreaker will keep vouching for.
 
-use tandem_common::NodeId;
-
 use crate::state::DiskState;
 
 /// What the tiebreaker knows of one disk node (from its `State` and `Uuids` messages).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskNode {
-    pub id: NodeId,
     pub connected: bool,
     pub disk: DiskState,
     pub current: u64,
@@ -96,9 +93,8 @@ pub fn votes(disk_votes: usize, tiebreakers: &[Tiebreaker], me: &Own) -> (usize,
 mod tests {
     use super::*;
 
-    fn node(id: u8, connected: bool, current: u64, history: [u64; 2]) -> DiskNode {
+    fn node(connected: bool, current: u64, history: [u64; 2]) -> DiskNode {
         DiskNode {
-            id: NodeId(id),
             connected,
             disk: DiskState::UpToDate,
             current,
@@ -110,40 +106,28 @@ mod tests {
     fn a_fresh_tiebreaker_learns_only_from_every_disk_node_agreeing() {
         // One node alone (the other may be newer): nothing.
         assert_eq!(
-            adopt(0, &[node(1, true, 7, [0, 0]), node(2, false, 0, [0, 0])]),
+            adopt(0, &[node(true, 7, [0, 0]), node(false, 0, [0, 0])]),
             0
         );
         // Disagreeing (a resync is pending): nothing.
-        assert_eq!(
-            adopt(0, &[node(1, true, 7, [0, 0]), node(2, true, 5, [0, 0])]),
-            0
-        );
+        assert_eq!(adopt(0, &[node(true, 7, [0, 0]), node(true, 5, [0, 0])]), 0);
         // A disk node not UpToDate: nothing.
-        let mut n2 = node(2, true, 7, [0, 0]);
+        let mut n2 = node(true, 7, [0, 0]);
         n2.disk = DiskState::Inconsistent;
-        assert_eq!(adopt(0, &[node(1, true, 7, [0, 0]), n2]), 0);
+        assert_eq!(adopt(0, &[node(true, 7, [0, 0]), n2]), 0);
         // All agree.
-        assert_eq!(
-            adopt(0, &[node(1, true, 7, [0, 0]), node(2, true, 7, [0, 0])]),
-            7
-        );
+        assert_eq!(adopt(0, &[node(true, 7, [0, 0]), node(true, 7, [0, 0])]), 7);
         // And that resets a stale view, too.
-        assert_eq!(
-            adopt(3, &[node(1, true, 7, [0, 0]), node(2, true, 7, [0, 0])]),
-            7
-        );
+        assert_eq!(adopt(3, &[node(true, 7, [0, 0]), node(true, 7, [0, 0])]), 7);
     }
 
     #[test]
     fn the_first_branch_wins_and_a_stale_node_gets_no_vouch() {
         // Link cut between 1 and 2, both see the tiebreaker; 1 minted 8 on top of 7.
-        let k = adopt(7, &[node(1, true, 8, [7, 0]), node(2, true, 7, [0, 0])]);
+        let k = adopt(7, &[node(true, 8, [7, 0]), node(true, 7, [0, 0])]);
         assert_eq!(k, 8);
         // 2 mints 9 on top of 7 too late: 8 stays.
-        assert_eq!(
-            adopt(k, &[node(1, true, 8, [7, 0]), node(2, true, 9, [7, 0])]),
-            8
-        );
+        assert_eq!(adopt(k, &[node(true, 8, [7, 0]), node(true, 9, [7, 0])]), 8);
         let t = Tiebreaker {
             connected: true,
             known: 8,
