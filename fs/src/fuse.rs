@@ -3,9 +3,9 @@
 //!
 //! Kernel caching: attributes and entries are cached for `ttl` and file pages are kept
 //! across opens (`FOPEN_KEEP_CACHE`). That is valid because this daemon is the only writer.
-//! A cluster mount is not: names are never cached (every lookup asks the daemon, which
-//! answers under the glock); attributes and pages are cached only while this node holds
-//! the `meta` glock and are forgotten before it goes (`cluster::kcache`); and the kernel
+//! A cluster mount is not: names, attributes and pages are cached only while this node
+//! holds the `meta` glock and are forgotten before it goes (`cluster::kcache`; names only
+//! on Linux 6.16+, which can forget them all at once without a lock); and the kernel
 //! checks a file's mtime and size before every cached read (`FUSE_AUTO_INVAL_DATA`), so a
 //! descriptor kept open across another node's write sees the new data.
 //! O_APPEND writes bypass the page cache and append at the daemon's end of file, under the
@@ -127,14 +127,17 @@ fn ctx(req: &Request) -> Ctx {
 }
 
 impl FuseFs {
-    /// Runs `op` and replies with its entry. Cluster mounts cache the attributes while
-    /// the glock protects them (`kcache.rs`), never the name (`ttl` is 0 there).
+    /// Runs `op` and replies with its entry. Cluster mounts cache the attributes and the
+    /// name while the glock protects them (`kcache.rs`).
     fn entry(&self, reply: ReplyEntry, op: impl FnOnce() -> crate::Result<Attr>) {
         let t = self.ticket();
         match op() {
             Ok(a) => {
-                let (_grant, attr_ttl) = self.attr_lifetime(t, a.ino);
-                reply.entry_with_ttls(&attr_ttl, &self.ttl, &fattr(&a), Generation(a.generation))
+                let (_grant, attr_ttl, name_ttl) = match (&self.kcache, t) {
+                    (Some(k), Some(t)) => k.entry(t, a.ino),
+                    _ => (Grant::none(), self.ttl, self.ttl),
+                };
+                reply.entry_with_ttls(&attr_ttl, &name_ttl, &fattr(&a), Generation(a.generation))
             }
             Err(e) => reply.error(errno(&e)),
         }

@@ -946,3 +946,114 @@ fn kernel_caches_while_the_glock_is_held_and_forgets_before_it_goes() {
     drop(held);
     f.unmount_all_and_check_clean("at the end");
 }
+
+/// Names are cached too while a node holds `meta` (Linux 6.16+: one
+/// `FUSE_NOTIFY_INC_EPOCH` forgets them all before the glock goes). Each round n2 resolves
+/// every path (its kernel caches the names), then n1 changes what those names mean: a file
+/// renamed away and a new one created under its name, a directory replaced by a file and
+/// back, a name removed. n2 must see each change at once, by path.
+#[test]
+fn kernel_caches_names_while_the_glock_is_held_and_forgets_them_before_it_goes() {
+    /// What n2 sees: page.html, whether d is a directory, d/inner, whether "gone" exists.
+    type Seen = (Vec<u8>, bool, Option<Vec<u8>>, bool);
+    let mut f = FsCluster::start(2, 0).unwrap();
+    f.mount(0).unwrap();
+    f.mount(1).unwrap();
+    let kernel_has_epoch = {
+        let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut v = r
+            .trim()
+            .split(['.', '-'])
+            .map(|x| x.parse::<u32>().unwrap_or(0));
+        (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 16)
+    };
+    let (page, dir, gone) = (p("page.html"), p("d"), p("gone"));
+    {
+        let (page, dir, gone) = (page.clone(), dir.clone(), gone.clone());
+        f.w(0)
+            .run(move || -> std::io::Result<()> {
+                std::fs::write(&page, b"round 0")?;
+                std::fs::create_dir(&dir)?;
+                std::fs::write(format!("{dir}/inner"), b"inner 0")?;
+                std::fs::write(&gone, b"here")
+            })
+            .unwrap();
+    }
+    let mut saw_names_cached = false;
+    for round in 1..=20u32 {
+        // n2 resolves every name twice (the second time from its kernel's cache).
+        let (pg, d, g) = (page.clone(), dir.clone(), gone.clone());
+        let want_dir = round % 2 == 1;
+        let seen = f
+            .w(1)
+            .run(move || -> std::io::Result<Seen> {
+                let a = std::fs::read(&pg)?;
+                assert_eq!(a, std::fs::read(&pg)?);
+                let is_dir = std::fs::metadata(&d)?.is_dir();
+                let inner = if is_dir {
+                    Some(std::fs::read(format!("{d}/inner"))?)
+                } else {
+                    None
+                };
+                let gone_exists = std::path::Path::new(&g).exists();
+                Ok((a, is_dir, inner, gone_exists))
+            })
+            .unwrap();
+        let expect_page = format!("round {}", round - 1).into_bytes();
+        assert_eq!(
+            seen.0, expect_page,
+            "round {round}: n2 resolved a stale name"
+        );
+        assert_eq!(seen.1, want_dir, "round {round}: d is stale on n2");
+        if want_dir {
+            let want = format!("inner {}", round - 1).into_bytes();
+            assert_eq!(seen.2, Some(want), "round {round}: d/inner is stale on n2");
+        }
+        assert_eq!(
+            seen.3,
+            round % 4 != 0,
+            "round {round}: 'gone' is stale on n2"
+        );
+        if !saw_names_cached {
+            saw_names_cached =
+                glstats_line(&f, 1, "kernel cache:").is_some_and(|l| l.ends_with("names cached"));
+        }
+        // n1 changes what every name means.
+        let (pg, d, g) = (page.clone(), dir.clone(), gone.clone());
+        f.w(0)
+            .run(move || -> std::io::Result<()> {
+                std::fs::rename(&pg, format!("{pg}.old-{round}"))?;
+                std::fs::write(&pg, format!("round {round}"))?;
+                if want_dir {
+                    std::fs::remove_file(format!("{d}/inner"))?;
+                    std::fs::remove_dir(&d)?;
+                    std::fs::write(&d, b"now a file")?;
+                } else {
+                    std::fs::remove_file(&d)?;
+                    std::fs::create_dir(&d)?;
+                    std::fs::write(format!("{d}/inner"), format!("inner {round}"))?;
+                }
+                if (round + 1) % 4 == 0 {
+                    std::fs::remove_file(&g)
+                } else {
+                    std::fs::write(&g, b"here")
+                }
+            })
+            .unwrap();
+    }
+    let t = Instant::now();
+    while kernel_has_epoch && !saw_names_cached && t.elapsed() < std::time::Duration::from_secs(3) {
+        let pg = page.clone();
+        let _ = f.w(1).run(move || std::fs::metadata(pg));
+        saw_names_cached =
+            glstats_line(&f, 1, "kernel cache:").is_some_and(|l| l.ends_with("names cached"));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    if kernel_has_epoch {
+        assert!(
+            saw_names_cached,
+            "n2's kernel never cached names on Linux 6.16+"
+        );
+    }
+    f.unmount_all_and_check_clean("at the end");
+}

@@ -72,6 +72,10 @@ pub trait CacheObserver: Send + Sync {
     fn cached_inodes(&self) -> usize {
         0
     }
+    /// Whether the kernel may be caching names now (operator view).
+    fn caches_names(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Default)]
@@ -165,6 +169,11 @@ impl Glock {
     /// Inodes whose attributes the kernel may cache under this glock now.
     pub fn kernel_cached_inodes(&self) -> usize {
         self.observer().map_or(0, |o| o.cached_inodes())
+    }
+
+    /// Whether the kernel may cache names under this glock now.
+    pub fn kernel_caches_names(&self) -> bool {
+        self.observer().is_some_and(|o| o.caches_names())
     }
 
     fn observer(&self) -> Option<Arc<dyn CacheObserver>> {

@@ -7,11 +7,15 @@
 //! cached pages are dropped at its next open unless that open happens in the same grant
 //! as the open that last dropped them.
 //!
+//! Names (directory entries) are cached only where the kernel can forget them all at once
+//! without taking a lock: `FUSE_NOTIFY_INC_EPOCH` (Linux 6.16) bumps the connection's
+//! epoch and every dentry looked up before it is revalidated by a new lookup. The first
+//! lookup reply probes for it; on older kernels names get lifetime 0 (a lookup per path
+//! component). Invalidating names one by one (`FUSE_NOTIFY_INVAL_ENTRY`) is not an option:
+//! it takes the parent directory's `i_rwsem`, which a local request waiting for this very
+//! glock may hold (a create waiting for EX), so the release would deadlock.
+//!
 //! Why not more:
-//! - Directory entries are never cached (entry lifetime 0): invalidating one takes the
-//!   parent directory's `i_rwsem`, which a local request waiting for this very glock may
-//!   hold (a create waiting for EX), so the release would deadlock. A lookup costs one
-//!   round trip.
 //! - Pages are not invalidated at release time for the same reason (an in-flight read or
 //!   write holds page locks while its handler waits for the glock). Dropping them at the
 //!   next open covers new opens; a descriptor kept open across the release revalidates
@@ -23,6 +27,9 @@
 //! that started before a release or grant sees a different epoch and gets lifetime 0.
 
 use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
@@ -33,8 +40,16 @@ use super::glock::CacheObserver;
 /// next release (bounds the work of a release and the memory).
 pub const MAX_TRACKED_INODES: usize = 65_536;
 
-/// Lifetime of cached attributes: long, since a release invalidates them anyway.
+/// Lifetime of cached attributes and names: long, since a release invalidates them anyway.
 pub const ATTR_TTL: Duration = Duration::from_secs(3600);
+
+/// `FUSE_NOTIFY_INC_EPOCH` (include/uapi/linux/fuse.h, protocol 7.44).
+const FUSE_NOTIFY_INC_EPOCH: i32 = 8;
+
+/// Whether the kernel takes `FUSE_NOTIFY_INC_EPOCH` (probed at the first lookup).
+const EPOCH_UNKNOWN: u8 = 0;
+const EPOCH_YES: u8 = 1;
+const EPOCH_NO: u8 = 2;
 
 #[derive(Default)]
 struct Epoch {
@@ -61,15 +76,47 @@ pub trait Invalidate: Send + Sync {
     /// Forget the attributes of `ino` (not its pages). `Ok` also when the kernel no
     /// longer knows the inode.
     fn inval_attrs(&self, ino: u64) -> std::io::Result<()>;
+
+    /// Forget every cached name (`FUSE_NOTIFY_INC_EPOCH`); an error if the kernel cannot.
+    fn forget_names(&self) -> std::io::Result<()>;
 }
 
-impl Invalidate for fuser::Notifier {
+/// The real invalidator: fuser's notifier for inodes, and our own write of the
+/// notification fuser 0.18 cannot send.
+pub struct FuseInvalidate {
+    notifier: fuser::Notifier,
+    /// A duplicate of the session's `/dev/fuse` descriptor.
+    dev: OwnedFd,
+}
+
+impl FuseInvalidate {
+    pub fn new(notifier: fuser::Notifier, dev: OwnedFd) -> Self {
+        Self { notifier, dev }
+    }
+}
+
+impl Invalidate for FuseInvalidate {
     fn inval_attrs(&self, ino: u64) -> std::io::Result<()> {
-        match self.inval_inode(fuser::INodeNo(ino), -1, 0) {
+        match self.notifier.inval_inode(fuser::INodeNo(ino), -1, 0) {
             // The kernel has forgotten the inode already.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             r => r,
         }
+    }
+
+    fn forget_names(&self) -> std::io::Result<()> {
+        // struct fuse_out_header { u32 len; i32 error (the notify code); u64 unique = 0 },
+        // no payload. One write is one message.
+        let mut msg = [0u8; 16];
+        msg[0..4].copy_from_slice(&16u32.to_ne_bytes());
+        msg[4..8].copy_from_slice(&FUSE_NOTIFY_INC_EPOCH.to_ne_bytes());
+        let n = (&std::fs::File::from(self.dev.try_clone()?)).write(&msg)?;
+        if n != msg.len() {
+            return Err(std::io::Error::other(
+                "short write of FUSE_NOTIFY_INC_EPOCH",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -78,6 +125,10 @@ pub struct KernelCache {
     epoch: RwLock<Epoch>,
     tracked: Mutex<Tracked>,
     notifier: Mutex<Option<Box<dyn Invalidate>>>,
+    /// `EPOCH_*`: may names be cached at all.
+    names_supported: AtomicU8,
+    /// A name was handed out with a lifetime since the last `forget_names`.
+    names_granted: AtomicBool,
 }
 
 /// Keeps the epoch from changing while a reply that grants a lifetime is written: drop
@@ -107,6 +158,47 @@ impl KernelCache {
     fn valid(&self, t: Ticket) -> Option<RwLockReadGuard<'_, Epoch>> {
         let e = self.epoch.read();
         (e.cacheable && e.n == t.0).then_some(e)
+    }
+
+    /// Lifetimes of (attributes, name) for an entry reply about `ino` computed since `t`.
+    pub fn entry(&self, t: Ticket, ino: u64) -> (Grant<'_>, Duration, Duration) {
+        let (grant, attr_ttl) = self.attrs(t, ino);
+        if attr_ttl.is_zero() || !self.names_supported() {
+            return (grant, attr_ttl, Duration::ZERO);
+        }
+        // Set under the grant (the epoch's read side), so the release that follows sees it.
+        self.names_granted.store(true, Ordering::SeqCst);
+        (grant, attr_ttl, ATTR_TTL)
+    }
+
+    /// Whether the kernel can forget all names at once; asks it the first time (a lookup
+    /// is being answered, so the connection is initialised). The probe itself only
+    /// invalidates names, which is always harmless.
+    fn names_supported(&self) -> bool {
+        match self.names_supported.load(Ordering::Acquire) {
+            EPOCH_YES => true,
+            EPOCH_NO => false,
+            _ => {
+                let Some(n) = self.notifier.lock().as_ref().map(|n| n.forget_names()) else {
+                    return false;
+                };
+                let ok = match n {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::info!(error = %e, "kernel lacks FUSE_NOTIFY_INC_EPOCH (Linux 6.16+): names are not cached on this cluster mount");
+                        false
+                    }
+                };
+                let v = if ok { EPOCH_YES } else { EPOCH_NO };
+                let _ = self.names_supported.compare_exchange(
+                    EPOCH_UNKNOWN,
+                    v,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                self.names_supported.load(Ordering::Acquire) == EPOCH_YES
+            }
+        }
     }
 
     /// The attribute lifetime for a reply about `ino` computed since `t`.
@@ -162,6 +254,10 @@ impl CacheObserver for KernelCache {
         self.tracked_inodes()
     }
 
+    fn caches_names(&self) -> bool {
+        self.names_granted.load(Ordering::Relaxed)
+    }
+
     fn granted(&self) {
         let can_invalidate = self.notifier.lock().is_some();
         let mut e = self.epoch.write();
@@ -181,6 +277,12 @@ impl CacheObserver for KernelCache {
         if let Some(n) = self.notifier.lock().as_ref() {
             // After unmount the connection is gone and every call fails: say so once.
             let (mut failed, mut first) = (0usize, None);
+            if self.names_granted.swap(false, Ordering::SeqCst) {
+                if let Err(e) = n.forget_names() {
+                    failed += 1;
+                    first.get_or_insert(e);
+                }
+            }
             for ino in inos {
                 if let Err(e) = n.inval_attrs(ino) {
                     failed += 1;
@@ -188,7 +290,7 @@ impl CacheObserver for KernelCache {
                 }
             }
             if let Some(e) = first {
-                tracing::warn!(failed, error = %e, "kernel attribute invalidations failed (expected only once the mount is gone)");
+                tracing::warn!(failed, error = %e, "kernel cache invalidations failed (expected only once the mount is gone)");
             }
         }
     }
@@ -199,11 +301,20 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// Records invalidations; `FORGET_NAMES` stands for a `forget_names` call.
     #[derive(Default)]
-    struct Rec(Arc<Mutex<Vec<u64>>>);
+    struct Rec(Arc<Mutex<Vec<u64>>>, bool);
+    const FORGET_NAMES: u64 = 0;
     impl Invalidate for Rec {
         fn inval_attrs(&self, ino: u64) -> std::io::Result<()> {
             self.0.lock().push(ino);
+            Ok(())
+        }
+        fn forget_names(&self) -> std::io::Result<()> {
+            if self.1 {
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            self.0.lock().push(FORGET_NAMES);
             Ok(())
         }
     }
@@ -282,6 +393,51 @@ mod tests {
         drop(g);
         rel.join().unwrap();
         assert_eq!(*seen.lock(), [4]);
+    }
+
+    #[test]
+    fn names_are_cached_under_the_glock_and_all_forgotten_before_it_goes() {
+        let (k, seen) = cache();
+        let t = k.ticket();
+        assert_eq!(k.entry(t, 3).2, Duration::ZERO, "glock not held");
+        assert!(seen.lock().is_empty(), "no probe without a grant");
+        k.granted();
+        let t = k.ticket();
+        assert_eq!(k.entry(t, 3).2, ATTR_TTL);
+        assert_eq!(*seen.lock(), [FORGET_NAMES], "the first entry probes");
+        assert_eq!(k.entry(t, 4).2, ATTR_TTL);
+        seen.lock().clear();
+        k.releasing();
+        let mut s = seen.lock().clone();
+        s.sort();
+        assert_eq!(s, [FORGET_NAMES, 3, 4]);
+        seen.lock().clear();
+        k.granted();
+        k.releasing();
+        assert!(
+            seen.lock().is_empty(),
+            "no names handed out, nothing to forget"
+        );
+        k.granted();
+        let stale = k.ticket();
+        k.releasing();
+        k.granted();
+        assert_eq!(k.entry(stale, 5).2, Duration::ZERO, "straddles a release");
+    }
+
+    #[test]
+    fn without_inc_epoch_names_are_never_cached() {
+        let k = KernelCache::default();
+        let rec = Rec(Arc::default(), true);
+        let seen = rec.0.clone();
+        k.set_notifier(Box::new(rec));
+        k.granted();
+        let t = k.ticket();
+        let (_g, attr, name) = k.entry(t, 3);
+        assert_eq!((attr, name), (ATTR_TTL, Duration::ZERO));
+        drop(_g);
+        k.releasing();
+        assert_eq!(*seen.lock(), [3]);
     }
 
     #[test]

@@ -322,8 +322,13 @@ pub fn glstats_text(c: &Cluster) -> String {
     let io = c.iopen.stats();
     out += &format!("iopen PR: {} open, {} cached idle\n", io.open, io.idle);
     out += &format!(
-        "kernel cache: attributes of {} inodes\n",
-        g.kernel_cached_inodes()
+        "kernel cache: attributes of {} inodes, names {}\n",
+        g.kernel_cached_inodes(),
+        if g.kernel_caches_names() {
+            "cached"
+        } else {
+            "not cached"
+        }
     );
     out
 }

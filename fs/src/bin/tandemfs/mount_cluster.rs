@@ -7,14 +7,14 @@
 //! kernel caching that outlives this node's `meta` glock.
 
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tandem_common::config::ClusterConfig;
-use tandem_fs::cluster::kcache::KernelCache;
+use tandem_fs::cluster::kcache::{FuseInvalidate, KernelCache};
 use tandem_fs::cluster::{Cluster, ClusterOptions};
 use tandem_fs::fs::Fs;
 use tandem_fs::fuse::FuseFs;
@@ -81,7 +81,11 @@ pub fn run(mut o: Opts) -> anyhow::Result<()> {
     )
     .with_context(|| format!("cannot mount FUSE at {}", o.dir))?;
     // The kernel may cache what `meta` protects only once invalidations can be sent.
-    kcache.set_notifier(Box::new(session.notifier()));
+    let dev_fuse = session
+        .as_fd()
+        .try_clone_to_owned()
+        .context("cannot duplicate the /dev/fuse descriptor")?;
+    kcache.set_notifier(Box::new(FuseInvalidate::new(session.notifier(), dev_fuse)));
     cluster.glock.set_observer(kcache);
     if let Some(fd) = status {
         detach(fd, open_log(&o)?)?;
