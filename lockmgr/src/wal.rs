@@ -14,8 +14,14 @@
 //! ```
 //!
 //! Replay stops at the first record that is short or fails its checks: a crash can tear only
-//! the tail (records are appended and synced in order), so that is where the valid log ends;
-//! the file is truncated there before new appends.
+//! the tail (records are appended and synced in order), so that is where the valid log ends.
+//!
+//! The file is kept preallocated with written zeros (`PREALLOC_BYTES` at a time): an
+//! fdatasync after overwriting allocated blocks has no metadata to commit, which on ext4
+//! makes it about a third cheaper than after an append that grows the file, and every
+//! Raft commit waits for one. So after the valid log there are normally only zeros; any
+//! other byte there is a torn tail, and the file is truncated at the end of the valid log
+//! (so a stale record beyond a tear can never be read as part of the log later).
 
 use crate::log_cache::{LogCache, LogRecord};
 use crate::node::{LogSink, SinkError};
@@ -31,6 +37,8 @@ const HEADER_BYTES: usize = 16;
 /// Sanity bound on one record (a snapshot of a very large lock table still fits).
 const MAX_RECORD_BYTES: u32 = 256 << 20;
 const WAL_FILE: &str = "raft.wal";
+/// How far ahead of the log's end the file is filled with zeros.
+const PREALLOC_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -147,7 +155,23 @@ pub fn decode_record(buf: &[u8]) -> Option<(LogRecord, usize)> {
 /// The daemon's `LogSink`.
 pub struct DiskSink {
     dir: PathBuf,
+    /// Positioned at `end`.
     file: BufWriter<File>,
+    /// Where the next record goes: the end of the valid log.
+    end: u64,
+    /// The file's length; every byte between `end` and here is zero.
+    allocated: u64,
+}
+
+/// The end of the valid log in a WAL file (its records' total length); the file itself
+/// may be longer (preallocated zeros). For tests and tools.
+pub fn valid_len(path: &Path) -> std::io::Result<u64> {
+    let bytes = std::fs::read(path)?;
+    let mut at = 0usize;
+    while let Some((_, used)) = decode_record(&bytes[at..]) {
+        at += used;
+    }
+    Ok(at as u64)
 }
 
 /// Opens (or creates) the log in `dir`. A new log starts from `initial` (bootstrap
@@ -176,7 +200,8 @@ pub fn open(dir: &Path, initial: LogCache) -> Result<(LogCache, DiskSink), WalEr
         .write(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    if at < bytes.len() {
+    let mut allocated = bytes.len() as u64;
+    if bytes[at..].iter().any(|&b| b != 0) {
         tracing::warn!(
             path = %path.display(),
             offset = at,
@@ -185,23 +210,20 @@ pub fn open(dir: &Path, initial: LogCache) -> Result<(LogCache, DiskSink), WalEr
         );
         file.set_len(at as u64).map_err(io_err(&path))?;
         file.sync_all().map_err(io_err(&path))?;
+        allocated = at as u64;
     }
-    let mut file = BufWriter::new(file);
-    std::io::Seek::seek(file.get_mut(), std::io::SeekFrom::Start(at as u64))
-        .map_err(io_err(&path))?;
     Ok((
         log,
-        DiskSink {
-            dir: dir.to_path_buf(),
-            file,
-        },
+        DiskSink::at(dir, file, at as u64, allocated).map_err(io_err(&path))?,
     ))
 }
 
-/// Writes a whole log image to a temp file and atomically replaces the WAL with it.
-fn write_image(dir: &Path, log: &LogCache) -> Result<(), WalError> {
+/// Writes a whole log image, followed by `PREALLOC_BYTES` of zeros, to a temp file and
+/// atomically replaces the WAL with it. Returns (end of the log, file length).
+fn write_image(dir: &Path, log: &LogCache) -> Result<(u64, u64), WalError> {
     let tmp = dir.join(format!("{WAL_FILE}.tmp"));
     let path = dir.join(WAL_FILE);
+    let mut end = 0u64;
     {
         let mut f = BufWriter::new(File::create(&tmp).map_err(io_err(&tmp))?);
         let mut recs = vec![
@@ -213,7 +235,13 @@ fn write_image(dir: &Path, log: &LogCache) -> Result<(), WalError> {
             recs.push(LogRecord::Entries(log.entries_after_snapshot().to_vec()));
         }
         for rec in &recs {
-            f.write_all(&encode_record(rec)).map_err(io_err(&tmp))?;
+            let bytes = encode_record(rec);
+            f.write_all(&bytes).map_err(io_err(&tmp))?;
+            end += bytes.len() as u64;
+        }
+        let zeros = vec![0u8; 64 << 10];
+        for _ in 0..PREALLOC_BYTES / zeros.len() as u64 {
+            f.write_all(&zeros).map_err(io_err(&tmp))?;
         }
         let f = f.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
         f.sync_all().map_err(io_err(&tmp))?;
@@ -222,14 +250,51 @@ fn write_image(dir: &Path, log: &LogCache) -> Result<(), WalError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))?;
-    Ok(())
+    Ok((end, end + PREALLOC_BYTES))
+}
+
+impl DiskSink {
+    /// A sink appending at `end` of `file`, whose bytes from `end` to `allocated` are zero.
+    fn at(dir: &Path, mut file: File, end: u64, allocated: u64) -> std::io::Result<Self> {
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(end))?;
+        Ok(DiskSink {
+            dir: dir.to_path_buf(),
+            file: BufWriter::new(file),
+            end,
+            allocated,
+        })
+    }
+
+    /// Fills the file with zeros up to past `need`. Not synced here: the next sync makes
+    /// them durable along with the record, and later syncs find the blocks allocated.
+    fn preallocate(&mut self, need: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let to = need + PREALLOC_BYTES;
+        let zeros = vec![0u8; 64 << 10];
+        let mut at = self.allocated;
+        while at < to {
+            let n = (to - at).min(zeros.len() as u64) as usize;
+            self.file.get_ref().write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        self.allocated = to;
+        Ok(())
+    }
 }
 
 impl LogSink for DiskSink {
     fn write(&mut self, rec: &LogRecord) -> Result<(), SinkError> {
+        let bytes = encode_record(rec);
+        let need = self.end + bytes.len() as u64;
+        if need > self.allocated {
+            self.preallocate(need)
+                .map_err(|e| SinkError(format!("preallocating the raft log failed: {e}")))?;
+        }
         self.file
-            .write_all(&encode_record(rec))
-            .map_err(|e| SinkError(e.to_string()))
+            .write_all(&bytes)
+            .map_err(|e| SinkError(e.to_string()))?;
+        self.end = need;
+        Ok(())
     }
 
     fn sync(&mut self) -> Result<(), SinkError> {
@@ -242,14 +307,14 @@ impl LogSink for DiskSink {
 
     fn compact(&mut self, log: &LogCache) -> Result<(), SinkError> {
         self.file.flush().map_err(|e| SinkError(e.to_string()))?;
-        write_image(&self.dir, log).map_err(|e| SinkError(e.to_string()))?;
+        let (end, allocated) = write_image(&self.dir, log).map_err(|e| SinkError(e.to_string()))?;
         let path = self.dir.join(WAL_FILE);
-        let mut f = OpenOptions::new()
-            .append(true)
+        let f = OpenOptions::new()
+            .write(true)
             .open(&path)
             .map_err(|e| SinkError(format!("{}: {e}", path.display())))?;
-        f.flush().map_err(|e| SinkError(e.to_string()))?;
-        self.file = BufWriter::new(f);
+        *self = DiskSink::at(&self.dir, f, end, allocated)
+            .map_err(|e| SinkError(format!("{}: {e}", path.display())))?;
         Ok(())
     }
 }
@@ -305,6 +370,68 @@ mod tests {
     }
 
     #[test]
+    fn the_file_is_preallocated_and_its_zeros_are_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(WAL_FILE);
+        let (_, mut sink) = open(dir.path(), LogCache::bootstrap(&[1])).unwrap();
+        for i in 2..200 {
+            sink.write(&LogRecord::Entries(vec![ent(i, 1, &[i as u8; 300])]))
+                .unwrap();
+            sink.sync().unwrap();
+        }
+        drop(sink);
+        let (valid, len) = (
+            valid_len(&path).unwrap(),
+            std::fs::metadata(&path).unwrap().len(),
+        );
+        assert!(len >= valid + PREALLOC_BYTES / 2, "{len} vs {valid}");
+        let (log, mut sink) = open(dir.path(), LogCache::default()).unwrap();
+        assert_eq!(log.last_index().unwrap(), 199);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            len,
+            "zeros kept, not truncated"
+        );
+        sink.write(&LogRecord::Entries(vec![ent(200, 1, b"z")]))
+            .unwrap();
+        sink.sync().unwrap();
+        drop(sink);
+        let (log, _) = open(dir.path(), LogCache::default()).unwrap();
+        assert_eq!(log.last_index().unwrap(), 200);
+    }
+
+    #[test]
+    fn a_stale_record_beyond_a_tear_is_cut_off_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(WAL_FILE);
+        let (_, mut sink) = open(dir.path(), LogCache::bootstrap(&[1])).unwrap();
+        sink.write(&LogRecord::Entries(vec![ent(2, 1, b"a")]))
+            .unwrap();
+        sink.sync().unwrap();
+        drop(sink);
+        // A crash persisted a later record's page but not the one before it: zeros, then
+        // a valid record that was never acknowledged.
+        let end = valid_len(&path).unwrap();
+        let stale = encode_record(&LogRecord::Entries(vec![ent(3, 9, b"stale")]));
+        {
+            use std::os::unix::fs::FileExt;
+            let f = OpenOptions::new().write(true).open(&path).unwrap();
+            f.write_all_at(&stale, end + 100).unwrap();
+        }
+        let (log, mut sink) = open(dir.path(), LogCache::default()).unwrap();
+        assert_eq!(log.last_index().unwrap(), 2);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), end, "truncated");
+        // New records of any length can never line up with the stale one.
+        sink.write(&LogRecord::Entries(vec![ent(3, 1, &[1; 68])]))
+            .unwrap();
+        sink.sync().unwrap();
+        drop(sink);
+        let (log, _) = open(dir.path(), LogCache::default()).unwrap();
+        assert_eq!(log.last_index().unwrap(), 3);
+        assert_eq!(log.term(3).unwrap(), 1);
+    }
+
+    #[test]
     fn compaction_rewrites_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let (mut log, mut sink) = open(dir.path(), LogCache::bootstrap(&[1])).unwrap();
@@ -312,7 +439,7 @@ mod tests {
         sink.write(&rec).unwrap();
         log.apply(&rec).unwrap();
         sink.sync().unwrap();
-        let before = std::fs::metadata(dir.path().join(WAL_FILE)).unwrap().len();
+        let before = valid_len(&dir.path().join(WAL_FILE)).unwrap();
         let mut snap = Snapshot::default();
         snap.mut_metadata().index = 90;
         snap.mut_metadata().term = 1;
@@ -323,7 +450,7 @@ mod tests {
         log.apply(&rec).unwrap();
         sink.sync().unwrap();
         sink.compact(&log).unwrap();
-        let after = std::fs::metadata(dir.path().join(WAL_FILE)).unwrap().len();
+        let after = valid_len(&dir.path().join(WAL_FILE)).unwrap();
         assert!(after < before / 4, "{after} vs {before}");
         sink.write(&LogRecord::Entries(vec![ent(101, 1, b"x")]))
             .unwrap();
