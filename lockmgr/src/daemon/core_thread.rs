@@ -3,6 +3,7 @@
 //! on time, and hands messages to the peer senders and effects to client connections.
 
 use super::peer::PeerFrame;
+use super::peer_out::PeerOut;
 use crate::node::{CoreError, LogSink, MemberChange, NodeCore, Probe};
 use crate::proto::{ClientReply, CLIENT_PROTOCOL_MAX};
 use crate::table::{Command, Effect, EndReason, LockError};
@@ -11,9 +12,9 @@ use protobuf::Message as _;
 use raft::prelude::Message;
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_common::NodeId;
-use tokio::sync::mpsc::Sender;
 use tokio::sync::oneshot;
 
 pub use super::flow::Replies;
@@ -55,7 +56,7 @@ struct WaitingOpen {
 pub struct CoreThread<K: LogSink> {
     pub core: NodeCore<K>,
     pub inputs: Receiver<CoreInput>,
-    pub peers: BTreeMap<NodeId, Sender<PeerFrame>>,
+    pub peers: BTreeMap<NodeId, Arc<PeerOut>>,
     pub tick: Duration,
 }
 
@@ -111,9 +112,9 @@ impl<K: LogSink> CoreThread<K> {
             let peers = &self.peers;
             let mut send = |m: Message| {
                 let Ok(to) = u8::try_from(m.to) else { return };
-                if let Some(tx) = peers.get(&NodeId(to)) {
-                    // A full queue means the peer is slow or gone; Raft resends.
-                    let _ = tx.try_send(PeerFrame::Raft(m.write_to_bytes().unwrap_or_default()));
+                if let Some(out) = peers.get(&NodeId(to)) {
+                    // Dropped if the peer is slow or gone; Raft resends.
+                    out.send(&PeerFrame::Raft(m.write_to_bytes().unwrap_or_default()));
                 }
             };
             let out = self.core.process_with(&mut send)?;
@@ -121,8 +122,8 @@ impl<K: LogSink> CoreThread<K> {
                 send(m);
             }
             for (to, probe) in out.probes {
-                if let Some(tx) = self.peers.get(&to) {
-                    let _ = tx.try_send(PeerFrame::Probe(probe));
+                if let Some(out) = self.peers.get(&to) {
+                    out.send(&PeerFrame::Probe(probe));
                 }
             }
             for fx in out.effects {

@@ -7,6 +7,7 @@ pub mod clients;
 pub mod core_thread;
 pub mod flow;
 pub mod peer;
+pub mod peer_out;
 
 use crate::log_cache::LogCache;
 use crate::node::{CoreConfig, NodeCore};
@@ -93,9 +94,9 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     let mut peers = BTreeMap::new();
     let mut dialers = Vec::new();
     for n in config.nodes.iter().filter(|n| n.id != me.id) {
-        let (tx, rx) = tokio::sync::mpsc::channel(peer::PEER_QUEUE_FRAMES);
-        peers.insert(n.node_id(), tx);
-        dialers.push((n.node_id(), n.lock_addr(), rx));
+        let out = Arc::new(peer_out::PeerOut::default());
+        peers.insert(n.node_id(), out.clone());
+        dialers.push((n.node_id(), n.lock_addr(), out));
     }
     let thread = CoreThread {
         core,

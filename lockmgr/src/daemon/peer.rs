@@ -4,6 +4,7 @@
 //! see bytes from an unauthenticated sender.
 
 use super::core_thread::CoreInput;
+use super::peer_out::PeerOut;
 use crate::node::Probe;
 use protobuf::Message as _;
 use raft::prelude::Message;
@@ -15,17 +16,13 @@ use std::time::Duration;
 use tandem_common::auth::{self, Accept};
 use tandem_common::frame::{self, Channel};
 use tandem_common::{ClusterConfig, NodeId};
-use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 
 pub const PEER_SERVICE: &str = "lock-peer";
 /// Peer protocol versions this build speaks. 1 = initial.
 pub const PEER_VERSIONS: (u16, u16) = (1, 1);
 /// Largest peer frame (snapshots of big lock tables travel in one message).
 pub const MAX_PEER_FRAME_BYTES: u32 = 256 << 20;
-/// Frames queued per peer before new ones are dropped (Raft resends what matters).
-pub const PEER_QUEUE_FRAMES: usize = 16_384;
 const RECONNECT_DELAY: Duration = Duration::from_millis(200);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -130,31 +127,26 @@ async fn serve_peer(
     }
 }
 
-/// Keeps one authenticated connection to `peer` and writes whatever the core queues.
+/// Keeps one authenticated connection to `peer`, through which the replica thread writes
+/// (`PeerOut`).
 pub async fn dial_forever(
     peer: NodeId,
     addr: SocketAddr,
     me: NodeId,
     secret: Arc<Vec<u8>>,
-    mut frames: mpsc::Receiver<PeerFrame>,
+    out: Arc<PeerOut>,
 ) {
     loop {
         match connect(peer, addr, me, &secret).await {
             Ok(stream) => {
                 tracing::info!(%peer, %addr, "connected to peer");
-                let mut w = BufWriter::new(stream);
-                if let Err(e) = pump(&mut w, &mut frames).await {
-                    if e.is_empty() {
-                        return; // the core thread is gone
-                    }
+                if let Err(e) = out.serve(&stream).await {
                     tracing::info!(%peer, error = %e, "peer connection lost");
                 }
             }
             Err(e) => tracing::debug!(%peer, %addr, error = %e, "cannot reach peer"),
         }
         tokio::time::sleep(RECONNECT_DELAY).await;
-        // What queued up while we were away is stale; Raft resends what still matters.
-        while frames.try_recv().is_ok() {}
     }
 }
 
@@ -181,25 +173,4 @@ async fn connect(
     .await
     .map_err(|e| e.to_string())?;
     Ok(stream)
-}
-
-/// Writes queued frames, flushing once per burst. `Err("")` when the queue closed.
-async fn pump(
-    w: &mut BufWriter<TcpStream>,
-    frames: &mut mpsc::Receiver<PeerFrame>,
-) -> Result<(), String> {
-    loop {
-        let Some(first) = frames.recv().await else {
-            return Err(String::new());
-        };
-        frame::write_msg(w, Channel::LockPeer, &first)
-            .await
-            .map_err(|e| e.to_string())?;
-        while let Ok(more) = frames.try_recv() {
-            frame::write_msg(w, Channel::LockPeer, &more)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
-        w.flush().await.map_err(|e| e.to_string())?;
-    }
 }
