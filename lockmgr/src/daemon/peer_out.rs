@@ -185,7 +185,7 @@ mod tests {
             .iter()
             .enumerate()
             .flat_map(|(i, &n)| {
-                let probe = (i % 50 == 0).then(|| PeerFrame::Probe(Probe::Ping(i as u64)));
+                let probe = (i % 50 == 0).then_some(PeerFrame::Probe(Probe::Ping(i as u64)));
                 probe.into_iter().chain(std::iter::once(raft(n)))
             })
             .collect();
