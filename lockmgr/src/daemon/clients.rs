@@ -137,8 +137,8 @@ async fn serve(stream: UnixStream, core: SyncSender<CoreInput>) -> Result<(), St
         );
         return refuse(&mut w, message).await;
     }
-    let (replies, mut reply_rx, overflow) = Replies::channel();
     let unanswered = Arc::new(Unanswered::default());
+    let (replies, overflow) = Replies::new(unanswered.clone());
     let session = if open_session {
         let (opened, opened_rx) = oneshot::channel();
         send_to_core(
@@ -166,26 +166,14 @@ async fn serve(stream: UnixStream, core: SyncSender<CoreInput>) -> Result<(), St
         });
         None
     };
-    let written = unanswered.clone();
+    // The core thread writes replies into the socket itself; this task publishes the
+    // socket to it and writes only what the socket did not take at once.
+    let mut w = w.into_inner();
+    let out = replies.out();
     let writer = tokio::spawn(async move {
-        while let Some(first) = reply_rx.recv().await {
-            let mut closing =
-                matches!(first, ClientReply::Ended { .. } | ClientReply::Error { .. });
-            write(&mut w, &first).await?;
-            written.answered(&first);
-            while !closing {
-                let Ok(more) = reply_rx.try_recv() else { break };
-                closing = matches!(more, ClientReply::Ended { .. } | ClientReply::Error { .. });
-                write(&mut w, &more).await?;
-                written.answered(&more);
-            }
-            w.flush().await.map_err(|e| e.to_string())?;
-            if closing {
-                break;
-            }
-        }
+        let r = out.serve(&w).await;
         let _ = w.shutdown().await;
-        Ok::<(), String>(())
+        r.map_err(|e| e.to_string())
     });
     // A client that does not read its replies fills its queue and is dropped here.
     let result = tokio::select! {
@@ -203,6 +191,7 @@ async fn serve(stream: UnixStream, core: SyncSender<CoreInput>) -> Result<(), St
     if let Some(s) = session {
         let _ = send_to_core(&core, CoreInput::Gone(s)).await;
     }
+    replies.finish();
     drop(replies);
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
     result

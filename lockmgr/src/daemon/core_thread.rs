@@ -2,8 +2,8 @@
 //! `process()` (so one fsync covers everything that arrived meanwhile: group commit), ticks
 //! on time, and hands messages to the peer senders and effects to client connections.
 
+use super::direct::PeerOut;
 use super::peer::PeerFrame;
-use super::peer_out::PeerOut;
 use crate::node::{CoreError, LogSink, MemberChange, NodeCore, Probe};
 use crate::proto::{ClientReply, CLIENT_PROTOCOL_MAX};
 use crate::table::{Command, Effect, EndReason, LockError};

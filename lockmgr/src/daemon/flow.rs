@@ -5,12 +5,13 @@
 //! fills the reply queue and is disconnected (its session ends, its locks are released),
 //! instead of the daemon buffering for it without end.
 
+use super::direct::{Push, ReplyOut};
 use crate::proto::ClientReply;
 use crate::types::ReqId;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, Notify};
+use tandem_common::frame::{self, Channel};
+use tokio::sync::Notify;
 
 /// Requests of one connection sent on and not answered yet. A lock waiting for a
 /// conflicting holder counts; a client needing more waiting requests opens another
@@ -19,43 +20,70 @@ use tokio::sync::{mpsc, Notify};
 /// other clients' requests. Releases (unlock, cancel) get twice the room, so a client
 /// whose waiting requests fill its share can still let go of what others wait for.
 pub const MAX_UNANSWERED: usize = 256;
-/// Replies (answers plus blocking callbacks) queued for one connection's socket.
+/// Replies (answers plus blocking callbacks) that may wait for one connection's socket
+/// (counted since the queue was last empty).
 pub const REPLY_QUEUE: usize = 8192;
 
-/// The core thread's handle on a connection's reply queue.
-#[derive(Clone, Debug)]
+/// The core thread's handle on a connection's replies: it writes them into the socket
+/// itself (`direct::ReplyOut`), queueing what the socket does not take.
+#[derive(Clone)]
 pub struct Replies {
-    tx: mpsc::Sender<ClientReply>,
+    out: Arc<ReplyOut>,
     overflow: Arc<Notify>,
+    unanswered: Arc<Unanswered>,
+}
+
+impl std::fmt::Debug for Replies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Replies")
+    }
 }
 
 impl Replies {
-    /// A reply queue: the handle, its receiving end, and what fires when it overflows.
-    pub fn channel() -> (Self, mpsc::Receiver<ClientReply>, Arc<Notify>) {
-        let (tx, rx) = mpsc::channel(REPLY_QUEUE);
+    /// A reply queue for a connection whose unanswered requests are `unanswered`: the
+    /// handle, and what fires when the client lets too many replies pile up.
+    pub fn new(unanswered: Arc<Unanswered>) -> (Self, Arc<Notify>) {
         let overflow = Arc::new(Notify::new());
         (
             Self {
-                tx,
+                out: Arc::new(ReplyOut::default()),
                 overflow: overflow.clone(),
+                unanswered,
             },
-            rx,
             overflow,
         )
     }
 
-    /// Queues a reply without blocking (the caller is the core thread). False if the
-    /// connection is gone or the queue is full; a full queue also fires `overflow`, so
-    /// the connection ends.
+    /// Writes or queues a reply without blocking (the caller is the core thread). False
+    /// if the connection is gone or too many replies wait; the latter also fires
+    /// `overflow`, so the connection ends. An answer frees its request's place at once:
+    /// the reply queue's own limit bounds what a client that does not read can cost.
     pub fn send(&self, reply: ClientReply) -> bool {
-        match self.tx.try_send(reply) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
+        let Ok(bytes) = frame::encode(Channel::LockClient, &reply) else {
+            return false;
+        };
+        let closing = matches!(reply, ClientReply::Ended { .. } | ClientReply::Error { .. });
+        match self.out.push(&bytes, REPLY_QUEUE, closing) {
+            Push::Taken => {
+                self.unanswered.answered(&reply);
+                true
+            }
+            Push::Full => {
                 self.overflow.notify_one();
                 false
             }
-            Err(TrySendError::Closed(_)) => false,
+            Push::Gone => false,
         }
+    }
+
+    /// The writer side, for the connection's task.
+    pub fn out(&self) -> Arc<ReplyOut> {
+        self.out.clone()
+    }
+
+    /// The connection is over: nothing more is taken; what is queued still goes out.
+    pub fn finish(&self) {
+        self.out.finish();
     }
 }
 
@@ -161,7 +189,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_reply_queue_fires_overflow() {
-        let (r, _rx, overflow) = Replies::channel();
+        // No writer yet: every reply waits.
+        let (r, overflow) = Replies::new(Arc::default());
         for i in 0..REPLY_QUEUE as u64 {
             assert!(r.send(ClientReply::Done { req: ReqId(i + 1) }));
         }

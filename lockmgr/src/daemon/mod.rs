@@ -5,9 +5,9 @@
 
 pub mod clients;
 pub mod core_thread;
+pub mod direct;
 pub mod flow;
 pub mod peer;
-pub mod peer_out;
 
 use crate::log_cache::LogCache;
 use crate::node::{CoreConfig, NodeCore};
@@ -94,7 +94,7 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     let mut peers = BTreeMap::new();
     let mut dialers = Vec::new();
     for n in config.nodes.iter().filter(|n| n.id != me.id) {
-        let out = Arc::new(peer_out::PeerOut::default());
+        let out = Arc::new(direct::PeerOut::default());
         peers.insert(n.node_id(), out.clone());
         dialers.push((n.node_id(), n.lock_addr(), out));
     }

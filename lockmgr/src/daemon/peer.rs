@@ -4,7 +4,7 @@
 //! see bytes from an unauthenticated sender.
 
 use super::core_thread::CoreInput;
-use super::peer_out::PeerOut;
+use super::direct::PeerOut;
 use crate::node::Probe;
 use protobuf::Message as _;
 use raft::prelude::Message;
