@@ -378,13 +378,15 @@ impl Resource {
             mib_per_s = format_args!("{:.1}", total as f64 / secs / 1048576.0), "resync done (SyncSource)");
         self.update_peer(peer, |p| p.sync = None);
         self.set_repl(peer, ReplState::Established);
-        // A crashed Primary whose hot extents every peer now has is whole again.
+        // A crashed Primary whose hot extents every disk peer now has is whole again
+        // (tiebreakers store no data, so they never need the extents).
         let all_synced = self
             .inner
             .lock()
             .peers
-            .values()
-            .all(|p| p.conn.is_some() && p.repl == ReplState::Established);
+            .iter()
+            .filter(|(id, _)| !self.is_tiebreaker(**id))
+            .all(|(_, p)| p.conn.is_some() && p.repl == ReplState::Established);
         if all_synced && self.crashed_extents.lock().take().is_some() {
             self.persist(|sb| sb.flags &= !crate::meta::format::FLAG_CRASHED_PRIMARY)
                 .await
