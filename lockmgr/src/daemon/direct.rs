@@ -61,12 +61,23 @@ struct State {
     /// The connected socket, while a connection task owns it.
     fd: Option<RawFd>,
     pending: Vec<u8>,
-    /// Frames put in `pending` since it was last empty.
-    queued: usize,
+    /// Stream positions where the frames (or frame tails) in `pending` end, oldest first,
+    /// counted like `drained`: their number is how many frames wait.
+    ends: std::collections::VecDeque<u64>,
+    /// Bytes of `pending` written out so far, over the life of this queue.
+    drained: u64,
     /// A closing frame was queued: nothing more is taken, the writer ends after it.
     closing: bool,
     /// The connection is over: nothing more is taken.
     gone: bool,
+}
+
+impl State {
+    fn clear(&mut self) {
+        self.drained += self.pending.len() as u64;
+        self.pending.clear();
+        self.ends.clear();
+    }
 }
 
 /// What became of a frame.
@@ -144,16 +155,18 @@ impl DirectOut {
                 return Push::Taken;
             }
             st.pending.extend_from_slice(&bytes[done..]);
-            st.queued = 1;
+            let end = st.drained + st.pending.len() as u64;
+            st.ends.push_back(end);
         } else {
-            let too_many = st.queued >= lim.max_frames;
+            let too_many = st.ends.len() >= lim.max_frames;
             let too_big = st.pending.len() + bytes.len() > lim.max_bytes;
             if !st.pending.is_empty() && (too_many || too_big) {
                 st.closing = false;
                 return Push::Full;
             }
             st.pending.extend_from_slice(bytes);
-            st.queued += 1;
+            let end = st.drained + st.pending.len() as u64;
+            st.ends.push_back(end);
         }
         drop(st);
         self.wake.notify_one();
@@ -175,8 +188,7 @@ impl DirectOut {
             let mut st = self.state.lock();
             if fresh {
                 // What queued for an earlier connection is stale (Raft resends).
-                st.pending.clear();
-                st.queued = 0;
+                st.clear();
             }
             st.fd = Some(s.raw_fd());
         }
@@ -184,8 +196,7 @@ impl DirectOut {
         let mut st = self.state.lock();
         st.fd = None;
         if fresh {
-            st.pending.clear();
-            st.queued = 0;
+            st.clear();
         } else {
             st.gone = true;
         }
@@ -226,8 +237,10 @@ impl DirectOut {
             Err(e) => return Err(e),
         };
         st.pending.drain(..done);
-        if st.pending.is_empty() {
-            st.queued = 0;
+        st.drained += done as u64;
+        let drained = st.drained;
+        while st.ends.front().is_some_and(|&e| e <= drained) {
+            st.ends.pop_front();
         }
         Ok(())
     }
@@ -305,6 +318,40 @@ mod tests {
             );
         }
         got
+    }
+
+    /// Takes at most `.0` bytes per write.
+    struct Trickle(usize);
+    impl Socket for Trickle {
+        fn raw_fd(&self) -> RawFd {
+            -1
+        }
+        fn writable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+            std::future::ready(Ok(()))
+        }
+        fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len().min(self.0))
+        }
+    }
+
+    #[test]
+    fn the_frame_limit_counts_frames_still_waiting_not_all_since_the_queue_was_empty() {
+        let out = ReplyOut::default();
+        for _ in 0..10 {
+            assert_eq!(out.push(&[7; 10], 10, false), Push::Taken);
+        }
+        assert_eq!(out.push(&[7; 10], 10, false), Push::Full);
+        // Two and a half frames go out: two places free up, the half-sent one still waits.
+        out.0.write_pending(&Trickle(25)).unwrap();
+        assert_eq!(out.push(&[7; 10], 10, false), Push::Taken);
+        assert_eq!(out.push(&[7; 10], 10, false), Push::Taken);
+        assert_eq!(out.push(&[7; 10], 10, false), Push::Full);
+        // A client that keeps reading never hits the limit, however many frames pass.
+        for _ in 0..1000 {
+            out.0.write_pending(&Trickle(10)).unwrap();
+            assert_eq!(out.push(&[7; 10], 10, false), Push::Taken);
+        }
+        assert_eq!(out.0.state.lock().ends.len(), 10);
     }
 
     #[tokio::test]
