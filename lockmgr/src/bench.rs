@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
+    /// fdatasync after overwriting preallocated blocks, as the Raft log does.
     pub fsync_p50_us: u64,
+    /// fdatasync after an append that grows the file (for comparison).
+    pub fsync_append_p50_us: u64,
     pub single_p50_us: u64,
     pub single_p99_us: u64,
     pub parallel_clients: usize,
@@ -33,11 +36,27 @@ fn percentile_us(sorted: &[Duration], p: f64) -> u64 {
     sorted[i].as_micros() as u64
 }
 
-/// fdatasync latency of 4 KiB overwrites in `dir` (the WAL's directory).
-pub fn fsync_p50_us(dir: &Path, samples: usize) -> std::io::Result<u64> {
+/// How the fdatasync benchmark writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncedWrite {
+    /// Each 4 KiB block grows the file (what a plain append-only log costs).
+    Append,
+    /// Each 4 KiB block overwrites zeros written beforehand (what `raft.wal` does).
+    Preallocated,
+}
+
+/// fdatasync latency (p50) of 4 KiB writes in `dir` (the WAL's directory).
+pub fn fsync_p50_us(dir: &Path, samples: usize, how: SyncedWrite) -> std::io::Result<u64> {
     let path = dir.join(".bench-fsync");
     let mut f = std::fs::File::create(&path)?;
     let block = [0x5au8; 4096];
+    if how == SyncedWrite::Preallocated {
+        for _ in 0..samples {
+            f.write_all(&[0u8; 4096])?;
+        }
+        f.sync_all()?;
+        std::io::Seek::rewind(&mut f)?;
+    }
     let mut times = Vec::with_capacity(samples);
     for _ in 0..samples {
         let t = Instant::now();
@@ -122,13 +141,15 @@ pub async fn run(
     clients: usize,
     duration: Duration,
 ) -> Result<BenchReport, ClientError> {
-    let fsync = fsync_p50_us(state_dir, 200).unwrap_or(0);
+    let fsync = fsync_p50_us(state_dir, 200, SyncedWrite::Preallocated).unwrap_or(0);
+    let fsync_append = fsync_p50_us(state_dir, 200, SyncedWrite::Append).unwrap_or(0);
     let single = single(socket, lockspace, 500).await?;
     let pairs = loops(socket, lockspace, clients, false, duration).await?;
     let handoffs = loops(socket, lockspace, 8, true, duration).await?;
     let secs = duration.as_secs_f64();
     Ok(BenchReport {
         fsync_p50_us: fsync,
+        fsync_append_p50_us: fsync_append,
         single_p50_us: percentile_us(&single, 0.5),
         single_p99_us: percentile_us(&single, 0.99),
         parallel_clients: clients,

@@ -18,8 +18,8 @@
 //!
 //! The file is kept preallocated with written zeros (`PREALLOC_BYTES` at a time): an
 //! fdatasync after overwriting allocated blocks has no metadata to commit, which on ext4
-//! makes it about a third cheaper than after an append that grows the file, and every
-//! Raft commit waits for one. So after the valid log there are normally only zeros; any
+//! makes it about half as costly as after an append that grows the file (the lock bench
+//! prints both), and every Raft commit waits for one. So after the valid log there are normally only zeros; any
 //! other byte there is a torn tail, and the file is truncated at the end of the valid log
 //! (so a stale record beyond a tear can never be read as part of the log later).
 
@@ -239,11 +239,8 @@ fn write_image(dir: &Path, log: &LogCache) -> Result<(u64, u64), WalError> {
             f.write_all(&bytes).map_err(io_err(&tmp))?;
             end += bytes.len() as u64;
         }
-        let zeros = vec![0u8; 64 << 10];
-        for _ in 0..PREALLOC_BYTES / zeros.len() as u64 {
-            f.write_all(&zeros).map_err(io_err(&tmp))?;
-        }
         let f = f.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
+        fill_zeros(&f, end, end + PREALLOC_BYTES).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
     }
     std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
@@ -268,18 +265,25 @@ impl DiskSink {
     /// Fills the file with zeros up to past `need`. Not synced here: the next sync makes
     /// them durable along with the record, and later syncs find the blocks allocated.
     fn preallocate(&mut self, need: u64) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
         let to = need + PREALLOC_BYTES;
-        let zeros = vec![0u8; 64 << 10];
-        let mut at = self.allocated;
-        while at < to {
-            let n = (to - at).min(zeros.len() as u64) as usize;
-            self.file.get_ref().write_all_at(&zeros[..n], at)?;
-            at += n as u64;
-        }
+        fill_zeros(self.file.get_ref(), self.allocated, to)?;
         self.allocated = to;
         Ok(())
     }
+}
+
+/// Writes zeros over `from..to` of `f` (real blocks, not a hole or unwritten extents, so
+/// later overwrites there change no metadata).
+fn fill_zeros(f: &File, from: u64, to: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeros = vec![0u8; 64 << 10];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
 }
 
 impl LogSink for DiskSink {
@@ -324,6 +328,14 @@ mod tests {
     use super::*;
     use raft::Storage;
 
+    /// Appends `rec` durably, closes the log and opens it again.
+    fn append_and_reopen(dir: &Path, mut sink: DiskSink, rec: LogRecord) -> (LogCache, DiskSink) {
+        sink.write(&rec).unwrap();
+        sink.sync().unwrap();
+        drop(sink);
+        open(dir, LogCache::default()).unwrap()
+    }
+
     fn ent(index: u64, term: u64, data: &[u8]) -> Entry {
         Entry {
             index,
@@ -355,16 +367,13 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(&torn).unwrap();
         drop(f);
-        let (log, mut sink) = open(dir.path(), LogCache::default()).unwrap();
+        let (log, sink) = open(dir.path(), LogCache::default()).unwrap();
         assert_eq!(log.last_index().unwrap(), 3);
         assert_eq!(log.hard_state(), &hs);
         assert_eq!(log.conf_state().voters, vec![1, 2, 3]);
         // Appends after the truncation point replay cleanly.
-        sink.write(&LogRecord::Entries(vec![ent(3, 2, b"d")]))
-            .unwrap();
-        sink.sync().unwrap();
-        drop(sink);
-        let (log, _) = open(dir.path(), LogCache::default()).unwrap();
+        let (log, _) =
+            append_and_reopen(dir.path(), sink, LogRecord::Entries(vec![ent(3, 2, b"d")]));
         assert_eq!(log.last_index().unwrap(), 3);
         assert_eq!(log.term(3).unwrap(), 2);
     }
@@ -385,18 +394,18 @@ mod tests {
             std::fs::metadata(&path).unwrap().len(),
         );
         assert!(len >= valid + PREALLOC_BYTES / 2, "{len} vs {valid}");
-        let (log, mut sink) = open(dir.path(), LogCache::default()).unwrap();
+        let (log, sink) = open(dir.path(), LogCache::default()).unwrap();
         assert_eq!(log.last_index().unwrap(), 199);
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
             len,
             "zeros kept, not truncated"
         );
-        sink.write(&LogRecord::Entries(vec![ent(200, 1, b"z")]))
-            .unwrap();
-        sink.sync().unwrap();
-        drop(sink);
-        let (log, _) = open(dir.path(), LogCache::default()).unwrap();
+        let (log, _) = append_and_reopen(
+            dir.path(),
+            sink,
+            LogRecord::Entries(vec![ent(200, 1, b"z")]),
+        );
         assert_eq!(log.last_index().unwrap(), 200);
     }
 
@@ -418,15 +427,15 @@ mod tests {
             let f = OpenOptions::new().write(true).open(&path).unwrap();
             f.write_all_at(&stale, end + 100).unwrap();
         }
-        let (log, mut sink) = open(dir.path(), LogCache::default()).unwrap();
+        let (log, sink) = open(dir.path(), LogCache::default()).unwrap();
         assert_eq!(log.last_index().unwrap(), 2);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), end, "truncated");
         // New records of any length can never line up with the stale one.
-        sink.write(&LogRecord::Entries(vec![ent(3, 1, &[1; 68])]))
-            .unwrap();
-        sink.sync().unwrap();
-        drop(sink);
-        let (log, _) = open(dir.path(), LogCache::default()).unwrap();
+        let (log, _) = append_and_reopen(
+            dir.path(),
+            sink,
+            LogRecord::Entries(vec![ent(3, 1, &[1; 68])]),
+        );
         assert_eq!(log.last_index().unwrap(), 3);
         assert_eq!(log.term(3).unwrap(), 1);
     }

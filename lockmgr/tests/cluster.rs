@@ -718,5 +718,10 @@ async fn bench_scenarios_run_against_a_cluster() {
         "{pairs} pairs, {handoffs} hand-offs"
     );
     // Measured on the WAL's own directory (may be ~0 on tmpfs).
-    tandem_lockmgr::bench::fsync_p50_us(&cluster.state(1), 5).unwrap();
+    for how in [
+        tandem_lockmgr::bench::SyncedWrite::Append,
+        tandem_lockmgr::bench::SyncedWrite::Preallocated,
+    ] {
+        tandem_lockmgr::bench::fsync_p50_us(&cluster.state(1), 5, how).unwrap();
+    }
 }

@@ -29,7 +29,8 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
@@ -45,11 +46,6 @@ pub const ATTR_TTL: Duration = Duration::from_secs(3600);
 
 /// `FUSE_NOTIFY_INC_EPOCH` (include/uapi/linux/fuse.h, protocol 7.44).
 const FUSE_NOTIFY_INC_EPOCH: i32 = 8;
-
-/// Whether the kernel takes `FUSE_NOTIFY_INC_EPOCH` (probed at the first lookup).
-const EPOCH_UNKNOWN: u8 = 0;
-const EPOCH_YES: u8 = 1;
-const EPOCH_NO: u8 = 2;
 
 #[derive(Default)]
 struct Epoch {
@@ -86,12 +82,15 @@ pub trait Invalidate: Send + Sync {
 pub struct FuseInvalidate {
     notifier: fuser::Notifier,
     /// A duplicate of the session's `/dev/fuse` descriptor.
-    dev: OwnedFd,
+    dev: std::fs::File,
 }
 
 impl FuseInvalidate {
     pub fn new(notifier: fuser::Notifier, dev: OwnedFd) -> Self {
-        Self { notifier, dev }
+        Self {
+            notifier,
+            dev: dev.into(),
+        }
     }
 }
 
@@ -110,7 +109,7 @@ impl Invalidate for FuseInvalidate {
         let mut msg = [0u8; 16];
         msg[0..4].copy_from_slice(&16u32.to_ne_bytes());
         msg[4..8].copy_from_slice(&FUSE_NOTIFY_INC_EPOCH.to_ne_bytes());
-        let n = (&std::fs::File::from(self.dev.try_clone()?)).write(&msg)?;
+        let n = (&self.dev).write(&msg)?;
         if n != msg.len() {
             return Err(std::io::Error::other(
                 "short write of FUSE_NOTIFY_INC_EPOCH",
@@ -125,8 +124,8 @@ pub struct KernelCache {
     epoch: RwLock<Epoch>,
     tracked: Mutex<Tracked>,
     notifier: Mutex<Option<Box<dyn Invalidate>>>,
-    /// `EPOCH_*`: may names be cached at all.
-    names_supported: AtomicU8,
+    /// Whether the kernel takes `FUSE_NOTIFY_INC_EPOCH`: may names be cached at all.
+    names_supported: OnceLock<bool>,
     /// A name was handed out with a lifetime since the last `forget_names`.
     names_granted: AtomicBool,
 }
@@ -175,30 +174,15 @@ impl KernelCache {
     /// is being answered, so the connection is initialised). The probe itself only
     /// invalidates names, which is always harmless.
     fn names_supported(&self) -> bool {
-        match self.names_supported.load(Ordering::Acquire) {
-            EPOCH_YES => true,
-            EPOCH_NO => false,
-            _ => {
-                let Some(n) = self.notifier.lock().as_ref().map(|n| n.forget_names()) else {
-                    return false;
-                };
-                let ok = match n {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::info!(error = %e, "kernel lacks FUSE_NOTIFY_INC_EPOCH (Linux 6.16+): names are not cached on this cluster mount");
-                        false
-                    }
-                };
-                let v = if ok { EPOCH_YES } else { EPOCH_NO };
-                let _ = self.names_supported.compare_exchange(
-                    EPOCH_UNKNOWN,
-                    v,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
-                self.names_supported.load(Ordering::Acquire) == EPOCH_YES
-            }
-        }
+        *self.names_supported.get_or_init(|| {
+            // Called only under a grant, which needs the notifier: it is set.
+            let Some(probe) = self.notifier.lock().as_ref().map(|n| n.forget_names()) else {
+                return false;
+            };
+            probe
+                .inspect_err(|e| tracing::info!(error = %e, "kernel lacks FUSE_NOTIFY_INC_EPOCH (Linux 6.16+): names are not cached on this cluster mount"))
+                .is_ok()
+        })
     }
 
     /// The attribute lifetime for a reply about `ino` computed since `t`.

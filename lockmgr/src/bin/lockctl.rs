@@ -328,7 +328,10 @@ async fn run(args: Args) -> Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!("disk fdatasync p50:               {} us", r.fsync_p50_us);
+                println!(
+                    "disk fdatasync p50:               {} us (preallocated, as the Raft log), {} us appending",
+                    r.fsync_p50_us, r.fsync_append_p50_us
+                );
                 println!(
                     "single client lock+unlock:        p50 {} us, p99 {} us",
                     r.single_p50_us, r.single_p99_us

@@ -143,33 +143,30 @@ impl DirectOut {
         if st.fd.is_none() && !lim.queue_unconnected {
             return Push::Gone;
         }
-        st.closing = closing;
-        if let (Some(fd), true) = (st.fd, st.pending.is_empty()) {
+        let done = match (st.fd, st.pending.is_empty()) {
             // A write error is left to the task, which sees it on its own next write.
-            let done = write_now(fd, bytes).unwrap_or(0);
-            if done == bytes.len() {
-                drop(st);
-                if closing {
-                    self.wake.notify_one();
+            (Some(fd), true) => write_now(fd, bytes).unwrap_or(0),
+            _ => {
+                let too_many = st.ends.len() >= lim.max_frames;
+                let too_big = st.pending.len() + bytes.len() > lim.max_bytes;
+                if !st.pending.is_empty() && (too_many || too_big) {
+                    return Push::Full;
                 }
-                return Push::Taken;
+                0
             }
+        };
+        st.closing = closing;
+        let queued = done < bytes.len();
+        if queued {
             st.pending.extend_from_slice(&bytes[done..]);
-            let end = st.drained + st.pending.len() as u64;
-            st.ends.push_back(end);
-        } else {
-            let too_many = st.ends.len() >= lim.max_frames;
-            let too_big = st.pending.len() + bytes.len() > lim.max_bytes;
-            if !st.pending.is_empty() && (too_many || too_big) {
-                st.closing = false;
-                return Push::Full;
-            }
-            st.pending.extend_from_slice(bytes);
             let end = st.drained + st.pending.len() as u64;
             st.ends.push_back(end);
         }
         drop(st);
-        self.wake.notify_one();
+        // The task writes what waits, and stops after a closing frame.
+        if queued || closing {
+            self.wake.notify_one();
+        }
         Push::Taken
     }
 

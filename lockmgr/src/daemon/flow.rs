@@ -20,8 +20,7 @@ use tokio::sync::Notify;
 /// other clients' requests. Releases (unlock, cancel) get twice the room, so a client
 /// whose waiting requests fill its share can still let go of what others wait for.
 pub const MAX_UNANSWERED: usize = 256;
-/// Replies (answers plus blocking callbacks) that may wait for one connection's socket
-/// (counted since the queue was last empty).
+/// Replies (answers plus blocking callbacks) that may wait for one connection's socket.
 pub const REPLY_QUEUE: usize = 8192;
 
 /// The core thread's handle on a connection's replies: it writes them into the socket

@@ -48,8 +48,13 @@ fn main() -> anyhow::Result<()> {
         args.nodes
     );
     println!(
-        "{:<24} {:>12} {:>12} {:>12} {:>16} {:>14}",
-        "client on", "fsync p50", "pair p50", "pair p99", "pairs/s (N cl.)", "hand-offs/s"
+        "{:<24} {:>21} {:>12} {:>12} {:>16} {:>14}",
+        "client on",
+        "fsync p50 wal/append",
+        "pair p50",
+        "pair p99",
+        "pairs/s (N cl.)",
+        "hand-offs/s"
     );
     for (what, node) in [("leader", on_leader), ("follower", follower)] {
         let out = c.lockctl(
@@ -72,9 +77,10 @@ fn main() -> anyhow::Result<()> {
         }
         let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         println!(
-            "{:<24} {:>9} us {:>9} us {:>9} us {:>10.0} ({:>2}) {:>14.0}",
+            "{:<24} {:>7} / {:>6} us {:>9} us {:>9} us {:>10.0} ({:>2}) {:>14.0}",
             format!("{what} (n{})", node + 1),
             r["fsync_p50_us"],
+            r["fsync_append_p50_us"],
             r["single_p50_us"],
             r["single_p99_us"],
             r["parallel_pairs_per_s"].as_f64().unwrap_or(0.0),
