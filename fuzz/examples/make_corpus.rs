@@ -31,7 +31,7 @@ fn main() {
             bitmap_uuid_for_you: 0,
             discard_my_data: false,
             changes_bytes: 0,
-            primary_since_ms: 0,
+            primary_at_loss: false,
             crashed_extents: None,
             dirty_runs: None,
         }),
@@ -111,6 +111,7 @@ fn main() {
         peers: vec![PeerSlot {
             node_id: NodeId(2),
             bitmap_uuid: 0,
+            primary_at_loss: false,
         }],
         md_offset: 1 << 20,
         al_offset: 8192,

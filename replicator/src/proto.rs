@@ -4,6 +4,8 @@
 //!
 //! Version history:
 //! - 1: initial protocol (state exchange, protocol A/B/C writes, flush, full resync).
+//! - 2: `PeerState.primary_at_loss` replaces `primary_since_ms` (split-brain recovery
+//!   by discard-younger/older-primary).
 
 use serde::{Deserialize, Serialize};
 use tandem_common::config::Protocol;
@@ -11,7 +13,7 @@ use tandem_common::config::Protocol;
 use crate::state::{DiskState, Role};
 
 pub const SERVICE: &str = "replication";
-pub const PROTO_VERSION: u16 = 1;
+pub const PROTO_VERSION: u16 = 2;
 /// Largest data payload in one message; NBD requests above this are split.
 pub const MAX_DATA_BYTES: usize = 32 << 20;
 /// Frame limit: data plus generous room for the header fields.
@@ -57,8 +59,9 @@ pub struct PeerState {
     pub discard_my_data: bool,
     /// Bytes the sender changed that the receiver lacks (its bitmap for the receiver).
     pub changes_bytes: u64,
-    /// When the sender last became Primary, ms since the epoch (0 = not / unknown).
-    pub primary_since_ms: u64,
+    /// The sender was Primary the last time it was connected to the receiver (before
+    /// this connection): which side was the Primary before a split brain.
+    pub primary_at_loss: bool,
     /// A crashed Primary's activity log: the 4 MiB extents that may differ (None = unknown).
     pub crashed_extents: Option<Vec<u64>>,
     /// The sender's bitmap for the receiver as byte runs (blocks the sender changed that
@@ -224,7 +227,7 @@ mod tests {
             bitmap_uuid_for_you: 0,
             discard_my_data: false,
             changes_bytes: 0,
-            primary_since_ms: 0,
+            primary_at_loss: false,
             crashed_extents: Some(vec![1, 5]),
             dirty_runs: Some(vec![(0, 4096)]),
         }));

@@ -326,18 +326,19 @@ fn split(c: &mut Cluster, n1_blocks: u64, n2_blocks: u64) {
 }
 
 fn assert_has_n1_writes(c: &Cluster, count: u64) {
+    assert_has_writes(c, 21, count, "n1's write missing on n2");
+}
+
+/// Every node serves the `count` blocks `scatter(.., seed)` wrote (read through n2).
+fn assert_has_writes(c: &Cluster, seed: u64, count: u64, what: &str) {
     let mut client = NbdClient::connect_unix(&c.nbd_socket(1, "www"), "www").unwrap();
     for i in 0..count {
-        let block = (i * 97 + 21 * 13) % (VOLUME_BYTES / BLOCK_BYTES as u64);
+        let block = (i * 97 + seed * 13) % (VOLUME_BYTES / BLOCK_BYTES as u64);
         let mut buf = vec![0u8; BLOCK_BYTES];
         client
             .read_at(&mut buf, block * BLOCK_BYTES as u64)
             .unwrap();
-        assert_eq!(
-            buf,
-            block_data(block, 21000 + i),
-            "n1's write missing on n2"
-        );
+        assert_eq!(buf, block_data(block, seed * 1000 + i), "{what}");
     }
 }
 
@@ -387,6 +388,54 @@ fn after_sb_policies_resolve_split_brain_automatically_and_call_the_handler() {
     assert_identical(&c);
     assert_has_n1_writes(&c, 6);
     assert!(c.log(0, "replicatord").contains("discard-least-changes"));
+}
+
+/// n1 is the only Primary; the link goes; n2 is promoted during the split and changes
+/// more than n1; both are demoted and the link heals. Returns the healed cluster.
+fn split_with_younger_primary_on_n2(policy: &str) -> Cluster {
+    let spec = tandem_tests::ResourceSpec {
+        extra: format!("after-sb-0pri = \"{policy}\"\n"),
+        ..Default::default()
+    };
+    let mut c = Cluster::builder().nodes(2).resource(spec).start().unwrap();
+    c.bring_up_fresh("www").unwrap();
+    c.net.cut(1).unwrap();
+    wait_state(&c, 0, "Connecting");
+    wait_state(&c, 1, "Connecting");
+    scatter(&c, 0, 2, 21);
+    c.adm(1, &["primary", "www"]).unwrap();
+    scatter(&c, 1, 6, 22);
+    c.adm(0, &["secondary", "www"]).unwrap();
+    c.adm(1, &["secondary", "www"]).unwrap();
+    c.net.heal(1).unwrap();
+    c.wait_sync_all("www", 90).unwrap();
+    assert_identical(&c);
+    c
+}
+
+#[test]
+fn discard_younger_and_older_primary_tell_apart_who_was_primary_before_the_split() {
+    // discard-least-changes would keep n2 (6 blocks against 2): the policy must win.
+    let c = split_with_younger_primary_on_n2("discard-younger-primary");
+    assert_has_writes(&c, 21, 2, "the older Primary's (n1's) write was discarded");
+    let log = c.log(0, "replicatord") + &c.log(1, "replicatord");
+    assert!(log.contains("rule=discard-younger-primary"), "{log}");
+    assert!(!log.contains("undecided"), "{log}");
+    assert!(c
+        .log(1, "replicatord")
+        .contains("our changes are discarded"));
+    drop(c);
+
+    let c = split_with_younger_primary_on_n2("discard-older-primary");
+    assert_has_writes(
+        &c,
+        22,
+        6,
+        "the younger Primary's (n2's) write was discarded",
+    );
+    assert!(c
+        .log(0, "replicatord")
+        .contains("our changes are discarded"));
 }
 
 #[test]

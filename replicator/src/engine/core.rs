@@ -97,7 +97,7 @@ pub fn plan_connect(me: &Local, st: &PeerState, peer: NodeId) -> (Plan, &'static
             primary: st.role == crate::state::Role::Primary,
             changes_bytes: st.changes_bytes,
             node_id: peer.0,
-            primary_since_ms: st.primary_since_ms,
+            primary_at_loss: st.primary_at_loss,
         };
         let (resolved, policy_rule) = resolve_split_brain(me.policy, &me.split_brain, &theirs);
         match resolved {
@@ -244,6 +244,13 @@ pub fn track_missing(sb: &mut Superblock, missing: &[NodeId]) -> bool {
         }
     }
     changed
+}
+
+/// Records our role in the slots of `peers` (see `PeerSlot::primary_at_loss`).
+pub fn set_primary_at_loss(sb: &mut Superblock, peers: &[NodeId], primary: bool) {
+    for p in sb.peers.iter_mut().filter(|p| peers.contains(&p.node_id)) {
+        p.primary_at_loss = primary;
+    }
 }
 
 /// Whether some of `missing` still need a bitmap generation.

@@ -228,8 +228,8 @@ pub struct SbSide {
     /// Bytes this side changed since the split (its bitmap for the other side).
     pub changes_bytes: u64,
     pub node_id: u8,
-    /// When this side last became Primary (ms since the epoch; 0 = unknown).
-    pub primary_since_ms: u64,
+    /// This side was Primary when the two last were connected (before the split).
+    pub primary_at_loss: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -254,6 +254,19 @@ pub fn resolve_split_brain(
             Decision::SyncTarget
         }
     };
+    let least_changes = |me: &SbSide, peer: &SbSide| -> (Decision, &'static str) {
+        if me.changes_bytes == peer.changes_bytes {
+            (
+                keep_me(me.node_id < peer.node_id),
+                "discard-least-changes(tie:node-id)",
+            )
+        } else {
+            (
+                keep_me(me.changes_bytes > peer.changes_bytes),
+                "discard-least-changes",
+            )
+        }
+    };
     let zero = |me: &SbSide, peer: &SbSide| -> (Decision, &'static str) {
         match policy.zero {
             AfterSb0Pri::Disconnect => (Decision::SplitBrain, "after-sb-0pri=disconnect"),
@@ -266,31 +279,23 @@ pub fn resolve_split_brain(
                 (_, 0) => (Decision::SyncSource, "discard-zero-changes"),
                 _ => (Decision::SplitBrain, "discard-zero-changes(both-changed)"),
             },
-            AfterSb0Pri::DiscardLeastChanges => {
-                if me.changes_bytes == peer.changes_bytes {
-                    (
-                        keep_me(me.node_id < peer.node_id),
-                        "discard-least-changes(tie:node-id)",
-                    )
-                } else {
-                    (
-                        keep_me(me.changes_bytes > peer.changes_bytes),
-                        "discard-least-changes",
-                    )
-                }
-            }
+            AfterSb0Pri::DiscardLeastChanges => least_changes(me, peer),
             AfterSb0Pri::DiscardYoungerPrimary | AfterSb0Pri::DiscardOlderPrimary => {
-                if me.primary_since_ms == 0
-                    || peer.primary_since_ms == 0
-                    || me.primary_since_ms == peer.primary_since_ms
-                {
-                    return (Decision::SplitBrain, "primary-age-unknown");
+                // DRBD: the side that was Primary before the split is the older Primary;
+                // if that does not tell them apart, fall back to discard-least-changes.
+                if me.primary_at_loss == peer.primary_at_loss {
+                    let (d, _) = least_changes(me, peer);
+                    let rule = if policy.zero == AfterSb0Pri::DiscardYoungerPrimary {
+                        "discard-younger-primary(undecided:least-changes)"
+                    } else {
+                        "discard-older-primary(undecided:least-changes)"
+                    };
+                    return (d, rule);
                 }
-                let me_older = me.primary_since_ms < peer.primary_since_ms;
                 if policy.zero == AfterSb0Pri::DiscardYoungerPrimary {
-                    (keep_me(me_older), "discard-younger-primary")
+                    (keep_me(me.primary_at_loss), "discard-younger-primary")
                 } else {
-                    (keep_me(!me_older), "discard-older-primary")
+                    (keep_me(!me.primary_at_loss), "discard-older-primary")
                 }
             }
         }
@@ -341,20 +346,22 @@ mod sb_tests {
             primary: p,
             changes_bytes: c,
             node_id: n,
-            primary_since_ms: t,
+            primary_at_loss: t,
         };
         for zero in zeros {
             for one in ones {
                 let policy = SbPolicy { zero, one };
                 for a in [
-                    sides(false, 0, 1, 0),
-                    sides(true, 4096, 1, 10),
-                    sides(false, 8192, 1, 5),
+                    sides(false, 0, 1, false),
+                    sides(true, 4096, 1, true),
+                    sides(false, 8192, 1, true),
+                    sides(false, 4096, 1, false),
                 ] {
                     for b in [
-                        sides(false, 0, 2, 0),
-                        sides(true, 4096, 2, 20),
-                        sides(false, 12288, 2, 7),
+                        sides(false, 0, 2, false),
+                        sides(true, 4096, 2, true),
+                        sides(false, 12288, 2, false),
+                        sides(false, 4096, 2, true),
                     ] {
                         let (x, _) = resolve_split_brain(policy, &a, &b);
                         let (y, _) = resolve_split_brain(policy, &b, &a);
@@ -372,16 +379,67 @@ mod sb_tests {
             one: AfterSb1Pri::DiscardSecondary,
         };
         assert_eq!(
-            resolve_split_brain(p, &sides(false, 4096, 1, 0), &sides(false, 8192, 2, 0)).0,
+            resolve_split_brain(
+                p,
+                &sides(false, 4096, 1, false),
+                &sides(false, 8192, 2, false)
+            )
+            .0,
             Decision::SyncTarget
         );
         assert_eq!(
-            resolve_split_brain(p, &sides(true, 4096, 1, 0), &sides(false, 8192, 2, 0)).0,
+            resolve_split_brain(
+                p,
+                &sides(true, 4096, 1, false),
+                &sides(false, 8192, 2, false)
+            )
+            .0,
             Decision::SyncSource
         );
         assert_eq!(
-            resolve_split_brain(p, &sides(true, 1, 1, 0), &sides(true, 1, 2, 0)).0,
+            resolve_split_brain(p, &sides(true, 1, 1, false), &sides(true, 1, 2, false)).0,
             Decision::SplitBrain
         );
+    }
+
+    #[test]
+    fn younger_and_older_primary_compare_who_was_primary_before_the_split() {
+        let side = |changes_bytes, node_id, primary_at_loss| SbSide {
+            primary: false,
+            changes_bytes,
+            node_id,
+            primary_at_loss,
+        };
+        let policy = |zero| SbPolicy {
+            zero,
+            one: AfterSb1Pri::Disconnect,
+        };
+        // n1 was Primary before the split and changed less; n2 was promoted during it.
+        let (old, young) = (side(4096, 1, true), side(8192, 2, false));
+        let younger = policy(AfterSb0Pri::DiscardYoungerPrimary);
+        let older = policy(AfterSb0Pri::DiscardOlderPrimary);
+        assert_eq!(
+            resolve_split_brain(younger, &old, &young),
+            (Decision::SyncSource, "discard-younger-primary")
+        );
+        assert_eq!(
+            resolve_split_brain(younger, &young, &old),
+            (Decision::SyncTarget, "discard-younger-primary")
+        );
+        assert_eq!(
+            resolve_split_brain(older, &old, &young),
+            (Decision::SyncTarget, "discard-older-primary")
+        );
+        // Neither (or both) was Primary before: discard-least-changes decides.
+        let (a, b) = (side(4096, 1, false), side(8192, 2, false));
+        assert_eq!(
+            resolve_split_brain(younger, &a, &b),
+            (
+                Decision::SyncTarget,
+                "discard-younger-primary(undecided:least-changes)"
+            )
+        );
+        let (a, b) = (side(4096, 1, true), side(8192, 2, true));
+        assert_eq!(resolve_split_brain(older, &a, &b).0, Decision::SyncTarget);
     }
 }

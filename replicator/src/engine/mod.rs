@@ -43,6 +43,7 @@ use crate::meta::format::{Superblock, FLAG_CRASHED_PRIMARY, FLAG_LOST_QUORUM, FL
 use crate::meta::{self, MetaStore};
 use crate::proto::{PeerMsg, PeerState};
 use crate::state::{ConnState, DiskState, ReplState, Role};
+use core::set_primary_at_loss;
 use decide::Generation;
 use ranges::RangeLocks;
 
@@ -291,8 +292,6 @@ pub struct Resource {
     pub wake: tokio::sync::Notify,
     /// Wakes writers suspended for quorum (on every connection change).
     quorum_changed: tokio::sync::Notify,
-    /// When this node last became Primary (ms since the epoch), for after-sb policies.
-    primary_since_ms: AtomicU64,
     down: AtomicBool,
     pub stats: Stats,
 }
@@ -450,7 +449,6 @@ impl Resource {
             events,
             wake: tokio::sync::Notify::new(),
             quorum_changed: tokio::sync::Notify::new(),
-            primary_since_ms: AtomicU64::new(0),
             down: AtomicBool::new(false),
             stats: Stats::default(),
         });
@@ -519,7 +517,7 @@ impl Resource {
             bitmap_uuid_for_you: g.bitmap,
             discard_my_data: self.peer_view(peer).is_some_and(|p| p.discard_my_data),
             changes_bytes: self.bitmap_dirty_bytes(peer),
-            primary_since_ms: self.primary_since_ms.load(Ordering::Relaxed),
+            primary_at_loss: self.primary_at_loss(peer),
             crashed_extents: self.crashed_extents.lock().clone(),
             dirty_runs: self
                 .bitmaps
@@ -578,6 +576,38 @@ impl Resource {
             conn.send(&PeerMsg::State(self.local_state(conn.peer)))
                 .await;
         }
+    }
+
+    /// Peers we are connected to past the handshake: their slot's `primary_at_loss`
+    /// follows our role (a link still in its handshake keeps the value from its loss,
+    /// which the split-brain decision is about to read).
+    fn live_peers(&self) -> Vec<NodeId> {
+        self.inner
+            .lock()
+            .peers
+            .iter()
+            .filter(|(_, p)| p.conn.is_some() && p.repl != ReplState::Off)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Whether we were Primary the last time we were connected to `peer`.
+    pub fn primary_at_loss(&self, peer: NodeId) -> bool {
+        self.sb_cache
+            .lock()
+            .peers
+            .iter()
+            .any(|p| p.node_id == peer && p.primary_at_loss)
+    }
+
+    /// A handshake with `peer` succeeded: from now on its slot follows our role.
+    pub(super) async fn track_role_for(&self, peer: NodeId) -> Result<(), EngineError> {
+        let primary = self.role() == Role::Primary;
+        if self.primary_at_loss(peer) != primary {
+            self.persist(|sb| set_primary_at_loss(sb, &[peer], primary))
+                .await?;
+        }
+        Ok(())
     }
 
     pub fn connections(&self) -> Vec<Arc<Conn>> {
@@ -691,12 +721,13 @@ impl Resource {
             .await?;
             self.set_disk(DiskState::UpToDate);
         }
-        self.persist(|sb| sb.flags |= FLAG_WAS_PRIMARY).await?;
+        let live = self.live_peers();
+        self.persist(|sb| {
+            sb.flags |= FLAG_WAS_PRIMARY;
+            set_primary_at_loss(sb, &live, true);
+        })
+        .await?;
         self.inner.lock().role = Role::Primary;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        self.primary_since_ms.store(now_ms, Ordering::Relaxed);
         self.emit("change", "resource", "role:Primary");
         self.broadcast_state().await;
         self.reevaluate_all().await;
@@ -710,8 +741,12 @@ impl Resource {
             return Ok(());
         }
         self.inner.lock().role = Role::Secondary;
-        self.primary_since_ms.store(0, Ordering::Relaxed);
-        self.persist(|sb| sb.flags &= !FLAG_WAS_PRIMARY).await?;
+        let live = self.live_peers();
+        self.persist(|sb| {
+            sb.flags &= !FLAG_WAS_PRIMARY;
+            set_primary_at_loss(sb, &live, false);
+        })
+        .await?;
         // Every write completed: nothing is hot any more.
         self.al_clear().await?;
         self.emit("change", "resource", "role:Secondary");

@@ -21,7 +21,8 @@ use tandem_common::NodeId;
 use super::bitmap::{DirtyBitmap, BLOCK_BYTES};
 use super::core::{
     assign_bitmap_generation, finish_as_source, finish_as_target, needs_bitmap_generation,
-    plan_connect, receive_uuids, resync_work, target_keeps_lineage, track_missing, Local, Plan,
+    plan_connect, receive_uuids, resync_work, set_primary_at_loss, target_keeps_lineage,
+    track_missing, Local, Plan,
 };
 use super::decide::{Generation, SbPolicy, SbSide};
 use crate::meta::format::{PeerSlot, Superblock, FLAG_CRASHED_PRIMARY};
@@ -74,6 +75,7 @@ impl Node {
             .map(|j| PeerSlot {
                 node_id: NodeId(j as u8 + 1),
                 bitmap_uuid: 0,
+                primary_at_loss: false,
             })
             .collect();
         Self {
@@ -104,6 +106,13 @@ impl Node {
             discard_next: false,
             conn_changed: false,
         }
+    }
+
+    fn primary_at_loss(&self, peer: NodeId) -> bool {
+        self.sb
+            .peers
+            .iter()
+            .any(|p| p.node_id == peer && p.primary_at_loss)
     }
 
     fn generation_for(&self, peer: NodeId) -> Generation {
@@ -141,7 +150,7 @@ impl Node {
             bitmap_uuid_for_you: self.generation_for(peer).bitmap,
             discard_my_data: self.discard_next,
             changes_bytes: self.bitmaps[&peer].dirty_bytes(),
-            primary_since_ms: 0,
+            primary_at_loss: self.primary_at_loss(peer),
             // The whole simulated volume is one activity-log extent.
             crashed_extents: crashed.then(|| vec![0]),
             dirty_runs: super::core::dirty_runs(&self.bitmaps[&peer]),
@@ -164,7 +173,9 @@ impl Sim {
             AfterSb0Pri::Disconnect,
             AfterSb0Pri::DiscardZeroChanges,
             AfterSb0Pri::DiscardLeastChanges,
-        ][rng.gen_range(0..3)];
+            AfterSb0Pri::DiscardYoungerPrimary,
+            AfterSb0Pri::DiscardOlderPrimary,
+        ][rng.gen_range(0..5)];
         let one = [
             AfterSb1Pri::Disconnect,
             AfterSb1Pri::Consensus,
@@ -219,6 +230,24 @@ impl Sim {
             self.nodes[a].conn_changed = true;
             self.nodes[b].conn_changed = true;
         }
+        if connected {
+            // While connected, each side's slot for the other follows its role.
+            for (x, y) in [(a, b), (b, a)] {
+                let (primary, peer) = (self.nodes[x].primary, self.nodes[y].id);
+                set_primary_at_loss(&mut self.nodes[x].sb, &[peer], primary);
+            }
+        }
+    }
+
+    /// Promotes or demotes `n`, as `Resource::promote`/`demote` do: the slots of the
+    /// peers it is connected to follow.
+    fn set_role(&mut self, n: usize, primary: bool) {
+        self.nodes[n].primary = primary;
+        let live: Vec<NodeId> = (0..self.nodes.len())
+            .filter(|&j| j != n && self.link(n, j).connected)
+            .map(|j| self.nodes[j].id)
+            .collect();
+        set_primary_at_loss(&mut self.nodes[n].sb, &live, primary);
     }
 
     fn write(&mut self, w: usize, crash_midway: bool) {
@@ -336,7 +365,7 @@ impl Sim {
                         primary: m.primary,
                         changes_bytes: m.bitmaps[&o.id].dirty_bytes(),
                         node_id: m.id.0,
-                        primary_since_ms: 0,
+                        primary_at_loss: m.primary_at_loss(o.id),
                     },
                     policy: sim.policy,
                     own_crashed_extents: (m.sb.flags & FLAG_CRASHED_PRIMARY != 0).then(|| vec![0]),
@@ -526,9 +555,9 @@ impl Sim {
                     && self.nodes[who].sb.disk_state == DiskState::UpToDate
                     && self.nodes.iter().filter(|m| m.primary).count() < 2 =>
             {
-                self.nodes[who].primary = true;
+                self.set_role(who, true);
             }
-            90..=93 if !(self.single_writer && who == 0) => self.nodes[who].primary = false,
+            90..=93 if !(self.single_writer && who == 0) => self.set_role(who, false),
             94..=99 => self.recover_one_split_brain(),
             _ => {}
         }
@@ -548,7 +577,7 @@ impl Sim {
         if self.single_writer && victim == 0 {
             return;
         }
-        self.nodes[victim].primary = false;
+        self.set_role(victim, false);
         self.nodes[victim].discard_next = true;
         self.links.get_mut(&(a, b)).expect("link").standalone = false;
     }

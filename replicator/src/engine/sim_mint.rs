@@ -36,6 +36,7 @@ fn superblock(me: u8) -> Superblock {
             .map(|p| PeerSlot {
                 node_id: NodeId(p),
                 bitmap_uuid: 0,
+                primary_at_loss: false,
             })
             .collect(),
         md_offset: 1 << 20,

@@ -120,12 +120,18 @@ impl Resource {
                 primary: self.role() == Role::Primary,
                 changes_bytes: self.bitmap_dirty_bytes(conn.peer),
                 node_id: self.settings.node_id.0,
-                primary_since_ms: self.primary_since_ms.load(Ordering::Relaxed),
+                primary_at_loss: self.primary_at_loss(conn.peer),
             },
             policy: self.settings.sb_policy,
             own_crashed_extents: self.crashed_extents.lock().clone(),
         };
         let (plan, rule, split_brain) = plan_connect(&local, st, conn.peer);
+        if !matches!(plan, Plan::Refuse { .. }) {
+            // Connected past the split-brain check: the slot follows our role again.
+            self.track_role_for(conn.peer)
+                .await
+                .map_err(|e| SessionEnd::retry(e.to_string()))?;
+        }
         let (me, peer) = (local.generation, peer_generation(st));
         tracing::info!(resource = %self.name(), peer = %name, ?plan, %rule,
             local = format_args!("{:016X}:{:016X}", me.current, me.history[0]),

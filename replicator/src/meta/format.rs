@@ -24,6 +24,11 @@ pub struct PeerSlot {
     pub node_id: NodeId,
     /// Generation the bitmap for this peer counts from (0 while connected / unused).
     pub bitmap_uuid: u64,
+    /// We were Primary the last time we were connected to this peer: kept current while
+    /// connected, frozen when the link goes. Split-brain recovery by
+    /// `discard-younger/older-primary` compares it (DRBD keeps it in the bitmap UUID's
+    /// low bit). Byte 1 of the slot, bit 0; older builds left the byte zero.
+    pub primary_at_loss: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,6 +108,7 @@ impl Superblock {
         for (i, p) in self.peers.iter().enumerate() {
             let at = PEERS_AT + i * PEER_BYTES;
             b[at] = p.node_id.0;
+            b[at + 1] = u8::from(p.primary_at_loss);
             put_u64(&mut b, at + 8, p.bitmap_uuid);
         }
         let tail = PEERS_AT + MAX_PEERS * PEER_BYTES;
@@ -153,6 +159,7 @@ impl Superblock {
                 PeerSlot {
                     node_id: NodeId(b[at]),
                     bitmap_uuid: get_u64(b, at + 8),
+                    primary_at_loss: b[at + 1] & 1 != 0,
                 }
             })
             .collect();
@@ -211,6 +218,7 @@ mod tests {
             peers: vec![PeerSlot {
                 node_id: NodeId(1),
                 bitmap_uuid: 0,
+                primary_at_loss: true,
             }],
             md_offset: 1 << 20,
             al_offset: 8192,

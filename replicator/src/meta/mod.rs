@@ -421,6 +421,7 @@ pub fn create(
             .map(|&node_id| PeerSlot {
                 node_id,
                 bitmap_uuid: 0,
+                primary_at_loss: false,
             })
             .collect(),
         md_offset,
