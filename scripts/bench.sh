@@ -12,7 +12,8 @@ if [ "$what" = web ] || [ "$what" = scale ]; then ./scripts/install-deps.sh ngin
 cargo build --release --workspace --bins
 export TANDEM_BIN_DIR="$PWD/target/release" TMPDIR=/var/tmp RUST_LOG=warn
 case "$what" in
-  replicator) exec ./target/release/tandem-bench "$@" ;;
+  # The SyncSource logs its own resync rate at info level; the bench reads it.
+  replicator) RUST_LOG="warn,tandem_replicator::engine::sync=info" exec ./target/release/tandem-bench "$@" ;;
   fs) exec ./target/release/tandem-fsbench "$@" ;;
   lock) exec ./target/release/tandem-lockbench "$@" ;;
   web) exec ./scripts/bench-web.sh "$@" ;;

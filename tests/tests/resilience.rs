@@ -99,8 +99,23 @@ fn killed_secondary_restarts_and_gets_only_what_it_missed() {
     c.kill9(1);
     wait_state(&c, 0, "Connecting");
     scatter(&c, 0, 7, 4);
+    // Long enough for n1's dialer to back off to its 3 s maximum.
+    std::thread::sleep(Duration::from_secs(5));
     c.start_replicator(1).unwrap();
     c.adm(1, &["up", "www"]).unwrap();
+    // n2 knocks: n1 dials at once instead of at the end of its backoff.
+    let up = std::time::Instant::now();
+    c.wait_for(Duration::from_secs(10), || {
+        Ok(conn_state(&c, 0) == "Connected")
+    })
+    .unwrap();
+    assert!(
+        up.elapsed() < Duration::from_millis(2000),
+        "reconnect took {:?}",
+        up.elapsed()
+    );
+    let log = c.log(0, "replicatord");
+    assert!(log.contains("knocked"), "{log}");
     c.adm(1, &["wait-sync", "www", "--timeout-s", "60"])
         .unwrap();
     c.adm(0, &["wait-sync", "www", "--timeout-s", "60"])

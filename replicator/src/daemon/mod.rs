@@ -80,6 +80,7 @@ impl Daemon {
                     nbd_socket: None,
                 },
             );
+            self.knock_lower_peers(name);
             return Ok(format!(
                 "{name}: up as a diskless tiebreaker (votes for quorum, no data, no NBD export)"
             ));
@@ -100,7 +101,24 @@ impl Daemon {
                 nbd_socket: Some(socket.clone()),
             },
         );
+        self.knock_lower_peers(name);
         Ok(format!("{name}: up, NBD export at {}", socket.display()))
+    }
+
+    /// Once `name` accepts connections here, asks its lower-id peers to dial us now.
+    fn knock_lower_peers(&self, name: &str) {
+        let Some(res) = self.resource(name) else {
+            return;
+        };
+        let my_id = res.settings.node_id;
+        for (peer, peer_name) in res.settings.peers.clone() {
+            if peer < my_id {
+                if let Ok(node) = self.config.node(&peer_name) {
+                    let addr = node.replication_addr();
+                    tokio::spawn(peer::knock(res.clone(), peer, addr));
+                }
+            }
+        }
     }
 
     /// Detaches a resource cleanly (demotes if Primary, syncs the disk).
@@ -180,8 +198,12 @@ async fn accept_loop(daemon: Arc<Daemon>, listener: TcpListener) {
         };
         let daemon = daemon.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle_incoming(daemon, stream).await {
-                tracing::warn!(%addr, reason = %e, "refused peer connection");
+            match handle_incoming(daemon, stream).await {
+                Err(auth::AuthError::Refused(r)) if r == peer::KNOCK_REPLY => {
+                    tracing::info!(%addr, "a higher-id peer knocked: dialing it now");
+                }
+                Err(e) => tracing::warn!(%addr, reason = %e, "refused peer connection"),
+                Ok(()) => {}
             }
         });
     }

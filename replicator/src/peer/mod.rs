@@ -21,6 +21,8 @@ use crate::proto::{PROTO_VERSION, SERVICE};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
+/// The refusal a lower-id node sends a higher-id one: "I dial you" (see `knock`).
+pub const KNOCK_REPLY: &str = "the node with the lower id dials; dialing you now";
 
 /// Keeps a connection to `peer` up while the resource is up and not StandAlone.
 pub async fn dial_loop(res: Arc<Resource>, peer: NodeId, addr: SocketAddr) {
@@ -53,6 +55,31 @@ pub async fn dial_loop(res: Arc<Resource>, peer: NodeId, addr: SocketAddr) {
             }
         }
     }
+}
+
+/// Tells a lower-id peer that we are up, so that its dialer retries now instead of at the
+/// end of its backoff (up to 3 s after a long outage): it refuses our hello ("the lower id
+/// dials") and wakes its dialer. One attempt; if the peer is down, it dials us when it
+/// comes up anyway.
+pub async fn knock(res: Arc<Resource>, peer: NodeId, addr: SocketAddr) {
+    let Ok(Ok(mut stream)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await
+    else {
+        return;
+    };
+    let knocked = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        auth::dial(
+            &mut stream,
+            &res.settings.secret,
+            SERVICE,
+            (PROTO_VERSION, PROTO_VERSION),
+            res.settings.node_id,
+            peer,
+            res.name(),
+        ),
+    )
+    .await;
+    tracing::debug!(resource = %res.name(), %peer, ?knocked, "knocked: the lower-id peer dials us now");
 }
 
 async fn connect(res: &Resource, peer: NodeId, addr: SocketAddr) -> Result<TcpStream, String> {
@@ -98,6 +125,12 @@ pub fn accept_policy(
         ));
     }
     if hello.node_id >= res.settings.node_id {
+        if hello.node_id > res.settings.node_id {
+            // A knock (see `knock`): the peer is up, dial it now rather than after the
+            // backoff. Unauthenticated, so it can only make us dial a configured peer early.
+            res.wake.notify_waiters();
+            return Err(KNOCK_REPLY.into());
+        }
         return Err("the node with the lower id dials; this node dials you".into());
     }
     if res.peer_view(hello.node_id).is_some_and(|p| p.standalone) {
