@@ -21,6 +21,10 @@ pub trait BlockDevice: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Returns once every completed write is durable.
     fn flush(&self) -> io::Result<()>;
+    /// A hint that these byte ranges will be read soon: start reading them in the
+    /// background so that the reads that follow find them cached. Errors are ignored (it
+    /// is only a hint); devices that cannot do it do nothing.
+    fn prefetch(&self, _ranges: &[(u64, u64)]) {}
 }
 
 /// An image file or a block device opened read-write.
@@ -88,6 +92,24 @@ impl BlockDevice for FileDevice {
     }
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+    fn prefetch(&self, ranges: &[(u64, u64)]) {
+        use std::os::fd::AsRawFd;
+        for &(offset, len) in ranges {
+            if check_range(offset, len as usize, self.size_bytes).is_err() {
+                continue;
+            }
+            // SAFETY: an advisory call on an fd we own; no memory is involved. The kernel
+            // queues the reads and returns: many small reads then overlap on the device.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_WILLNEED,
+                );
+            }
+        }
     }
 }
 
@@ -260,6 +282,9 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     }
     fn flush(&self) -> io::Result<()> {
         (**self).flush()
+    }
+    fn prefetch(&self, ranges: &[(u64, u64)]) {
+        (**self).prefetch(ranges)
     }
 }
 

@@ -28,6 +28,30 @@ fn check_name(name: &[u8]) -> Result<()> {
     }
 }
 
+/// Names we store but do not serve: reading or setting them fails with EOPNOTSUPP, and
+/// listxattr leaves them out. Removing one still works (for data written by older builds).
+///
+/// - POSIX ACLs: without `FUSE_POSIX_ACL` the kernel stores them through us but never
+///   enforces them, so accepting one would be a silent wrong answer. (Enforced ACLs would
+///   also cost a round trip per inode on a cold `ls -l`.)
+/// - `security.selinux`: SELinux labels FUSE mounts by policy (genfscon) and never reads
+///   this attribute from them; only tools do (`ls -l`, `cp --preserve=context`).
+///
+/// "Not supported" is also what lets `ls -l` stop asking: coreutils remembers per device
+/// that ACLs and security contexts are unsupported, instead of two failed getxattr round
+/// trips per entry (two thirds of a cold `ls -l` of a large directory).
+pub fn check_served(name: &[u8]) -> Result<()> {
+    match name {
+        b"system.posix_acl_access" | b"system.posix_acl_default" => Err(FsError::NotSupported(
+            "POSIX ACLs (use mode bits; the kernel would not enforce ACLs)",
+        )),
+        b"security.selinux" => Err(FsError::NotSupported(
+            "SELinux labels (FUSE mounts are labelled by policy)",
+        )),
+        _ => check_name(name),
+    }
+}
+
 fn parse(b: &[u8], blk: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let count = get_u16(b, 24) as usize;
     let used = get_u32(b, 28) as usize;
@@ -81,7 +105,7 @@ impl Store {
     }
 
     pub fn xattr_get(&mut self, ino: &Inode, name: &[u8]) -> Result<Vec<u8>> {
-        check_name(name)?;
+        check_served(name)?;
         self.xattrs(ino)?
             .into_iter()
             .find(|(n, _)| n == name)
@@ -97,7 +121,11 @@ impl Store {
         value: Option<&[u8]>,
         flags: i32,
     ) -> Result<()> {
-        check_name(name)?;
+        if value.is_some() {
+            check_served(name)?;
+        } else {
+            check_name(name)?;
+        }
         let mut all = self.xattrs(ino)?;
         let pos = all.iter().position(|(n, _)| n == name);
         match (value, pos) {

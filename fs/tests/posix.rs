@@ -8,6 +8,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::process::Command;
 
 use common::{errno, fsck, Mount};
 
@@ -348,6 +349,78 @@ fn extended_attributes() {
     assert_eq!(unsafe { libc::removexattr(c.as_ptr(), n.as_ptr()) }, 0);
     assert_eq!(errno(get("user.color", 100)), libc::ENODATA);
     assert_eq!(errno(set("user.big", &vec![1u8; 8000], 0)), libc::ENOSPC);
+    // POSIX ACLs (which the kernel would not enforce without FUSE_POSIX_ACL) and SELinux
+    // labels are "not supported", on reads too: that is what lets `ls -l` stop asking.
+    // An extended ACL (version 2): user::rw- user:1000:r-- group::r-- mask::r-- other::r--.
+    let acl: Vec<u8> = [2u32.to_le_bytes().to_vec()]
+        .into_iter()
+        .chain(
+            [
+                (0x01u16, 6u16, u32::MAX),
+                (0x02, 4, 1000),
+                (0x04, 4, u32::MAX),
+                (0x10, 4, u32::MAX),
+                (0x20, 4, u32::MAX),
+            ]
+            .into_iter()
+            .map(|(tag, perm, id)| {
+                [
+                    tag.to_le_bytes().to_vec(),
+                    perm.to_le_bytes().to_vec(),
+                    id.to_le_bytes().to_vec(),
+                ]
+                .concat()
+            }),
+        )
+        .collect::<Vec<_>>()
+        .concat();
+    for name in [
+        "system.posix_acl_access",
+        "system.posix_acl_default",
+        "security.selinux",
+    ] {
+        // The kernel may answer an ACL read from its own cache ("none") without asking.
+        let e = errno(get(name, 100));
+        assert!(
+            e == libc::EOPNOTSUPP || (e == libc::ENODATA && name.starts_with("system.")),
+            "{name}: errno {e}"
+        );
+        // (A default ACL only exists on directories: the kernel refuses it on a file.)
+        if name != "system.posix_acl_default" {
+            assert_eq!(errno(set(name, &acl, 0)), libc::EOPNOTSUPP, "{name}");
+        }
+    }
+    let dir = m.path("d");
+    fs::create_dir(&dir).unwrap();
+    let d = cpath(&dir);
+    let n = CString::new("system.posix_acl_default").unwrap();
+    // SAFETY: valid pointers and lengths.
+    let r = unsafe { libc::setxattr(d.as_ptr(), n.as_ptr(), acl.as_ptr().cast(), acl.len(), 0) };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
+    // So `ls -l` of a directory asks once per device, not twice per entry.
+    for i in 0..50 {
+        fs::write(dir.join(format!("e{i}")), b"").unwrap();
+    }
+    // Cold inodes, as after a mount: the kernel's cached "no ACL" would answer otherwise.
+    fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    let out = Command::new("strace")
+        .args(["-f", "-c", "-e", "trace=getxattr,lgetxattr", "ls", "-l"])
+        .arg(&dir)
+        .output()
+        .expect("strace (scripts/install-deps.sh installs it)");
+    {
+        let summary = String::from_utf8_lossy(&out.stderr);
+        let calls: u64 = summary
+            .lines()
+            .filter(|l| l.contains("getxattr"))
+            .filter_map(|l| l.split_whitespace().nth(3)?.parse::<u64>().ok())
+            .sum();
+        assert!(calls <= 4, "ls -l made {calls} getxattr calls:\n{summary}");
+    }
 }
 
 #[test]

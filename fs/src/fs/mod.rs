@@ -31,6 +31,8 @@ struct DirHandle {
     /// True until the first read: a read from offset 0 after that is a rewind.
     fresh: bool,
     ents: Vec<DirEntry>,
+    /// readdirplus has asked the device for the inode blocks of `ents[..prefetched]`.
+    prefetched: usize,
 }
 
 struct Inner {
@@ -762,6 +764,7 @@ impl Fs {
                 ino,
                 fresh: true,
                 ents: snap,
+                prefetched: 0,
             },
         );
         Ok(fh)
@@ -811,6 +814,7 @@ impl Fs {
         let mut g = self.op();
         g.refresh_on_rewind(fh, offset)?;
         let mut k = offset as usize;
+        g.prefetch_inodes(fh, k);
         loop {
             let h = g
                 .dirs
@@ -853,6 +857,8 @@ impl Fs {
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        // Before any lock: `ls -l` asks this for the first entry of a directory.
+        crate::xattr::check_served(name)?;
         let _gl = self.hold(Mode::PR)?;
         let mut g = self.op();
         let i = g.load(ino)?;
@@ -866,6 +872,9 @@ impl Fs {
         let i = g.load(ino)?;
         let mut out = Vec::new();
         for (n, _) in g.st.xattrs(&i)? {
+            if crate::xattr::check_served(&n).is_err() {
+                continue;
+            }
             out.extend_from_slice(&n);
             out.push(0);
         }

@@ -160,6 +160,30 @@ impl Store {
         self.blocks.get_mut(&blk).expect("inserted")
     }
 
+    /// Asks the device to start reading these blocks (those not cached yet), adjacent
+    /// ones as one range, so the `meta` calls that follow do not wait for one random read
+    /// after another (a cold `ls -l` loads one inode block per entry, in hash order).
+    pub fn prefetch(&self, blks: impl IntoIterator<Item = u64>) {
+        let mut want: Vec<u64> = blks
+            .into_iter()
+            .filter(|b| *b < self.sb.block_count && !self.blocks.contains_key(b))
+            .collect();
+        if want.is_empty() {
+            return;
+        }
+        want.sort_unstable();
+        want.dedup();
+        let bs = self.bs as u64;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for b in want {
+            match ranges.last_mut() {
+                Some((off, len)) if *off + *len == b * bs => *len += bs,
+                _ => ranges.push((b * bs, bs)),
+            }
+        }
+        self.dev.prefetch(&ranges);
+    }
+
     fn load(&mut self, blk: u64, ty: BlockType) -> Result<()> {
         if let Some(b) = self.blocks.get(&blk) {
             if format::get_u16(b, 4) != ty as u16 {
