@@ -21,10 +21,19 @@ pub trait BlockDevice: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Returns once every completed write is durable.
     fn flush(&self) -> io::Result<()>;
-    /// A hint that these byte ranges will be read soon: start reading them in the
-    /// background so that the reads that follow find them cached. Errors are ignored (it
-    /// is only a hint); devices that cannot do it do nothing.
-    fn prefetch(&self, _ranges: &[(u64, u64)]) {}
+    /// A hint that these byte ranges will be read soon: the device starts reading them in
+    /// the background so that the reads that follow find them cached, and returns true.
+    /// Devices without a cache of their own return false (the caller may `read_many`).
+    fn hint_reads(&self, _ranges: &[(u64, u64)]) -> bool {
+        false
+    }
+    /// Reads several ranges; devices that can keep many requests in flight override it.
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        for (offset, buf) in reqs.iter_mut() {
+            self.read_at(buf, *offset)?;
+        }
+        Ok(())
+    }
 }
 
 /// An image file or a block device opened read-write.
@@ -93,7 +102,7 @@ impl BlockDevice for FileDevice {
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
-    fn prefetch(&self, ranges: &[(u64, u64)]) {
+    fn hint_reads(&self, ranges: &[(u64, u64)]) -> bool {
         use std::os::fd::AsRawFd;
         for &(offset, len) in ranges {
             if check_range(offset, len as usize, self.size_bytes).is_err() {
@@ -110,6 +119,7 @@ impl BlockDevice for FileDevice {
                 );
             }
         }
+        true
     }
 }
 
@@ -283,8 +293,11 @@ impl<T: BlockDevice + ?Sized> BlockDevice for std::sync::Arc<T> {
     fn flush(&self) -> io::Result<()> {
         (**self).flush()
     }
-    fn prefetch(&self, ranges: &[(u64, u64)]) {
-        (**self).prefetch(ranges)
+    fn hint_reads(&self, ranges: &[(u64, u64)]) -> bool {
+        (**self).hint_reads(ranges)
+    }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        (**self).read_many(reqs)
     }
 }
 

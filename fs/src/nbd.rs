@@ -40,6 +40,9 @@ impl BlockDevice for NbdDevice {
     fn flush(&self) -> io::Result<()> {
         self.client.lock().flush()
     }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        self.client.lock().read_many(reqs)
+    }
 }
 
 /// Parses `nbd+unix:///EXPORT?socket=PATH` (the NBD URI standard) into (socket, export).

@@ -404,10 +404,14 @@ fn create_of_an_existing_name_opens_it_unless_exclusive() {
     assert_eq!(err.errno(), libc::EACCES);
 }
 
-/// Forwards to a FaultDevice and records the prefetch hints it gets.
+/// Forwards to a FaultDevice and records what it is asked: prefetch hints (if it takes
+/// them, like an image file), batched reads, single reads.
 struct Recording {
     inner: Arc<FaultDevice>,
+    takes_hints: bool,
     hints: parking_lot::Mutex<Vec<(u64, u64)>>,
+    batched_bytes: std::sync::atomic::AtomicU64,
+    single_reads: std::sync::atomic::AtomicU64,
 }
 
 impl BlockDevice for Recording {
@@ -415,6 +419,8 @@ impl BlockDevice for Recording {
         self.inner.size_bytes()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.single_reads.fetch_add(1, Relaxed);
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
@@ -423,13 +429,23 @@ impl BlockDevice for Recording {
     fn flush(&self) -> std::io::Result<()> {
         self.inner.flush()
     }
-    fn prefetch(&self, ranges: &[(u64, u64)]) {
+    fn hint_reads(&self, ranges: &[(u64, u64)]) -> bool {
         self.hints.lock().extend_from_slice(ranges);
+        self.takes_hints
+    }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (off, buf) in reqs.iter_mut() {
+            self.batched_bytes.fetch_add(buf.len() as u64, Relaxed);
+            self.inner.read_at(buf, *off)?;
+        }
+        Ok(())
     }
 }
 
-#[test]
-fn readdirplus_of_a_cold_directory_asks_the_device_for_the_inode_blocks_ahead() {
+/// 1500 files in a directory, remounted through a `Recording` device (nothing cached, as
+/// after a mount), then listed with readdirplus in FUSE-sized batches.
+fn list_cold_directory(takes_hints: bool) -> (Arc<Recording>, Vec<u64>) {
     let (dev, fs) = fresh(64 << 20);
     let d = fs.mkdir(CTX, ROOT_INO, b"d", 0o755, 0).unwrap();
     let mut inos = Vec::new();
@@ -443,10 +459,12 @@ fn readdirplus_of_a_cold_directory_asks_the_device_for_the_inode_blocks_ahead() 
     }
     fs.shutdown().unwrap();
     drop(fs);
-    // Remounted: nothing cached, as after a mount or under memory pressure.
     let rec = Arc::new(Recording {
         inner: dev,
+        takes_hints,
         hints: parking_lot::Mutex::new(Vec::new()),
+        batched_bytes: Default::default(),
+        single_reads: Default::default(),
     });
     let (fs, _) = Fs::mount(rec.clone(), FsOptions::default()).unwrap();
     let fh = fs.opendir(d.ino).unwrap();
@@ -471,6 +489,12 @@ fn readdirplus_of_a_cold_directory_asks_the_device_for_the_inode_blocks_ahead() 
         }
     }
     assert_eq!(seen.len(), 1502, "every entry listed once");
+    (rec, inos)
+}
+
+#[test]
+fn readdirplus_of_a_cold_directory_hints_the_inode_blocks_ahead() {
+    let (rec, inos) = list_cold_directory(true);
     // Every file's inode block was hinted before it was read (ino = block address).
     let hints = rec.hints.lock().clone();
     let hinted = |ino: u64| {
@@ -482,4 +506,15 @@ fn readdirplus_of_a_cold_directory_asks_the_device_for_the_inode_blocks_ahead() 
     assert!(missed.is_empty(), "not prefetched: {missed:?}");
     // In batches ahead of the reader, not one hint per entry.
     assert!(hints.len() < 1500, "{} hints", hints.len());
+}
+
+#[test]
+fn readdirplus_of_a_cold_directory_batches_the_inode_reads_on_a_device_without_hints() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (rec, _) = list_cold_directory(false);
+    // The inode blocks came in batches (an NBD export keeps them in flight), not as 1500
+    // single reads.
+    assert!(rec.batched_bytes.load(Relaxed) >= 1500 * 4096);
+    let singles = rec.single_reads.load(Relaxed);
+    assert!(singles < 300, "{singles} single reads");
 }

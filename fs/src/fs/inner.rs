@@ -77,7 +77,7 @@ impl Inner {
         let start = h.prefetched.max(from);
         let end = (from + PREFETCH_ENTRIES).min(h.ents.len());
         let blks: Vec<u64> = h.ents[start..end].iter().map(|e| self.blk(e.ino)).collect();
-        self.st.prefetch(blks);
+        self.st.prefetch(blks, crate::format::BlockType::Inode);
         if let Some(h) = self.dirs.get_mut(&fh) {
             h.prefetched = end;
         }

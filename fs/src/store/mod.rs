@@ -24,6 +24,8 @@ const HINT_UNKNOWN: u32 = u32::MAX;
 
 /// Clean metadata blocks kept in memory before eviction starts.
 const CACHE_CAP_BLOCKS: usize = 16384;
+/// Largest range one prefetch request covers.
+const PREFETCH_RANGE_BYTES: u64 = 256 << 10;
 
 pub struct Store {
     pub dev: Arc<dyn BlockDevice>,
@@ -160,10 +162,14 @@ impl Store {
         self.blocks.get_mut(&blk).expect("inserted")
     }
 
-    /// Asks the device to start reading these blocks (those not cached yet), adjacent
-    /// ones as one range, so the `meta` calls that follow do not wait for one random read
-    /// after another (a cold `ls -l` loads one inode block per entry, in hash order).
-    pub fn prefetch(&self, blks: impl IntoIterator<Item = u64>) {
+    /// Blocks of type `ty` about to be loaded (a cold `ls -l` loads one inode block per
+    /// entry, in hash order): those not cached yet, adjacent ones as one range, are handed
+    /// to the device as a hint (an image file: the kernel reads them in the background),
+    /// or, for a device without a cache of its own (an NBD export), read right away with
+    /// many requests in flight into our cache. Either way the loads that follow do not
+    /// wait for one random read after another. Only a hint: errors and blocks that fail
+    /// their checks are left for the loads to report.
+    pub fn prefetch(&mut self, blks: impl IntoIterator<Item = u64>, ty: BlockType) {
         let mut want: Vec<u64> = blks
             .into_iter()
             .filter(|b| *b < self.sb.block_count && !self.blocks.contains_key(b))
@@ -177,11 +183,38 @@ impl Store {
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         for b in want {
             match ranges.last_mut() {
-                Some((off, len)) if *off + *len == b * bs => *len += bs,
+                Some((off, len)) if *off + *len == b * bs && *len < PREFETCH_RANGE_BYTES => {
+                    *len += bs
+                }
                 _ => ranges.push((b * bs, bs)),
             }
         }
-        self.dev.prefetch(&ranges);
+        if self.dev.hint_reads(&ranges) {
+            return;
+        }
+        let mut bufs: Vec<(u64, Vec<u8>)> = ranges
+            .iter()
+            .map(|&(off, len)| (off, vec![0u8; len as usize]))
+            .collect();
+        let mut reqs: Vec<(u64, &mut [u8])> = bufs
+            .iter_mut()
+            .map(|(off, b)| (*off, b.as_mut_slice()))
+            .collect();
+        if self.dev.read_many(&mut reqs).is_err() {
+            return;
+        }
+        for (off, buf) in bufs {
+            for (i, b) in buf.chunks(self.bs).enumerate() {
+                let blk = off / bs + i as u64;
+                if self.blocks.contains_key(&blk) || format::check(b, ty, blk).is_err() {
+                    continue;
+                }
+                if self.blocks.len() >= CACHE_CAP_BLOCKS {
+                    self.evict();
+                }
+                self.blocks.insert(blk, b.into());
+            }
+        }
     }
 
     fn load(&mut self, blk: u64, ty: BlockType) -> Result<()> {

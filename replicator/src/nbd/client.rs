@@ -154,6 +154,50 @@ impl NbdClient {
         Ok(())
     }
 
+    /// Reads several ranges with up to `READ_MANY_WINDOW` requests in flight; replies may
+    /// come in any order (NBD allows it). The first error is returned after every reply in
+    /// flight has been read, so the connection stays usable.
+    pub fn read_many(&mut self, reqs: &mut [(u64, &mut [u8])]) -> std::io::Result<()> {
+        const READ_MANY_WINDOW: usize = 32;
+        if reqs
+            .iter()
+            .any(|(_, b)| b.len() > MAX_REQUEST_BYTES as usize)
+        {
+            return Err(proto_err(
+                "read_many: a range exceeds the largest NBD request",
+            ));
+        }
+        let mut in_flight: Vec<(u64, usize)> = Vec::with_capacity(READ_MANY_WINDOW);
+        let mut next = 0;
+        let mut first_err = None;
+        while (next < reqs.len() && first_err.is_none()) || !in_flight.is_empty() {
+            while first_err.is_none() && next < reqs.len() && in_flight.len() < READ_MANY_WINDOW {
+                let (off, buf) = &reqs[next];
+                let h = self.request(CMD_READ, 0, *off, buf.len() as u32, &[])?;
+                in_flight.push((h, next));
+                next += 1;
+            }
+            let mut r = [0u8; 16];
+            self.stream.read_exact(&mut r)?;
+            if u32::from_be_bytes(r[0..4].try_into().expect("4")) != SIMPLE_REPLY_MAGIC {
+                return Err(proto_err("bad reply magic"));
+            }
+            let handle = u64::from_be_bytes(r[8..16].try_into().expect("8"));
+            let pos = in_flight
+                .iter()
+                .position(|(h, _)| *h == handle)
+                .ok_or_else(|| proto_err("reply for an unexpected handle"))?;
+            let (_, idx) = in_flight.swap_remove(pos);
+            match u32::from_be_bytes(r[4..8].try_into().expect("4")) {
+                0 => self.stream.read_exact(reqs[idx].1)?,
+                code => {
+                    first_err.get_or_insert(nbd_error(code));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     pub fn write_at(&mut self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
         for (i, chunk) in buf.chunks(MAX_REQUEST_BYTES as usize).enumerate() {
