@@ -1,6 +1,7 @@
 //! Benchmark of the targets, printing tandem/ext4 ratios from one run:
-//! `cargo run --release -p tandem-fs --example fsbench [-- SCALE]` (root; needs mkfs.ext4,
-//! losetup and /dev/fuse). SCALE (default 1.0) multiplies the file counts.
+//! `cargo build --release -p tandem-fs --bins && cargo run --release -p tandem-fs --example
+//! fsbench [-- SCALE]` (root; needs mkfs.ext4, losetup and /dev/fuse). SCALE (default 1.0)
+//! multiplies the file counts.
 //!
 //! ext4 runs on a loop device over an image file in the same directory as tandem's image,
 //! so both see the same backing storage. Caches are dropped before the cold reads.
@@ -21,7 +22,11 @@ fn sh(cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Cold caches: write back what is dirty first (drop_caches keeps dirty pages, and the
+/// writeback would then run during the measurement), then drop them.
 fn drop_caches() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
     let _ = fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
@@ -137,12 +142,16 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1.0);
     let tmp = tempfile::tempdir_in("/var/tmp").unwrap();
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target-fs/release/tandemfs");
-    let bin = if bin.exists() {
-        bin
-    } else {
-        PathBuf::from("tandemfs")
-    };
+    // The tandemfs built beside this example (target/<profile>/examples/fsbench), never
+    // one found elsewhere: a stale binary would measure old code.
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.parent()?.join("tandemfs")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| {
+            eprintln!("fsbench: tandemfs is not built beside this example; run `cargo build --release -p tandem-fs --bins` first");
+            std::process::exit(2)
+        });
     let size = "3G";
 
     let ext_img = tmp.path().join("ext4.img");

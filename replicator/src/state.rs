@@ -58,6 +58,7 @@ words!(
         Established = "Established",
         SyncSource = "SyncSource",
         SyncTarget = "SyncTarget",
+        WFBitMapT = "WFBitMapT",
         PausedSyncS = "PausedSyncS",
         PausedSyncT = "PausedSyncT",
         VerifyS = "VerifyS",

@@ -116,12 +116,14 @@ fn killed_secondary_restarts_and_gets_only_what_it_missed() {
     );
     let log = c.log(0, "replicatord");
     assert!(log.contains("knocked"), "{log}");
+    // The target's own wait-sync must not return in the moment between the handshake and
+    // the source's SyncStart (it shows WFBitMapT then), so the bytes are all there.
     c.adm(1, &["wait-sync", "www", "--timeout-s", "60"])
-        .unwrap();
-    c.adm(0, &["wait-sync", "www", "--timeout-s", "60"])
         .unwrap();
     let got = num(&c.status_json(1).unwrap()[0]["resync-received-bytes"]);
     assert_eq!(got, 7 * 4096, "restarted secondary received {got} bytes");
+    c.adm(0, &["wait-sync", "www", "--timeout-s", "60"])
+        .unwrap();
     assert_identical(&c);
 }
 

@@ -231,6 +231,10 @@ pub struct PeerView {
     /// The rule that made us this peer's SyncTarget at the last handshake (see
     /// `core::target_keeps_lineage`).
     pub target_rule: Option<&'static str>,
+    /// The handshake made us this peer's SyncTarget and its SyncStart has not arrived:
+    /// shown as WFBitMapT, and `primary` is refused, for those few milliseconds (our disk
+    /// still reads UpToDate although the peer holds newer data).
+    pub awaiting_source: bool,
     /// Progress of an online verify we run against this peer.
     pub verify: Option<SyncProgress>,
     /// Blocks found different by the last completed verify.
@@ -416,6 +420,7 @@ impl Resource {
                         last_error: None,
                         discard_my_data: false,
                         target_rule: None,
+                        awaiting_source: false,
                         verify: None,
                         last_verify_oos_blocks: None,
                     },
@@ -682,7 +687,7 @@ impl Resource {
             if inner
                 .peers
                 .values()
-                .any(|p| p.repl == ReplState::SyncTarget)
+                .any(|p| p.repl == ReplState::SyncTarget || p.awaiting_source)
             {
                 return Err(EngineError::Refused(
                     "refusing to promote: this node is a SyncTarget; wait for the resync to finish (`tandemadm status`)".into(),
@@ -831,6 +836,7 @@ impl Resource {
                     p.conn = None;
                     p.state = None;
                     p.sync = None;
+                    p.awaiting_source = false;
                     p.last_error = Some(reason.to_string());
                     true
                 } else {

@@ -127,7 +127,11 @@ impl Resource {
                         (Some(s), true) => s.role,
                         _ => Role::Unknown,
                     },
-                    replication_state: p.repl,
+                    replication_state: if p.awaiting_source && p.repl == ReplState::Established {
+                        ReplState::WFBitMapT
+                    } else {
+                        p.repl
+                    },
                     peer_disk_state: peer_disk,
                     out_of_sync_bytes: out_of_sync,
                     percent_in_sync: if self.usable_bytes == 0 {

@@ -168,7 +168,10 @@ impl Resource {
             }
             Plan::Idle | Plan::AwaitSource => {
                 let target = plan == Plan::AwaitSource;
-                self.update_peer(conn.peer, |p| p.target_rule = target.then_some(rule));
+                self.update_peer(conn.peer, |p| {
+                    p.target_rule = target.then_some(rule);
+                    p.awaiting_source = target;
+                });
                 if split_brain {
                     tracing::warn!(resource = %self.name(), peer = %name, policy = rule,
                         "Split-Brain detected, resolved automatically: our changes are discarded, resyncing from the peer");
@@ -214,6 +217,15 @@ impl Resource {
         }
         let (me, peer) = (self.generation_for(Some(conn.peer)), peer_generation(st));
         let (decision, rule) = decide(&me, &peer);
+        if view.awaiting_source
+            && matches!(
+                decision,
+                Decision::NoSync | Decision::SyncSource | Decision::BitmapSource
+            )
+        {
+            // The resync we waited for is moot (another source brought us up to date).
+            self.update_peer(conn.peer, |p| p.awaiting_source = false);
+        }
         if decision == Decision::SyncSource && live_link_in_sync(&me, &peer) {
             // Both UpToDate, neither tracks a block for the other: every write reached both,
             // so the data is the same and only the generations differ — both of us minted
@@ -450,6 +462,7 @@ impl Resource {
                 *self.sync_shadow.lock() = Some(DirtyBitmap::new(self.usable_bytes));
                 *self.sync_received.lock() = Some(DirtyBitmap::new(self.usable_bytes));
                 self.update_peer(conn.peer, |p| {
+                    p.awaiting_source = false;
                     p.sync = Some(SyncProgress {
                         total_bytes,
                         done_bytes: 0,
@@ -518,6 +531,11 @@ impl Resource {
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 tracing::info!(resource = %self.name(), peer = %conn.peer, "resync done (SyncTarget): UpToDate");
+                // UpToDate from this source: no other peer's pending resync is awaited now
+                // (one that still finds us behind starts it and says so with SyncStart).
+                for p in self.inner.lock().peers.values_mut() {
+                    p.awaiting_source = false;
+                }
                 // Whatever we had changed that this peer lacked is overwritten now.
                 if let Some((_, bm)) = self.bitmaps.lock().get_mut(&peer) {
                     bm.clear_all();
