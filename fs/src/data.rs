@@ -29,6 +29,14 @@ pub struct ReadPlan {
 }
 
 impl ReadPlan {
+    /// The device byte ranges this plan reads (none for inline data and holes).
+    pub fn device_ranges(&self) -> Vec<(u64, u64)> {
+        self.segs
+            .iter()
+            .map(|&(_, dev_off, len)| (dev_off, len as u64))
+            .collect()
+    }
+
     pub fn execute(self, dev: &dyn crate::block::BlockDevice) -> Result<Vec<u8>> {
         if let Some(bytes) = self.inline {
             return Ok(bytes);

@@ -728,3 +728,16 @@ fn writes_by_other_users_clear_setuid_and_ro_mounts_refuse_writes() {
     assert_eq!(errno(fs::write(m.path("new"), b"x")), libc::EROFS);
     assert_eq!(errno(fs::remove_file(m.path("prog"))), libc::EROFS);
 }
+
+#[test]
+fn the_mount_reads_ahead_a_whole_request() {
+    let m = Mount::new("32M", "");
+    let dev = fs::metadata(m.path("")).unwrap().dev();
+    let knob = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    );
+    // 1 MiB, the largest FUSE request we take (the kernel's default is 128 KiB).
+    assert_eq!(fs::read_to_string(&knob).unwrap().trim(), "1024", "{knob}");
+}

@@ -48,7 +48,15 @@ struct Inner {
     commit_wanted: bool,
     /// Cluster mounts: asked whether another node has an unlinked inode open.
     cluster: Option<Arc<Cluster>>,
+    /// Where the last read of each recently read inode ended (sequential readers get
+    /// the device reading ahead; see `map_read`).
+    read_ends: HashMap<u64, u64>,
 }
+
+/// How far ahead of a sequential reader the device is asked to read.
+const READ_AHEAD_BYTES: u32 = 4 << 20;
+/// Inodes whose last read position is remembered (the map is cleared beyond that).
+const READ_ENDS_CAP: usize = 4096;
 
 pub struct Fs {
     inner: Mutex<Inner>,
@@ -154,6 +162,7 @@ impl Fs {
             opts,
             commit_wanted: false,
             cluster: cluster.clone(),
+            read_ends: HashMap::new(),
         };
         Ok((
             Self {
@@ -683,6 +692,25 @@ impl Fs {
             return Err(FsError::IsDir);
         }
         let plan = g.st.read_plan(&i, off, size)?;
+        // A sequential reader (this read starts near where the last one ended; the
+        // kernel's parallel readahead requests arrive slightly out of order): ask the
+        // device to read the next few MiB of the file now. Only a hint, so free when the
+        // data is cached, and devices without a page cache ignore it.
+        let end = off + u64::from(size);
+        let sequential = g
+            .read_ends
+            .get(&ino)
+            .is_some_and(|&prev| off.abs_diff(prev) <= u64::from(READ_AHEAD_BYTES));
+        if g.read_ends.len() >= READ_ENDS_CAP {
+            g.read_ends.clear();
+        }
+        g.read_ends.insert(ino, end);
+        if sequential && end < i.size {
+            let ahead = g.st.read_plan(&i, end, READ_AHEAD_BYTES)?.device_ranges();
+            if !ahead.is_empty() {
+                g.st.dev.hint_reads(&ahead);
+            }
+        }
         if g.opts.relatime && !g.opts.read_only {
             let now = Time::now();
             let older = |a: Time, b: Time| (a.secs, a.nsecs) <= (b.secs, b.nsecs);

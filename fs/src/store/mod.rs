@@ -24,6 +24,8 @@ const HINT_UNKNOWN: u32 = u32::MAX;
 
 /// Clean metadata blocks kept in memory before eviction starts.
 const CACHE_CAP_BLOCKS: usize = 16384;
+/// Blocks read with a cold inode block (itself included): see `load`.
+const INODE_READAROUND_BLOCKS: u64 = 8;
 /// Largest range one prefetch request covers.
 const PREFETCH_RANGE_BYTES: u64 = 256 << 10;
 
@@ -232,6 +234,14 @@ impl Store {
                 blk,
                 "block address beyond the end of the filesystem",
             ));
+        }
+        if ty == BlockType::Inode {
+            // Read around a cold inode: a small file's data and the next files' inodes
+            // were allocated right after it, and come in the same device read (a hint
+            // only; devices without a page cache ignore it).
+            let end = (blk + INODE_READAROUND_BLOCKS).min(self.sb.block_count);
+            let bs = self.bs as u64;
+            self.dev.hint_reads(&[(blk * bs, (end - blk) * bs)]);
         }
         let mut b = vec![0u8; self.bs].into_boxed_slice();
         self.dev.read_at(&mut b, blk * self.bs as u64)?;

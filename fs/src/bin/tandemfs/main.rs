@@ -8,6 +8,7 @@ mod fsck;
 mod mkfs;
 mod mount;
 mod mount_cluster;
+mod readahead;
 mod target;
 
 fn main() -> ExitCode {

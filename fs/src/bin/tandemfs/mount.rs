@@ -15,6 +15,8 @@ use fuser::{Config, MountOption, SessionACL};
 use tandem_fs::fs::{Fs, FsOptions};
 use tandem_fs::fuse::FuseFs;
 
+use crate::readahead;
+
 pub(crate) struct Opts {
     pub(crate) target: String,
     pub(crate) dir: String,
@@ -85,7 +87,9 @@ fn parse(args: Vec<String>) -> anyhow::Result<Opts> {
     }
     let [target, dir]: [String; 2] = pos.try_into().map_err(|_| anyhow::anyhow!("{USAGE}"))?;
     o.target = target;
-    o.dir = dir;
+    // Absolute (lexically): the daemon leaves the working directory when it detaches, and
+    // the mount is then found by this path (see `readahead`).
+    o.dir = readahead::absolute(&dir).to_string_lossy().into_owned();
     Ok(o)
 }
 
@@ -235,6 +239,7 @@ pub(crate) fn serve(
                 }
             })?
     };
+    readahead::raise(&o.dir, tandem_fs::fuse::MAX_WRITE_BYTES >> 10);
     let res = session.run();
     stop.store(true, Ordering::Relaxed);
     let _ = committer.join();
