@@ -45,6 +45,10 @@ pub struct FuseFs {
     ttl: Duration,
     /// Cluster mounts: what the kernel may cache while the glock is held.
     kcache: Option<Arc<KernelCache>>,
+    /// The kernel agreed to `FUSE_HANDLE_KILLPRIV_V2`: we drop setuid, setgid and file
+    /// capabilities on write, truncate and chown, and the kernel no longer asks for
+    /// `security.capability` (one getxattr round trip) before every write.
+    kill_privs: std::sync::atomic::AtomicBool,
 }
 
 impl FuseFs {
@@ -53,6 +57,7 @@ impl FuseFs {
             fs,
             ttl,
             kcache: None,
+            kill_privs: Default::default(),
         }
     }
 
@@ -63,6 +68,7 @@ impl FuseFs {
             fs,
             ttl: Duration::ZERO,
             kcache: Some(kcache),
+            kill_privs: Default::default(),
         }
     }
 }
@@ -201,6 +207,13 @@ impl Filesystem for FuseFs {
         let _ = config
             .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         let _ = config.add_capabilities(InitFlags::FUSE_BIG_WRITES | InitFlags::FUSE_ASYNC_READ);
+        if config
+            .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+            .is_ok()
+        {
+            self.kill_privs
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         if self.kcache.is_some() {
             if let Err(missing) = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA) {
                 tracing::warn!(?missing, "the kernel lacks FUSE_AUTO_INVAL_DATA: a file kept open may show stale cached pages after another node writes it");
@@ -229,7 +242,7 @@ impl Filesystem for FuseFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -254,7 +267,12 @@ impl Filesystem for FuseFs {
             mtime: mtime.map(time),
             ctime,
         };
-        self.attr(reply, || self.fs.setattr(ino.0, s));
+        // Under FUSE_HANDLE_KILLPRIV_V2 the kernel leaves killing setuid/setgid/caps to
+        // us: on chown always (as chown(2) does even for root), on truncate unless the
+        // caller may keep them (CAP_FSETID; fsuid 0 stands in for it).
+        let kill = self.kill_privs.load(std::sync::atomic::Ordering::Relaxed)
+            && (s.uid.is_some() || s.gid.is_some() || (s.size.is_some() && req.uid() != 0));
+        self.attr(reply, || self.fs.setattr_with(ino.0, s, kill));
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -389,17 +407,20 @@ impl Filesystem for FuseFs {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let res = if self.kcache.is_some() && flags.0 & libc::O_APPEND != 0 {
-            // The kernel's idea of the end of file may be stale: another node appended.
-            self.fs.append(ino.0, data)
-        } else {
-            self.fs.write(ino.0, offset, data)
-        };
+        // The kernel sets this flag for a writer without CAP_FSETID (under
+        // FUSE_HANDLE_KILLPRIV_V2 only).
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        // On a cluster mount the kernel's idea of the end of file may be stale for
+        // O_APPEND: another node appended.
+        let append = self.kcache.is_some() && flags.0 & libc::O_APPEND != 0;
+        let res = self
+            .fs
+            .write_with(ino.0, (!append).then_some(offset), data, kill);
         match res {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),

@@ -741,3 +741,135 @@ fn the_mount_reads_ahead_a_whole_request() {
     // 1 MiB, the largest FUSE request we take (the kernel's default is 128 KiB).
     assert_eq!(fs::read_to_string(&knob).unwrap().trim(), "1024", "{knob}");
 }
+
+/// Runs `f` on a thread whose filesystem ids are uid/gid 1000 (no CAP_FSETID).
+fn as_user_1000(f: impl FnOnce() + Send + 'static) {
+    std::thread::spawn(move || {
+        // SAFETY: changes only this thread's filesystem ids.
+        unsafe {
+            libc::setfsgid(1000);
+            libc::setfsuid(1000);
+        }
+        f();
+    })
+    .join()
+    .unwrap();
+}
+
+#[test]
+fn truncate_chown_and_write_drop_setuid_setgid_and_file_capabilities_as_linux_does() {
+    let m = Mount::new("32M", "allow_other");
+    let p = m.path("prog");
+    fs::write(&p, b"#!/bin/sh\n").unwrap();
+    let c = cpath(&p);
+    let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+    let chmod = |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+    // A valid file capability (revision 2): cap_net_bind_service permitted.
+    let mut cap = Vec::new();
+    for v in [0x0200_0000u32, 1 << 10, 0, 0, 0] {
+        cap.extend_from_slice(&v.to_le_bytes());
+    }
+    let name = CString::new("security.capability").unwrap();
+    let set_cap = || {
+        // SAFETY: valid pointers and lengths.
+        let r =
+            unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), cap.as_ptr().cast(), cap.len(), 0) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    };
+    let has_cap = || {
+        let mut buf = [0u8; 64];
+        // SAFETY: buf has 64 bytes.
+        unsafe { libc::getxattr(c.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), 64) > 0 }
+    };
+
+    // Truncate by an unprivileged user: setuid, group-executable setgid and caps go.
+    chmod(&p, 0o6777);
+    set_cap();
+    assert!(has_cap());
+    let q = p.clone();
+    as_user_1000(move || {
+        OpenOptions::new()
+            .write(true)
+            .open(&q)
+            .unwrap()
+            .set_len(4)
+            .unwrap();
+    });
+    assert_eq!(mode(&p), 0o0777);
+    assert!(!has_cap(), "file capabilities survived a truncate");
+
+    // A write by root (CAP_FSETID) keeps them.
+    chmod(&p, 0o6777);
+    OpenOptions::new()
+        .append(true)
+        .open(&p)
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
+    assert_eq!(mode(&p), 0o6777);
+
+    // Write by an unprivileged user: setgid without group execute stays (it marks
+    // mandatory locking, not privilege); caps go.
+    chmod(&p, 0o6767);
+    set_cap();
+    let q = p.clone();
+    as_user_1000(move || {
+        OpenOptions::new()
+            .append(true)
+            .open(&q)
+            .unwrap()
+            .write_all(b"y")
+            .unwrap();
+    });
+    assert_eq!(mode(&p), 0o2767);
+    assert!(!has_cap(), "file capabilities survived a write");
+
+    // chown drops them even for root.
+    chmod(&p, 0o6777);
+    std::os::unix::fs::chown(&p, Some(0), Some(0)).unwrap();
+    assert_eq!(mode(&p), 0o0777);
+}
+
+/// Requests the daemon reads from /dev/fuse while `f` runs (strace counts its reads).
+fn fuse_requests_during(m: &Mount, f: impl FnOnce()) -> u64 {
+    let strace = Command::new("strace")
+        .args(["-f", "-c", "-e", "trace=read", "-p"])
+        .arg(m.daemon_pid().to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("strace (scripts/install-deps.sh installs it)");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    f();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    let out = strace.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stderr);
+    summary
+        .lines()
+        .find(|l| l.trim_end().ends_with(" read"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no read count in strace's summary:\n{summary}"))
+}
+
+#[test]
+fn a_write_costs_one_round_trip_not_a_capability_lookup_too() {
+    let m = Mount::new("32M", "");
+    let p = m.path("f");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
+    let block = vec![7u8; 4096];
+    let n = fuse_requests_during(&m, || {
+        for i in 0..50u64 {
+            f.write_all_at(&block, i * 4096).unwrap();
+        }
+    });
+    // 50 WRITEs; without FUSE_HANDLE_KILLPRIV_V2 each came with a GETXATTR of
+    // security.capability (100).
+    assert!(n < 75, "{n} requests for 50 writes");
+}

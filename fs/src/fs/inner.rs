@@ -18,6 +18,26 @@ impl Inner {
             blk
         }
     }
+    /// What a write, truncate or chown by an unprivileged caller does to a file, and what
+    /// the kernel leaves to us under `FUSE_HANDLE_KILLPRIV_V2` (as `should_remove_suid`):
+    /// setuid goes, setgid goes if the group may execute, file capabilities go.
+    pub(super) fn kill_privs(&mut self, i: &mut Inode) -> Result<()> {
+        const S_ISUID: u32 = 0o4000;
+        const S_ISGID: u32 = 0o2000;
+        const S_IXGRP: u32 = 0o0010;
+        i.mode &= !S_ISUID;
+        if i.mode & (S_ISGID | S_IXGRP) == (S_ISGID | S_IXGRP) {
+            i.mode &= !S_ISGID;
+        }
+        if i.xattr_block != 0 {
+            match self.st.xattr_set(i, b"security.capability", None, 0) {
+                Ok(()) | Err(FsError::NoXattr) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn load(&mut self, ino: u64) -> Result<Inode> {
         let blk = self.blk(ino);
         self.st.inode(blk)

@@ -442,10 +442,19 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: u64, s: SetAttr) -> Result<Attr> {
+        self.setattr_with(ino, s, false)
+    }
+
+    /// `setattr`, and with `kill_privs` also drops setuid, setgid and file capabilities
+    /// (see `Inner::kill_privs`) in the same operation.
+    pub fn setattr_with(&self, ino: u64, s: SetAttr, kill_privs: bool) -> Result<Attr> {
         let _gl = self.hold(Mode::EX)?;
         let mut g = self.op();
         g.writable()?;
         let mut i = g.load(ino)?;
+        if kill_privs && !i.is_dir() {
+            g.kill_privs(&mut i)?;
+        }
         let now = Time::now();
         if let Some(size) = s.size {
             if i.is_dir() {
@@ -728,21 +737,33 @@ impl Fs {
     }
 
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<u32> {
-        self.write_at(ino, Some(off), data)
+        self.write_with(ino, Some(off), data, false)
     }
 
     /// Writes at the current end of file (O_APPEND on a cluster mount: the end of file is
     /// read under the exclusive glock, so appends from several nodes never overlap).
     pub fn append(&self, ino: u64, data: &[u8]) -> Result<u32> {
-        self.write_at(ino, None, data)
+        self.write_with(ino, None, data, false)
     }
 
-    fn write_at(&self, ino: u64, off: Option<u64>, data: &[u8]) -> Result<u32> {
+    /// Writes at `off` (None: at the end of file, as O_APPEND on a cluster mount), and
+    /// with `kill_privs` drops setuid, setgid and file capabilities in the same operation
+    /// (see `Inner::kill_privs`).
+    pub fn write_with(
+        &self,
+        ino: u64,
+        off: Option<u64>,
+        data: &[u8],
+        kill_privs: bool,
+    ) -> Result<u32> {
         self.with_retry(|g| {
             g.writable()?;
             let mut i = g.load(ino)?;
             if i.is_dir() {
                 return Err(FsError::IsDir);
+            }
+            if kill_privs {
+                g.kill_privs(&mut i)?;
             }
             let off = off.unwrap_or(i.size);
             let res = g.st.file_write(&mut i, off, data);

@@ -135,6 +135,11 @@ impl Mount {
         self.child = Some(child);
     }
 
+    /// The mount daemon's pid (while mounted).
+    pub fn daemon_pid(&self) -> u32 {
+        self.child.as_ref().expect("mounted").id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.tmp.path().join("mount.log")).unwrap_or_default()
     }
