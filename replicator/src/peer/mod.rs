@@ -66,19 +66,7 @@ pub async fn knock(res: Arc<Resource>, peer: NodeId, addr: SocketAddr) {
     else {
         return;
     };
-    let knocked = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        auth::dial(
-            &mut stream,
-            &res.settings.secret,
-            SERVICE,
-            (PROTO_VERSION, PROTO_VERSION),
-            res.settings.node_id,
-            peer,
-            res.name(),
-        ),
-    )
-    .await;
+    let knocked = tokio::time::timeout(CONNECT_TIMEOUT, hello(&res, peer, &mut stream)).await;
     tracing::debug!(resource = %res.name(), %peer, ?knocked, "knocked: the lower-id peer dials us now");
 }
 
@@ -88,8 +76,21 @@ async fn connect(res: &Resource, peer: NodeId, addr: SocketAddr) -> Result<TcpSt
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    hello(res, peer, &mut stream).await.map_err(|e| {
+        tracing::warn!(resource = %res.name(), %peer, error = %e, "handshake with peer failed");
+        e.to_string()
+    })?;
+    Ok(stream)
+}
+
+/// Our side of the shared-secret handshake, as the dialer of `peer`.
+async fn hello(
+    res: &Resource,
+    peer: NodeId,
+    stream: &mut TcpStream,
+) -> Result<u16, auth::AuthError> {
     auth::dial(
-        &mut stream,
+        stream,
         &res.settings.secret,
         SERVICE,
         (PROTO_VERSION, PROTO_VERSION),
@@ -98,11 +99,6 @@ async fn connect(res: &Resource, peer: NodeId, addr: SocketAddr) -> Result<TcpSt
         res.name(),
     )
     .await
-    .map_err(|e| {
-        tracing::warn!(resource = %res.name(), %peer, error = %e, "handshake with peer failed");
-        e.to_string()
-    })?;
-    Ok(stream)
 }
 
 /// Acceptor policy: the hello must name a resource that is up here, come from one of its
