@@ -4,8 +4,8 @@
 set -euo pipefail
 # nftables: the fault-injection tests drop packets and redirect connections to the
 # delay proxy with it (tests/src/faults.rs). strace: fs/tests/posix.rs counts the getxattr
-# calls of `ls -l`.
-pkgs=(iproute2 nftables fuse3 libnbd-bin nbdkit qemu-utils fio psmisc util-linux procps e2fsprogs strace)
+# calls of `ls -l`. acl: setfacl/getfacl for the POSIX ACL tests of fs/tests/posix.rs.
+pkgs=(iproute2 nftables fuse3 libnbd-bin nbdkit qemu-utils fio psmisc util-linux procps e2fsprogs strace acl)
 # The seed scenario (demo --web, scripts/seed-test.sh, bench web): HAProxy in front of
 # every node's nginx (nginx-light and curl are asked for by those commands), wrk for load.
 pkgs+=(haproxy wrk)

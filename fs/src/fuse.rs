@@ -73,6 +73,21 @@ impl FuseFs {
     }
 }
 
+/// Whether the process behind `req` has `gid` as its primary or a supplementary group.
+/// Unknown (the process is gone) counts as not: dropping setgid is the safe side.
+fn caller_in_group(req: &Request, gid: u32) -> bool {
+    if req.gid() == gid {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
+}
+
 fn errno(e: &FsError) -> Errno {
     let level_is_error = matches!(
         e,
@@ -213,6 +228,16 @@ impl Filesystem for FuseFs {
         {
             self.kill_privs
                 .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if self.fs.posix_acl() {
+            // The kernel enforces and caches ACLs; DONT_MASK leaves the umask to us, since
+            // it must not apply under a default ACL (`Inner::inherit`).
+            if let Err(missing) =
+                config.add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+            {
+                tracing::warn!(?missing, "the kernel lacks FUSE_POSIX_ACL: ACLs are not supported on this mount (as with noacl)");
+                self.fs.set_posix_acl(false);
+            }
         }
         if self.kcache.is_some() {
             if let Err(missing) = config.add_capabilities(InitFlags::FUSE_AUTO_INVAL_DATA) {
@@ -553,7 +578,7 @@ impl Filesystem for FuseFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -561,16 +586,45 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let name = name.as_bytes();
+        // Setting an access ACL drops setgid unless the caller is in the file's group or
+        // privileged (`posix_acl_update_mode`); fuser cannot negotiate the kernel's
+        // FUSE_SETXATTR_ACL_KILL_SGID, so we decide it.
+        let kill_sgid = name == crate::acl::ACCESS
+            && req.uid() != 0
+            && self
+                .fs
+                .getattr(ino.0)
+                .is_ok_and(|a| !caller_in_group(req, a.gid));
         Self::empty(
-            self.fs.setxattr(ino.0, name.as_bytes(), value, flags),
+            self.fs.setxattr_with(ino.0, name, value, flags, kill_sgid),
             reply,
         );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.fs.getxattr(ino.0, name.as_bytes()) {
-            Ok(v) => xattr_reply(&v, size, reply),
-            Err(e) => reply.error(errno(&e)),
+        let name = name.as_bytes();
+        let t = self.ticket();
+        match self.fs.getxattr(ino.0, name) {
+            Ok(v) => {
+                // The kernel caches ACLs with no lifetime: on a cluster mount, only while
+                // the glock lets it (see `KernelCache::acl`).
+                let _grant = match (&self.kcache, t) {
+                    (Some(k), Some(t)) if crate::acl::is_acl_name(name) => k.acl(t, ino.0),
+                    _ => Grant::none(),
+                };
+                xattr_reply(&v, size, reply)
+            }
+            Err(e) => {
+                // "No ACL" is cached as well.
+                if let (Some(k), Some(t), FsError::NoXattr) = (&self.kcache, t, &e) {
+                    if crate::acl::is_acl_name(name) {
+                        let _grant = k.acl(t, ino.0);
+                        return reply.error(errno(&e));
+                    }
+                }
+                reply.error(errno(&e))
+            }
         }
     }
 

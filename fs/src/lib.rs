@@ -6,6 +6,7 @@
 //! owns the metadata cache, the running transaction and the allocator; `journal` makes
 //! transactions atomic; `block` is the only place that touches a device.
 
+pub mod acl;
 pub mod block;
 pub mod cluster;
 pub mod data;

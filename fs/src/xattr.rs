@@ -29,22 +29,24 @@ fn check_name(name: &[u8]) -> Result<()> {
 }
 
 /// Names we store but do not serve: reading or setting them fails with EOPNOTSUPP, and
-/// listxattr leaves them out. Removing one still works (for data written by older builds).
+/// listxattr leaves them out. Removing one still works.
 ///
-/// - POSIX ACLs: without `FUSE_POSIX_ACL` the kernel stores them through us but never
-///   enforces them, so accepting one would be a silent wrong answer. (Enforced ACLs would
-///   also cost a round trip per inode on a cold `ls -l`.)
+/// - POSIX ACLs unless the mount enforces them (`-o acl`, which needs the kernel's
+///   `FUSE_POSIX_ACL`): without that the kernel would store them through us but never
+///   enforce them, a silent wrong answer. This is also GFS2's behaviour without `acl`.
 /// - `security.selinux`: SELinux labels FUSE mounts by policy (genfscon) and never reads
 ///   this attribute from them; only tools do (`ls -l`, `cp --preserve=context`).
 ///
 /// "Not supported" is also what lets `ls -l` stop asking: coreutils remembers per device
 /// that ACLs and security contexts are unsupported, instead of two failed getxattr round
 /// trips per entry (two thirds of a cold `ls -l` of a large directory).
-pub fn check_served(name: &[u8]) -> Result<()> {
+pub fn check_served(name: &[u8], acl: bool) -> Result<()> {
     match name {
-        b"system.posix_acl_access" | b"system.posix_acl_default" => Err(FsError::NotSupported(
-            "POSIX ACLs (use mode bits; the kernel would not enforce ACLs)",
-        )),
+        b"system.posix_acl_access" | b"system.posix_acl_default" if !acl => {
+            Err(FsError::NotSupported(
+                "POSIX ACLs (this mount does not enforce them: mount with -o acl)",
+            ))
+        }
         b"security.selinux" => Err(FsError::NotSupported(
             "SELinux labels (FUSE mounts are labelled by policy)",
         )),
@@ -104,8 +106,9 @@ impl Store {
         parse(b, ino.xattr_block)
     }
 
+    /// One attribute; whether the mount serves the name is the caller's check.
     pub fn xattr_get(&mut self, ino: &Inode, name: &[u8]) -> Result<Vec<u8>> {
-        check_served(name)?;
+        check_name(name)?;
         self.xattrs(ino)?
             .into_iter()
             .find(|(n, _)| n == name)
@@ -113,7 +116,8 @@ impl Store {
             .ok_or(FsError::NoXattr)
     }
 
-    /// Sets or removes (`value == None`) an attribute; the caller stores the inode.
+    /// Sets or removes (`value == None`) an attribute; the caller stores the inode and
+    /// checks that the mount serves the name.
     pub fn xattr_set(
         &mut self,
         ino: &mut Inode,
@@ -121,11 +125,7 @@ impl Store {
         value: Option<&[u8]>,
         flags: i32,
     ) -> Result<()> {
-        if value.is_some() {
-            check_served(name)?;
-        } else {
-            check_name(name)?;
-        }
+        check_name(name)?;
         let mut all = self.xattrs(ino)?;
         let pos = all.iter().position(|(n, _)| n == name);
         match (value, pos) {

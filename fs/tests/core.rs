@@ -525,3 +525,78 @@ fn readdirplus_of_a_cold_directory_batches_the_inode_reads_on_a_device_without_h
     let singles = rec.single_reads.load(Relaxed);
     assert!(singles < 300, "{singles} single reads");
 }
+
+#[test]
+fn acls_follow_chmod_and_default_acls_are_inherited_without_the_umask() {
+    use tandem_fs::acl::{self, Acl, Entry};
+    use tandem_fs::fs::SetAttr;
+    let (_d, fs) = fresh(16 << 20);
+    fs.set_posix_acl(true);
+    let e = |tag, perm, id| Entry { tag, perm, id };
+    let default = Acl::from_entries(vec![
+        e(acl::USER_OBJ, 7, acl::UNDEFINED_ID),
+        e(acl::USER, 7, 1000),
+        e(acl::GROUP_OBJ, 5, acl::UNDEFINED_ID),
+        e(acl::MASK, 7, acl::UNDEFINED_ID),
+        e(acl::OTHER, 0, acl::UNDEFINED_ID),
+    ])
+    .unwrap();
+    let d = fs.mkdir(CTX, ROOT_INO, b"d", 0o755, 0o022).unwrap();
+    let f = fs.mknod(CTX, ROOT_INO, b"f", 0o644, 0o022, 0).unwrap();
+    assert!(matches!(
+        fs.setxattr(f.ino, acl::DEFAULT, &default.to_bytes(), 0),
+        Err(tandem_fs::FsError::Access)
+    ));
+    fs.setxattr(d.ino, acl::DEFAULT, &default.to_bytes(), 0)
+        .unwrap();
+
+    // umask 077 is ignored under a default ACL; the requested mode masks the ACL.
+    let c = fs.mknod(CTX, d.ino, b"c", 0o666, 0o077, 0).unwrap();
+    assert_eq!(c.perm, 0o660);
+    let got = Acl::parse(&fs.getxattr(c.ino, acl::ACCESS).unwrap()).unwrap();
+    let perms: Vec<u16> = got.entries().iter().map(|e| e.perm).collect();
+    assert_eq!(perms, [6, 7, 5, 6, 0]);
+    assert!(matches!(
+        fs.getxattr(c.ino, acl::DEFAULT),
+        Err(tandem_fs::FsError::NoXattr)
+    ));
+    let sub = fs.mkdir(CTX, d.ino, b"sub", 0o777, 0o077).unwrap();
+    assert_eq!(sub.perm, 0o770);
+    assert_eq!(
+        fs.getxattr(sub.ino, acl::DEFAULT).unwrap(),
+        default.to_bytes()
+    );
+    let l = fs.symlink(CTX, d.ino, b"l", b"c").unwrap();
+    assert!(
+        fs.listxattr(l.ino).unwrap().is_empty(),
+        "symlinks take no ACL"
+    );
+    // Without a default ACL the umask applies.
+    let plain = fs.mknod(CTX, ROOT_INO, b"plain", 0o666, 0o077, 0).unwrap();
+    assert_eq!(plain.perm, 0o600);
+
+    // chmod rewrites owner, mask and other; named entries keep theirs.
+    let s = SetAttr {
+        mode: Some(0o705),
+        ..SetAttr::default()
+    };
+    fs.setattr(c.ino, s).unwrap();
+    let got = Acl::parse(&fs.getxattr(c.ino, acl::ACCESS).unwrap()).unwrap();
+    let perms: Vec<u16> = got.entries().iter().map(|e| e.perm).collect();
+    assert_eq!(perms, [7, 7, 5, 0, 5]);
+
+    // An ACL equal to a mode is not stored; it sets the mode.
+    fs.setxattr(c.ino, acl::ACCESS, &Acl::from_mode(0o751).to_bytes(), 0)
+        .unwrap();
+    assert_eq!(fs.getattr(c.ino).unwrap().perm, 0o751);
+    assert!(matches!(
+        fs.getxattr(c.ino, acl::ACCESS),
+        Err(tandem_fs::FsError::NoXattr)
+    ));
+    // Without ACL support the names are not served.
+    fs.set_posix_acl(false);
+    assert!(matches!(
+        fs.getxattr(sub.ino, acl::DEFAULT),
+        Err(tandem_fs::FsError::NotSupported(_))
+    ));
+}

@@ -147,10 +147,20 @@ impl FsCluster {
 
     /// Mounts the filesystem on node `i` (foreground daemon, tracked by PID).
     pub fn mount(&mut self, i: usize) -> anyhow::Result<()> {
+        self.mount_with(i, "")
+    }
+
+    /// `mount`, with extra mount options (`extra`, comma-separated) after the node's.
+    pub fn mount_with(&mut self, i: usize, extra: &str) -> anyhow::Result<()> {
         let opts = format!(
-            "node={},config={}{}",
+            "node={},config={}{}{}",
             self.c.node_name(i),
             self.c.config_path(i).display(),
+            if extra.is_empty() {
+                String::new()
+            } else {
+                format!(",{extra}")
+            },
             std::env::var("TANDEM_FS_MOUNT_EXTRA")
                 .map(|s| format!(",{s}"))
                 .unwrap_or_default()

@@ -1057,3 +1057,91 @@ fn kernel_caches_names_while_the_glock_is_held_and_forgets_them_before_it_goes()
     }
     f.unmount_all_and_check_clean("at the end");
 }
+
+/// setxattr(system.posix_acl_access) of u::rw-,u:UID:r--,g::---,m::r--,o::--- (mode 0640
+/// whichever UID is named): 0 or the errno.
+fn set_acl_naming(path: &str, uid: u32) -> i32 {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (1u16, 6u16, u32::MAX),
+        (2, 4, uid),
+        (4, 0, u32::MAX),
+        (0x10, 4, u32::MAX),
+        (0x20, 0, u32::MAX),
+    ] {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    let c = std::ffi::CString::new(path).unwrap();
+    // SAFETY: valid NUL-terminated strings and a buffer of v.len() bytes.
+    let r = unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            c"system.posix_acl_access".as_ptr(),
+            v.as_ptr().cast(),
+            v.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
+}
+
+/// With `-o acl` each node's kernel enforces POSIX ACLs and caches them with no lifetime,
+/// so a node must forget them before its glock goes, like attributes. n1 names uid 1000 and
+/// uid 1001 in turn in the file's ACL (the mode stays 0640, so only the ACL tells); n2
+/// reads as uid 1000 after every change and must be let in exactly when the ACL names it.
+#[test]
+fn posix_acls_are_enforced_on_every_node_and_never_stale() {
+    let mut f = FsCluster::start(2, 0).unwrap();
+    f.mount_with(0, "acl,allow_other").unwrap();
+    f.mount_with(1, "acl,allow_other").unwrap();
+    let file = p("acl.html");
+    let f0 = file.clone();
+    f.w(0)
+        .run(move || -> std::io::Result<()> {
+            std::fs::write(&f0, b"members only")?;
+            std::fs::set_permissions(&f0, std::fs::Permissions::from_mode(0o600))
+        })
+        .unwrap();
+    for round in 0..20u32 {
+        let named = if round % 2 == 0 { 1000 } else { 1001 };
+        let f1 = file.clone();
+        assert_eq!(f.w(0).run(move || set_acl_naming(&f1, named)), 0);
+        let f2 = file.clone();
+        let (mode, reads) = f.w(1).run(move || {
+            /// Puts the worker thread's filesystem ids back, even if the body panics.
+            struct Root;
+            impl Drop for Root {
+                fn drop(&mut self) {
+                    // SAFETY: changes only this thread's filesystem ids.
+                    unsafe {
+                        libc::setfsuid(0);
+                        libc::setfsgid(0);
+                    }
+                }
+            }
+            let mode = std::fs::metadata(&f2).map(|m| m.permissions().mode() & 0o777);
+            let _root = Root;
+            // SAFETY: changes only this thread's filesystem ids.
+            unsafe {
+                libc::setfsgid(1000);
+                libc::setfsuid(1000);
+            }
+            // Twice: the second check is answered from the kernel's ACL cache.
+            let reads: Vec<bool> = (0..2).map(|_| std::fs::read(&f2).is_ok()).collect();
+            (mode.ok(), reads)
+        });
+        assert_eq!(mode, Some(0o640), "round {round}");
+        assert_eq!(
+            reads,
+            [named == 1000, named == 1000],
+            "round {round}: n2 enforced a stale ACL (uid {named} is named)"
+        );
+    }
+    f.unmount_all_and_check_clean("after the ACL rounds");
+}

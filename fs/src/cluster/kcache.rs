@@ -203,6 +203,25 @@ impl KernelCache {
         )
     }
 
+    /// Answering an ACL getxattr about `ino` since `t`. The kernel caches ACLs with no
+    /// lifetime until the inode's attributes are invalidated (`forget_all_cached_acls`),
+    /// so the inode is tracked like granted attributes and invalidated at release. When
+    /// nothing may be granted, it is invalidated right away: the kernel put a sentinel in
+    /// the ACL slot before asking, the invalidation replaces it, and the answer then is
+    /// used once but not cached. (Attribute-only invalidation takes no lock the waiting
+    /// request could hold, so sending it from the handler cannot deadlock.)
+    pub fn acl(&self, t: Ticket, ino: u64) -> Grant<'_> {
+        let (grant, ttl) = self.attrs(t, ino);
+        if ttl.is_zero() {
+            if let Some(n) = self.notifier.lock().as_ref() {
+                if let Err(e) = n.inval_attrs(ino) {
+                    tracing::warn!(ino, error = %e, "could not keep the kernel from caching an ACL");
+                }
+            }
+        }
+        grant
+    }
+
     /// Whether an open of `ino` since `t` may keep the kernel's cached pages
     /// (`FOPEN_KEEP_CACHE`).
     pub fn keep_pages(&self, t: Ticket, ino: u64) -> (Grant<'_>, bool) {

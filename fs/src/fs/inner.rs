@@ -172,6 +172,7 @@ impl Inner {
         parent: u64,
         name: &[u8],
         mode: u32,
+        umask: u32,
         rdev: u32,
         target: Option<&[u8]>,
     ) -> Result<Attr> {
@@ -188,9 +189,9 @@ impl Inner {
         if is_dir && dir.nlink >= LINK_MAX {
             return Err(FsError::TooManyLinks);
         }
+        let (mut mode, access_acl, default_acl) = self.inherit(&dir, mode, umask)?;
         let (blk, generation) = self.st.alloc_inode_block(dir.block + 1)?;
         let bs = self.st.bs;
-        let mut mode = mode;
         let mut gid = ctx.gid;
         // BSD group semantics on setgid directories, as ext4 and GFS2 do.
         if dir.mode & S_ISGID != 0 {
@@ -207,6 +208,7 @@ impl Inner {
             ino.size = bs as u64;
         }
         let res = (|| -> Result<()> {
+            self.store_inherited(&mut ino, access_acl.as_ref(), default_acl.as_ref())?;
             if let Some(t) = target {
                 self.st.file_write(&mut ino, 0, t)?;
             }

@@ -20,6 +20,7 @@ use crate::journal::ReplayStats;
 use crate::store::Store;
 use tandem_lockmgr::types::Mode;
 
+mod acls;
 mod inner;
 mod types;
 
@@ -71,6 +72,9 @@ pub struct Fs {
     /// `release` calls running now: an unlinked inode's blocks are not free until its
     /// release has reaped it, and ENOSPC waits for that (see `with_retry`).
     releasing: std::sync::atomic::AtomicUsize,
+    /// POSIX ACLs are served and enforced (mirrors `Inner::opts.posix_acl`, readable
+    /// without the lock).
+    acl: std::sync::atomic::AtomicBool,
 }
 
 /// The filesystem lock for one operation. When the operation leaves the running
@@ -153,6 +157,7 @@ impl Fs {
         }
         st.inode(root)?;
         let block_size = st.sb.block_size;
+        let acl = std::sync::atomic::AtomicBool::new(opts.posix_acl);
         let inner = Inner {
             st,
             root,
@@ -172,9 +177,22 @@ impl Fs {
                 block_size,
                 cluster,
                 releasing: std::sync::atomic::AtomicUsize::new(0),
+                acl,
             },
             stats,
         ))
+    }
+
+    /// Whether POSIX ACLs are served and enforced on this mount.
+    pub fn posix_acl(&self) -> bool {
+        self.acl.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Turns ACL support off (the kernel refused `FUSE_POSIX_ACL`) or on (tests of the
+    /// core without a kernel). Called before the first operation.
+    pub fn set_posix_acl(&self, on: bool) {
+        self.inner.lock().opts.posix_acl = on;
+        self.acl.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Cluster mounts: enters the filesystem glock in `mode` (PR to read, EX to change)
@@ -465,6 +483,7 @@ impl Fs {
         }
         if let Some(m) = s.mode {
             i.mode = (i.mode & S_IFMT) | (m & 0o7777);
+            g.chmod_acl(&mut i)?;
         }
         if let Some(u) = s.uid {
             i.uid = u;
@@ -504,8 +523,8 @@ impl Fs {
                 "mknod cannot make directories or symlinks",
             ));
         }
-        let mode = kind | (mode & !umask & 0o7777);
-        self.with_retry(|g| g.create(ctx, parent, name, mode, rdev, None))
+        let mode = kind | (mode & 0o7777);
+        self.with_retry(|g| g.create(ctx, parent, name, mode, umask, rdev, None))
     }
 
     /// open(2) with O_CREAT (FUSE `create`). If the name exists — on a cluster mount another
@@ -520,42 +539,44 @@ impl Fs {
         umask: u32,
         flags: i32,
     ) -> Result<Attr> {
-        let mode = S_IFREG | (mode & !umask & 0o7777);
-        self.with_retry(|g| match g.create(ctx, parent, name, mode, 0, None) {
-            Err(FsError::Exists) if flags & libc::O_EXCL == 0 => {
-                let dir = g.load_dir(parent)?;
-                let ent = g.st.dir_lookup(&dir, name)?.ok_or(FsError::NotFound)?;
-                let mut i = g.st.inode(ent.ino)?;
-                if i.is_dir() {
-                    return Err(FsError::IsDir);
+        let mode = S_IFREG | (mode & 0o7777);
+        self.with_retry(
+            |g| match g.create(ctx, parent, name, mode, umask, 0, None) {
+                Err(FsError::Exists) if flags & libc::O_EXCL == 0 => {
+                    let dir = g.load_dir(parent)?;
+                    let ent = g.st.dir_lookup(&dir, name)?.ok_or(FsError::NotFound)?;
+                    let mut i = g.st.inode(ent.ino)?;
+                    if i.is_dir() {
+                        return Err(FsError::IsDir);
+                    }
+                    if !g.may_open(ctx, &i, flags)? {
+                        return Err(FsError::Access);
+                    }
+                    if flags & libc::O_TRUNC != 0 && i.size > 0 {
+                        g.st.file_truncate(&mut i, 0)?;
+                        let now = Time::now();
+                        i.mtime = now;
+                        i.ctime = now;
+                        g.st.put_inode(&i)?;
+                        g.after_op()?;
+                    }
+                    Ok(g.attr(&i))
                 }
-                if !may_open(ctx, &i, flags) {
-                    return Err(FsError::Access);
-                }
-                if flags & libc::O_TRUNC != 0 && i.size > 0 {
-                    g.st.file_truncate(&mut i, 0)?;
-                    let now = Time::now();
-                    i.mtime = now;
-                    i.ctime = now;
-                    g.st.put_inode(&i)?;
-                    g.after_op()?;
-                }
-                Ok(g.attr(&i))
-            }
-            r => r,
-        })
+                r => r,
+            },
+        )
     }
 
     pub fn mkdir(&self, ctx: Ctx, parent: u64, name: &[u8], mode: u32, umask: u32) -> Result<Attr> {
-        let mode = S_IFDIR | (mode & !umask & 0o7777);
-        self.with_retry(|g| g.create(ctx, parent, name, mode, 0, None))
+        let mode = S_IFDIR | (mode & 0o7777);
+        self.with_retry(|g| g.create(ctx, parent, name, mode, umask, 0, None))
     }
 
     pub fn symlink(&self, ctx: Ctx, parent: u64, name: &[u8], target: &[u8]) -> Result<Attr> {
         if target.is_empty() || target.len() > 4095 {
             return Err(FsError::NameTooLong);
         }
-        self.with_retry(|g| g.create(ctx, parent, name, S_IFLNK | 0o777, 0, Some(target)))
+        self.with_retry(|g| g.create(ctx, parent, name, S_IFLNK | 0o777, 0, 0, Some(target)))
     }
 
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>> {
@@ -907,7 +928,7 @@ impl Fs {
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
         // Before any lock: `ls -l` asks this for the first entry of a directory.
-        crate::xattr::check_served(name)?;
+        crate::xattr::check_served(name, self.posix_acl())?;
         let _gl = self.hold(Mode::PR)?;
         let mut g = self.op();
         let i = g.load(ino)?;
@@ -916,12 +937,13 @@ impl Fs {
 
     /// Names, each NUL-terminated, as listxattr(2) returns them.
     pub fn listxattr(&self, ino: u64) -> Result<Vec<u8>> {
+        let acl = self.posix_acl();
         let _gl = self.hold(Mode::PR)?;
         let mut g = self.op();
         let i = g.load(ino)?;
         let mut out = Vec::new();
         for (n, _) in g.st.xattrs(&i)? {
-            if crate::xattr::check_served(&n).is_err() {
+            if crate::xattr::check_served(&n, acl).is_err() {
                 continue;
             }
             out.extend_from_slice(&n);
@@ -931,6 +953,31 @@ impl Fs {
     }
 
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        self.setxattr_with(ino, name, value, flags, false)
+    }
+
+    /// `setxattr`; for an access ACL, `kill_sgid` also drops the setgid bit (the caller
+    /// is neither in the file's group nor privileged, as `posix_acl_update_mode` does).
+    pub fn setxattr_with(
+        &self,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+        kill_sgid: bool,
+    ) -> Result<()> {
+        crate::xattr::check_served(name, self.posix_acl())?;
+        if crate::acl::is_acl_name(name) {
+            let acl = crate::acl::Acl::parse(value)?;
+            return self.with_retry(|g| {
+                g.writable()?;
+                let mut i = g.load(ino)?;
+                g.set_acl(&mut i, name, &acl, kill_sgid)?;
+                i.ctime = Time::now();
+                g.st.put_inode(&i)?;
+                g.after_op()
+            });
+        }
         self.change_xattr(ino, name, Some(value), flags)
     }
 
@@ -1006,24 +1053,4 @@ impl GlockHooks for Fs {
             g.st.poison();
         }
     }
-}
-
-/// The permission check the kernel would have made had it found the file at lookup.
-fn may_open(ctx: Ctx, i: &Inode, flags: i32) -> bool {
-    if ctx.uid == 0 {
-        return true;
-    }
-    let bits = if ctx.uid == i.uid {
-        (i.mode >> 6) & 7
-    } else if ctx.gid == i.gid {
-        (i.mode >> 3) & 7
-    } else {
-        i.mode & 7
-    };
-    let want = match flags & libc::O_ACCMODE {
-        libc::O_RDONLY => 4,
-        libc::O_WRONLY => 2,
-        _ => 6,
-    };
-    bits & want == want
 }

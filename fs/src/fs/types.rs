@@ -20,6 +20,9 @@ pub struct FsOptions {
     pub relatime: bool,
     /// A `lock_tandem` filesystem needs tandem-lockd; only tests and fsck may skip that.
     pub allow_cluster_fs_without_locking: bool,
+    /// Enforce POSIX ACLs (`-o acl`; GFS2's default is `noacl` too). Needs the kernel's
+    /// `FUSE_POSIX_ACL`: the FUSE layer turns it off again when the kernel refuses.
+    pub posix_acl: bool,
 }
 
 impl Default for FsOptions {
@@ -29,6 +32,7 @@ impl Default for FsOptions {
             read_only: false,
             relatime: true,
             allow_cluster_fs_without_locking: false,
+            posix_acl: false,
         }
     }
 }

@@ -63,6 +63,8 @@ enum Fix {
     ResetDir(u64),
     DropExtents(u64),
     DropXattr(u64),
+    /// An attribute whose value breaks its own rules (a malformed POSIX ACL).
+    RemoveXattr(u64, Vec<u8>),
     SetNlink(u64, u32),
     SetParent(u64, u64),
     SetBlocks(u64, u64),
@@ -319,6 +321,7 @@ impl Checker<'_> {
             if ok {
                 self.claim(ino.xattr_block, BlockState::Used);
                 owned += 1;
+                self.check_acls(blk, &ino);
             } else {
                 self.problem(format!("inode {blk}: extended attribute block is corrupt"));
                 self.fixes.push(Fix::DropXattr(blk));

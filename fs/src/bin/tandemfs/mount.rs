@@ -39,7 +39,7 @@ pub(crate) struct Opts {
 }
 
 const USAGE: &str = "usage: mount.tandem TARGET DIR [-f] [-o OPTIONS]
-options: ro, rw, noatime, relatime, allow_other, journal=N, attr_timeout=SECS,
+options: ro, rw, noatime, relatime, allow_other, acl, noacl, journal=N, attr_timeout=SECS,
          commit=SECS, threads=N, logfile=PATH, lockproto=lock_nolock, plus mount(8)
          generic options
 cluster (lock_tandem) mounts: node=NAME [config=/etc/tandem/cluster.toml]
@@ -108,6 +108,8 @@ fn apply_opt(o: &mut Opts, opt: &str) -> anyhow::Result<()> {
         "noatime" => o.fs.relatime = false,
         "relatime" | "atime" | "strictatime" => o.fs.relatime = true,
         "allow_other" => o.allow_other = true,
+        "acl" => o.fs.posix_acl = true,
+        "noacl" => o.fs.posix_acl = false,
         "journal" | "jid" => o.fs.journal = v.parse().context("journal=N needs a number")?,
         "attr_timeout" | "entry_timeout" => o.ttl = secs(v)?,
         "commit" => o.commit = secs(v)?.max(Duration::from_millis(10)),
