@@ -364,6 +364,25 @@ mod tests {
     }
 
     #[test]
+    fn an_acl_is_cached_only_under_the_glock_and_otherwise_forgotten_at_once() {
+        let (k, seen) = cache();
+        // Before any grant: the answer must not stay in the kernel's ACL cache.
+        drop(k.acl(k.ticket(), 7));
+        assert_eq!(*seen.lock(), [7], "invalidated right away");
+        k.granted();
+        let t = k.ticket();
+        drop(k.acl(t, 8));
+        assert_eq!(*seen.lock(), [7], "held glock: cached");
+        assert_eq!(k.tracked_inodes(), 1);
+        k.releasing();
+        assert_eq!(*seen.lock(), [7, 8], "forgotten before the glock goes");
+        k.granted();
+        // Straddled the release and the new grant: forgotten at once.
+        drop(k.acl(t, 9));
+        assert_eq!(*seen.lock(), [7, 8, 9]);
+    }
+
+    #[test]
     fn pages_are_kept_only_within_the_grant_that_dropped_them() {
         let (k, _) = cache();
         k.granted();
