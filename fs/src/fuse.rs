@@ -24,6 +24,7 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use crate::cluster::flock::FlockTable;
 use crate::cluster::kcache::{Grant, KernelCache, Ticket};
 use crate::error::FsError;
 use crate::fs::{Attr, Ctx, FileKind, Fs, SetAttr};
@@ -49,6 +50,8 @@ pub struct FuseFs {
     /// capabilities on write, truncate and chown, and the kernel no longer asks for
     /// `security.capability` (one getxattr round trip) before every write.
     kill_privs: std::sync::atomic::AtomicBool,
+    /// Cluster mounts: flock(2) through the lock manager, so it excludes other nodes.
+    flocks: Option<Arc<FlockTable>>,
 }
 
 impl FuseFs {
@@ -58,17 +61,19 @@ impl FuseFs {
             ttl,
             kcache: None,
             kill_privs: Default::default(),
+            flocks: None,
         }
     }
 
     /// A cluster mount: the kernel caches only what the glock protects, and forgets it
     /// before the glock goes (`kcache`, attached to the glock by the caller).
-    pub fn new_cluster(fs: Arc<Fs>, kcache: Arc<KernelCache>) -> Self {
+    pub fn new_cluster(fs: Arc<Fs>, kcache: Arc<KernelCache>, flocks: Arc<FlockTable>) -> Self {
         Self {
             fs,
             ttl: Duration::ZERO,
             kcache: Some(kcache),
             kill_privs: Default::default(),
+            flocks: Some(flocks),
         }
     }
 }
@@ -237,6 +242,16 @@ impl Filesystem for FuseFs {
             {
                 tracing::warn!(?missing, "the kernel lacks FUSE_POSIX_ACL: ACLs are not supported on this mount (as with noacl)");
                 self.fs.set_posix_acl(false);
+            }
+        }
+        if self.flocks.is_some() {
+            // flock(2) comes to us (as SETLK/SETLKW) instead of staying in this kernel.
+            // POSIX (fcntl) locks stay node-local: FUSE_POSIX_LOCKS is not asked for.
+            if let Err(missing) = config.add_capabilities(InitFlags::FUSE_FLOCK_LOCKS) {
+                tracing::warn!(
+                    ?missing,
+                    "the kernel lacks FUSE_FLOCK_LOCKS: flock(2) is node-local on this mount"
+                );
             }
         }
         if self.kcache.is_some() {
@@ -458,12 +473,43 @@ impl Filesystem for FuseFs {
         ino: INodeNo,
         _fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // Set only when the file description used flock (FUSE_RELEASE_FLOCK_UNLOCK).
+        if let (Some(t), Some(owner)) = (&self.flocks, lock_owner) {
+            t.release(ino.0, owner.0);
+        }
         self.fs.release(ino.0);
         reply.ok();
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        typ: i32,
+        _pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Only flock requests come here: FUSE_POSIX_LOCKS is never negotiated, so the
+        // kernel keeps fcntl locks itself.
+        let Some(t) = &self.flocks else {
+            return reply.error(Errno::ENOSYS);
+        };
+        t.set(ino.0, lock_owner.0, typ, sleep, move |e| {
+            if e == 0 {
+                reply.ok()
+            } else {
+                reply.error(Errno::from_i32(e))
+            }
+        });
     }
 
     fn flush(

@@ -292,6 +292,27 @@ impl Client {
         flags: Flags,
         timeout: std::time::Duration,
     ) -> Result<Grant, ClientError> {
+        self.lock_until(
+            lockspace,
+            resource,
+            mode,
+            flags,
+            tokio::time::sleep(timeout),
+        )
+        .await
+    }
+
+    /// Like `lock`, but gives up when `give_up` completes first: the waiting request is
+    /// cancelled and `LockError::Cancelled` returned — unless the grant won the race, in
+    /// which case the grant is returned as usual (the caller then owns the lock).
+    pub async fn lock_until(
+        &self,
+        lockspace: &str,
+        resource: &[u8],
+        mode: Mode,
+        flags: Flags,
+        give_up: impl std::future::Future<Output = ()>,
+    ) -> Result<Grant, ClientError> {
         let req = self.next();
         let (tx, mut rx) = oneshot::channel();
         self.register(req, tx)?;
@@ -303,8 +324,9 @@ impl Client {
             flags,
         };
         self.out.send(msg).map_err(|_| ClientError::Closed)?;
-        if let Ok(reply) = tokio::time::timeout(timeout, &mut rx).await {
-            return Self::grant(reply.map_err(|_| ClientError::Closed)?);
+        tokio::select! {
+            reply = &mut rx => return Self::grant(reply.map_err(|_| ClientError::Closed)?),
+            () = give_up => {}
         }
         let cancel = self.next();
         // The cancel's own reply (Done, or NotPending if the grant came first) does not

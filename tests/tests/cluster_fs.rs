@@ -1145,3 +1145,116 @@ fn posix_acls_are_enforced_on_every_node_and_never_stale() {
     }
     f.unmount_all_and_check_clean("after the ACL rounds");
 }
+
+/// flock(2) on a descriptor: 0 or the errno.
+fn flock(fd: &std::fs::File, op: i32) -> i32 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor.
+    if unsafe { libc::flock(fd.as_raw_fd(), op) } == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
+}
+
+/// Retries a non-blocking flock for up to `secs` (a close's release reaches the daemon
+/// after close(2) returns; a dead node's locks go after its recovery).
+fn flock_within(fd: &std::fs::File, op: i32, secs: u64) -> i32 {
+    let t = Instant::now();
+    loop {
+        let r = flock(fd, op | libc::LOCK_NB);
+        if r != libc::EWOULDBLOCK || t.elapsed() > std::time::Duration::from_secs(secs) {
+            return r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// flock(2) is cluster-wide, as on GFS2: processes on different nodes (and different open
+/// files on one node) exclude each other, a blocked LOCK_EX waits for the holder on
+/// another node, conversions behave as on Linux, a close releases, and a dead node's
+/// locks go once a survivor has recovered it.
+#[test]
+fn flock_excludes_processes_on_other_nodes_and_a_dead_nodes_locks_go_after_recovery() {
+    use libc::{LOCK_EX, LOCK_NB, LOCK_SH, LOCK_UN};
+    let mut f = FsCluster::start_mounted(3).unwrap();
+    let file = p("lockfile");
+    let f0 = file.clone();
+    f.w(0).run(move || std::fs::write(f0, b"")).unwrap();
+    let open = |f: &FsCluster, i: usize| {
+        let path = file.clone();
+        f.w(i)
+            .run(move || std::fs::File::options().read(true).open(path))
+            .unwrap()
+    };
+    // Descriptors are process-wide: flock on them works from any thread.
+    let (a, b, b2) = (open(&f, 0), open(&f, 1), open(&f, 1));
+    assert_eq!(flock(&a, LOCK_EX), 0);
+    assert_eq!(flock(&b, LOCK_EX | LOCK_NB), libc::EWOULDBLOCK);
+    assert_eq!(flock(&b, LOCK_SH | LOCK_NB), libc::EWOULDBLOCK);
+
+    // A blocking LOCK_EX on n2 waits until n1 unlocks.
+    let b = std::sync::Arc::new(b);
+    let bw = b.clone();
+    let waiter = std::thread::spawn(move || {
+        let t = Instant::now();
+        (flock(&bw, LOCK_EX), t.elapsed())
+    });
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert!(!waiter.is_finished(), "n2's LOCK_EX did not wait for n1's");
+    assert_eq!(flock(&a, LOCK_UN), 0);
+    let (r, waited) = waiter.join().unwrap();
+    assert_eq!(r, 0);
+    assert!(
+        waited >= std::time::Duration::from_millis(500),
+        "{waited:?}"
+    );
+    assert!(waited < std::time::Duration::from_secs(10), "{waited:?}");
+    assert_eq!(flock(&a, LOCK_SH | LOCK_NB), libc::EWOULDBLOCK);
+    assert_eq!(
+        flock(&b2, LOCK_EX | LOCK_NB),
+        libc::EWOULDBLOCK,
+        "another open file on the same node is another owner"
+    );
+
+    // Downgrade, share, and a failed upgrade drops the shared lock (as on Linux).
+    assert_eq!(flock(&b, LOCK_SH), 0);
+    assert_eq!(flock(&a, LOCK_SH | LOCK_NB), 0);
+    assert_eq!(flock(&b2, LOCK_SH | LOCK_NB), 0);
+    assert_eq!(flock(&a, LOCK_EX | LOCK_NB), libc::EWOULDBLOCK);
+    assert_eq!(
+        flock(&b2, LOCK_EX | LOCK_NB),
+        libc::EWOULDBLOCK,
+        "n1 no longer holds LOCK_SH, but b still does"
+    );
+
+    // Closing releases: n1 gets LOCK_EX once n2's files are closed.
+    drop(b2);
+    drop(std::sync::Arc::try_unwrap(b).unwrap());
+    assert_eq!(flock_within(&a, LOCK_EX, 5), 0);
+    assert_eq!(flock(&a, LOCK_UN), 0);
+    let stats = glstats_line(&f, 0, "flock:");
+    assert!(stats.is_some(), "glstats shows flocks");
+
+    // n3 dies holding LOCK_EX: its lock stays until a survivor has recovered n3.
+    let c = open(&f, 2);
+    assert_eq!(flock(&c, LOCK_EX), 0);
+    assert_eq!(flock(&a, LOCK_EX | LOCK_NB), libc::EWOULDBLOCK);
+    f.c.kill9(2);
+    drop(f.workers[2].take());
+    drop(c); // its connection died with the mount: the close reaches no one
+    let t0 = Instant::now();
+    assert_eq!(
+        flock_within(&a, LOCK_EX, 60),
+        0,
+        "n3's flock outlived its recovery\n{}",
+        f.c.log(0, "fs")
+    );
+    eprintln!(
+        "kill -9 of n3 -> its flock released after {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(flock(&a, LOCK_UN), 0);
+    drop(a);
+    f.unmount_all_and_check_clean("after the flock rounds");
+}

@@ -55,6 +55,20 @@ impl LockdConn {
             .block_on(self.client.lock(&self.lockspace, resource, mode, flags))
     }
 
+    /// `lock`, given up (`LockError::Cancelled`) when `give_up` completes first.
+    pub fn lock_until(
+        &self,
+        resource: &[u8],
+        mode: Mode,
+        flags: Flags,
+        give_up: impl std::future::Future<Output = ()>,
+    ) -> Result<Grant, ClientError> {
+        self.rt.block_on(
+            self.client
+                .lock_until(&self.lockspace, resource, mode, flags, give_up),
+        )
+    }
+
     pub fn convert(&self, lock: LockId, mode: Mode) -> Result<Grant, ClientError> {
         self.rt
             .block_on(self.client.convert(lock, mode, Flags::default(), None))

@@ -8,11 +8,15 @@
 //! | `journal/N` | EX, PERSISTENT | the whole mount | journal N is ours; orphaned if we die |
 //! | `meta` | PR / EX, PERSISTENT | cached until called back | every metadata block and file data |
 //! | `iopen/INO` | PR | while open here, then cached until called back (`iopen.rs`) | unlink of a file open elsewhere defers the free |
+//! | `flock/INO` | PR / EX | while a process holds flock(2) on the file (`flock.rs`) | cluster-wide flock |
 //!
 //! Lock order: `journal/N` (taken once at mount), then `meta`, then `iopen/INO` (taken
-//! only with NOQUEUE while `meta` is held, so it never waits). Recovery takes
+//! only with NOQUEUE while `meta` is held, so it never waits). `flock/INO` is taken with
+//! no other lock held (only while the file is open, which keeps the inode number from
+//! being reused), so it is outside that order. Recovery takes
 //! `journal/K` with RECOVERY|NOQUEUE first and `meta` EX|RECOVERY second.
 
+pub mod flock;
 pub mod glock;
 mod iopen;
 pub mod kcache;
@@ -71,6 +75,8 @@ pub struct Cluster {
     callbacks: Option<tokio::sync::mpsc::UnboundedReceiver<Callback>>,
     /// iopen locks of inodes open (or recently open) on this node.
     iopen: Arc<IopenCache>,
+    /// flock(2) locks held by processes on this node.
+    pub flocks: Arc<flock::FlockTable>,
     /// The reaper thread: frees unlinked inodes whose cached iopen lock we gave up.
     reaper: Mutex<Option<JoinHandle<()>>>,
     reaper_stop: Arc<AtomicBool>,
@@ -136,6 +142,7 @@ impl Cluster {
         let glock = Arc::new(Glock::new("meta", backend, o.min_hold));
         let iopen = Arc::new(IopenCache::new(conn.clone()));
         Ok(Self {
+            flocks: Arc::new(flock::FlockTable::new(conn.clone())),
             conn,
             glock,
             journal,
@@ -321,6 +328,8 @@ pub fn glstats_text(c: &Cluster) -> String {
     );
     let io = c.iopen.stats();
     out += &format!("iopen PR: {} open, {} cached idle\n", io.open, io.idle);
+    let fl = c.flocks.stats();
+    out += &format!("flock: {} held, {} waiting\n", fl.held, fl.waiting);
     out += &format!(
         "kernel cache: attributes of {} inodes, names {}\n",
         g.kernel_cached_inodes(),

@@ -75,7 +75,7 @@ pub fn run(mut o: Opts) -> anyhow::Result<()> {
     o.fs.relatime = false;
     let kcache = Arc::new(KernelCache::default());
     let session = fuser::Session::new(
-        FuseFs::new_cluster(fs.clone(), kcache.clone()),
+        FuseFs::new_cluster(fs.clone(), kcache.clone(), cluster.flocks.clone()),
         &o.dir,
         &fuse_config(&o),
     )
