@@ -92,6 +92,11 @@ impl FlockTable {
         }
     }
 
+    /// Whether `lock` is one of our flock locks (their blocking callbacks are ignored).
+    pub fn holds(&self, lock: LockId) -> bool {
+        self.state.lock().held.values().any(|&(l, _)| l == lock)
+    }
+
     /// A flock request (FUSE SETLK / SETLKW with `FUSE_LK_FLOCK`). `done` gets 0 or an
     /// errno: at once, or from a waiting thread when `sleep` and the lock is busy.
     pub fn set(

@@ -165,7 +165,7 @@ impl Cluster {
     ) -> Result<()> {
         let mut rx = self.callbacks.take().expect("started once");
         let (conn, glock, stop) = (self.conn.clone(), self.glock.clone(), self.stop.clone());
-        let iopen = self.iopen.clone();
+        let (iopen, flocks) = (self.iopen.clone(), self.flocks.clone());
         let cb = std::thread::Builder::new()
             .name("glock-callbacks".into())
             .spawn(move || loop {
@@ -193,7 +193,9 @@ impl Cluster {
                         // Otherwise not filtered: `demote` first waits for the glock
                         // acquisition in flight. Callbacks for other locks (journal,
                         // recovery) find no match there: those are never given up.
-                        if !iopen.on_blocking(lock) {
+                        // flock locks are held until their owner unlocks: a waiter elsewhere
+                        // has nothing to ask of us.
+                        if !iopen.on_blocking(lock) && !flocks.holds(lock) {
                             glock.demote(lock, wanted);
                         }
                     }
