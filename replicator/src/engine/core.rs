@@ -97,7 +97,13 @@ pub fn plan_connect(me: &Local, st: &PeerState, peer: NodeId) -> (Plan, &'static
     // acknowledged write n4 got from the Primary; n4 then resyncs the Primary by
     // source-use-bitmap with it. DRBD 9 keeps "same current UUID = same data" instead:
     // state changes reach every node, and a Primary mints a new current UUID when a node
-    // it cannot reach becomes UpToDate at its generation ("weak nodes").
+    // it cannot reach becomes UpToDate at its generation ("weak nodes"). Checked in the
+    // simulation (not committed): setting `conn_changed` on *every* node at any link change,
+    // i.e. the writer mints before its next write after a topology change anywhere, passes
+    // four-node seeds 0-19,999 with the current rules. The engine needs that news to reach
+    // the writer (e.g. a topology epoch in `State`, raised on a node's own connection
+    // changes and finished resyncs and taken as the max over connected peers; protocol
+    // bump), and the simulation must then model that propagation, not a global flag.
     if decision == Decision::SplitBrain && rule == "equal-current-both-dirty" {
         (decision, rule) = if me.split_brain.node_id < peer.0 {
             (Decision::BitmapSource, "equal-current-union-of-bitmaps")
