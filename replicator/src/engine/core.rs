@@ -85,6 +85,25 @@ pub fn plan_connect(me: &Local, st: &PeerState, peer: NodeId) -> (Plan, &'static
     // wrote on its own (a writer mints when it loses a peer), so the bits are tracking for
     // third nodes; both copies agree on every other block. Resync the union of both
     // bitmaps from the lower node id rather than calling it a split brain.
+    //
+    // Known gap (c) in docs/SEMANTICS.md — unsafe with four or more nodes: this sends our
+    // copy of every block *the peer* marked as news too, and bits only say "may differ",
+    // not "newer here". A node can reach the writer's current generation through a third
+    // node while the writer, not connected to it, keeps writing in that generation (it
+    // mints only when its own links change); such a node keeps stale bits and marks the
+    // blocks it received by resync as news for its other peers. Seed 2797 with four nodes
+    // (`sim::four_node_seed_2797_keeps_the_primarys_acknowledged_write`): n2, at the
+    // writer's generation through n3, is the union source for n4 and overwrites the
+    // acknowledged write n4 got from the Primary; n4 then resyncs the Primary by
+    // source-use-bitmap with it. DRBD 9 keeps "same current UUID = same data" instead:
+    // state changes reach every node, and a Primary mints a new current UUID when a node
+    // it cannot reach becomes UpToDate at its generation ("weak nodes"). Checked in the
+    // simulation (not committed): setting `conn_changed` on *every* node at any link change,
+    // i.e. the writer mints before its next write after a topology change anywhere, passes
+    // four-node seeds 0-19,999 with the current rules. The engine needs that news to reach
+    // the writer (e.g. a topology epoch in `State`, raised on a node's own connection
+    // changes and finished resyncs and taken as the max over connected peers; protocol
+    // bump), and the simulation must then model that propagation, not a global flag.
     if decision == Decision::SplitBrain && rule == "equal-current-both-dirty" {
         (decision, rule) = if me.split_brain.node_id < peer.0 {
             (Decision::BitmapSource, "equal-current-union-of-bitmaps")

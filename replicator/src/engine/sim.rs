@@ -9,7 +9,9 @@
 //! - at the end, healed and recovered, every node is UpToDate and identical;
 //! - with a single writer that never crashes, every acknowledged write survives.
 //!
-//! `TANDEM_SIM_SEEDS` (default 2000) sets the number of seeds; `TANDEM_SIM_SEED` replays one.
+//! `TANDEM_SIM_SEEDS` (default 2000) sets the number of seeds; `TANDEM_SIM_SEED` replays one
+//! (`TANDEM_SIM_TRACE_BLOCK=N` adds block N's version and bits to each connect line);
+//! `TANDEM_SIM_COUNT_FAILURES=1` runs every seed and lists the failing ones.
 
 use std::collections::BTreeMap;
 
@@ -159,13 +161,13 @@ impl Node {
 }
 
 impl Sim {
-    fn new(seed: u64) -> Self {
+    fn new(seed: u64, max_nodes: usize) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
         let single_writer = rng.gen_bool(0.5);
         // Two writers are simulated on two nodes; with three or more nodes, concurrent
         // Primaries under partial partitions are a known gap (see docs/SEMANTICS.md).
         let n = if single_writer {
-            rng.gen_range(2..=max_nodes())
+            rng.gen_range(2..=max_nodes)
         } else {
             2
         };
@@ -382,8 +384,26 @@ impl Sim {
                         .iter()
                         .map(|p| format!("{}:{:x}", p.node_id.0, p.bitmap_uuid & 0xffff))
                         .collect();
+                // `TANDEM_SIM_TRACE_BLOCK=N`: also show block N's version on each side and
+                // which peers' bitmaps have it set (`2*` = set for node 2).
+                let block = std::env::var("TANDEM_SIM_TRACE_BLOCK")
+                    .ok()
+                    .and_then(|b| b.parse::<u64>().ok())
+                    .filter(|&b| b < BLOCKS)
+                    .map(|b| {
+                        let bits: Vec<String> = n
+                            .bitmaps
+                            .iter()
+                            .map(|(k, v)| {
+                                let set = if v.is_set(b * BLOCK_BYTES) { "*" } else { "" };
+                                format!("{}{set}", k.0)
+                            })
+                            .collect();
+                        format!(" blk{b}=v{} [{}]", n.disk[b as usize], bits.join(","))
+                    })
+                    .unwrap_or_default();
                 format!(
-                    "cur {:x} hist {:x}/{:x} bm [{}]{}",
+                    "cur {:x} hist {:x}/{:x} bm [{}]{}{block}",
                     n.sb.current_uuid & 0xffff,
                     n.sb.history_uuids[0] & 0xffff,
                     n.sb.history_uuids[1] & 0xffff,
@@ -631,7 +651,11 @@ fn max_nodes() -> usize {
 }
 
 fn run(seed: u64) {
-    let mut sim = Sim::new(seed);
+    run_with(seed, max_nodes());
+}
+
+fn run_with(seed: u64, max_nodes: usize) {
+    let mut sim = Sim::new(seed, max_nodes);
     let steps = sim.rng.gen_range(20..120);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for _ in 0..steps {
@@ -668,6 +692,16 @@ fn discarded_secondary_never_becomes_the_primarys_source() {
     run(1828);
 }
 
+/// Known gap (c) of docs/SEMANTICS.md, pinned: with up to four nodes, seed 2797 loses an
+/// acknowledged write (block 15, v39). Ignored until the multi-node bitmap bookkeeping is
+/// redone; `cargo test -p tandem-replicator --lib four_node_seed_2797 -- --ignored` runs it.
+/// Analysis in docs/SEMANTICS.md ("Known gaps") and at `plan_connect`'s union rule.
+#[test]
+#[ignore = "known gap (c): 4+ nodes, see docs/SEMANTICS.md"]
+fn four_node_seed_2797_keeps_the_primarys_acknowledged_write() {
+    run_with(2797, 4);
+}
+
 #[test]
 fn seeded_replication_simulation() {
     if let Ok(seed) = std::env::var("TANDEM_SIM_SEED") {
@@ -678,6 +712,17 @@ fn seeded_replication_simulation() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
+    if std::env::var_os("TANDEM_SIM_COUNT_FAILURES").is_some() {
+        // Survey mode: run every seed, then fail with the list of failing ones.
+        let mut bad = Vec::new();
+        for seed in 0..seeds {
+            if std::panic::catch_unwind(|| run(seed)).is_err() {
+                bad.push(seed);
+            }
+        }
+        assert!(bad.is_empty(), "{} failing seeds: {bad:?}", bad.len());
+        return;
+    }
     for seed in 0..seeds {
         run(seed);
     }
