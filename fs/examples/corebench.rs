@@ -25,7 +25,11 @@ fn main() {
     };
     mkfs(dev.clone(), &opts).unwrap();
     let (fs, _) = Fs::mount(dev, FsOptions::default()).unwrap();
-    let ctx = Ctx { uid: 0, gid: 0 };
+    let ctx = Ctx {
+        uid: 0,
+        gid: 0,
+        pid: 0,
+    };
     let d = fs.mkdir(ctx, ROOT_INO, b"d", 0o755, 0).unwrap();
     let n = 20_000;
     let block = vec![1u8; 4096];

@@ -52,6 +52,9 @@ pub struct FuseFs {
     kill_privs: std::sync::atomic::AtomicBool,
     /// Cluster mounts: flock(2) through the lock manager, so it excludes other nodes.
     flocks: Option<Arc<FlockTable>>,
+    /// File handles: unique per open and never reused, so a late RELEASE of one open can
+    /// never be taken for another (flock locks are keyed by them).
+    next_fh: std::sync::atomic::AtomicU64,
 }
 
 impl FuseFs {
@@ -62,6 +65,7 @@ impl FuseFs {
             kcache: None,
             kill_privs: Default::default(),
             flocks: None,
+            next_fh: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
@@ -74,6 +78,7 @@ impl FuseFs {
             kcache: Some(kcache),
             kill_privs: Default::default(),
             flocks: Some(flocks),
+            next_fh: std::sync::atomic::AtomicU64::new(1),
         }
     }
 }
@@ -145,10 +150,20 @@ fn time(t: TimeOrNow) -> SystemTime {
     }
 }
 
+impl FuseFs {
+    fn new_fh(&self) -> FileHandle {
+        FileHandle(
+            self.next_fh
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+}
+
 fn ctx(req: &Request) -> Ctx {
     Ctx {
         uid: req.uid(),
         gid: req.gid(),
+        pid: req.pid(),
     }
 }
 
@@ -417,7 +432,7 @@ impl Filesystem for FuseFs {
         match self.fs.open(ino.0) {
             Ok(()) => {
                 let (_grant, open_flags) = self.open_reply(t, ino.0, flags.0);
-                reply.opened(FileHandle(0), open_flags)
+                reply.opened(self.new_fh(), open_flags)
             }
             Err(e) => reply.error(errno(&e)),
         }
@@ -471,15 +486,15 @@ impl Filesystem for FuseFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         // Set only when the file description used flock (FUSE_RELEASE_FLOCK_UNLOCK).
-        if let (Some(t), Some(owner)) = (&self.flocks, lock_owner) {
-            t.release(ino.0, owner.0);
+        if let (Some(t), Some(_)) = (&self.flocks, lock_owner) {
+            t.release(ino.0, fh.0);
         }
         self.fs.release(ino.0);
         reply.ok();
@@ -487,10 +502,10 @@ impl Filesystem for FuseFs {
 
     fn setlk(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
-        lock_owner: LockOwner,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
         _start: u64,
         _end: u64,
         typ: i32,
@@ -503,7 +518,7 @@ impl Filesystem for FuseFs {
         let Some(t) = &self.flocks else {
             return reply.error(Errno::ENOSYS);
         };
-        t.set(ino.0, lock_owner.0, typ, sleep, move |e| {
+        t.set(ino.0, fh.0, req.pid(), typ, sleep, move |e| {
             if e == 0 {
                 reply.ok()
             } else {
@@ -714,7 +729,7 @@ impl Filesystem for FuseFs {
                     &self.ttl,
                     &fattr(&a),
                     Generation(a.generation),
-                    FileHandle(0),
+                    self.new_fh(),
                     open_flags,
                 )
             }

@@ -7,7 +7,11 @@ use tandem_fs::fs::{Ctx, Fs, FsOptions, ROOT_INO};
 use tandem_fs::mkfs::{mkfs, MkfsOptions};
 use tandem_fs::{BlockDevice, FaultDevice};
 
-const CTX: Ctx = Ctx { uid: 0, gid: 0 };
+const CTX: Ctx = Ctx {
+    uid: 0,
+    gid: 0,
+    pid: 0,
+};
 
 fn fresh(size: u64) -> (Arc<FaultDevice>, Fs) {
     let dev = Arc::new(FaultDevice::new(size));
@@ -397,11 +401,28 @@ fn create_of_an_existing_name_opens_it_unless_exclusive() {
     let user = Ctx {
         uid: 1000,
         gid: 1000,
+        pid: 0,
     };
     let err = fs
         .create_file(user, ROOT_INO, b"log", 0o644, 0, libc::O_WRONLY)
         .unwrap_err();
     assert_eq!(err.errno(), libc::EACCES);
+    // O_TRUNC needs write permission even with O_RDONLY (as the kernel's open checks).
+    fs.write(a.ino, 0, b"keep").unwrap();
+    let err = fs
+        .create_file(
+            user,
+            ROOT_INO,
+            b"log",
+            0o644,
+            0,
+            libc::O_RDONLY | libc::O_TRUNC,
+        )
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::EACCES);
+    assert_eq!(fs.getattr(a.ino).unwrap().size, 4, "not truncated");
+    fs.create_file(user, ROOT_INO, b"log", 0o644, 0, libc::O_RDONLY)
+        .unwrap();
 }
 
 /// Forwards to a FaultDevice and records what it is asked: prefetch hints (if it takes

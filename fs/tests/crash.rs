@@ -16,7 +16,11 @@ use tandem_fs::fsck::{fsck, FsckOptions};
 use tandem_fs::mkfs::{mkfs, MkfsOptions};
 use tandem_fs::{BlockDevice, CrashMode, FaultDevice};
 
-const CTX: Ctx = Ctx { uid: 0, gid: 0 };
+const CTX: Ctx = Ctx {
+    uid: 0,
+    gid: 0,
+    pid: 0,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Node {

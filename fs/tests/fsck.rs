@@ -11,7 +11,11 @@ use tandem_fs::fsck::{fsck, FsckOptions};
 use tandem_fs::mkfs::{mkfs, MkfsOptions};
 use tandem_fs::{BlockDevice, FaultDevice};
 
-const CTX: Ctx = Ctx { uid: 0, gid: 0 };
+const CTX: Ctx = Ctx {
+    uid: 0,
+    gid: 0,
+    pid: 0,
+};
 const BS: usize = 4096;
 
 /// A small filesystem using every metadata structure: inline and extent files, extent
@@ -407,6 +411,9 @@ fn a_malformed_acl_is_reported_and_removed() {
         0o640,
         "mask in the group bits"
     );
+    // One whose xattr block holds nothing else: repair frees the block.
+    let only = fs.mknod(CTX, ROOT_INO, b"only", 0o600, 0, 0).unwrap();
+    fs.setxattr(only.ino, acl::ACCESS, &bytes, 0).unwrap();
     assert_eq!(fs.getxattr(f.ino, acl::ACCESS).unwrap(), bytes);
     // A malformed value never gets stored.
     assert!(fs
@@ -432,7 +439,7 @@ fn a_malformed_acl_is_reported_and_removed() {
             broken += 1;
         }
     }
-    assert!(broken > 0, "the ACL's xattr block");
+    assert!(broken >= 2, "both ACLs' xattr blocks");
     let r = check(img.clone(), false).unwrap();
     assert!(
         r.problems
@@ -452,4 +459,5 @@ fn a_malformed_acl_is_reported_and_removed() {
         Err(tandem_fs::FsError::NoXattr)
     ));
     assert_eq!(fs.getxattr(f.ino, b"user.keep").unwrap(), b"me");
+    assert!(fs.listxattr(only.ino).unwrap().is_empty());
 }

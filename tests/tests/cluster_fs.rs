@@ -1236,6 +1236,77 @@ fn flock_excludes_processes_on_other_nodes_and_a_dead_nodes_locks_go_after_recov
     let stats = glstats_line(&f, 0, "flock:");
     assert!(stats.is_some(), "glstats shows flocks");
 
+    // Threads sharing one open file, all at once: one lock for that file, none leaked.
+    let e = std::sync::Arc::new(open(&f, 1));
+    let racers: Vec<_> = (0..4)
+        .map(|_| {
+            let e = e.clone();
+            std::thread::spawn(move || flock(&e, LOCK_SH | LOCK_NB))
+        })
+        .collect();
+    for r in racers {
+        assert_eq!(r.join().unwrap(), 0);
+    }
+    drop(std::sync::Arc::try_unwrap(e).unwrap());
+    assert_eq!(flock_within(&a, LOCK_EX, 5), 0, "a shared lock leaked");
+
+    // A signal interrupts a blocked LOCK_EX as on a local filesystem: the handler runs and,
+    // without SA_RESTART, flock returns EINTR.
+    extern "C" fn on_usr1(_: libc::c_int) {}
+    // SAFETY: installs a handler that does nothing, for a signal this test sends itself.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_usr1 as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        sa.sa_flags = 0;
+        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+    }
+    let d = open(&f, 1);
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let (res_tx, res_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        let _ = res_tx.send(flock(&d, LOCK_EX));
+    });
+    let tid = tid_rx.recv().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(res_rx.try_recv().is_err(), "n2's LOCK_EX did not wait");
+    // SAFETY: signals one of this process's own threads.
+    unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, libc::SIGUSR1) };
+    assert_eq!(
+        res_rx.recv_timeout(std::time::Duration::from_secs(10)),
+        Ok(libc::EINTR),
+        "a signal must end a blocked flock"
+    );
+
+    // kill -9 of a process blocked in flock(1) ends it at once.
+    let path = file.clone();
+    let mut child = f
+        .w(1)
+        .run(move || {
+            std::process::Command::new("flock")
+                .arg(path)
+                .arg("true")
+                .spawn()
+        })
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "flock(1) did not wait for n1"
+    );
+    child.kill().unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "a process blocked in flock could not be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(flock(&a, LOCK_UN), 0);
+
     // n3 dies holding LOCK_EX: its lock stays until a survivor has recovered n3.
     let c = open(&f, 2);
     assert_eq!(flock(&c, LOCK_EX), 0);

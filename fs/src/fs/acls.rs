@@ -101,27 +101,48 @@ impl Inner {
     }
 
     /// The permission check the kernel would have made had it found the file at lookup:
-    /// the access ACL when there is one, else the mode bits. Only the caller's primary
-    /// group is known here.
+    /// the access ACL when there is one, else the mode bits; O_TRUNC needs write access
+    /// too. Groups are the caller's primary and (through /proc) supplementary ones.
     pub(super) fn may_open(&mut self, ctx: Ctx, i: &Inode, flags: i32) -> Result<bool> {
         if ctx.uid == 0 {
             return Ok(true);
         }
-        let want = match flags & libc::O_ACCMODE {
+        let mut want = match flags & libc::O_ACCMODE {
             libc::O_RDONLY => 4,
             libc::O_WRONLY => 2,
             _ => 6,
         };
+        if flags & libc::O_TRUNC != 0 {
+            want |= 2;
+        }
+        let groups = caller_groups(ctx);
         if let Some(a) = self.acl(i, acl::ACCESS)? {
-            return Ok(a.permits(ctx.uid, &[ctx.gid], i.uid, i.gid, want));
+            return Ok(a.permits(ctx.uid, &groups, i.uid, i.gid, want));
         }
         let bits = if ctx.uid == i.uid {
             (i.mode >> 6) & 7
-        } else if ctx.gid == i.gid {
+        } else if groups.contains(&i.gid) {
             (i.mode >> 3) & 7
         } else {
             i.mode & 7
         };
         Ok(bits & want == want)
     }
+}
+
+/// The caller's primary group and, when its thread is known, its supplementary groups.
+fn caller_groups(ctx: Ctx) -> Vec<u32> {
+    let mut groups = vec![ctx.gid];
+    if ctx.pid == 0 {
+        return groups;
+    }
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", ctx.pid)) {
+        if let Some(line) = status.lines().find_map(|l| l.strip_prefix("Groups:")) {
+            groups.extend(
+                line.split_whitespace()
+                    .filter_map(|g| g.parse::<u32>().ok()),
+            );
+        }
+    }
+    groups
 }

@@ -474,16 +474,18 @@ impl Fs {
             g.kill_privs(&mut i)?;
         }
         let now = Time::now();
-        if let Some(size) = s.size {
-            if i.is_dir() {
-                return Err(FsError::IsDir);
-            }
-            g.st.file_truncate(&mut i, size)?;
-            i.mtime = now;
+        if s.size.is_some() && i.is_dir() {
+            return Err(FsError::IsDir);
         }
+        // Before the truncate: once that has freed blocks, nothing may fail before the
+        // inode is stored (the ACL rewrite can, on a corrupt ACL).
         if let Some(m) = s.mode {
             i.mode = (i.mode & S_IFMT) | (m & 0o7777);
             g.chmod_acl(&mut i)?;
+        }
+        if let Some(size) = s.size {
+            g.st.file_truncate(&mut i, size)?;
+            i.mtime = now;
         }
         if let Some(u) = s.uid {
             i.uid = u;

@@ -99,6 +99,9 @@ pub struct SetAttr {
 pub struct Ctx {
     pub uid: u32,
     pub gid: u32,
+    /// The calling thread (its supplementary groups are read from /proc where a
+    /// permission check needs them); 0 when unknown: the primary group only.
+    pub pid: u32,
 }
 
 /// A readdir entry; `offset` is the cookie of the *next* entry.
