@@ -296,6 +296,7 @@ fn ro_opts() -> FsOptions {
         read_only: true,
         relatime: false,
         allow_cluster_fs_without_locking: true,
+        posix_acl: true,
     }
 }
 

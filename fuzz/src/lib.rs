@@ -108,6 +108,29 @@ pub fn fs_metadata_block(data: &[u8]) {
     let _ = tandem_fs::format::peek_type(data);
 }
 
+/// A POSIX ACL xattr value (what setxattr hands the filesystem, and what fsck reads back):
+/// whatever parses must re-encode to the same bytes, and chmod, the create mask and the
+/// mode it implies must keep it valid.
+pub fn fs_posix_acl(data: &[u8]) {
+    use tandem_fs::acl::Acl;
+    let Ok(a) = Acl::parse(data) else { return };
+    assert_eq!(a.to_bytes(), data, "a parsed ACL re-encodes to its own bytes");
+    let mode = data.first().map_or(0o644, |&b| 0o100000 | u32::from(b) << 1);
+    let (m, equiv) = a.equiv_mode(mode);
+    assert_eq!(m & !0o777, mode & !0o777, "only permission bits change");
+    if equiv {
+        assert_eq!(a.entries().len(), 3, "an equivalent ACL is the three base entries");
+    }
+    let mut c = a.clone();
+    c.chmod(m);
+    assert!(Acl::parse(&c.to_bytes()).is_ok(), "chmod keeps the ACL valid");
+    let mut d = a.clone();
+    let (cm, _) = d.create_masq(mode);
+    assert_eq!(cm & !0o777, mode & !0o777);
+    assert!(Acl::parse(&d.to_bytes()).is_ok(), "the create mask keeps it valid");
+    let _ = a.permits(1000, &[1000, 50], 0, 0, 6);
+}
+
 /// A whole filesystem image with byte patches (see `fs_image::apply_patches`): fsck -n must
 /// not panic, and an image it calls clean must mount and read back consistently.
 pub fn fs_image_fsck(data: &[u8]) {
@@ -191,5 +214,6 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("fs_metadata_block", fs_metadata_block),
     ("fs_image_fsck", fs_image_fsck),
     ("fs_journal_replay", fs_journal_replay),
+    ("fs_posix_acl", fs_posix_acl),
     ("lock_peer_message", lock_peer_message),
 ];
