@@ -157,19 +157,27 @@ fn an_idle_glock_goes_before_the_minimum_hold_a_busy_one_keeps_it() {
         let t0 = Instant::now();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (g2, stop2) = (g.clone(), stop.clone());
+        let (running_tx, running_rx) = std::sync::mpsc::channel();
         let burst = std::thread::spawn(move || {
             let mut max_gap = Duration::ZERO;
-            let mut left = Instant::now();
+            // From the last guard's drop above: a burst thread scheduled late leaves the
+            // glock idle before its first operation, and that gap counts too.
+            let mut left = t0;
             while !stop2.load(Ordering::Relaxed) {
                 let guard = g2.enter(Mode::EX).unwrap();
+                let _ = running_tx.send(());
                 max_gap = max_gap.max(left.elapsed());
                 // Taken before the drop: a preemption right after the guard's drop (the
                 // glock idle, the clock not yet read) must count as a gap too.
                 left = Instant::now();
                 drop(guard);
             }
-            max_gap
+            // The last gap too: descheduled after a drop, the burst may only see `stop`
+            // once the callback has (rightly) taken the idle glock.
+            max_gap.max(left.elapsed())
         });
+        // The burst is under way before the callback comes.
+        running_rx.recv().unwrap();
         g.demote(LockId(7), Mode::EX);
         let kept = t0.elapsed();
         stop.store(true, Ordering::Relaxed);
