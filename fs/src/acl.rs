@@ -310,33 +310,38 @@ mod tests {
         let mut v = good.clone();
         v[4] = 0x40;
         assert!(Acl::parse(&v).is_err(), "tag");
-        // No mask with named entries.
-        let no_mask = [
-            ent(USER_OBJ, 6, UNDEFINED_ID),
-            ent(USER, 4, 1000),
-            ent(GROUP_OBJ, 4, UNDEFINED_ID),
-            ent(OTHER, 0, UNDEFINED_ID),
+        let u = UNDEFINED_ID;
+        let bad: [(&str, Vec<Entry>); 4] = [
+            (
+                "named entries without a mask",
+                vec![
+                    ent(USER_OBJ, 6, u),
+                    ent(USER, 4, 1000),
+                    ent(GROUP_OBJ, 4, u),
+                    ent(OTHER, 0, u),
+                ],
+            ),
+            (
+                "out of order",
+                vec![ent(GROUP_OBJ, 4, u), ent(USER_OBJ, 6, u), ent(OTHER, 0, u)],
+            ),
+            (
+                "repeated",
+                vec![
+                    ent(USER_OBJ, 6, u),
+                    ent(USER_OBJ, 6, u),
+                    ent(GROUP_OBJ, 4, u),
+                    ent(OTHER, 0, u),
+                ],
+            ),
+            (
+                "no other entry",
+                vec![ent(USER_OBJ, 6, u), ent(GROUP_OBJ, 4, u)],
+            ),
         ];
-        assert!(Acl::from_entries(no_mask.to_vec()).is_err());
-        // Out of order, repeated, missing other.
-        assert!(Acl::from_entries(vec![
-            ent(GROUP_OBJ, 4, UNDEFINED_ID),
-            ent(USER_OBJ, 6, UNDEFINED_ID),
-            ent(OTHER, 0, UNDEFINED_ID)
-        ])
-        .is_err());
-        assert!(Acl::from_entries(vec![
-            ent(USER_OBJ, 6, UNDEFINED_ID),
-            ent(USER_OBJ, 6, UNDEFINED_ID),
-            ent(GROUP_OBJ, 4, UNDEFINED_ID),
-            ent(OTHER, 0, UNDEFINED_ID)
-        ])
-        .is_err());
-        assert!(Acl::from_entries(vec![
-            ent(USER_OBJ, 6, UNDEFINED_ID),
-            ent(GROUP_OBJ, 4, UNDEFINED_ID)
-        ])
-        .is_err());
+        for (why, entries) in bad {
+            assert!(Acl::from_entries(entries).is_err(), "{why}");
+        }
         // Every truncation and every single-byte flip either parses to a valid ACL or
         // is refused; none panics.
         for n in 0..good.len() {

@@ -81,21 +81,13 @@ impl FuseFs {
             next_fh: std::sync::atomic::AtomicU64::new(1),
         }
     }
-}
 
-/// Whether the process behind `req` has `gid` as its primary or a supplementary group.
-/// Unknown (the process is gone) counts as not: dropping setgid is the safe side.
-fn caller_in_group(req: &Request, gid: u32) -> bool {
-    if req.gid() == gid {
-        return true;
+    fn new_fh(&self) -> FileHandle {
+        FileHandle(
+            self.next_fh
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        )
     }
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", req.pid())) else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .is_some_and(|g| g.split_whitespace().any(|x| x.parse() == Ok(gid)))
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -147,15 +139,6 @@ fn time(t: TimeOrNow) -> SystemTime {
     match t {
         TimeOrNow::SpecificTime(t) => t,
         TimeOrNow::Now => SystemTime::now(),
-    }
-}
-
-impl FuseFs {
-    fn new_fh(&self) -> FileHandle {
-        FileHandle(
-            self.next_fh
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        )
     }
 }
 
@@ -647,18 +630,9 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let name = name.as_bytes();
-        // Setting an access ACL drops setgid unless the caller is in the file's group or
-        // privileged (`posix_acl_update_mode`); fuser cannot negotiate the kernel's
-        // FUSE_SETXATTR_ACL_KILL_SGID, so we decide it.
-        let kill_sgid = name == crate::acl::ACCESS
-            && req.uid() != 0
-            && self
-                .fs
-                .getattr(ino.0)
-                .is_ok_and(|a| !caller_in_group(req, a.gid));
         Self::empty(
-            self.fs.setxattr_with(ino.0, name, value, flags, kill_sgid),
+            self.fs
+                .setxattr_as(ctx(req), ino.0, name.as_bytes(), value, flags),
             reply,
         );
     }
@@ -666,26 +640,18 @@ impl Filesystem for FuseFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name.as_bytes();
         let t = self.ticket();
-        match self.fs.getxattr(ino.0, name) {
-            Ok(v) => {
-                // The kernel caches ACLs with no lifetime: on a cluster mount, only while
-                // the glock lets it (see `KernelCache::acl`).
-                let _grant = match (&self.kcache, t) {
-                    (Some(k), Some(t)) if crate::acl::is_acl_name(name) => k.acl(t, ino.0),
-                    _ => Grant::none(),
-                };
-                xattr_reply(&v, size, reply)
+        let res = self.fs.getxattr(ino.0, name);
+        // The kernel may cache an ACL, or its absence, with no lifetime: on a cluster
+        // mount only while the glock lets it (see `KernelCache::acl`).
+        let _grant = match (&self.kcache, t, &res) {
+            (Some(k), Some(t), Ok(_) | Err(FsError::NoXattr)) if crate::acl::is_acl_name(name) => {
+                k.acl(t, ino.0)
             }
-            Err(e) => {
-                // "No ACL" is cached as well.
-                if let (Some(k), Some(t), FsError::NoXattr) = (&self.kcache, t, &e) {
-                    if crate::acl::is_acl_name(name) {
-                        let _grant = k.acl(t, ino.0);
-                        return reply.error(errno(&e));
-                    }
-                }
-                reply.error(errno(&e))
-            }
+            _ => Grant::none(),
+        };
+        match res {
+            Ok(v) => xattr_reply(&v, size, reply),
+            Err(e) => reply.error(errno(&e)),
         }
     }
 

@@ -11,12 +11,17 @@ use std::process::Command;
 
 use common::{fsck, Mount};
 
-fn setfacl(args: &[&str], path: &Path) {
-    let out = Command::new("setfacl")
+/// Runs one of Debian's `acl` tools (scripts/install-deps.sh installs them) on `path`.
+fn acl_tool(tool: &str, args: &[&str], path: &Path) -> std::process::Output {
+    Command::new(tool)
         .args(args)
         .arg(path)
         .output()
-        .expect("setfacl (scripts/install-deps.sh installs acl)");
+        .unwrap_or_else(|e| panic!("{tool} (scripts/install-deps.sh installs acl): {e}"))
+}
+
+fn setfacl(args: &[&str], path: &Path) {
+    let out = acl_tool("setfacl", args, path);
     assert!(
         out.status.success(),
         "setfacl {args:?}: {}",
@@ -26,12 +31,12 @@ fn setfacl(args: &[&str], path: &Path) {
 
 /// getfacl's entries without the comment header, one per line.
 fn getfacl(args: &[&str], path: &Path) -> Vec<String> {
-    let out = Command::new("getfacl")
-        .args(["--omit-header", "--numeric"])
-        .args(args)
-        .arg(path)
-        .output()
-        .expect("getfacl (scripts/install-deps.sh installs acl)");
+    let args: Vec<&str> = ["--omit-header", "--numeric"]
+        .iter()
+        .chain(args)
+        .copied()
+        .collect();
+    let out = acl_tool("getfacl", &args, path);
     assert!(
         out.status.success(),
         "{}",
@@ -149,11 +154,7 @@ fn access_acls_are_enforced_and_stay_in_step_with_the_mode() {
     assert_eq!(can_write(&f, 1000, 1000), 0);
     setfacl(&["-b"], &f);
     assert_eq!(can_write(&f, 1000, 1000), libc::EACCES);
-    let out = Command::new("setfacl")
-        .args(["-d", "-m", "u:1000:r"])
-        .arg(&f)
-        .output()
-        .unwrap();
+    let out = acl_tool("setfacl", &["-d", "-m", "u:1000:r"], &f);
     assert!(!out.status.success(), "a default ACL on a file is refused");
 
     // Setting an ACL as a non-member of the file's group drops setgid.

@@ -27,7 +27,7 @@ impl Inner {
         i: &mut Inode,
         name: &[u8],
         a: &Acl,
-        kill_sgid: bool,
+        caller: Ctx,
     ) -> Result<()> {
         if i.kind() == S_IFLNK {
             return Err(FsError::NotSupported("ACLs on symbolic links"));
@@ -40,7 +40,7 @@ impl Inner {
         }
         let (mode, equiv) = a.equiv_mode(i.mode);
         i.mode = mode;
-        if kill_sgid {
+        if caller.uid != 0 && !caller.groups().contains(&i.gid) {
             i.mode &= !0o2000;
         }
         if equiv {
@@ -115,7 +115,7 @@ impl Inner {
         if flags & libc::O_TRUNC != 0 {
             want |= 2;
         }
-        let groups = caller_groups(ctx);
+        let groups = ctx.groups();
         if let Some(a) = self.acl(i, acl::ACCESS)? {
             return Ok(a.permits(ctx.uid, &groups, i.uid, i.gid, want));
         }
@@ -128,21 +128,4 @@ impl Inner {
         };
         Ok(bits & want == want)
     }
-}
-
-/// The caller's primary group and, when its thread is known, its supplementary groups.
-fn caller_groups(ctx: Ctx) -> Vec<u32> {
-    let mut groups = vec![ctx.gid];
-    if ctx.pid == 0 {
-        return groups;
-    }
-    if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", ctx.pid)) {
-        if let Some(line) = status.lines().find_map(|l| l.strip_prefix("Groups:")) {
-            groups.extend(
-                line.split_whitespace()
-                    .filter_map(|g| g.parse::<u32>().ok()),
-            );
-        }
-    }
-    groups
 }

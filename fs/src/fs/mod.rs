@@ -954,44 +954,49 @@ impl Fs {
         Ok(out)
     }
 
+    /// setxattr by root (tests and tools; the FUSE layer passes its caller to
+    /// `setxattr_as`).
     pub fn setxattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
-        self.setxattr_with(ino, name, value, flags, false)
+        let root = Ctx {
+            uid: 0,
+            gid: 0,
+            pid: 0,
+        };
+        self.setxattr_as(root, ino, name, value, flags)
     }
 
-    /// `setxattr`; for an access ACL, `kill_sgid` also drops the setgid bit (the caller
-    /// is neither in the file's group nor privileged, as `posix_acl_update_mode` does).
-    pub fn setxattr_with(
+    /// setxattr by `caller`: setting an access ACL drops setgid unless the caller is in
+    /// the file's group or privileged (`posix_acl_update_mode`).
+    pub fn setxattr_as(
         &self,
+        caller: Ctx,
         ino: u64,
         name: &[u8],
         value: &[u8],
         flags: i32,
-        kill_sgid: bool,
     ) -> Result<()> {
         crate::xattr::check_served(name, self.posix_acl())?;
         if crate::acl::is_acl_name(name) {
             let acl = crate::acl::Acl::parse(value)?;
-            return self.with_retry(|g| {
-                g.writable()?;
-                let mut i = g.load(ino)?;
-                g.set_acl(&mut i, name, &acl, kill_sgid)?;
-                i.ctime = Time::now();
-                g.st.put_inode(&i)?;
-                g.after_op()
-            });
+            return self.edit_xattrs(ino, |g, i| g.set_acl(i, name, &acl, caller));
         }
-        self.change_xattr(ino, name, Some(value), flags)
+        self.edit_xattrs(ino, |g, i| g.st.xattr_set(i, name, Some(value), flags))
     }
 
     pub fn removexattr(&self, ino: u64, name: &[u8]) -> Result<()> {
-        self.change_xattr(ino, name, None, 0)
+        self.edit_xattrs(ino, |g, i| g.st.xattr_set(i, name, None, 0))
     }
 
-    fn change_xattr(&self, ino: u64, name: &[u8], value: Option<&[u8]>, flags: i32) -> Result<()> {
+    /// One change to an inode's extended attributes, as a metadata operation.
+    fn edit_xattrs(
+        &self,
+        ino: u64,
+        mut f: impl FnMut(&mut Inner, &mut Inode) -> Result<()>,
+    ) -> Result<()> {
         self.with_retry(|g| {
             g.writable()?;
             let mut i = g.load(ino)?;
-            g.st.xattr_set(&mut i, name, value, flags)?;
+            f(g, &mut i)?;
             i.ctime = Time::now();
             g.st.put_inode(&i)?;
             g.after_op()

@@ -104,6 +104,26 @@ pub struct Ctx {
     pub pid: u32,
 }
 
+impl Ctx {
+    /// The caller's primary group and, when its thread is known, its supplementary
+    /// groups (unknown, e.g. the process is gone: the primary group only).
+    pub fn groups(&self) -> Vec<u32> {
+        let mut groups = vec![self.gid];
+        if self.pid == 0 {
+            return groups;
+        }
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", self.pid)) {
+            if let Some(line) = status.lines().find_map(|l| l.strip_prefix("Groups:")) {
+                groups.extend(
+                    line.split_whitespace()
+                        .filter_map(|g| g.parse::<u32>().ok()),
+                );
+            }
+        }
+        groups
+    }
+}
+
 /// A readdir entry; `offset` is the cookie of the *next* entry.
 #[derive(Debug, Clone)]
 pub struct DirEntry {

@@ -173,6 +173,28 @@ pub fn fsck(
 }
 
 impl Checker<'_> {
+    /// Every stored POSIX ACL must parse, and default ACLs belong to directories only:
+    /// the kernel would refuse the inode's permission checks otherwise.
+    fn check_acls(&mut self, blk: u64, ino: &Inode, xattrs: Vec<(Vec<u8>, Vec<u8>)>) {
+        for (name, value) in xattrs {
+            if !crate::acl::is_acl_name(&name) {
+                continue;
+            }
+            let why = match crate::acl::Acl::parse(&value) {
+                Err(e) => e.to_string(),
+                Ok(_) if name == crate::acl::DEFAULT && !ino.is_dir() => {
+                    "a default ACL on a non-directory".to_string()
+                }
+                Ok(_) => continue,
+            };
+            self.problem(format!(
+                "inode {blk}: {} is invalid: {why}",
+                String::from_utf8_lossy(&name)
+            ));
+            self.fixes.push(Fix::RemoveXattr(blk, name));
+        }
+    }
+
     fn problem(&mut self, p: String) {
         (self.out)(&format!("problem: {p}"));
         self.problems.push(p);
@@ -317,11 +339,15 @@ impl Checker<'_> {
             self.fixes.push(Fix::ZeroInlineTail(blk));
         }
         if ino.xattr_block != 0 {
-            let ok = self.free_range(ino.xattr_block, 1) && self.st.xattrs(&ino).is_ok();
-            if ok {
+            let xattrs = if self.free_range(ino.xattr_block, 1) {
+                self.st.xattrs(&ino).ok()
+            } else {
+                None
+            };
+            if let Some(xattrs) = xattrs {
                 self.claim(ino.xattr_block, BlockState::Used);
                 owned += 1;
-                self.check_acls(blk, &ino);
+                self.check_acls(blk, &ino, xattrs);
             } else {
                 self.problem(format!("inode {blk}: extended attribute block is corrupt"));
                 self.fixes.push(Fix::DropXattr(blk));

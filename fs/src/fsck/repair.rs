@@ -114,29 +114,6 @@ impl Checker<'_> {
         self.st.commit()
     }
 
-    /// Every stored POSIX ACL must parse, and default ACLs belong to directories only:
-    /// the kernel would refuse the inode's permission checks otherwise.
-    pub(super) fn check_acls(&mut self, blk: u64, ino: &Inode) {
-        let Ok(all) = self.st.xattrs(ino) else { return };
-        for (name, value) in all {
-            if !crate::acl::is_acl_name(&name) {
-                continue;
-            }
-            let why = match crate::acl::Acl::parse(&value) {
-                Err(e) => e.to_string(),
-                Ok(_) if name == crate::acl::DEFAULT && !ino.is_dir() => {
-                    "a default ACL on a non-directory".to_string()
-                }
-                Ok(_) => continue,
-            };
-            self.problem(format!(
-                "inode {blk}: {} is invalid: {why}",
-                String::from_utf8_lossy(&name)
-            ));
-            self.fixes.push(Fix::RemoveXattr(blk, name));
-        }
-    }
-
     pub(super) fn edit(&mut self, blk: u64, f: impl FnOnce(&mut Inode)) -> Result<()> {
         let mut i = self.st.inode_raw(blk)?;
         f(&mut i);
