@@ -6,6 +6,10 @@
 //! - 1: initial protocol (state exchange, protocol A/B/C writes, flush, full resync).
 //! - 2: `PeerState.primary_at_loss` replaces `primary_since_ms` (split-brain recovery
 //!   by discard-younger/older-primary).
+//! - 3: `SyncDone.third_peers` (the target inherits the source's view of its other
+//!   peers) and `Topology`/`TopologyAck` (a join is confirmed by the neighbours before
+//!   it completes, so a writer mints before it writes past a node that joined its
+//!   generation through a third node).
 
 use serde::{Deserialize, Serialize};
 use tandem_common::config::Protocol;
@@ -13,7 +17,7 @@ use tandem_common::config::Protocol;
 use crate::state::{DiskState, Role};
 
 pub const SERVICE: &str = "replication";
-pub const PROTO_VERSION: u16 = 2;
+pub const PROTO_VERSION: u16 = 3;
 /// Largest data payload in one message; NBD requests above this are split.
 pub const MAX_DATA_BYTES: usize = 32 << 20;
 /// Frame limit: data plus generous room for the header fields.
@@ -38,6 +42,18 @@ impl From<Protocol> for AckMode {
             Protocol::C => AckMode::Write,
         }
     }
+}
+
+/// What a sync source knows of one of its other peers, sent with `SyncDone`: the target
+/// now holds the source's data, so that peer lacks relative to the target what it lacks
+/// relative to the source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThirdPeerView {
+    pub node: tandem_common::NodeId,
+    /// The source's bitmap generation for that peer (0 = none).
+    pub bitmap_uuid: u64,
+    /// The source's bitmap for that peer as byte runs; `None` = too many, treat as all.
+    pub runs: Option<Vec<(u64, u64)>>,
 }
 
 /// A node's view of itself, sent on connect and on every change.
@@ -135,6 +151,18 @@ pub enum PeerMsg {
     SyncDone {
         current: u64,
         history: [u64; 2],
+        /// The source's bitmaps for its peers other than the target.
+        third_peers: Vec<ThirdPeerView>,
+    },
+    /// A node next to the sender joined the sender's generation (a resync to it is about
+    /// to finish, or it connected without one): mint a new current generation before the
+    /// next write that misses a peer, then answer `TopologyAck` — after every write that
+    /// did not mint has been sent, so the sender tracks those for the joining node.
+    Topology {
+        seq: u64,
+    },
+    TopologyAck {
+        seq: u64,
     },
     // --- online verify ---
     /// Checksum these blocks (after everything queued before this message).
@@ -182,6 +210,8 @@ impl PeerMsg {
             PeerMsg::SyncStart { .. } => "SyncStart",
             PeerMsg::SyncData { .. } => "SyncData",
             PeerMsg::SyncDone { .. } => "SyncDone",
+            PeerMsg::Topology { .. } => "Topology",
+            PeerMsg::TopologyAck { .. } => "TopologyAck",
             PeerMsg::VerifyRequest { .. } => "VerifyRequest",
             PeerMsg::VerifyReply { .. } => "VerifyReply",
             PeerMsg::ReadRequest { .. } => "ReadRequest",
@@ -272,7 +302,21 @@ mod tests {
         rt(PeerMsg::SyncDone {
             current: 1,
             history: [0, 0],
+            third_peers: vec![
+                ThirdPeerView {
+                    node: tandem_common::NodeId(3),
+                    bitmap_uuid: 7,
+                    runs: Some(vec![(0, 4096)]),
+                },
+                ThirdPeerView {
+                    node: tandem_common::NodeId(4),
+                    bitmap_uuid: 0,
+                    runs: None,
+                },
+            ],
         });
+        rt(PeerMsg::Topology { seq: 9 });
+        rt(PeerMsg::TopologyAck { seq: 9 });
         rt(PeerMsg::VerifyRequest {
             seq: 1,
             offset: 0,

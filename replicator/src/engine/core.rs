@@ -86,24 +86,15 @@ pub fn plan_connect(me: &Local, st: &PeerState, peer: NodeId) -> (Plan, &'static
     // third nodes; both copies agree on every other block. Resync the union of both
     // bitmaps from the lower node id rather than calling it a split brain.
     //
-    // Known gap (c) in docs/SEMANTICS.md — unsafe with four or more nodes: this sends our
-    // copy of every block *the peer* marked as news too, and bits only say "may differ",
-    // not "newer here". A node can reach the writer's current generation through a third
-    // node while the writer, not connected to it, keeps writing in that generation (it
-    // mints only when its own links change); such a node keeps stale bits and marks the
-    // blocks it received by resync as news for its other peers. Seed 2797 with four nodes
-    // (`sim::four_node_seed_2797_keeps_the_primarys_acknowledged_write`): n2, at the
-    // writer's generation through n3, is the union source for n4 and overwrites the
-    // acknowledged write n4 got from the Primary; n4 then resyncs the Primary by
-    // source-use-bitmap with it. DRBD 9 keeps "same current UUID = same data" instead:
-    // state changes reach every node, and a Primary mints a new current UUID when a node
-    // it cannot reach becomes UpToDate at its generation ("weak nodes"). Checked in the
-    // simulation (not committed): setting `conn_changed` on *every* node at any link change,
-    // i.e. the writer mints before its next write after a topology change anywhere, passes
-    // four-node seeds 0-19,999 with the current rules. The engine needs that news to reach
-    // the writer (e.g. a topology epoch in `State`, raised on a node's own connection
-    // changes and finished resyncs and taken as the max over connected peers; protocol
-    // bump), and the simulation must then model that propagation, not a global flag.
+    // Why "same current generation" keeps meaning "same data, except blocks the newer
+    // side holds bits for" with any number of nodes (it failed with four before: a node
+    // reached the writer's generation through a third node while the writer kept writing
+    // in it, and a stale side's bits then chose the direction here):
+    // - a node that joins a generation makes its neighbours mint before their next write
+    //   that misses a peer (`PeerMsg::Topology`, confirmed before the join completes);
+    // - a resync target inherits the source's bitmaps for third peers
+    //   (`inherit_third_peer`) instead of marking everything it received as news for them.
+    // The seeded simulation (`sim.rs`) checks this with up to six nodes.
     if decision == Decision::SplitBrain && rule == "equal-current-both-dirty" {
         (decision, rule) = if me.split_brain.node_id < peer.0 {
             (Decision::BitmapSource, "equal-current-union-of-bitmaps")
@@ -277,6 +268,40 @@ pub fn needs_bitmap_generation(sb: &Superblock, missing: &[NodeId]) -> bool {
     sb.peers
         .iter()
         .any(|p| missing.contains(&p.node_id) && p.bitmap_uuid == 0)
+}
+
+/// The target of a finished resync from `view`'s sender now holds the sender's data, so a
+/// third peer lacks relative to us what it lacks relative to the sender: add the sender's
+/// bitmap for it to ours (`None` = everything) and take its bitmap generation for it
+/// (0 = none: the sender was in sync with it). Our bits stay too (writes that reached us during the resync, tracked for that
+/// peer); the blocks we received are not news to the peer unless the sender says so —
+/// marking them all made resyncs cycle between four nodes and let a stale copy win.
+pub fn inherit_third_peer(
+    sb: &mut Superblock,
+    bitmap: &mut DirtyBitmap,
+    view: &crate::proto::ThirdPeerView,
+) {
+    inherit_bits(bitmap, view);
+    inherit_bitmap_uuid(sb, view);
+}
+
+/// The bitmap half of `inherit_third_peer` (the engine persists it first).
+pub fn inherit_bits(bitmap: &mut DirtyBitmap, view: &crate::proto::ThirdPeerView) {
+    match &view.runs {
+        Some(runs) => {
+            for &(o, l) in runs {
+                bitmap.set_range(o, l);
+            }
+        }
+        None => bitmap.set_all(),
+    }
+}
+
+/// The superblock half of `inherit_third_peer`.
+pub fn inherit_bitmap_uuid(sb: &mut Superblock, view: &crate::proto::ThirdPeerView) {
+    for p in sb.peers.iter_mut().filter(|p| p.node_id == view.node) {
+        p.bitmap_uuid = view.bitmap_uuid;
+    }
 }
 
 /// The source finished a resync to `peer`: it has everything, forget its bitmap generation.

@@ -186,6 +186,8 @@ impl Resource {
         // In-flight registry for dual-primary conflict detection (held until acked).
         let _inflight = self.inflight.register(offset, len);
         let range = self.ranges.lock(offset, len).await;
+        // From the generation check until queued to every peer (see topology.rs).
+        let gate = self.topology_gate.read().await;
         let (targets, missing) = self.replication_targets();
         if !detached {
             self.record_missed_write(&missing, offset, len).await?;
@@ -248,6 +250,7 @@ impl Resource {
                 waits.push((c.peer, None));
             }
         }
+        drop(gate);
         let remote = async {
             let mut lost: Vec<NodeId> = Vec::new();
             for (peer, rx) in waits {

@@ -20,6 +20,7 @@ mod sim;
 mod sim_mint;
 mod status;
 mod sync;
+mod topology;
 pub mod tiebreak;
 mod verify;
 
@@ -286,11 +287,12 @@ pub struct Resource {
     conn_changed: AtomicBool,
     /// Serialises generation changes made on the write path.
     rotation_lock: tokio::sync::Mutex<()>,
+    /// Held shared by an application write from its generation check until it is queued
+    /// to every peer; `Topology` takes it exclusively (see topology.rs).
+    topology_gate: tokio::sync::RwLock<()>,
     /// Blocks written by application writes since this node became a SyncTarget: resync
     /// data must not overwrite them (it may be older).
     sync_shadow: Mutex<Option<bitmap::DirtyBitmap>>,
-    /// Blocks received by the resync we are target of: news for our other peers too.
-    sync_received: Mutex<Option<bitmap::DirtyBitmap>>,
     events: broadcast::Sender<String>,
     /// Wakes the dialers (on `connect`, `down`).
     pub wake: tokio::sync::Notify,
@@ -449,8 +451,8 @@ impl Resource {
             last_app_write: Mutex::new(None),
             detached: AtomicBool::new(false),
             rotation_lock: tokio::sync::Mutex::new(()),
+            topology_gate: tokio::sync::RwLock::new(()),
             sync_shadow: Mutex::new(None),
-            sync_received: Mutex::new(None),
             events,
             wake: tokio::sync::Notify::new(),
             quorum_changed: tokio::sync::Notify::new(),

@@ -188,6 +188,15 @@ impl Resource {
             }
             // The sender's State with the new generation follows.
             PeerMsg::NewCurrentUuid { .. } => Ok(()),
+            // We never write, so there is nothing to mint or to wait for.
+            PeerMsg::Topology { seq } => {
+                conn.send(&PeerMsg::TopologyAck { seq }).await;
+                Ok(())
+            }
+            PeerMsg::TopologyAck { seq } => {
+                conn.complete(seq, Ok(()));
+                Ok(())
+            }
             PeerMsg::Write { seq, .. } | PeerMsg::Zero { seq, .. } | PeerMsg::Flush { seq } => {
                 conn.send(&PeerMsg::NegAck {
                     seq,

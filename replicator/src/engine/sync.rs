@@ -9,7 +9,8 @@ use tandem_common::frame::{self, Channel};
 
 use super::bitmap::DirtyBitmap;
 use super::core::{
-    finish_as_source, finish_as_target, peer_generation, plan_connect, receive_uuids, resync_work,
+    finish_as_source, finish_as_target, inherit_bitmap_uuid, peer_generation, plan_connect,
+    receive_uuids, resync_work,
     target_keeps_lineage, Local, Plan,
 };
 use super::decide::{decide, Decision, Generation, SbSide};
@@ -164,6 +165,13 @@ impl Resource {
                         .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 }
                 self.set_repl(conn.peer, ReplState::Established);
+                // A join without a resync: our other peers learn of it (not awaited here —
+                // this runs on the peer's reader, and two such joins could wait on each
+                // other; the join that moves data, a resync, waits).
+                let me = self.clone();
+                tokio::spawn(async move {
+                    me.confirm_join(peer).await;
+                });
                 Ok(())
             }
             Plan::Idle | Plan::AwaitSource => {
@@ -303,22 +311,18 @@ impl Resource {
         });
     }
 
-    /// SyncSource: streams the blocks set in `work` in runs of up to 1 MiB with a bounded
-    /// window of unacked chunks. Application writes keep flowing; range locks order them
-    /// with the chunks. Acked blocks leave our bitmap for the peer.
-    async fn run_resync(
+    /// One resync pass: streams the blocks set in `work` in runs of up to 1 MiB with a
+    /// bounded window of unacked chunks. Application writes keep flowing; range locks
+    /// order them with the chunks. Acked blocks leave our bitmap for the peer.
+    async fn send_blocks(
         self: &Arc<Self>,
         conn: &Arc<Conn>,
-        work: DirtyBitmap,
+        work: &DirtyBitmap,
+        started: Instant,
+        sent: &mut u64,
+        acked: &mut u64,
     ) -> Result<(), String> {
-        let total = work.dirty_bytes();
-        if !conn.send(&PeerMsg::SyncStart { total_bytes: total }).await {
-            return Err("connection closed".into());
-        }
-        let started = Instant::now();
         let mut window = std::collections::VecDeque::new();
-        let mut sent = 0u64;
-        let mut acked = 0u64;
         let mut next = work.next_run(0, self.resync_pace().1);
         while next.is_some() || !window.is_empty() {
             if conn.is_closed() || self.is_down() {
@@ -349,10 +353,10 @@ impl Resource {
                     .resync_sent_bytes
                     .fetch_add(len, Ordering::Relaxed);
                 window.push_back((rx, offset, len));
-                sent += len;
+                *sent += len;
                 next = work.next_run(offset + len, chunk);
                 if let Some(rate) = self.settings.resync_rate_bytes_per_s {
-                    let due = Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+                    let due = Duration::from_secs_f64(*sent as f64 / rate.max(1) as f64);
                     if let Some(wait) = due.checked_sub(started.elapsed()) {
                         tokio::time::sleep(wait).await;
                     }
@@ -361,38 +365,95 @@ impl Resource {
             }
             let (rx, offset, len) = window.pop_front().expect("window not empty");
             match rx.await {
-                Ok(Ok(())) => acked += len,
+                Ok(Ok(())) => *acked += len,
                 Ok(Err(e)) => return Err(format!("peer failed a resync write: {e}")),
                 Err(_) => return Err("connection closed".into()),
             }
             if let Some((_, bm)) = self.bitmaps.lock().get_mut(&conn.peer) {
                 bm.clear_range(offset, len);
             }
+            let done = *acked;
             self.update_peer(conn.peer, |p| {
                 if let Some(s) = p.sync.as_mut() {
-                    s.done_bytes = acked;
+                    s.done_bytes = done;
                 }
             });
         }
-        let g = self.generation();
+        Ok(())
+    }
+
+    /// SyncSource: sends `work`, has the join confirmed, sends what arrived for the peer
+    /// meanwhile, then `SyncDone` with our view of the other peers.
+    async fn run_resync(
+        self: &Arc<Self>,
+        conn: &Arc<Conn>,
+        work: DirtyBitmap,
+    ) -> Result<(), String> {
+        let total = work.dirty_bytes();
+        if !conn.send(&PeerMsg::SyncStart { total_bytes: total }).await {
+            return Err("connection closed".into());
+        }
+        let started = Instant::now();
+        let mut sent = 0u64;
+        let mut acked = 0u64;
+        self.send_blocks(conn, &work, started, &mut sent, &mut acked)
+            .await?;
+        // The peer is about to join our generation: our other peers confirm first, so a
+        // writer among them mints before it writes past the peer (topology.rs).
+        self.confirm_join(conn.peer).await;
+        // Writes that reached us for the peer meanwhile (queued before the confirmations)
+        // are in our bitmap for it: send those too, until a snapshot finds nothing. The
+        // generation is read before the bitmap, so the peer never takes a generation
+        // whose writes it lacks.
+        let g = loop {
+            if conn.is_closed() || self.is_down() {
+                return Err("connection closed".into());
+            }
+            let g = self.generation();
+            let late = self
+                .bitmaps
+                .lock()
+                .get(&conn.peer)
+                .map(|(_, bm)| bm.clone())
+                .filter(|bm| bm.count_bits() > 0);
+            match late {
+                None => break g,
+                Some(late) => {
+                    self.send_blocks(conn, &late, started, &mut sent, &mut acked)
+                        .await?
+                }
+            }
+        };
         let done = PeerMsg::SyncDone {
             current: g.current,
             history: g.history,
+            third_peers: self.third_peer_views(conn.peer),
         };
         if !conn.send(&done).await {
             return Err("connection closed".into());
         }
-        // The peer has everything: forget its bitmap and bitmap generation.
         let peer = conn.peer;
-        if let Some((_, bm)) = self.bitmaps.lock().get_mut(&peer) {
-            bm.clear_all();
-        }
-        self.persist(|sb| finish_as_source(sb, peer))
+        let still_behind = self.bitmap_dirty_bytes(peer) > 0 || self.generation().current != g.current;
+        if still_behind {
+            // Writes of a newer generation reached us after the snapshot: the peer is at
+            // `g` now, and our bits for it count from there (a bitmap resync follows).
+            self.persist(|sb| {
+                for p in sb.peers.iter_mut().filter(|p| p.node_id == peer) {
+                    p.bitmap_uuid = g.current;
+                }
+            })
             .await
             .map_err(|e| e.to_string())?;
+        } else {
+            // The peer has everything: forget its bitmap generation.
+            self.persist(|sb| finish_as_source(sb, peer))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         self.persist_whole_bitmap(peer)
             .await
             .map_err(|e| e.to_string())?;
+        self.conn_changed.store(true, Ordering::Release);
         let secs = started.elapsed().as_secs_f64().max(1e-6);
         tracing::info!(resource = %self.name(), %peer, bytes = total,
             mib_per_s = format_args!("{:.1}", total as f64 / secs / 1048576.0), "resync done (SyncSource)");
@@ -460,7 +521,6 @@ impl Resource {
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 self.set_disk(DiskState::Inconsistent);
                 *self.sync_shadow.lock() = Some(DirtyBitmap::new(self.usable_bytes));
-                *self.sync_received.lock() = Some(DirtyBitmap::new(self.usable_bytes));
                 self.update_peer(conn.peer, |p| {
                     p.awaiting_source = false;
                     p.sync = Some(SyncProgress {
@@ -483,9 +543,6 @@ impl Resource {
                         "resync data beyond the end of the volume",
                     ));
                 }
-                if let Some(rcv) = self.sync_received.lock().as_mut() {
-                    rcv.set_range(offset, len);
-                }
                 let r = self.write_sync_data(offset, data).await;
                 self.stats
                     .resync_received_bytes
@@ -497,26 +554,15 @@ impl Resource {
                 });
                 self.ack_result(conn, seq, AckMode::Write, r).await
             }
-            PeerMsg::SyncDone { current, history } => {
+            PeerMsg::SyncDone {
+                current,
+                history,
+                third_peers,
+            } => {
                 self.backing
                     .sync()
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
-                // What we just received is news for our other peers: track it for them at
-                // our old generation before adopting the source's.
-                let received = self.sync_received.lock().take();
-                if let Some(received) = received {
-                    let others: Vec<tandem_common::NodeId> = self
-                        .settings
-                        .peers
-                        .iter()
-                        .map(|(id, _)| *id)
-                        .filter(|id| *id != conn.peer)
-                        .collect();
-                    self.mark_blocks_for(&others, &received)
-                        .await
-                        .map_err(|e| SessionEnd::retry(e.to_string()))?;
-                }
                 *self.crashed_extents.lock() = None;
                 self.al_clear()
                     .await
@@ -527,9 +573,22 @@ impl Resource {
                     .update_peer(peer, |p| p.target_rule.take())
                     .flatten()
                     .is_some_and(target_keeps_lineage);
-                self.persist(|sb| finish_as_target(sb, peer, current, history, keeps_lineage))
-                    .await
-                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                // We hold the source's data now: its bitmaps for our other peers become ours
+                // (added to what we tracked), bits on disk before the superblock says so.
+                let inherited = self.inherit_third_peers(&third_peers);
+                for p in &inherited {
+                    self.persist_whole_bitmap(*p)
+                        .await
+                        .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                }
+                self.persist(|sb| {
+                    finish_as_target(sb, peer, current, history, keeps_lineage);
+                    for v in third_peers.iter().filter(|v| inherited.contains(&v.node)) {
+                        inherit_bitmap_uuid(sb, v);
+                    }
+                })
+                .await
+                .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 tracing::info!(resource = %self.name(), peer = %conn.peer, "resync done (SyncTarget): UpToDate");
                 // UpToDate from this source: no other peer's pending resync is awaited now
                 // (one that still finds us behind starts it and says so with SyncStart).
@@ -547,6 +606,9 @@ impl Resource {
                 self.set_disk(DiskState::UpToDate);
                 self.update_peer(conn.peer, |p| p.sync = None);
                 self.set_repl(conn.peer, ReplState::Established);
+                // We joined the source's generation: our other peers confirm it too.
+                self.conn_changed.store(true, Ordering::Release);
+                self.confirm_join(conn.peer).await;
                 self.broadcast_state().await;
                 Ok(())
             }
@@ -607,6 +669,15 @@ impl Resource {
                 .answer_verify(conn, seq, offset, len)
                 .await
                 .map_err(SessionEnd::retry),
+            PeerMsg::Topology { seq } => {
+                self.on_topology(conn, seq).await;
+                Ok(())
+            }
+            // Applied in stream order: the writes the peer sent before it are tracked.
+            PeerMsg::TopologyAck { seq } => {
+                conn.complete(seq, Ok(()));
+                Ok(())
+            }
             other => Err(SessionEnd::retry(format!(
                 "unexpected {} in the ordered stream",
                 other.kind()
