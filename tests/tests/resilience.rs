@@ -601,3 +601,112 @@ fn disk_failure_detaches_and_io_continues_through_the_peer_or_passes_on() {
     assert_eq!(err.raw_os_error(), Some(5), "{err}");
     assert_eq!(c.status_json(0).unwrap()[0]["disk-state"], "Failed");
 }
+
+/// Three nodes; n3 is cut from the Primary n1 for good and catches up through n2 alone
+/// while n1 keeps writing. The join is confirmed by n1 (`Topology`), which mints a new
+/// generation before its next write, so n3 never claims n1's generation without n1's
+/// writes (formerly gap (c) of docs/SEMANTICS.md). After the heal every copy holds every
+/// acknowledged write, and nothing needed a full sync.
+#[test]
+fn a_node_cut_from_the_primary_catches_up_through_a_secondary_and_loses_nothing() {
+    let mut c = Cluster::builder().nodes(3).start().unwrap();
+    c.bring_up_fresh("www").unwrap();
+    scatter(&c, 0, 32, 1);
+    let received_before = num(&c.status_json(2).unwrap()[0]["resync-received-bytes"]);
+    let mints = |c: &Cluster| {
+        c.log(0, "replicatord")
+            .matches("new current generation")
+            .count()
+    };
+    let mints_before = mints(&c);
+    // n3 alone, then back with n2 only.
+    c.net.cut_link(0, 2).unwrap();
+    c.net.cut_link(1, 2).unwrap();
+    c.wait_for(Duration::from_secs(30), || {
+        let st = c.status_json(2).unwrap();
+        Ok(st[0]["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["connection-state"] != "Connected"))
+    })
+    .unwrap();
+    scatter(&c, 0, 40, 31);
+    assert_eq!(mints(&c), mints_before + 1, "n1 mints when n3 goes");
+    // n3 rejoins through n2 while n1 keeps writing: the resync's late passes and the
+    // join confirmation run against live writes.
+    c.net.heal_link(1, 2).unwrap();
+    let writer = {
+        let sock = c.nbd_socket(0, "www");
+        std::thread::spawn(move || {
+            let mut client = NbdClient::connect_unix(&sock, "www").unwrap();
+            for i in 0..400u64 {
+                let block = (i * 31 + 7) % (VOLUME_BYTES / BLOCK_BYTES as u64);
+                client
+                    .write_at(
+                        &block_data(block, 32_000 + i),
+                        block * BLOCK_BYTES as u64,
+                        false,
+                    )
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            client.flush().unwrap();
+        })
+    };
+    c.wait_for(Duration::from_secs(60), || {
+        let st = c.status_json(2).unwrap();
+        Ok(st[0]["disk-state"] == "UpToDate")
+    })
+    .unwrap_or_else(|e| panic!("n3 never became UpToDate through n2: {e}"));
+    writer.join().unwrap();
+    scatter(&c, 0, 40, 33);
+    assert!(
+        mints(&c) >= mints_before + 2,
+        "n1 kept writing in the generation n3 joined through n2 without minting"
+    );
+    c.net.heal_link(0, 2).unwrap();
+    c.wait_connected("www").unwrap();
+    c.wait_sync_all("www", 60).unwrap();
+    assert_identical(&c);
+    // The last write to each block, in order: round 31, the live writer, round 33.
+    let blocks = VOLUME_BYTES / BLOCK_BYTES as u64;
+    let mut want = std::collections::BTreeMap::new();
+    for i in 0..40u64 {
+        want.insert(
+            (i * 97 + 31 * 13) % blocks,
+            block_data((i * 97 + 31 * 13) % blocks, 31_000 + i),
+        );
+    }
+    for i in 0..400u64 {
+        want.insert(
+            (i * 31 + 7) % blocks,
+            block_data((i * 31 + 7) % blocks, 32_000 + i),
+        );
+    }
+    for i in 0..40u64 {
+        want.insert(
+            (i * 97 + 33 * 13) % blocks,
+            block_data((i * 97 + 33 * 13) % blocks, 33_000 + i),
+        );
+    }
+    let mut client = NbdClient::connect_unix(&c.nbd_socket(2, "www"), "www").unwrap();
+    for (block, data) in &want {
+        let mut buf = vec![0u8; BLOCK_BYTES];
+        client
+            .read_at(&mut buf, block * BLOCK_BYTES as u64)
+            .unwrap();
+        assert!(
+            buf == *data,
+            "n3 lacks the Primary's acknowledged write to block {block}"
+        );
+    }
+    let moved = num(&c.status_json(2).unwrap()[0]["resync-received-bytes"]) - received_before;
+    assert!(
+        moved < VOLUME_BYTES / 4,
+        "n3 received {moved} bytes: a full sync where a bitmap resync was due\n{}\n{}\n{}",
+        c.log(0, "replicatord"),
+        c.log(1, "replicatord"),
+        c.log(2, "replicatord")
+    );
+}

@@ -323,6 +323,7 @@ pub fn target_keeps_lineage(rule: &str) -> bool {
             | "equal-current-peer-dirty-bitmap"
             | "equal-current-union-of-bitmaps"
             | "local-current-in-peer-history"
+            | "local-current-in-peer-history-use-bitmap"
             | "local-without-data"
     )
 }

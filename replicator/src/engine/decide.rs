@@ -54,6 +54,20 @@ fn has_data(g: &Generation) -> bool {
     ) && g.current != 0
 }
 
+/// Whether `newer`'s bitmap for `older` counts from a generation at or before `older`'s
+/// current on `newer`'s lineage (current, then history, newest first). A bitmap
+/// generation is always an ancestor of the current one (it is set to the current one, or
+/// inherited with the source's lineage), so one no longer in the history is older still.
+fn bitmap_covers(newer: &Generation, older: &Generation) -> bool {
+    let lineage = [newer.current, newer.history[0], newer.history[1]];
+    let pos = |g: u64| lineage.iter().position(|&x| x == g && x != 0);
+    match (pos(older.current), pos(newer.bitmap)) {
+        (Some(p), Some(b)) => b >= p,
+        (Some(_), None) => newer.bitmap != 0,
+        (None, _) => false,
+    }
+}
+
 /// Returns the decision and the name of the rule that made it.
 pub fn decide(me: &Generation, peer: &Generation) -> (Decision, &'static str) {
     // A Diskless side (detached after a disk error) or a Failed disk (on-io-error =
@@ -101,6 +115,21 @@ pub fn decide(me: &Generation, peer: &Generation) -> (Decision, &'static str) {
     let mine_newer = me.history.contains(&peer.current);
     let theirs_newer = peer.history.contains(&me.current);
     match (mine_newer, theirs_newer) {
+        // The newer side's bitmap for the other counts from a generation at or before
+        // the other's current: it holds every block written since, so it is enough (a
+        // node that caught up through a third node sits between the two).
+        (true, false) if bitmap_covers(me, peer) => {
+            return (
+                Decision::BitmapSource,
+                "peer-current-in-local-history-use-bitmap",
+            )
+        }
+        (false, true) if bitmap_covers(peer, me) => {
+            return (
+                Decision::BitmapTarget,
+                "local-current-in-peer-history-use-bitmap",
+            )
+        }
         (true, false) => return (Decision::SyncSource, "peer-current-in-local-history"),
         (false, true) => return (Decision::SyncTarget, "local-current-in-peer-history"),
         _ => {}
@@ -147,6 +176,45 @@ pub(super) mod tests {
             bitmap: 0,
             dirty: false,
         }
+    }
+
+    /// A node that caught up through a third node sits between the writer's bitmap
+    /// generation for it and the writer's current: a bitmap resync, not a full one. A
+    /// bitmap counting from a generation after the peer's current is not enough.
+    #[test]
+    fn a_bitmap_from_an_older_generation_covers_a_peer_in_between() {
+        let (a, b, c) = (0xA, 0xB, 0xC);
+        let mut writer = g(UpToDate, c, [b, a]);
+        writer.bitmap = a;
+        let caught_up = g(UpToDate, b, [a, 0]);
+        assert_eq!(
+            decide(&writer, &caught_up),
+            (
+                Decision::BitmapSource,
+                "peer-current-in-local-history-use-bitmap"
+            )
+        );
+        assert_eq!(
+            decide(&caught_up, &writer),
+            (
+                Decision::BitmapTarget,
+                "local-current-in-peer-history-use-bitmap"
+            )
+        );
+        writer.bitmap = 0x9; // older than the history kept
+        assert_eq!(
+            decide(&writer, &caught_up),
+            (
+                Decision::BitmapSource,
+                "peer-current-in-local-history-use-bitmap"
+            )
+        );
+        writer.bitmap = c;
+        let older = g(UpToDate, b, [a, 0]);
+        assert_eq!(
+            decide(&writer, &older),
+            (Decision::SyncSource, "peer-current-in-local-history")
+        );
     }
 
     #[test]

@@ -20,8 +20,8 @@ mod sim;
 mod sim_mint;
 mod status;
 mod sync;
-mod topology;
 pub mod tiebreak;
+mod topology;
 mod verify;
 
 pub use io::IoError;

@@ -23,8 +23,8 @@ use tandem_common::NodeId;
 use super::bitmap::{DirtyBitmap, BLOCK_BYTES};
 use super::core::{
     assign_bitmap_generation, finish_as_source, finish_as_target, inherit_third_peer,
-    needs_bitmap_generation, plan_connect, receive_uuids, resync_work, set_primary_at_loss, target_keeps_lineage,
-    track_missing, Local, Plan,
+    needs_bitmap_generation, plan_connect, receive_uuids, resync_work, set_primary_at_loss,
+    target_keeps_lineage, track_missing, Local, Plan,
 };
 use super::decide::{Generation, SbPolicy, SbSide};
 use crate::meta::format::{PeerSlot, Superblock, FLAG_CRASHED_PRIMARY};

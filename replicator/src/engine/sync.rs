@@ -10,8 +10,7 @@ use tandem_common::frame::{self, Channel};
 use super::bitmap::DirtyBitmap;
 use super::core::{
     finish_as_source, finish_as_target, inherit_bitmap_uuid, peer_generation, plan_connect,
-    receive_uuids, resync_work,
-    target_keeps_lineage, Local, Plan,
+    receive_uuids, resync_work, target_keeps_lineage, Local, Plan,
 };
 use super::decide::{decide, Decision, Generation, SbSide};
 use super::{Conn, Resource, SyncProgress};
@@ -419,6 +418,12 @@ impl Resource {
             match late {
                 None => break g,
                 Some(late) => {
+                    let more = late.dirty_bytes();
+                    self.update_peer(conn.peer, |p| {
+                        if let Some(s) = p.sync.as_mut() {
+                            s.total_bytes += more;
+                        }
+                    });
                     self.send_blocks(conn, &late, started, &mut sent, &mut acked)
                         .await?
                 }
@@ -433,7 +438,8 @@ impl Resource {
             return Err("connection closed".into());
         }
         let peer = conn.peer;
-        let still_behind = self.bitmap_dirty_bytes(peer) > 0 || self.generation().current != g.current;
+        let still_behind =
+            self.bitmap_dirty_bytes(peer) > 0 || self.generation().current != g.current;
         if still_behind {
             // Writes of a newer generation reached us after the snapshot: the peer is at
             // `g` now, and our bits for it count from there (a bitmap resync follows).
