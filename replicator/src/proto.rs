@@ -9,7 +9,9 @@
 //! - 3: `SyncDone.third_peers` (the target inherits the source's view of its other
 //!   peers) and `Topology`/`TopologyAck` (a join is confirmed by the neighbours before
 //!   it completes, so a writer mints before it writes past a node that joined its
-//!   generation through a third node).
+//!   generation through a third node), `PeerAck` (a receiver keeps a write unconfirmed
+//!   until the writer says every target has it) and `SyncDone.crashed_primary` /
+//!   `crashed_extents`.
 
 use serde::{Deserialize, Serialize};
 use tandem_common::config::Protocol;
@@ -153,6 +155,20 @@ pub enum PeerMsg {
         history: [u64; 2],
         /// The source's bitmaps for its peers other than the target.
         third_peers: Vec<ThirdPeerView>,
+        /// The source is a crashed Primary whose other peers lack its hot extents yet:
+        /// they may hold writes nobody acknowledged, and the target now has them too, so
+        /// it takes the same doubt (an equal-generation survivor's copy wins).
+        crashed_primary: bool,
+        /// Those extents (4 MiB each); `None` = unknown, the whole volume.
+        crashed_extents: Option<Vec<u64>>,
+    },
+    /// Writer → each target that acknowledged write `seq`: every target has it, except
+    /// `lost` (those failed it; the receiver tracks the blocks for them). Until this
+    /// arrives the receiver keeps the write unconfirmed, and marks it for the writer's
+    /// other targets and the writer if the writer goes first (DRBD's peer acks).
+    PeerAck {
+        seq: u64,
+        lost: Vec<tandem_common::NodeId>,
     },
     /// A node next to the sender joined the sender's generation (a resync to it is about
     /// to finish, or it connected without one): mint a new current generation before the
@@ -211,6 +227,7 @@ impl PeerMsg {
             PeerMsg::SyncData { .. } => "SyncData",
             PeerMsg::SyncDone { .. } => "SyncDone",
             PeerMsg::Topology { .. } => "Topology",
+            PeerMsg::PeerAck { .. } => "PeerAck",
             PeerMsg::TopologyAck { .. } => "TopologyAck",
             PeerMsg::VerifyRequest { .. } => "VerifyRequest",
             PeerMsg::VerifyReply { .. } => "VerifyReply",
@@ -314,8 +331,14 @@ mod tests {
                     runs: None,
                 },
             ],
+            crashed_primary: true,
+            crashed_extents: Some(vec![2, 5]),
         });
         rt(PeerMsg::Topology { seq: 9 });
+        rt(PeerMsg::PeerAck {
+            seq: 10,
+            lost: vec![tandem_common::NodeId(2)],
+        });
         rt(PeerMsg::TopologyAck { seq: 9 });
         rt(PeerMsg::VerifyRequest {
             seq: 1,

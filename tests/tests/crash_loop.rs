@@ -23,15 +23,32 @@ fn crash_loops(default: usize) -> usize {
 
 #[test]
 fn kill9_loop_of_the_primary_never_loses_an_acknowledged_write() {
-    let loops = crash_loops(10);
-    let mut c = Cluster::builder().nodes(2).start().unwrap();
+    kill9_loop(2, crash_loops(10));
+}
+
+/// Three nodes: a Primary killed in the middle of a write may have reached one Secondary
+/// and not the other. Peer acks make the survivors mark such writes for each other (and
+/// for the dead node), so after every round all three copies are identical, not only
+/// the oracle's acknowledged blocks (gap (b) of docs/SEMANTICS.md).
+#[test]
+fn kill9_loop_with_three_nodes_leaves_three_identical_copies() {
+    let marked = kill9_loop(3, crash_loops(6));
+    assert!(
+        marked > 0,
+        "no survivor ever marked an unconfirmed write: the test did not catch a write in flight"
+    );
+}
+
+/// Runs the loop on `nodes` nodes; returns how often a survivor marked unconfirmed writes.
+fn kill9_loop(nodes: usize, loops: usize) -> usize {
+    let mut c = Cluster::builder().nodes(nodes).start().unwrap();
     c.bring_up_fresh("www").unwrap();
     let log = Arc::new(Mutex::new(WriteLog::default()));
     let blocks = 512u64;
     let mut generation = 0u64;
     for round in 0..loops {
-        // Alternate which node is Primary, so both sides crash and both resync.
-        let primary = round % 2;
+        // Rotate which node is Primary, so every node crashes and resyncs.
+        let primary = round % nodes;
         c.adm(primary, &["primary", "www"]).unwrap();
         let sock = c.nbd_socket(primary, "www");
         let log2 = log.clone();
@@ -56,24 +73,35 @@ fn kill9_loop_of_the_primary_never_loses_an_acknowledged_write() {
         std::thread::sleep(Duration::from_millis(300 + (round as u64 % 4) * 100));
         c.kill9(primary);
         generation = writer.join().unwrap() + 1000;
-        // Restart the killed node; both resync; the oracle holds on both copies.
+        // Restart the killed node; all resync; the oracle holds on every copy.
         c.start_replicator(primary).unwrap();
         c.adm(primary, &["up", "www"]).unwrap();
         c.wait_sync_all("www", 120).unwrap();
         let snapshot = log.lock().unwrap().clone();
-        for i in 0..2 {
-            let disk = std::fs::read(c.disk_path(i, "www")).unwrap();
-            if let Err(e) = snapshot.check_image(&disk, 0..blocks) {
+        let images: Vec<Vec<u8>> = (0..nodes)
+            .map(|i| std::fs::read(c.disk_path(i, "www")).unwrap())
+            .collect();
+        for (i, disk) in images.iter().enumerate() {
+            if let Err(e) = snapshot.check_image(disk, 0..blocks) {
                 panic!("round {round}, n{}: {e}", i + 1);
             }
         }
-        let other = 1 - primary;
-        if c.status_json(other).unwrap()[0]["role"] == "Primary" {
-            c.adm(other, &["secondary", "www"]).unwrap();
+        for (i, disk) in images.iter().enumerate().skip(1) {
+            let span = blocks as usize * BLOCK_BYTES;
+            assert!(
+                disk[..span] == images[0][..span],
+                "round {round}: n{} differs from n1 after the resync (unacknowledged writes must still converge)",
+                i + 1
+            );
+        }
+        for other in (0..nodes).filter(|&o| o != primary) {
+            if c.status_json(other).unwrap()[0]["role"] == "Primary" {
+                c.adm(other, &["secondary", "www"]).unwrap();
+            }
         }
         // In-flight writes of the killed round are settled now: whatever the disks agree on
         // is the new acknowledged state.
-        let disk = std::fs::read(c.disk_path(0, "www")).unwrap();
+        let disk = &images[0];
         let mut settled = WriteLog::default();
         for block in 0..blocks {
             let at = block as usize * BLOCK_BYTES;
@@ -87,6 +115,13 @@ fn kill9_loop_of_the_primary_never_loses_an_acknowledged_write() {
         }
         *log.lock().unwrap() = settled;
     }
+    (0..nodes)
+        .map(|i| {
+            c.log(i, "replicatord")
+                .matches("writer gone before confirming")
+                .count()
+        })
+        .sum()
 }
 
 /// The file a round writes: content derived from (round, k), a few KiB.

@@ -710,3 +710,54 @@ fn a_node_cut_from_the_primary_catches_up_through_a_secondary_and_loses_nothing(
         c.log(2, "replicatord")
     );
 }
+
+/// Three nodes; the link n1–n3 is cut under a stream of writes, so n1's next write reaches
+/// n2 but never n3, and n1 is killed before it gives up on n3. That write was never
+/// acknowledged, but n2 and n3 are left at the same generation with different data. With
+/// peer acks n2 knows the write was unconfirmed and, once n1 is gone, marks it for n3
+/// (and n1) and resyncs it: after the restart all three copies are identical
+/// (gap (b) of docs/SEMANTICS.md; mutation-checked: without the marking n3 differs).
+#[test]
+fn a_primary_killed_with_a_write_on_one_secondary_only_leaves_identical_copies() {
+    let mut c = Cluster::builder().nodes(3).start().unwrap();
+    c.bring_up_fresh("www").unwrap();
+    scatter(&c, 0, 16, 40);
+    let sock = c.nbd_socket(0, "www");
+    let writer = std::thread::spawn(move || {
+        let mut client = NbdClient::connect_unix(&sock, "www").unwrap();
+        let mut acked = 0u64;
+        for i in 0..100_000u64 {
+            let block = i % 256;
+            if client
+                .write_at(
+                    &block_data(block, 41_000 + i),
+                    block * BLOCK_BYTES as u64,
+                    false,
+                )
+                .is_err()
+            {
+                break;
+            }
+            acked = i;
+        }
+        acked
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    c.net.cut_link(0, 2).unwrap();
+    // n1's current write now waits for n3's ack (up to the 5 s peer timeout).
+    std::thread::sleep(Duration::from_millis(700));
+    c.kill9(0);
+    let acked = writer.join().unwrap();
+    assert!(acked > 0, "the writer never got going");
+    c.net.heal_link(0, 2).unwrap();
+    c.start_replicator(0).unwrap();
+    c.adm(0, &["up", "www"]).unwrap();
+    c.wait_connected("www").unwrap();
+    c.wait_sync_all("www", 60).unwrap();
+    assert!(
+        c.log(1, "replicatord")
+            .contains("writer gone before confirming"),
+        "n2 never noticed an unconfirmed write"
+    );
+    assert_identical(&c);
+}

@@ -63,7 +63,9 @@ pub fn peer_generation(st: &PeerState) -> Generation {
 pub fn plan_connect(me: &Local, st: &PeerState, peer: NodeId) -> (Plan, &'static str, bool) {
     let peer_gen = peer_generation(st);
     let (mut decision, mut rule) = decide(&me.generation, &peer_gen);
-    let split_brain = decision == Decision::SplitBrain && rule != "equal-current-both-dirty";
+    let split_brain = decision == Decision::SplitBrain
+        && rule != "equal-current-both-dirty"
+        && rule != "both-crashed-primary";
     match (me.discard_my_data, st.discard_my_data) {
         (true, true) => {
             return (
@@ -100,6 +102,17 @@ pub fn plan_connect(me: &Local, st: &PeerState, peer: NodeId) -> (Plan, &'static
             (Decision::BitmapSource, "equal-current-union-of-bitmaps")
         } else {
             (Decision::BitmapTarget, "equal-current-union-of-bitmaps")
+        };
+    }
+    // Same generation, both crashed as Primary (a power loss of both, or a node that took
+    // a crashed Primary's hot extents): neither side's hot extents hold an acknowledged
+    // write the other lacks (protocol C put each on both), so either copy will do as long
+    // as both end up with the same one — the lower node id sends both sets of extents.
+    if decision == Decision::SplitBrain && rule == "both-crashed-primary" {
+        (decision, rule) = if me.split_brain.node_id < peer.0 {
+            (Decision::BitmapSource, "both-crashed-primary-union")
+        } else {
+            (Decision::BitmapTarget, "both-crashed-primary-union")
         };
     }
     if decision == Decision::SplitBrain {
@@ -322,10 +335,20 @@ pub fn target_keeps_lineage(rule: &str) -> bool {
             | "local-crashed-primary"
             | "equal-current-peer-dirty-bitmap"
             | "equal-current-union-of-bitmaps"
+            | "both-crashed-primary-union"
             | "local-current-in-peer-history"
             | "local-current-in-peer-history-use-bitmap"
             | "local-without-data"
     )
+}
+
+/// Whether a resync that made us SyncTarget by `rule` replaced data of ours that a third
+/// peer may have got from us: a crashed Primary's unacknowledged writes, or a branch that
+/// lost (see `target_keeps_lineage`). Then the received blocks are news for our other peers
+/// — inheriting the source's view of them is not enough, it knows nothing of what we sent.
+pub fn target_rolls_back(rule: &str) -> bool {
+    matches!(rule, "local-crashed-primary" | "both-crashed-primary-union")
+        || !target_keeps_lineage(rule)
 }
 
 /// The target finished a resync from `peer`: adopt its generations, become UpToDate, and

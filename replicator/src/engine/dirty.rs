@@ -30,7 +30,7 @@ impl Resource {
     }
 
     /// Sets the bits of `[offset, offset+len)` for `peers`; returns the changed pages.
-    fn set_bits(&self, peers: &[NodeId], offset: u64, len: u64) -> PagesBySlot {
+    pub(super) fn set_bits(&self, peers: &[NodeId], offset: u64, len: u64) -> PagesBySlot {
         let mut bms = self.bitmaps.lock();
         let mut out = Vec::new();
         for p in peers {
@@ -154,6 +154,34 @@ impl Resource {
         }
         let changed = self.set_bits(&mine, offset, len);
         self.persist_bitmap_pages(changed).await
+    }
+
+    /// Marks every block set in `blocks` for `peers` (tracking them first), durably.
+    pub(super) async fn mark_blocks_for(
+        &self,
+        peers: &[NodeId],
+        blocks: &super::bitmap::DirtyBitmap,
+    ) -> Result<(), EngineError> {
+        if peers.is_empty() || blocks.count_bits() == 0 {
+            return Ok(());
+        }
+        self.track_missing_peers(peers).await?;
+        {
+            let mut bms = self.bitmaps.lock();
+            for p in peers {
+                if let Some((_, bm)) = bms.get_mut(p) {
+                    let mut from = 0;
+                    while let Some((o, l)) = blocks.next_run(from, u64::MAX) {
+                        bm.set_range(o, l);
+                        from = o + l;
+                    }
+                }
+            }
+        }
+        for p in peers {
+            self.persist_whole_bitmap(*p).await?;
+        }
+        Ok(())
     }
 
     /// Gives `missing` peers without one a bitmap generation (our current), no minting.

@@ -291,6 +291,16 @@ impl Resource {
         }
         // Those peers may lack this write: record it before acknowledging.
         self.record_missed_write(&lost, offset, len).await?;
+        if ack != AckMode::None {
+            // Every target that has it learns that the others do too (or which do not).
+            let msg = PeerMsg::PeerAck {
+                seq,
+                lost: lost.clone(),
+            };
+            for c in targets.iter().filter(|c| !lost.contains(&c.peer)) {
+                c.send(&msg).await;
+            }
+        }
         let needed = self.quorum_needed();
         if needed > 0 && !self.await_quorum(Some(targets.len() - lost.len())).await {
             // Our disk has a write the majority may never see: never acknowledge it, and

@@ -12,6 +12,7 @@ pub mod decide;
 mod detach;
 mod dirty;
 mod io;
+mod peerack;
 mod quorum;
 pub mod ranges;
 #[cfg(test)]
@@ -287,6 +288,12 @@ pub struct Resource {
     conn_changed: AtomicBool,
     /// Serialises generation changes made on the write path.
     rotation_lock: tokio::sync::Mutex<()>,
+    /// Writes of other Primaries applied here and not yet confirmed on all their targets
+    /// (see peerack.rs).
+    unconfirmed: Mutex<peerack::UnconfirmedWrites>,
+    /// Blocks received by the resync we are target of (news for our other peers if the
+    /// resync rolls our data back, see `core::target_rolls_back`).
+    sync_received: Mutex<Option<bitmap::DirtyBitmap>>,
     /// Held shared by an application write from its generation check until it is queued
     /// to every peer; `Topology` takes it exclusively (see topology.rs).
     topology_gate: tokio::sync::RwLock<()>,
@@ -452,6 +459,8 @@ impl Resource {
             detached: AtomicBool::new(false),
             rotation_lock: tokio::sync::Mutex::new(()),
             topology_gate: tokio::sync::RwLock::new(()),
+            unconfirmed: Mutex::new(Default::default()),
+            sync_received: Mutex::new(None),
             sync_shadow: Mutex::new(None),
             events,
             wake: tokio::sync::Notify::new(),

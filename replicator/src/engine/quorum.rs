@@ -197,6 +197,7 @@ impl Resource {
                 conn.complete(seq, Ok(()));
                 Ok(())
             }
+            PeerMsg::PeerAck { .. } => Ok(()),
             PeerMsg::Write { seq, .. } | PeerMsg::Zero { seq, .. } | PeerMsg::Flush { seq } => {
                 conn.send(&PeerMsg::NegAck {
                     seq,

@@ -10,7 +10,7 @@ use tandem_common::frame::{self, Channel};
 use super::bitmap::DirtyBitmap;
 use super::core::{
     finish_as_source, finish_as_target, inherit_bitmap_uuid, peer_generation, plan_connect,
-    receive_uuids, resync_work, target_keeps_lineage, Local, Plan,
+    receive_uuids, resync_work, target_keeps_lineage, target_rolls_back, Local, Plan,
 };
 use super::decide::{decide, Decision, Generation, SbSide};
 use super::{Conn, Resource, SyncProgress};
@@ -429,10 +429,13 @@ impl Resource {
                 }
             }
         };
+        let (crashed_primary, crashed_extents) = self.crashed_extents_after_syncing(conn.peer);
         let done = PeerMsg::SyncDone {
             current: g.current,
             history: g.history,
             third_peers: self.third_peer_views(conn.peer),
+            crashed_primary,
+            crashed_extents,
         };
         if !conn.send(&done).await {
             return Err("connection closed".into());
@@ -527,6 +530,7 @@ impl Resource {
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 self.set_disk(DiskState::Inconsistent);
                 *self.sync_shadow.lock() = Some(DirtyBitmap::new(self.usable_bytes));
+                *self.sync_received.lock() = Some(DirtyBitmap::new(self.usable_bytes));
                 self.update_peer(conn.peer, |p| {
                     p.awaiting_source = false;
                     p.sync = Some(SyncProgress {
@@ -549,6 +553,9 @@ impl Resource {
                         "resync data beyond the end of the volume",
                     ));
                 }
+                if let Some(rcv) = self.sync_received.lock().as_mut() {
+                    rcv.set_range(offset, len);
+                }
                 let r = self.write_sync_data(offset, data).await;
                 self.stats
                     .resync_received_bytes
@@ -564,15 +571,46 @@ impl Resource {
                 current,
                 history,
                 third_peers,
+                crashed_primary,
+                crashed_extents,
             } => {
                 self.backing
                     .sync()
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
-                *self.crashed_extents.lock() = None;
+                // What we received replaced data of ours a third peer may have got from us
+                // (a crashed Primary's unacknowledged writes, a discarded branch): news
+                // for our other peers. A plain catch-up inherits the source's view instead.
+                let received = self.sync_received.lock().take();
+                let rule = self.peer_view(conn.peer).and_then(|p| p.target_rule);
+                if let (Some(received), true) = (received, rule.is_none_or(target_rolls_back)) {
+                    let others: Vec<tandem_common::NodeId> = self
+                        .settings
+                        .peers
+                        .iter()
+                        .map(|(id, _)| *id)
+                        .filter(|id| *id != conn.peer && !self.is_tiebreaker(*id))
+                        .collect();
+                    self.mark_blocks_for(&others, &received)
+                        .await
+                        .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                }
+                // A crashed source's hot extents came with their doubt (see proto.rs); our
+                // activity log keeps them across a restart.
+                let tainted = crashed_primary;
                 self.al_clear()
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                if tainted {
+                    for e in crashed_extents.iter().flatten() {
+                        drop(
+                            self.al_begin(e * super::al::EXTENT_BYTES, 1)
+                                .await
+                                .map_err(|e| SessionEnd::retry(e.to_string()))?,
+                        );
+                    }
+                }
+                *self.crashed_extents.lock() = if tainted { crashed_extents } else { None };
                 let peer = conn.peer;
                 // Unknown rule (none recorded): assume our data was replaced, the safe side.
                 let keeps_lineage = self
@@ -591,6 +629,9 @@ impl Resource {
                     finish_as_target(sb, peer, current, history, keeps_lineage);
                     for v in third_peers.iter().filter(|v| inherited.contains(&v.node)) {
                         inherit_bitmap_uuid(sb, v);
+                    }
+                    if tainted {
+                        sb.flags |= crate::meta::format::FLAG_CRASHED_PRIMARY;
                     }
                 })
                 .await
@@ -684,6 +725,10 @@ impl Resource {
                 conn.complete(seq, Ok(()));
                 Ok(())
             }
+            PeerMsg::PeerAck { seq, lost } => self
+                .on_peer_ack(conn.peer, seq, &lost)
+                .await
+                .map_err(|e| SessionEnd::retry(e.to_string())),
             other => Err(SessionEnd::retry(format!(
                 "unexpected {} in the ordered stream",
                 other.kind()
@@ -709,6 +754,9 @@ impl Resource {
         self.record_received_write(missing, offset, len)
             .await
             .map_err(|e| SessionEnd::retry(e.to_string()))?;
+        if ack != AckMode::None {
+            self.note_unconfirmed(conn.peer, seq, offset, len, missing);
+        }
         let r = async {
             match data {
                 Some(data) => self.backing.write_at(offset, data).await?,
@@ -778,7 +826,12 @@ impl Resource {
         } else {
             ConnState::Connecting
         };
+        // Before our new state goes out: the blocks its unconfirmed writes touched.
+        let marked = self.unconfirmed_lost(conn.peer).await;
         self.on_disconnected(conn, &end.reason, next).await;
+        if marked {
+            self.reevaluate_all().await;
+        }
         if self.role() == Role::Primary
             && self.settings.protocol != tandem_common::config::Protocol::C
             && conn.writes_sent.load(Ordering::Relaxed) > 0

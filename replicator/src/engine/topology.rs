@@ -76,6 +76,26 @@ impl Resource {
         conn.send(&PeerMsg::TopologyAck { seq }).await;
     }
 
+    /// Our hot extents, if we are a crashed Primary and some disk peer other than
+    /// `target` is not connected and in sync with us (it may get a survivor's copy of them,
+    /// so `target` must be ready to take that copy too). Returns (crashed, extents; `None` = unknown).
+    pub(super) fn crashed_extents_after_syncing(&self, target: NodeId) -> (bool, Option<Vec<u64>>) {
+        if self.sb_cache.lock().flags & crate::meta::format::FLAG_CRASHED_PRIMARY == 0 {
+            return (false, None);
+        }
+        let others_synced = self
+            .inner
+            .lock()
+            .peers
+            .iter()
+            .filter(|(id, _)| **id != target && !self.is_tiebreaker(**id))
+            .all(|(_, p)| p.conn.is_some() && p.repl == super::ReplState::Established);
+        if others_synced {
+            return (false, None);
+        }
+        (true, self.crashed_extents.lock().clone())
+    }
+
     /// What we know of our peers other than `target`, for its `SyncDone`.
     pub(super) fn third_peer_views(&self, target: NodeId) -> Vec<ThirdPeerView> {
         let sb = self.sb_cache.lock().clone();
