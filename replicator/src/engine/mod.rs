@@ -19,6 +19,8 @@ pub mod ranges;
 mod sim;
 #[cfg(test)]
 mod sim_mint;
+#[cfg(test)]
+mod sim_tiebreak;
 mod status;
 mod sync;
 pub mod tiebreak;
