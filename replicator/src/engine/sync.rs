@@ -717,7 +717,7 @@ impl Resource {
                 .await
                 .map_err(SessionEnd::retry),
             PeerMsg::Topology { seq } => {
-                self.on_topology(conn, seq).await;
+                self.on_topology(conn, seq);
                 Ok(())
             }
             // Applied in stream order: the writes the peer sent before it are tracked.

@@ -67,13 +67,17 @@ impl Resource {
     }
 
     /// `Topology` from `conn`'s peer: one of its peers joined its generation.
-    pub(super) async fn on_topology(&self, conn: &Arc<Conn>, seq: u64) {
-        {
-            // Every write past its generation check has been queued once we hold this.
-            let _gate = self.topology_gate.write().await;
-            self.conn_changed.store(true, Ordering::Release);
-        }
-        conn.send(&PeerMsg::TopologyAck { seq }).await;
+    pub(super) fn on_topology(self: &Arc<Self>, conn: &Arc<Conn>, seq: u64) {
+        // Writes that check from now on mint first.
+        self.conn_changed.store(true, Ordering::Release);
+        // Answer once every write past its generation check has been queued (to this peer
+        // too, ahead of the answer). Not on the apply task: a write holding the gate may be
+        // waiting for room on a link whose peer waits on us the same way.
+        let (me, conn) = (self.clone(), conn.clone());
+        tokio::spawn(async move {
+            drop(me.topology_gate.write().await);
+            conn.send(&PeerMsg::TopologyAck { seq }).await;
+        });
     }
 
     /// Our hot extents, if we are a crashed Primary and some disk peer other than
