@@ -705,6 +705,15 @@ impl Sim {
             self.recover_one_split_brain();
             self.connect_all();
         }
+        // Liveness: the resyncs have stopped, every pair is connected.
+        for (&(a, b), l) in &self.links {
+            assert!(
+                l.connected,
+                "n{}-n{} not connected at the end (resyncs cycling, or StandAlone)",
+                a + 1,
+                b + 1
+            );
+        }
         for (i, node) in self.nodes.iter().enumerate() {
             assert_eq!(
                 node.sb.disk_state,
