@@ -52,6 +52,19 @@ fn main() {
         PeerMsg::SyncDone {
             current: 5,
             history: [4, 3],
+            third_peers: vec![tandem_replicator::proto::ThirdPeerView {
+                node: NodeId(3),
+                bitmap_uuid: 4,
+                runs: Some(vec![(0, 4096)]),
+            }],
+            crashed_primary: true,
+            crashed_extents: Some(vec![0]),
+        },
+        PeerMsg::Topology { seq: 4 },
+        PeerMsg::TopologyAck { seq: 4 },
+        PeerMsg::PeerAck {
+            seq: 1,
+            lost: vec![NodeId(3)],
         },
         PeerMsg::Ping,
     ];
