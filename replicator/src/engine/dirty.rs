@@ -30,7 +30,7 @@ impl Resource {
     }
 
     /// Sets the bits of `[offset, offset+len)` for `peers`; returns the changed pages.
-    pub(super) fn set_bits(&self, peers: &[NodeId], offset: u64, len: u64) -> PagesBySlot {
+    fn set_bits(&self, peers: &[NodeId], offset: u64, len: u64) -> PagesBySlot {
         let mut bms = self.bitmaps.lock();
         let mut out = Vec::new();
         for p in peers {

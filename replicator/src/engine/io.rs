@@ -291,14 +291,19 @@ impl Resource {
         }
         // Those peers may lack this write: record it before acknowledging.
         self.record_missed_write(&lost, offset, len).await?;
-        if ack != AckMode::None {
-            // Every target that has it learns that the others do too (or which do not).
+        if ack != AckMode::None && !targets.is_empty() {
+            // Every target that has it learns that the others do too (or which do not);
+            // encoded once, like the write itself.
+            // (`lost` is nearly always empty: cloning it allocates nothing.)
             let msg = PeerMsg::PeerAck {
                 seq,
                 lost: lost.clone(),
             };
-            for c in targets.iter().filter(|c| !lost.contains(&c.peer)) {
-                c.send(&msg).await;
+            if let Ok(f) = frame::encode(Channel::Replication, &msg) {
+                let f = Arc::new(f);
+                for c in targets.iter().filter(|c| !lost.contains(&c.peer)) {
+                    c.send_frame(f.clone()).await;
+                }
             }
         }
         let needed = self.quorum_needed();

@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use tandem_common::NodeId;
 
+use super::bitmap::DirtyBitmap;
 use super::{EngineError, Resource};
 
 /// One applied write the writer has not yet confirmed on every target.
@@ -22,8 +23,9 @@ use super::{EngineError, Resource};
 pub(super) struct Unconfirmed {
     offset: u64,
     len: u64,
-    /// The writer's other targets (its peers minus us and the peers it missed).
-    others: Vec<NodeId>,
+    /// The peers the writer missed (from the `Write`; usually none, so no allocation).
+    /// Its other targets are derived from this only if it goes before confirming.
+    missing: Vec<NodeId>,
 }
 
 /// Unconfirmed writes per writer, by sequence number.
@@ -39,19 +41,12 @@ impl Resource {
         len: u64,
         missing: &[NodeId],
     ) {
-        let others: Vec<NodeId> = self
-            .settings
-            .peers
-            .iter()
-            .map(|(id, _)| *id)
-            .filter(|id| *id != writer && !missing.contains(id) && !self.is_tiebreaker(*id))
-            .collect();
         self.unconfirmed.lock().entry(writer).or_default().insert(
             seq,
             Unconfirmed {
                 offset,
                 len,
-                others,
+                missing: missing.to_vec(),
             },
         );
     }
@@ -75,7 +70,8 @@ impl Resource {
     }
 
     /// The connection to `writer` ended: its unconfirmed writes may be missing on its
-    /// other targets, or on itself. Marks them (durably) and returns whether any were.
+    /// other targets, or on itself. Marks them (durably, one bitmap write per peer) and
+    /// returns whether any were.
     pub(super) async fn unconfirmed_lost(self: &Arc<Self>, writer: NodeId) -> bool {
         let Some(writes) = self.unconfirmed.lock().remove(&writer) else {
             return false;
@@ -85,16 +81,24 @@ impl Resource {
         }
         tracing::info!(resource = %self.name(), %writer, writes = writes.len(),
             "writer gone before confirming its last writes on every node: marking them for resync");
+        // The writer and its other disk targets; writes that missed the same peers share
+        // one set (almost always all of them).
+        let mut by_peers: BTreeMap<Vec<NodeId>, DirtyBitmap> = BTreeMap::new();
         for u in writes.values() {
-            let mut peers = u.others.clone();
-            peers.push(writer);
-            peers.retain(|p| *p != self.settings.node_id);
-            if let Err(e) = self.track_missing_peers(&peers).await {
-                tracing::error!(resource = %self.name(), error = %e, "cannot record unconfirmed writes");
-                return false;
-            }
-            let changed = self.set_bits(&peers, u.offset, u.len);
-            if let Err(e) = self.persist_bitmap_pages(changed).await {
+            let peers: Vec<NodeId> = self
+                .settings
+                .peers
+                .iter()
+                .map(|(id, _)| *id)
+                .filter(|id| *id == writer || (!u.missing.contains(id) && !self.is_tiebreaker(*id)))
+                .collect();
+            by_peers
+                .entry(peers)
+                .or_insert_with(|| DirtyBitmap::new(self.usable_bytes))
+                .set_range(u.offset, u.len);
+        }
+        for (peers, blocks) in &by_peers {
+            if let Err(e) = self.mark_blocks_for(peers, blocks).await {
                 tracing::error!(resource = %self.name(), error = %e, "cannot record unconfirmed writes");
                 return false;
             }

@@ -74,36 +74,15 @@ fn pair(a: usize, b: usize) -> (usize, usize) {
 impl Node {
     fn new(i: usize, n: usize) -> Self {
         let id = NodeId(i as u8 + 1);
-        let peers: Vec<PeerSlot> = (0..n)
-            .filter(|&j| j != i)
-            .map(|j| PeerSlot {
-                node_id: NodeId(j as u8 + 1),
-                bitmap_uuid: 0,
-                primary_at_loss: false,
-            })
-            .collect();
+        let sb = superblock(id, n as u8, VOLUME, 1, [0, 0]);
         Self {
             id,
-            bitmaps: peers
+            bitmaps: sb
+                .peers
                 .iter()
                 .map(|p| (p.node_id, DirtyBitmap::new(VOLUME)))
                 .collect(),
-            sb: Superblock {
-                flags: 0,
-                seq: 0,
-                usable_size_bytes: VOLUME,
-                backing_size_bytes: VOLUME,
-                node_id: id,
-                disk_state: DiskState::UpToDate,
-                current_uuid: 1,
-                history_uuids: [0, 0],
-                resource: "sim".into(),
-                peers,
-                md_offset: VOLUME,
-                al_offset: 0,
-                bitmap_offset: 0,
-                bitmap_bytes_per_peer: 4096,
-            },
+            sb,
             disk: vec![0; BLOCKS as usize],
             primary: false,
             up: true,
@@ -162,13 +141,47 @@ impl Node {
     }
 }
 
-/// A receiver lost the writer before its peer ack: `others` (the writer's other targets)
-/// may lack the write (engine: `Resource::unconfirmed_lost`).
-fn unconfirmed_lost(node: &mut Node, others: &[NodeId], (offset, len): (u64, u64)) {
-    track_missing(&mut node.sb, others);
-    for o in others {
+/// A fresh UpToDate superblock for the simulations: node `me` of nodes 1..=`nodes`, with
+/// no bitmap generations, at `current` (`history` before it).
+pub(super) fn superblock(
+    me: NodeId,
+    nodes: u8,
+    volume_bytes: u64,
+    current: u64,
+    history: [u64; 2],
+) -> Superblock {
+    Superblock {
+        flags: 0,
+        seq: 0,
+        usable_size_bytes: volume_bytes,
+        backing_size_bytes: volume_bytes,
+        node_id: me,
+        disk_state: DiskState::UpToDate,
+        current_uuid: current,
+        history_uuids: history,
+        resource: "sim".into(),
+        peers: (1..=nodes)
+            .filter(|&p| p != me.0)
+            .map(|p| PeerSlot {
+                node_id: NodeId(p),
+                bitmap_uuid: 0,
+                primary_at_loss: false,
+            })
+            .collect(),
+        md_offset: volume_bytes,
+        al_offset: 0,
+        bitmap_offset: 0,
+        bitmap_bytes_per_peer: 4096,
+    }
+}
+
+/// `peers` may lack the blocks `(offset, len)` of `node`: give them a bitmap generation if
+/// they have none and set the bits (engine: `record_received_write`, `mark_blocks_for`).
+fn track_blocks(node: &mut Node, peers: &[NodeId], (offset, len): (u64, u64)) {
+    track_missing(&mut node.sb, peers);
+    for p in peers {
         node.bitmaps
-            .get_mut(o)
+            .get_mut(p)
             .expect("peer")
             .set_range(offset, len);
     }
@@ -325,13 +338,8 @@ impl Sim {
             }
         }
         let range = (block * BLOCK_BYTES, BLOCK_BYTES);
-        for m in &missing {
-            self.nodes[w]
-                .bitmaps
-                .get_mut(m)
-                .expect("peer")
-                .set_range(range.0, range.1);
-        }
+        // (The writer gave every missing peer a bitmap generation just above.)
+        track_blocks(&mut self.nodes[w], &missing, range);
         self.nodes[w].disk[block as usize] = v;
         // A crash in the middle: the write reached any subset of the connected peers, and
         // nobody acknowledged it.
@@ -344,14 +352,7 @@ impl Sim {
             self.nodes[t].disk[block as usize] = v;
             // Receivers track the write for the peers the writer could not reach (the
             // Write message carries that list): whoever resyncs them must send it.
-            track_missing(&mut self.nodes[t].sb, &missing);
-            for m in &missing {
-                self.nodes[t]
-                    .bitmaps
-                    .get_mut(m)
-                    .expect("peer")
-                    .set_range(range.0, range.1);
-            }
+            track_blocks(&mut self.nodes[t], &missing, range);
         }
         if crash_midway {
             // Peer acks (engine: `PeerAcks`): a receiver keeps each write unconfirmed until
@@ -365,7 +366,7 @@ impl Sim {
                     .chain(std::iter::once(&w))
                     .map(|&o| self.nodes[o].id)
                     .collect();
-                unconfirmed_lost(&mut self.nodes[t], &others, range);
+                track_blocks(&mut self.nodes[t], &others, range);
             }
         }
         let delivered = format!("{got:?}");

@@ -15,35 +15,12 @@ use tandem_common::NodeId;
 
 use super::core::{assign_bitmap_generation, receive_uuids};
 use super::decide::{decide, Decision, Generation};
-use crate::meta::format::{PeerSlot, Superblock};
-use crate::state::DiskState;
+use crate::meta::format::Superblock;
 
 const X: u64 = 0x1000;
 
 fn superblock(me: u8) -> Superblock {
-    Superblock {
-        flags: 0,
-        seq: 0,
-        usable_size_bytes: 1 << 20,
-        backing_size_bytes: 1 << 20,
-        node_id: NodeId(me),
-        disk_state: DiskState::UpToDate,
-        current_uuid: X,
-        history_uuids: [0x0F00, 0],
-        resource: "mint".into(),
-        peers: (1..=3)
-            .filter(|&p| p != me)
-            .map(|p| PeerSlot {
-                node_id: NodeId(p),
-                bitmap_uuid: 0,
-                primary_at_loss: false,
-            })
-            .collect(),
-        md_offset: 1 << 20,
-        al_offset: 0,
-        bitmap_offset: 0,
-        bitmap_bytes_per_peer: 4096,
-    }
+    super::sim::superblock(NodeId(me), 3, 1 << 20, X, [0x0F00, 0])
 }
 
 fn generation_for(sb: &Superblock, peer: NodeId, crashed: bool) -> Generation {

@@ -19,7 +19,7 @@ use tandem_common::NodeId;
 
 use super::core::{assign_bitmap_generation, receive_uuids};
 use super::tiebreak::{adopt, votes, DiskNode, Own, Tiebreaker};
-use crate::meta::format::{PeerSlot, Superblock};
+use crate::meta::format::Superblock;
 use crate::state::DiskState;
 
 const NEEDED: usize = 2; // majority of three members
@@ -48,28 +48,8 @@ struct Model {
 }
 
 fn disk(me: u8) -> Disk {
-    let other = if me == 1 { 2 } else { 1 };
     Disk {
-        sb: Superblock {
-            flags: 0,
-            seq: 0,
-            usable_size_bytes: 1 << 20,
-            backing_size_bytes: 1 << 20,
-            node_id: NodeId(me),
-            disk_state: DiskState::UpToDate,
-            current_uuid: 1,
-            history_uuids: [0, 0],
-            resource: "tb".into(),
-            peers: vec![PeerSlot {
-                node_id: NodeId(other),
-                bitmap_uuid: 0,
-                primary_at_loss: false,
-            }],
-            md_offset: 1 << 20,
-            al_offset: 0,
-            bitmap_offset: 0,
-            bitmap_bytes_per_peer: 4096,
-        },
+        sb: super::sim::superblock(NodeId(me), 2, 1 << 20, 1, [0, 0]),
         up: true,
         conn_changed: false,
     }

@@ -34,12 +34,12 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Resource {
     /// Tells every connected peer except `joining` that it joined our generation, and
-    /// waits for each to confirm (or disconnects it). Returns the peers that confirmed.
-    pub(super) async fn confirm_join(self: &Arc<Self>, joining: NodeId) -> Vec<NodeId> {
-        let mut waits = Vec::new();
+    /// waits for each to confirm (or disconnects it).
+    pub(super) async fn confirm_join(self: &Arc<Self>, joining: NodeId) {
         if self.settings.diskless {
-            return Vec::new(); // a tiebreaker holds no generation anyone could join
+            return; // a tiebreaker holds no generation anyone could join
         }
+        let mut waits = Vec::new();
         for c in self.connections() {
             if c.peer == joining {
                 continue;
@@ -50,10 +50,9 @@ impl Resource {
                 waits.push((c, rx));
             }
         }
-        let mut confirmed = Vec::new();
         for (c, rx) in waits {
             match tokio::time::timeout(CONFIRM_TIMEOUT, rx).await {
-                Ok(Ok(Ok(()))) => confirmed.push(c.peer),
+                Ok(Ok(Ok(()))) => {}
                 // Gone while we asked: its own disconnect handling marks the change.
                 Ok(_) if c.is_closed() => {}
                 _ => {
@@ -63,7 +62,6 @@ impl Resource {
                 }
             }
         }
-        confirmed
     }
 
     /// `Topology` from `conn`'s peer: one of its peers joined its generation.
