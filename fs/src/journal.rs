@@ -83,6 +83,12 @@ pub struct Journal {
     tail: u64,
     next_seq: u64,
     tail_seq: u64,
+    /// The tail that the header on stable storage is known to hold. A checkpoint writes
+    /// the header without flushing it (see `checkpoint`); until a later flush, replay may
+    /// still start here, so the log behind it must not be overwritten.
+    durable_tail: u64,
+    /// A header was written since the last flush.
+    header_unflushed: bool,
 }
 
 /// What replay found.
@@ -108,6 +114,8 @@ impl Journal {
             tail: 0,
             next_seq: 1,
             tail_seq: 1,
+            durable_tail: 0,
+            header_unflushed: false,
         }
     }
 
@@ -151,6 +159,7 @@ impl Journal {
         let h = Self::read_header(dev, sb, index)?;
         j.tail = h.tail;
         j.head = h.tail;
+        j.durable_tail = h.tail;
         j.next_seq = h.seq;
         j.tail_seq = h.seq;
         let mut stats = ReplayStats {
@@ -194,6 +203,7 @@ impl Journal {
         dev.flush()?;
         self.head = pos;
         self.tail = pos;
+        self.durable_tail = pos;
         self.next_seq = seq;
         self.tail_seq = seq;
         tracing::info!(journal = self.index, ?stats, "journal replayed");
@@ -283,6 +293,12 @@ impl Journal {
         if self.head + need - self.tail > self.log_len {
             self.checkpoint(dev, false)?;
         }
+        if self.head + need - self.durable_tail > self.log_len {
+            // The payload would overwrite transactions that the header on disk still
+            // points at: make the new header durable first, or a crash before this
+            // commit's flush could replay a torn prefix of them over newer home blocks.
+            self.flush_header(dev)?;
+        }
         let seq = self.next_seq;
         let per = (self.bs - JD_TARGETS) / 8;
         let mut pos = self.head;
@@ -312,7 +328,13 @@ impl Journal {
         // Two flushes, not jbd2's async_commit: the first also makes the file data the
         // transaction points at durable (ordered mode) before the commit block can land.
         self.write_log(dev, self.head, &log)?;
+        let header_written = self.header_unflushed.then_some(self.tail);
         dev.flush()?;
+        if let Some(t) = header_written {
+            // That flush also made the last header durable.
+            self.durable_tail = t;
+            self.header_unflushed = false;
+        }
         let addr = self.addr(pos);
         let mut c = vec![0u8; self.bs];
         init_header(&mut c, BlockType::JournalCommit, addr);
@@ -359,13 +381,52 @@ impl Journal {
         Ok(())
     }
 
-    /// Makes all home writes durable and frees the log. `clean` marks a clean unmount.
+    /// Makes all home writes durable and frees the log. `clean` marks a clean unmount
+    /// and is durable on return.
+    ///
+    /// Otherwise the new header is written but not flushed: the flush that precedes any
+    /// later commit block makes it durable (`commit`), on any node, because every
+    /// flush of the replicated device covers every write acknowledged before it. Until
+    /// then a crash replays transactions whose blocks are already home, which rewrites
+    /// the same images. Nothing newer can be overwritten: a newer home write of one of
+    /// those blocks (by us, or by the node that takes the glock next) is only issued
+    /// after its own commit's first flush, which covers this header. That saves one of
+    /// the four flushes of a glock hand-off.
     pub fn checkpoint(&mut self, dev: &dyn BlockDevice, clean: bool) -> Result<()> {
         // Home writes durable before the header says they need no replay.
         dev.flush()?;
         self.tail = self.head;
         self.tail_seq = self.next_seq;
-        self.write_header(dev, clean) // flushes
+        self.write_header_only(dev, clean)?;
+        if clean {
+            self.flush_header(dev)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes a header written by `checkpoint`.
+    fn flush_header(&mut self, dev: &dyn BlockDevice) -> Result<()> {
+        if self.header_unflushed {
+            dev.flush()?;
+            self.header_unflushed = false;
+        }
+        self.durable_tail = self.tail;
+        Ok(())
+    }
+
+    fn write_header_only(&mut self, dev: &dyn BlockDevice, clean: bool) -> Result<()> {
+        let h = JournalHeader {
+            seq: self.tail_seq,
+            tail: self.tail,
+            clean,
+            index: self.index,
+        };
+        dev.write_at(
+            &h.encode(self.bs, self.start, &self.uuid),
+            self.start * self.bs as u64,
+        )?;
+        self.header_unflushed = true;
+        Ok(())
     }
 
     fn write_header(&self, dev: &dyn BlockDevice, clean: bool) -> Result<()> {
@@ -505,6 +566,124 @@ mod tests {
             (0..5).all(|i| home_fill(&dev2, sb.rg_start + i) == 49),
             "last transaction wins"
         );
+    }
+
+    #[test]
+    fn a_checkpoint_flushes_once_and_its_header_becomes_durable_with_the_next_commit() {
+        let sb = sb(1024);
+        let dev = FaultDevice::new(4096 * BS as u64);
+        Journal::format(&dev, &sb, 0).unwrap();
+        dev.flush().unwrap();
+        let (mut j, _) = Journal::open(&dev, &sb, 0, false).unwrap();
+        j.commit(&dev, &[image(sb.rg_start + 5, 1)]).unwrap();
+        let before = dev.flush_count();
+        j.checkpoint(&dev, false).unwrap();
+        assert_eq!(
+            dev.flush_count() - before,
+            1,
+            "home writes flushed, header not"
+        );
+        // A crash now loses the header: replay rewrites the image that is already home.
+        let dev2 = FaultDevice::from_image(dev.crash_image(CrashMode::DropAll, 0));
+        let (_, stats) = Journal::open(&dev2, &sb, 0, false).unwrap();
+        assert_eq!(
+            (stats.transactions, home_fill(&dev2, sb.rg_start + 5)),
+            (1, 1)
+        );
+        // The next commit's first flush carries the header: nothing is replayed twice.
+        j.commit(&dev, &[image(sb.rg_start + 6, 2)]).unwrap();
+        let dev3 = FaultDevice::from_image(dev.crash_image(CrashMode::DropAll, 0));
+        let (_, stats) = Journal::open(&dev3, &sb, 0, false).unwrap();
+        assert_eq!(
+            stats.transactions, 1,
+            "only the transaction after the checkpoint"
+        );
+        // A clean checkpoint (unmount) is durable on return.
+        j.checkpoint(&dev, true).unwrap();
+        let dev4 = FaultDevice::from_image(dev.crash_image(CrashMode::DropAll, 0));
+        assert!(Journal::read_header(&dev4, &sb, 0).unwrap().clean);
+    }
+
+    #[test]
+    fn a_crash_in_any_commit_never_rolls_home_blocks_back() {
+        // A small log and no checkpoints by the caller: a commit that finds the log full
+        // checkpoints and reuses the oldest log space at once, while the header on disk
+        // may still point there. Crash inside every commit, at every write, many ways.
+        // Transactions of varying length put boundaries everywhere in the circular log.
+        let seeds: u64 = std::env::var("TANDEM_JOURNAL_CRASH_SEEDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(6);
+        let sb = sb(40);
+        for fail_round in 2..40u8 {
+            for writes in 0..4 {
+                for seed in 0..seeds {
+                    let dev = FaultDevice::new(1024 * BS as u64);
+                    Journal::format(&dev, &sb, 0).unwrap();
+                    dev.flush().unwrap();
+                    let (mut j, _) = Journal::open(&dev, &sb, 0, false).unwrap();
+                    let mut done = 0u8;
+                    for round in 1..=fail_round {
+                        let extra = (u64::from(round) * 7 + seed * 13 + seed / 9) % 9;
+                        let tx: Vec<_> = (0..5 + extra)
+                            .map(|i| image(sb.rg_start + i, round))
+                            .collect();
+                        if round == fail_round {
+                            dev.fail_writes_after(Some(writes));
+                            let _ = j.commit(&dev, &tx);
+                            break;
+                        }
+                        j.commit(&dev, &tx).unwrap();
+                        done = round;
+                    }
+                    let img = dev.crash_image(CrashMode::RandomSubset, seed / 9);
+                    let dev2 = FaultDevice::from_image(img);
+                    Journal::open(&dev2, &sb, 0, false).unwrap();
+                    let vals: Vec<u8> = (0..5).map(|i| home_fill(&dev2, sb.rg_start + i)).collect();
+                    assert!(
+                        vals.iter().all(|v| *v == vals[0]) && (vals[0] == done || vals[0] == fail_round),
+                        "round {fail_round}, {writes} writes, seed {seed}: home holds {vals:?}, last durable round {done}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn replay_never_starts_behind_log_space_a_commit_reused() {
+        // Log of 39 blocks. Rounds 1-4 fill positions 0-31 and a checkpoint moves the
+        // tail to 32; round 5 (32-38) makes that header durable; rounds 6-8 fill 0-25.
+        // Round 9 (15 blocks) finds the log full, checkpoints, and its payload covers
+        // 26-38 (one write, round 5 among it) and 0-1 (a second write, into round 6).
+        // If a crash keeps only that second write, a replay from the old tail 32 would
+        // apply round 5 over the newer rounds and stop at round 6: the header must be
+        // durable before the log behind it is reused.
+        let sb = sb(40);
+        let sizes = [6u64, 6, 6, 6, 5, 6, 6, 8, 13];
+        for seed in 0..64 {
+            let dev = FaultDevice::new(1024 * BS as u64);
+            Journal::format(&dev, &sb, 0).unwrap();
+            dev.flush().unwrap();
+            let (mut j, _) = Journal::open(&dev, &sb, 0, false).unwrap();
+            for (k, n) in sizes.iter().enumerate() {
+                let round = k as u8 + 1;
+                let tx: Vec<_> = (0..*n).map(|i| image(sb.rg_start + i, round)).collect();
+                if round == 9 {
+                    // The header and the two payload writes go out, the flush fails.
+                    dev.fail_writes_after(Some(3));
+                    assert!(j.commit(&dev, &tx).is_err());
+                } else {
+                    j.commit(&dev, &tx).unwrap();
+                }
+                if round == 4 {
+                    j.checkpoint(&dev, false).unwrap();
+                }
+            }
+            let dev2 = FaultDevice::from_image(dev.crash_image(CrashMode::RandomSubset, seed));
+            Journal::open(&dev2, &sb, 0, false).unwrap();
+            let vals: Vec<u8> = (0..5).map(|i| home_fill(&dev2, sb.rg_start + i)).collect();
+            assert_eq!(vals, vec![8; 5], "seed {seed}: home rolled back");
+        }
     }
 
     #[test]
