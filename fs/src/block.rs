@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use rand::rngs::StdRng;
@@ -21,6 +22,11 @@ pub trait BlockDevice: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Returns once every completed write is durable.
     fn flush(&self) -> io::Result<()>;
+    /// `flush`, without holding up other requests meanwhile where the device would
+    /// otherwise serialise them (a second NBD connection). Used by background barriers.
+    fn flush_aside(&self) -> io::Result<()> {
+        self.flush()
+    }
     /// A hint that these byte ranges will be read soon: the device starts reading them in
     /// the background so that the reads that follow find them cached, and returns true.
     /// Devices without a cache of their own return false (the caller may `read_many`).
@@ -33,6 +39,76 @@ pub trait BlockDevice: Send + Sync {
             self.read_at(buf, *offset)?;
         }
         Ok(())
+    }
+}
+
+/// The filesystem's view of its device: counts flushes, so a journal commit knows whether
+/// every write that must be durable before its commit block already is.
+///
+/// Flushes are numbered as they are issued; `done` is the highest number that completed.
+/// A flush covers every write that completed before it was issued, so a write that
+/// completed while `issued` was k is durable once any flush numbered k+1 or later has
+/// completed. `require_barrier` records that for "everything completed so far".
+pub struct FlushOrder {
+    inner: std::sync::Arc<dyn BlockDevice>,
+    issued: AtomicU64,
+    done: AtomicU64,
+    need: AtomicU64,
+}
+
+impl FlushOrder {
+    /// A new device view; nothing is known durable yet (the first commit flushes first).
+    pub fn new(inner: std::sync::Arc<dyn BlockDevice>) -> Self {
+        Self {
+            inner,
+            issued: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            need: AtomicU64::new(1),
+        }
+    }
+
+    fn numbered(&self, f: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+        let n = self.issued.fetch_add(1, Ordering::SeqCst) + 1;
+        f()?;
+        self.done.fetch_max(n, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Everything written so far must be durable before the next commit block may be:
+    /// file data the next transaction points at (ordered mode), or, on a cluster mount,
+    /// the journal header another node wrote before handing the glock to us.
+    pub fn require_barrier(&self) {
+        let n = self.issued.load(Ordering::SeqCst) + 1;
+        self.need.fetch_max(n, Ordering::SeqCst);
+    }
+
+    /// A flush is still needed before a commit block (see `require_barrier`).
+    pub fn barrier_pending(&self) -> bool {
+        self.done.load(Ordering::SeqCst) < self.need.load(Ordering::SeqCst)
+    }
+}
+
+impl BlockDevice for FlushOrder {
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.numbered(|| self.inner.flush())
+    }
+    fn flush_aside(&self) -> io::Result<()> {
+        self.numbered(|| self.inner.flush_aside())
+    }
+    fn hint_reads(&self, ranges: &[(u64, u64)]) -> bool {
+        self.inner.hint_reads(ranges)
+    }
+    fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        self.inner.read_many(reqs)
     }
 }
 

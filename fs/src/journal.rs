@@ -283,9 +283,20 @@ impl Journal {
 
     /// Commits sealed block images: log them, make them durable, then write them home.
     ///
-    /// Ordered mode: data blocks were written before this call; the flush after the log
-    /// payload makes them durable before the commit block can be.
-    pub fn commit(&mut self, dev: &dyn BlockDevice, blocks: &[(u64, Vec<u8>)]) -> Result<()> {
+    /// `pre_flush`: some write outside the log must be durable before the commit block
+    /// may be (ordered file data this transaction points at, or another node's journal
+    /// header; see `FlushOrder`). Then the log payload goes out and is flushed before the
+    /// commit block is written, and that flush also covers those writes: two flushes.
+    /// Otherwise payload and commit block go out together and one flush makes them
+    /// durable (jbd2's async commit): a crash in between may keep the commit block without
+    /// some payload block, and replay then finds the CRC in the commit block wrong and
+    /// drops the transaction, which was never acknowledged.
+    pub fn commit(
+        &mut self,
+        dev: &dyn BlockDevice,
+        blocks: &[(u64, Vec<u8>)],
+        pre_flush: bool,
+    ) -> Result<()> {
         let need = self.blocks_needed(blocks.len());
         if need > self.log_len - 1 {
             return Err(FsError::NoSpace);
@@ -325,16 +336,6 @@ impl Journal {
                 pos += 1;
             }
         }
-        // Two flushes, not jbd2's async_commit: the first also makes the file data the
-        // transaction points at durable (ordered mode) before the commit block can land.
-        self.write_log(dev, self.head, &log)?;
-        let header_written = self.header_unflushed.then_some(self.tail);
-        dev.flush()?;
-        if let Some(t) = header_written {
-            // That flush also made the last header durable.
-            self.durable_tail = t;
-            self.header_unflushed = false;
-        }
         let addr = self.addr(pos);
         let mut c = vec![0u8; self.bs];
         init_header(&mut c, BlockType::JournalCommit, addr);
@@ -343,8 +344,21 @@ impl Journal {
         put_u32(&mut c, JC_NBLOCKS, blocks.len() as u32);
         put_u32(&mut c, JC_CRC, crc.finalize());
         seal(&mut c);
-        dev.write_at(&c, addr * self.bs as u64)?;
+        let header_written = self.header_unflushed.then_some(self.tail);
+        if pre_flush {
+            self.write_log(dev, self.head, &log)?;
+            dev.flush()?;
+            dev.write_at(&c, addr * self.bs as u64)?;
+        } else {
+            log.extend_from_slice(&c);
+            self.write_log(dev, self.head, &log)?;
+        }
         dev.flush()?;
+        if let Some(t) = header_written {
+            // Those flushes also made the last header durable.
+            self.durable_tail = t;
+            self.header_unflushed = false;
+        }
         pos += 1;
         // The transaction is durable; home writes may now reach the disk in any order.
         // Runs of adjacent home blocks go out as one request.
@@ -502,7 +516,7 @@ mod tests {
         let (mut j, _) = Journal::open(&dev, &sb, 0, false).unwrap();
         // 300 blocks need three descriptors at 1 KiB ((1024-56)/8 = 121 per descriptor).
         let tx: Vec<_> = (0..300).map(|i| image(sb.rg_start + 10 + i, 7)).collect();
-        j.commit(&dev, &tx).unwrap();
+        j.commit(&dev, &tx, true).unwrap();
         // Power cut right after the commit record: home writes were never flushed.
         let img = dev.crash_image(CrashMode::DropAll, 0);
         let dev2 = FaultDevice::from_image(img);
@@ -518,10 +532,11 @@ mod tests {
         Journal::format(&dev, &sb, 0).unwrap();
         dev.flush().unwrap();
         let (mut j, _) = Journal::open(&dev, &sb, 0, false).unwrap();
-        j.commit(&dev, &[image(sb.rg_start + 5, 1)]).unwrap();
+        j.commit(&dev, &[image(sb.rg_start + 5, 1)], true).unwrap();
         j.commit(
             &dev,
             &[image(sb.rg_start + 5, 2), image(sb.rg_start + 6, 2)],
+            true,
         )
         .unwrap();
         // Corrupt the second commit block (log positions: 0 desc, 1 img, 2 commit, 3 desc,
@@ -553,7 +568,7 @@ mod tests {
         let (mut j, _) = Journal::open(&dev, &sb, 0, false).unwrap();
         for round in 0..50u8 {
             let tx: Vec<_> = (0..5).map(|i| image(sb.rg_start + i, round)).collect();
-            j.commit(&dev, &tx).unwrap();
+            j.commit(&dev, &tx, round % 2 == 0).unwrap();
             if j.used_blocks() > j.log_len() / 2 {
                 j.checkpoint(&dev, false).unwrap();
             }
@@ -575,7 +590,7 @@ mod tests {
         Journal::format(&dev, &sb, 0).unwrap();
         dev.flush().unwrap();
         let (mut j, _) = Journal::open(&dev, &sb, 0, false).unwrap();
-        j.commit(&dev, &[image(sb.rg_start + 5, 1)]).unwrap();
+        j.commit(&dev, &[image(sb.rg_start + 5, 1)], true).unwrap();
         let before = dev.flush_count();
         j.checkpoint(&dev, false).unwrap();
         assert_eq!(
@@ -591,7 +606,7 @@ mod tests {
             (1, 1)
         );
         // The next commit's first flush carries the header: nothing is replayed twice.
-        j.commit(&dev, &[image(sb.rg_start + 6, 2)]).unwrap();
+        j.commit(&dev, &[image(sb.rg_start + 6, 2)], true).unwrap();
         let dev3 = FaultDevice::from_image(dev.crash_image(CrashMode::DropAll, 0));
         let (_, stats) = Journal::open(&dev3, &sb, 0, false).unwrap();
         assert_eq!(
@@ -625,18 +640,25 @@ mod tests {
                     let mut done = 0u8;
                     for round in 1..=fail_round {
                         let extra = (u64::from(round) * 7 + seed * 13 + seed / 9) % 9;
+                        // Both commit forms: with and without the first flush.
+                        let pre_flush = (u64::from(round) + seed) % 3 == 0;
                         let tx: Vec<_> = (0..5 + extra)
                             .map(|i| image(sb.rg_start + i, round))
                             .collect();
                         if round == fail_round {
                             dev.fail_writes_after(Some(writes));
-                            let _ = j.commit(&dev, &tx);
+                            let _ = j.commit(&dev, &tx, pre_flush);
                             break;
                         }
-                        j.commit(&dev, &tx).unwrap();
+                        j.commit(&dev, &tx, pre_flush).unwrap();
                         done = round;
                     }
-                    let img = dev.crash_image(CrashMode::RandomSubset, seed / 9);
+                    let mode = if seed % 2 == 0 {
+                        CrashMode::RandomSubset
+                    } else {
+                        CrashMode::Torn
+                    };
+                    let img = dev.crash_image(mode, seed / 9 + seed);
                     let dev2 = FaultDevice::from_image(img);
                     Journal::open(&dev2, &sb, 0, false).unwrap();
                     let vals: Vec<u8> = (0..5).map(|i| home_fill(&dev2, sb.rg_start + i)).collect();
@@ -671,9 +693,9 @@ mod tests {
                 if round == 9 {
                     // The header and the two payload writes go out, the flush fails.
                     dev.fail_writes_after(Some(3));
-                    assert!(j.commit(&dev, &tx).is_err());
+                    assert!(j.commit(&dev, &tx, true).is_err());
                 } else {
-                    j.commit(&dev, &tx).unwrap();
+                    j.commit(&dev, &tx, true).unwrap();
                 }
                 if round == 4 {
                     j.checkpoint(&dev, false).unwrap();
@@ -693,7 +715,7 @@ mod tests {
         Journal::format(&dev, &sb, 0).unwrap();
         let (mut j, _) = Journal::open(&dev, &sb, 0, false).unwrap();
         let tx: Vec<_> = (0..60).map(|i| image(sb.rg_start + i, 1)).collect();
-        assert!(matches!(j.commit(&dev, &tx), Err(FsError::NoSpace)));
+        assert!(matches!(j.commit(&dev, &tx, true), Err(FsError::NoSpace)));
         assert!(j.max_tx_blocks() < 40);
     }
 }

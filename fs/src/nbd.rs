@@ -13,6 +13,13 @@ use crate::block::BlockDevice;
 pub struct NbdDevice {
     client: Mutex<NbdClient>,
     size_bytes: u64,
+    /// A second connection, opened on first use, for flushes that must not hold up the
+    /// first one's reads and writes (`flush_aside`). The export allows several
+    /// connections (NBD_FLAG_CAN_MULTI_CONN): a flush on either covers the writes
+    /// completed on both.
+    aside: Mutex<Option<NbdClient>>,
+    socket: std::path::PathBuf,
+    export: String,
 }
 
 impl NbdDevice {
@@ -22,6 +29,9 @@ impl NbdDevice {
         Ok(Self {
             client: Mutex::new(client),
             size_bytes,
+            aside: Mutex::new(None),
+            socket: socket.to_path_buf(),
+            export: export.to_string(),
         })
     }
 }
@@ -42,6 +52,35 @@ impl BlockDevice for NbdDevice {
     }
     fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> io::Result<()> {
         self.client.lock().read_many(reqs)
+    }
+    fn flush_aside(&self) -> io::Result<()> {
+        let mut aside = self.aside.lock();
+        if aside.is_none() {
+            match NbdClient::connect_unix(&self.socket, &self.export) {
+                Ok(c)
+                    if c.transmission_flags()
+                        & tandem_replicator::nbd::proto::TF_CAN_MULTI_CONN
+                        != 0 =>
+                {
+                    *aside = Some(c)
+                }
+                Ok(_) => {
+                    // A flush there would not cover our writes: use the main connection.
+                    drop(aside);
+                    return self.flush();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "second NBD connection failed; flushing on the first");
+                    drop(aside);
+                    return self.flush();
+                }
+            }
+        }
+        let res = aside.as_mut().expect("connected above").flush();
+        if res.is_err() {
+            *aside = None; // reconnect next time
+        }
+        res
     }
 }
 

@@ -623,7 +623,7 @@ fn acls_follow_chmod_and_default_acls_are_inherited_without_the_umask() {
 }
 
 #[test]
-fn a_glock_hand_off_flushes_three_times_and_not_at_all_with_nothing_new() {
+fn a_glock_hand_off_flushes_twice_three_times_with_ordered_data_and_not_at_all_with_nothing_new() {
     use tandem_fs::cluster::glock::GlockHooks;
     let (d, fs) = fresh(16 << 20);
     let a = fs.mknod(CTX, ROOT_INO, b"a", 0o644, 0, 0).unwrap();
@@ -631,18 +631,29 @@ fn a_glock_hand_off_flushes_three_times_and_not_at_all_with_nothing_new() {
     let n0 = d.flush_count();
     GlockHooks::flush(&fs).unwrap();
     let n1 = d.flush_count();
-    // Commit: log payload, then commit block. Checkpoint: home writes. The journal header
-    // is written without a flush of its own (the next commit's first flush carries it).
-    assert_eq!(n1 - n0, 3);
+    // Inline data is metadata: the log payload and its commit block go out together
+    // (one flush), then the home writes (one flush). The journal header is written
+    // without a flush of its own (the next commit's flush carries it).
+    assert_eq!(n1 - n0, 2);
     GlockHooks::flush(&fs).unwrap();
     assert_eq!(d.flush_count(), n1, "nothing new since: no flush");
-    fs.write(a.ino, 0, b"y").unwrap();
+    // File data outside the log must be durable before the commit block: one more.
+    let big = vec![7u8; 20_000];
+    fs.write(a.ino, 0, &big).unwrap();
     GlockHooks::flush(&fs).unwrap();
-    assert_eq!(d.flush_count() - n1, 3);
-    // What the hand-off made durable survives a power cut.
+    let n2 = d.flush_count();
+    assert_eq!(n2 - n1, 3);
+    // So must the header of the node that held the glock before us, after a grant.
+    fs.write(a.ino, 0, b"y").unwrap();
+    fs.granted_exclusive();
+    GlockHooks::flush(&fs).unwrap();
+    assert_eq!(d.flush_count() - n2, 3);
+    // What the hand-offs made durable survives a power cut.
     let img = d.crash_image(tandem_fs::block::CrashMode::DropAll, 0);
     let dev2 = Arc::new(FaultDevice::from_image(img));
     let (fs2, _) = Fs::mount(dev2, FsOptions::default()).unwrap();
     let got = fs2.lookup(ROOT_INO, b"a").unwrap();
-    assert_eq!(fs2.read(got.ino, 0, 10).unwrap(), b"y");
+    let mut want = big.clone();
+    want[0] = b'y';
+    assert_eq!(fs2.read(got.ino, 0, 30_000).unwrap(), want);
 }

@@ -49,6 +49,9 @@ pub trait GlockHooks: Send + Sync {
     fn flush(&self) -> Result<()>;
     /// After acquiring from nothing: forget every cached block.
     fn invalidate(&self);
+    /// Just granted EX (from nothing or by conversion), before any local operation runs
+    /// under it: the previous holder's last journal header may not be durable yet.
+    fn granted_exclusive(&self) {}
     /// This node gave up its cached iopen lock of inode `ino`: free it if it is unlinked
     /// and no node has it open any more. Runs on the reaper thread.
     fn reap_unlinked(&self, _ino: u64) {}
@@ -291,7 +294,14 @@ impl Glock {
         let t0 = Instant::now();
         let res = match held {
             Some((id, _)) => match self.backend.convert(id, need) {
-                Ok(()) => Some((id, need)),
+                Ok(()) => {
+                    if need == Mode::EX {
+                        if let Some(h) = self.hooks() {
+                            h.granted_exclusive();
+                        }
+                    }
+                    Some((id, need))
+                }
                 Err(BackendError::Deadlock) => None,
                 Err(e) => return Err(e),
             },
@@ -300,6 +310,9 @@ impl Glock {
                 // Another node may have changed anything since we last held it.
                 if let Some(h) = self.hooks() {
                     h.invalidate();
+                    if need == Mode::EX {
+                        h.granted_exclusive();
+                    }
                 }
                 if let Some(o) = self.observer() {
                     o.granted();

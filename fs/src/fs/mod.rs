@@ -75,6 +75,11 @@ pub struct Fs {
     /// POSIX ACLs are served and enforced (mirrors `Inner::opts.posix_acl`, readable
     /// without the lock).
     acl: std::sync::atomic::AtomicBool,
+    /// The store's device view (which writes are known durable).
+    order: Arc<crate::block::FlushOrder>,
+    /// Cluster mounts: wakes the barrier thread, which flushes in the background after an
+    /// EX grant so that the commit at the hand-off needs one flush fewer.
+    barrier: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 /// The filesystem lock for one operation. When the operation leaves the running
@@ -137,6 +142,21 @@ impl Fs {
         let fs = Arc::new(fs);
         let hooks: Arc<dyn GlockHooks> = fs.clone();
         cluster.glock.set_hooks(Arc::downgrade(&hooks));
+        // The barrier thread ends when the filesystem (the channel's sender) goes.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let order = fs.order.clone();
+        std::thread::Builder::new()
+            .name("barrier".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    while rx.try_recv().is_ok() {}
+                    if let Err(e) = order.flush_aside() {
+                        tracing::warn!(error = %e, "background flush after a glock grant failed");
+                    }
+                }
+            })
+            .map_err(|e| FsError::Mount(format!("starting the barrier thread: {e}")))?;
+        *fs.barrier.lock() = Some(tx);
         Ok((fs, stats))
     }
 
@@ -147,6 +167,7 @@ impl Fs {
     ) -> Result<(Self, ReplayStats)> {
         let (mut st, stats) = Store::open(dev, opts.journal, opts.read_only)?;
         let root = st.sb.root_block;
+        let order = st.order.clone();
         // Cluster: an unlinked inode may be open on another node; the last closer frees it.
         if !opts.read_only && cluster.is_none() {
             for blk in st.unlinked_inodes()? {
@@ -178,6 +199,8 @@ impl Fs {
                 cluster,
                 releasing: std::sync::atomic::AtomicUsize::new(0),
                 acl,
+                order,
+                barrier: Mutex::new(None),
             },
             stats,
         ))
@@ -301,12 +324,20 @@ impl Fs {
             g.check_alive()?;
         }
         let _c = self.commit_lock.lock();
-        let (blocks, dev, journal, bs) = {
+        let (blocks, dev, journal, bs, pre_flush) = {
             let mut g = self.inner.lock();
             let blocks = g.st.prepare_commit()?;
-            (blocks, g.st.dev.clone(), g.st.journal.clone(), g.st.bs)
+            // Every write this transaction depends on completed before this point.
+            let pre_flush = g.st.order.barrier_pending();
+            (
+                blocks,
+                g.st.dev.clone(),
+                g.st.journal.clone(),
+                g.st.bs,
+                pre_flush,
+            )
         };
-        let res = crate::store::write_tx(&*dev, bs, journal.as_deref(), &blocks);
+        let res = crate::store::write_tx(&*dev, bs, journal.as_deref(), &blocks, pre_flush);
         // Finishing makes this transaction's freed blocks reusable: wait for reads that
         // may still target them.
         let _no_reads = self.data_guard.write();
@@ -1050,6 +1081,18 @@ impl GlockHooks for Fs {
                 tracing::warn!(error = %e, "could not sweep unlinked inodes; retrying");
                 false
             }
+        }
+    }
+
+    /// The node that held the glock before us wrote its journal header without a flush
+    /// (`Journal::checkpoint`). A commit block of ours must not become durable before it
+    /// (else after a crash of both, its stale transactions could be replayed after ours),
+    /// so our first commit would need two flushes. A flush in the background, on a second
+    /// device connection, usually completes before that commit and saves one.
+    fn granted_exclusive(&self) {
+        self.order.require_barrier();
+        if let Some(tx) = &*self.barrier.lock() {
+            let _ = tx.send(());
         }
     }
 

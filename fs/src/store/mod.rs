@@ -30,7 +30,10 @@ const INODE_READAROUND_BLOCKS: u64 = 8;
 const PREFETCH_RANGE_BYTES: u64 = 256 << 10;
 
 pub struct Store {
+    /// `order`, as the device every read, write and flush goes through.
     pub dev: Arc<dyn BlockDevice>,
+    /// Which writes are known durable (decides whether a commit needs its first flush).
+    pub order: Arc<crate::block::FlushOrder>,
     pub sb: Superblock,
     pub bs: usize,
     blocks: HashMap<u64, Box<[u8]>>,
@@ -61,12 +64,14 @@ impl Store {
         journal_index: u32,
         read_only: bool,
     ) -> Result<(Self, ReplayStats)> {
+        let order = Arc::new(crate::block::FlushOrder::new(dev));
+        let dev: Arc<dyn BlockDevice> = order.clone();
         let sb = read_superblock(&*dev)?;
         if journal_index >= sb.journal_count {
             return Err(FsError::Invalid("journal index beyond the journal count"));
         }
         let (journal, stats) = Journal::open(&*dev, &sb, journal_index, read_only)?;
-        let mut s = Self::bare(dev, sb);
+        let mut s = Self::with_order(order, sb);
         s.tx_limit = journal.max_tx_blocks();
         s.journal = (!read_only).then(|| Arc::new(Mutex::new(journal)));
         s.load_rgs()?;
@@ -78,9 +83,14 @@ impl Store {
 
     /// A store without a journal (mkfs and fsck write in place).
     pub fn bare(dev: Arc<dyn BlockDevice>, sb: Superblock) -> Self {
+        Self::with_order(Arc::new(crate::block::FlushOrder::new(dev)), sb)
+    }
+
+    fn with_order(order: Arc<crate::block::FlushOrder>, sb: Superblock) -> Self {
         let bs = sb.block_size as usize;
         Store {
-            dev,
+            dev: order.clone(),
+            order,
             sb,
             bs,
             blocks: HashMap::new(),
@@ -315,7 +325,14 @@ impl Store {
     /// A whole commit while holding the lock (mount, mkfs, fsck, unmount: no concurrency).
     pub fn commit(&mut self) -> Result<()> {
         let blocks = self.prepare_commit()?;
-        let res = write_tx(&*self.dev, self.bs, self.journal.as_deref(), &blocks);
+        let pre_flush = self.order.barrier_pending();
+        let res = write_tx(
+            &*self.dev,
+            self.bs,
+            self.journal.as_deref(),
+            &blocks,
+            pre_flush,
+        );
         self.finish_commit(&res);
         res.map(|_| ())
     }
@@ -448,18 +465,22 @@ impl Store {
     }
     pub fn write_data(&self, buf: &[u8], blk: u64) -> Result<()> {
         self.dev.write_at(buf, blk * self.bs as u64)?;
+        // Ordered mode: durable before the commit block that may point at it.
+        self.order.require_barrier();
         Ok(())
     }
 }
 
 /// Writes a prepared transaction: through the journal (then checkpoints if the log is over
 /// half full) or, without a journal, in place. Returns whether the log was checkpointed
-/// after this transaction, which makes held metadata blocks reusable.
+/// after this transaction, which makes held metadata blocks reusable. `pre_flush`: some
+/// write must be durable before the commit block can be (see `Journal::commit`).
 pub fn write_tx(
     dev: &dyn BlockDevice,
     bs: usize,
     journal: Option<&Mutex<Journal>>,
     blocks: &[(u64, Vec<u8>)],
+    pre_flush: bool,
 ) -> Result<bool> {
     let Some(j) = journal else {
         write_in_place(dev, bs, blocks)?;
@@ -471,7 +492,7 @@ pub fn write_tx(
         dev.flush()?;
         return Ok(false);
     }
-    j.commit(dev, blocks)?;
+    j.commit(dev, blocks, pre_flush)?;
     if j.used_blocks() > j.log_len() / 2 {
         j.checkpoint(dev, false)?;
         return Ok(true);
