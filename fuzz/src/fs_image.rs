@@ -18,7 +18,11 @@ use tandem_fs::{BlockDevice, FaultDevice, FsError};
 
 /// Block size of the fuzzed images: the smallest, so images are small and fast to copy.
 pub const BS: usize = 1024;
-const CTX: Ctx = Ctx { uid: 0, gid: 0, pid: 0 };
+const CTX: Ctx = Ctx {
+    uid: 0,
+    gid: 0,
+    pid: 0,
+};
 const FIXED_UUID: [u8; 16] = *b"tandem-fuzz-img!";
 const FIXED_TIME: Time = Time {
     secs: 1_700_000_000,
@@ -672,7 +676,7 @@ pub fn build_journal_base() -> JournalBase {
         for (b, img) in meta.iter_mut() {
             normalize_block(img, *b);
         }
-        j.commit(&logdev, meta).expect("journal commit");
+        j.commit(&logdev, meta, true).expect("journal commit");
     }
     let logged = logdev.image();
     let jrange = jstart as usize * BS..(jstart + jblocks) as usize * BS;

@@ -114,20 +114,36 @@ pub fn fs_metadata_block(data: &[u8]) {
 pub fn fs_posix_acl(data: &[u8]) {
     use tandem_fs::acl::Acl;
     let Ok(a) = Acl::parse(data) else { return };
-    assert_eq!(a.to_bytes(), data, "a parsed ACL re-encodes to its own bytes");
-    let mode = data.first().map_or(0o644, |&b| 0o100000 | u32::from(b) << 1);
+    assert_eq!(
+        a.to_bytes(),
+        data,
+        "a parsed ACL re-encodes to its own bytes"
+    );
+    let mode = data
+        .first()
+        .map_or(0o644, |&b| 0o100000 | u32::from(b) << 1);
     let (m, equiv) = a.equiv_mode(mode);
     assert_eq!(m & !0o777, mode & !0o777, "only permission bits change");
     if equiv {
-        assert_eq!(a.entries().len(), 3, "an equivalent ACL is the three base entries");
+        assert_eq!(
+            a.entries().len(),
+            3,
+            "an equivalent ACL is the three base entries"
+        );
     }
     let mut c = a.clone();
     c.chmod(m);
-    assert!(Acl::parse(&c.to_bytes()).is_ok(), "chmod keeps the ACL valid");
+    assert!(
+        Acl::parse(&c.to_bytes()).is_ok(),
+        "chmod keeps the ACL valid"
+    );
     let mut d = a.clone();
     let (cm, _) = d.create_masq(mode);
     assert_eq!(cm & !0o777, mode & !0o777);
-    assert!(Acl::parse(&d.to_bytes()).is_ok(), "the create mask keeps it valid");
+    assert!(
+        Acl::parse(&d.to_bytes()).is_ok(),
+        "the create mask keeps it valid"
+    );
     let _ = a.permits(1000, &[1000, 50], 0, 0, 6);
 }
 

@@ -109,6 +109,11 @@ pub struct GlockStats {
     pub acquire_max_us: u64,
     pub demotes: u64,
     pub flush_total_us: u64,
+    /// From a blocking callback's arrival until the demotion starts flushing (minimum
+    /// hold, idle grace, local operations still inside).
+    pub demote_wait_total_us: u64,
+    /// The lock-manager call that lowers or releases the lock after the flush.
+    pub lower_call_total_us: u64,
 }
 
 pub struct Glock {
@@ -333,6 +338,7 @@ impl Glock {
     /// hold time has passed and local operations inside have finished. Runs on the
     /// callback thread, never inside a FUSE request.
     pub fn demote(&self, lock: LockId, wanted: Mode) {
+        let called_at = Instant::now();
         let mut st = self.st.lock();
         loop {
             self.cv.wait_while(&mut st, |s| s.busy || s.draining);
@@ -355,6 +361,8 @@ impl Glock {
             parking_lot::MutexGuard::unlocked(&mut st, || std::thread::sleep(wait));
         }
         let (id, mode) = st.held.expect("checked above");
+        let waited_us = called_at.elapsed().as_micros() as u64;
+        self.stats.lock().demote_wait_total_us += waited_us;
         match self.exclusively(&mut st, || self.lower(id, mode, wanted)) {
             Ok(h) => st.held = h,
             Err(e) => self.fail(&mut st, e),
@@ -400,14 +408,18 @@ impl Glock {
             self.stats.lock().flush_total_us += t0.elapsed().as_micros() as u64;
         }
         self.stats.lock().demotes += 1;
-        if mode == Mode::EX && wanted == Mode::PR {
+        let t0 = Instant::now();
+        let res = if mode == Mode::EX && wanted == Mode::PR {
             // Keep reading (and caching) beside the new reader.
-            self.backend.convert(id, Mode::PR)?;
-            return Ok(Some((id, Mode::PR)));
-        }
-        self.releasing();
-        self.backend.unlock(id)?;
-        Ok(None)
+            self.backend
+                .convert(id, Mode::PR)
+                .map(|()| Some((id, Mode::PR)))
+        } else {
+            self.releasing();
+            self.backend.unlock(id).map(|()| None)
+        };
+        self.stats.lock().lower_call_total_us += t0.elapsed().as_micros() as u64;
+        res
     }
 
     /// Unmount: flush if EX and release. Waits for local operations to finish.

@@ -306,8 +306,10 @@ pub fn glstats_text(c: &Cluster) -> String {
     let st = g.stats();
     let avg = st.acquire_total_us.checked_div(st.acquires).unwrap_or(0);
     let mode = g.held_mode().map_or("-".to_string(), |m| m.to_string());
+    // A demotion's time splits into waiting (minimum hold, idle grace, operations still
+    // inside), flushing, and the lock-manager call that lowers the lock.
     let mut out = format!(
-        "lockspace {}\njournal {}\n{:<12} {:>4} {:>10} {:>12} {:>12} {:>10} {:>14}\n",
+        "lockspace {}\njournal {}\n{:<12} {:>4} {:>10} {:>12} {:>12} {:>10} {:>14} {:>14} {:>14}\n",
         c.conn.lockspace,
         c.journal,
         "glock",
@@ -316,17 +318,21 @@ pub fn glstats_text(c: &Cluster) -> String {
         "avg_acq_us",
         "max_acq_us",
         "demotes",
-        "flush_total_us"
+        "flush_total_us",
+        "wait_total_us",
+        "lower_total_us"
     );
     out += &format!(
-        "{:<12} {:>4} {:>10} {:>12} {:>12} {:>10} {:>14}\n",
+        "{:<12} {:>4} {:>10} {:>12} {:>12} {:>10} {:>14} {:>14} {:>14}\n",
         g.name(),
         mode,
         st.acquires,
         avg,
         st.acquire_max_us,
         st.demotes,
-        st.flush_total_us
+        st.flush_total_us,
+        st.demote_wait_total_us,
+        st.lower_call_total_us
     );
     let io = c.iopen.stats();
     out += &format!("iopen PR: {} open, {} cached idle\n", io.open, io.idle);
