@@ -40,6 +40,14 @@ pub trait BlockDevice: Send + Sync {
         }
         Ok(())
     }
+    /// Writes several ranges in no particular order; devices that can keep many requests
+    /// in flight override it (over NBD every request is a replicated round trip).
+    fn write_many(&self, reqs: &[(u64, &[u8])]) -> io::Result<()> {
+        for (offset, buf) in reqs {
+            self.write_at(buf, *offset)?;
+        }
+        Ok(())
+    }
 }
 
 /// The filesystem's view of its device: counts flushes, so a journal commit knows whether
@@ -109,6 +117,9 @@ impl BlockDevice for FlushOrder {
     }
     fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> io::Result<()> {
         self.inner.read_many(reqs)
+    }
+    fn write_many(&self, reqs: &[(u64, &[u8])]) -> io::Result<()> {
+        self.inner.write_many(reqs)
     }
 }
 

@@ -361,9 +361,11 @@ impl Journal {
         }
         pos += 1;
         // The transaction is durable; home writes may now reach the disk in any order.
-        // Runs of adjacent home blocks go out as one request.
+        // Runs of adjacent home blocks go out as one request, and all runs at once (over
+        // NBD each request is a replicated round trip: in flight together they cost one).
         let mut homes: Vec<&(u64, Vec<u8>)> = blocks.iter().collect();
         homes.sort_unstable_by_key(|(h, _)| *h);
+        let mut runs: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut i = 0;
         while i < homes.len() {
             let mut j = i + 1;
@@ -374,9 +376,11 @@ impl Journal {
                 .iter()
                 .flat_map(|(_, d)| d.iter().copied())
                 .collect();
-            dev.write_at(&run, homes[i].0 * self.bs as u64)?;
+            runs.push((homes[i].0 * self.bs as u64, run));
             i = j;
         }
+        let reqs: Vec<(u64, &[u8])> = runs.iter().map(|(o, d)| (*o, d.as_slice())).collect();
+        dev.write_many(&reqs)?;
         self.head = pos;
         self.next_seq = seq + 1;
         Ok(())

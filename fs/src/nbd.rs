@@ -53,6 +53,9 @@ impl BlockDevice for NbdDevice {
     fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> io::Result<()> {
         self.client.lock().read_many(reqs)
     }
+    fn write_many(&self, reqs: &[(u64, &[u8])]) -> io::Result<()> {
+        self.client.lock().write_many(reqs)
+    }
     fn flush_aside(&self) -> io::Result<()> {
         let mut aside = self.aside.lock();
         if aside.is_none() {

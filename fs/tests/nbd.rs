@@ -76,6 +76,36 @@ fn read_many_keeps_requests_in_flight_matches_replies_and_survives_an_error() {
 }
 
 #[test]
+fn write_many_keeps_requests_in_flight_splits_big_ranges_and_survives_an_error() {
+    use tandem_replicator::nbd::client::NbdClient;
+    let tmp = tempfile::tempdir().unwrap();
+    let (_server, sock) = nbdkit(tmp.path(), "80M");
+    let mut c = NbdClient::connect_unix(&sock, "").unwrap();
+    let block = |i: u64| vec![(i % 251) as u8 + 1; 4096];
+    // 100 scattered blocks (more than the window) and one range beyond the largest
+    // request, which goes out in pieces.
+    let bufs: Vec<(u64, Vec<u8>)> = (0..100u64).map(|i| (i * 5 * 4096, block(i))).collect();
+    let big: Vec<u8> = (0..(40u32 << 20)).map(|i| (i % 241) as u8).collect();
+    let mut reqs: Vec<(u64, &[u8])> = bufs.iter().map(|(o, b)| (*o, b.as_slice())).collect();
+    reqs.push((16 << 20, &big));
+    c.write_many(&reqs).unwrap();
+    for (off, want) in &bufs {
+        let mut got = vec![0u8; 4096];
+        c.read_at(&mut got, *off).unwrap();
+        assert_eq!(&got, want, "block at {off}");
+    }
+    let mut got = vec![0u8; big.len()];
+    c.read_at(&mut got, 16 << 20).unwrap();
+    assert!(got == big, "the big range reads back");
+    // A write past the end fails, the other lands, the connection stays usable.
+    let reqs: Vec<(u64, &[u8])> = vec![(80 << 20, &bufs[0].1), (3 * 4096, &bufs[1].1)];
+    assert!(c.write_many(&reqs).is_err());
+    let mut again = vec![0u8; 4096];
+    c.read_at(&mut again, 3 * 4096).unwrap();
+    assert_eq!(again, block(1));
+}
+
+#[test]
 fn filesystem_works_on_an_nbd_export() {
     let tmp = tempfile::tempdir().unwrap();
     let (_server, sock) = nbdkit(tmp.path(), "64M");

@@ -198,6 +198,55 @@ impl NbdClient {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Writes several ranges with up to `WRITE_MANY_WINDOW` requests in flight (no order
+    /// among them: for writes that may land in any order, like a journal's home writes).
+    /// The first error is returned after every reply in flight has been read.
+    pub fn write_many(&mut self, reqs: &[(u64, &[u8])]) -> std::io::Result<()> {
+        const WRITE_MANY_WINDOW: usize = 32;
+        // Ranges beyond the largest request go out in pieces, like `write_at`.
+        let max = MAX_REQUEST_BYTES as usize;
+        let pieces: Vec<(u64, &[u8])>;
+        let reqs = if reqs.iter().any(|(_, b)| b.len() > max) {
+            pieces = reqs
+                .iter()
+                .flat_map(|(off, b)| {
+                    b.chunks(max)
+                        .enumerate()
+                        .map(move |(i, c)| (off + (i * max) as u64, c))
+                })
+                .collect();
+            &pieces[..]
+        } else {
+            reqs
+        };
+        let mut in_flight: Vec<u64> = Vec::with_capacity(WRITE_MANY_WINDOW);
+        let mut next = 0;
+        let mut first_err = None;
+        while (next < reqs.len() && first_err.is_none()) || !in_flight.is_empty() {
+            while first_err.is_none() && next < reqs.len() && in_flight.len() < WRITE_MANY_WINDOW {
+                let (off, buf) = reqs[next];
+                let h = self.request(CMD_WRITE, 0, off, buf.len() as u32, buf)?;
+                in_flight.push(h);
+                next += 1;
+            }
+            let mut r = [0u8; 16];
+            self.stream.read_exact(&mut r)?;
+            if u32::from_be_bytes(r[0..4].try_into().expect("4")) != SIMPLE_REPLY_MAGIC {
+                return Err(proto_err("bad reply magic"));
+            }
+            let handle = u64::from_be_bytes(r[8..16].try_into().expect("8"));
+            let pos = in_flight
+                .iter()
+                .position(|h| *h == handle)
+                .ok_or_else(|| proto_err("reply for an unexpected handle"))?;
+            in_flight.swap_remove(pos);
+            if let code @ 1.. = u32::from_be_bytes(r[4..8].try_into().expect("4")) {
+                first_err.get_or_insert(nbd_error(code));
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     pub fn write_at(&mut self, buf: &[u8], offset: u64, fua: bool) -> std::io::Result<()> {
         let flags = if fua { CMD_FLAG_FUA } else { 0 };
         for (i, chunk) in buf.chunks(MAX_REQUEST_BYTES as usize).enumerate() {
