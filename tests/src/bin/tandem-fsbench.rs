@@ -107,6 +107,13 @@ fn main() -> anyhow::Result<()> {
     let same = both_nodes_create(&f, n, |i| (format!("{MNT}/same"), format!("n{i}")))?;
 
     eprintln!("close on A -> read on B, {} samples ...", args.samples);
+    let glstats_path = |i: usize| {
+        f.c.dir()
+            .join(format!("run/n{}/tandemfs-test_www.glstats", i + 1))
+    };
+    // glstats is rewritten every second: let it settle so the deltas cover this phase.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let before: Vec<Option<Vec<u64>>> = (0..2).map(|i| meta_counters(&glstats_path(i))).collect();
     let mut lat = Vec::with_capacity(args.samples);
     for k in 0..args.samples as u32 {
         let (a, b) = ((k % 2) as usize, ((k + 1) % 2) as usize);
@@ -118,6 +125,25 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(got == k.to_le_bytes(), "node {b} read a stale value");
     }
     lat.sort();
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let mut phase = String::new();
+    for (i, b) in before.iter().enumerate() {
+        if let (Some(b), Some(a)) = (b, meta_counters(&glstats_path(i))) {
+            let d = |k: usize| a[k].saturating_sub(b[k]);
+            let n = d(3).max(1);
+            phase += &format!(
+                "n{}: {} demotions, per demotion: wait {} µs, flush {} µs, lock-manager call {} µs; {} acquisitions, avg {} µs\n",
+                i + 1,
+                d(3),
+                d(5) / n,
+                d(4) / n,
+                d(6) / n,
+                d(0),
+                // glstats keeps the average; average × count recovers the total.
+                (a[0] * a[1]).saturating_sub(b[0] * b[1]) / d(0).max(1)
+            );
+        }
+    }
     let glstats: Vec<String> = (0..2)
         .map(|i| {
             std::fs::read_to_string(
@@ -152,8 +178,24 @@ fn main() -> anyhow::Result<()> {
         pct(&lat, 99).as_secs_f64() * 1e3,
         lat.len()
     );
+    if !phase.is_empty() {
+        println!("\nduring close -> read (from glstats):\n{phase}");
+    }
     for (i, g) in glstats.iter().enumerate() {
         println!("\nglstats n{}:\n{g}", i + 1);
     }
     Ok(())
+}
+
+/// The `meta` line of a glstats file: acquires, avg_acq_us, max_acq_us, demotes,
+/// flush_total_us, wait_total_us, lower_total_us.
+fn meta_counters(path: &std::path::Path) -> Option<Vec<u64>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with("meta "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    (v.len() >= 7).then_some(v)
 }
