@@ -115,16 +115,22 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let before: Vec<Option<Vec<u64>>> = (0..2).map(|i| meta_counters(&glstats_path(i))).collect();
     let mut lat = Vec::with_capacity(args.samples);
+    let (mut write_lat, mut read_lat) = (lat.clone(), lat.clone());
     for k in 0..args.samples as u32 {
         let (a, b) = ((k % 2) as usize, ((k + 1) % 2) as usize);
         let t0 = Instant::now();
         f.w(a)
             .run(move || std::fs::write(format!("{MNT}/lat"), k.to_le_bytes()))?;
+        let t1 = Instant::now();
         let got = f.w(b).run(|| std::fs::read(format!("{MNT}/lat")))?;
         lat.push(t0.elapsed());
+        write_lat.push(t1 - t0);
+        read_lat.push(t1.elapsed());
         anyhow::ensure!(got == k.to_le_bytes(), "node {b} read a stale value");
     }
     lat.sort();
+    write_lat.sort();
+    read_lat.sort();
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let mut phase = String::new();
     for (i, b) in before.iter().enumerate() {
@@ -177,6 +183,11 @@ fn main() -> anyhow::Result<()> {
         pct(&lat, 50).as_secs_f64() * 1e3,
         pct(&lat, 99).as_secs_f64() * 1e3,
         lat.len()
+    );
+    println!(
+        "of which the write on A (its glock to EX: the reader lets go) p50 {:.2} ms, the read on B (to PR: the writer flushes) p50 {:.2} ms",
+        pct(&write_lat, 50).as_secs_f64() * 1e3,
+        pct(&read_lat, 50).as_secs_f64() * 1e3
     );
     if !phase.is_empty() {
         println!("\nduring close -> read (from glstats):\n{phase}");
