@@ -94,6 +94,7 @@ impl ClusterBuilder {
             resources: self.resources.clone(),
             procs: Vec::new(),
             configs: Vec::new(),
+            env: Vec::new(),
         };
         for i in 0..self.nodes {
             let secret = self.secret_override.get(&i).unwrap_or(&self.secret);
@@ -118,9 +119,16 @@ pub struct Cluster {
     pub resources: Vec<ResourceSpec>,
     procs: Vec<Proc>,
     configs: Vec<PathBuf>,
+    /// Environment for processes started from now on (fault-injection knobs).
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
+    /// Processes started after this see `key=value` in their environment.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     pub fn builder() -> ClusterBuilder {
         ClusterBuilder {
             nodes: 2,
@@ -227,6 +235,7 @@ impl Cluster {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -49,6 +49,9 @@ pub trait GlockHooks: Send + Sync {
     fn flush(&self) -> Result<()>;
     /// After acquiring from nothing: forget every cached block.
     fn invalidate(&self);
+    /// Before the lock is lowered or released, in any mode, with no local operation
+    /// inside: wait for lock requests the operations sent without waiting (iopen).
+    fn settle(&self) {}
     /// Just granted EX (from nothing or by conversion), before any local operation runs
     /// under it: the previous holder's last journal header may not be durable yet.
     fn granted_exclusive(&self) {}
@@ -392,6 +395,9 @@ impl Glock {
         mode: Mode,
         wanted: Mode,
     ) -> std::result::Result<Option<(LockId, Mode)>, BackendError> {
+        if let Some(h) = self.hooks() {
+            h.settle();
+        }
         if mode == Mode::EX {
             let t0 = Instant::now();
             if let Some(h) = self.hooks() {

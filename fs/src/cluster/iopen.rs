@@ -14,12 +14,21 @@
 //! A callback for an inode open here only marks it `doomed`: someone unlinked its last name
 //! (or tried to free it), so the last local close must check whether to free it. Closes of
 //! files nobody asked about skip that check, and with it a glock request per close.
+//!
+//! The first open of an inode does not wait for its lock: the request is sent and the
+//! open goes on (a create would otherwise wait a lock-manager round trip, a Raft commit,
+//! under the filesystem lock). That is safe because no other node can reach the inode
+//! before this node gives up `meta`, and the glock's `settle` hook waits for every request
+//! in flight before it does: a deleter's `EX | NOQUEUE` attempt, made under `meta` EX, is
+//! ordered after our PR. A blocking callback can overtake the grant's reply (they travel
+//! on different paths inside the client), so callbacks for lock ids we do not know yet are
+//! remembered while requests are in flight and applied when the grant arrives.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use tandem_lockmgr::types::{Flags, LockId, Mode};
 
 use super::iopen_lock;
@@ -28,8 +37,13 @@ use super::lockd::LockdConn;
 /// Idle cached iopen locks kept per mount before the oldest are dropped.
 pub const MAX_IDLE: usize = 4096;
 
+/// Lock requests sent without waiting, at most: bounds how long `settle` (and with it a
+/// hand-off of `meta`) can wait for them.
+pub const MAX_IN_FLIGHT: usize = 64;
+
 struct Entry {
-    lock: LockId,
+    /// None while the request is in flight.
+    lock: Option<LockId>,
     open: bool,
     /// While open here, a deleter called us back or we unlinked it ourselves.
     doomed: bool,
@@ -41,14 +55,82 @@ struct Entry {
 struct Map {
     by_ino: HashMap<u64, Entry>,
     by_lock: HashMap<LockId, u64>,
+    /// Entries not open here (granted or still in flight).
     idle: usize,
     clock: u64,
+    /// Lock requests in flight.
+    in_flight: usize,
+    /// Blocking callbacks for lock ids unknown while requests were in flight: maybe for a
+    /// grant whose reply has not been handled yet. Cleared when nothing is in flight.
+    early: HashSet<LockId>,
+}
+
+/// What a blocking callback means for the iopen cache.
+#[derive(Debug, PartialEq, Eq)]
+enum Blocking {
+    /// Not an iopen lock we know (maybe a glock's).
+    NotOurs,
+    /// Open here: marked, the last local close checks the inode.
+    Doomed,
+    /// Idle here: give the lock back and let the reaper look at the inode.
+    Drop(u64),
 }
 
 impl Map {
+    /// The reply to a request sent by `opened` (`None`: refused or session gone). Returns
+    /// a lock to give up at once: a blocking callback overtook the grant while the inode
+    /// was idle here.
+    fn granted(&mut self, ino: u64, res: Option<LockId>) -> Option<LockId> {
+        self.in_flight -= 1;
+        let mut drop_now = None;
+        match res {
+            Some(lock) => {
+                let early = self.early.remove(&lock);
+                let e = self.by_ino.get_mut(&ino).expect("in-flight entries stay");
+                e.lock = Some(lock);
+                let open = e.open;
+                if early && open {
+                    e.doomed = true; // our last close checks it
+                }
+                self.by_lock.insert(lock, ino);
+                if early && !open {
+                    self.remove(ino);
+                    drop_now = Some(lock);
+                }
+            }
+            None => {
+                self.remove(ino);
+            }
+        }
+        if self.in_flight == 0 {
+            self.early.clear();
+        }
+        drop_now
+    }
+
+    fn blocking(&mut self, lock: LockId) -> Blocking {
+        let Some(&ino) = self.by_lock.get(&lock) else {
+            if self.in_flight > 0 {
+                // Maybe ours, its grant not handled yet (`granted` looks here). Passed on
+                // as well: the glocks ignore ids they do not hold.
+                self.early.insert(lock);
+            }
+            return Blocking::NotOurs;
+        };
+        let e = self.by_ino.get_mut(&ino).expect("indexed both ways");
+        if e.open {
+            e.doomed = true; // our last close checks it
+            return Blocking::Doomed;
+        }
+        self.remove(ino);
+        Blocking::Drop(ino)
+    }
+
     fn remove(&mut self, ino: u64) -> Option<Entry> {
         let e = self.by_ino.remove(&ino)?;
-        self.by_lock.remove(&e.lock);
+        if let Some(l) = e.lock {
+            self.by_lock.remove(&l);
+        }
         if !e.open {
             self.idle -= 1;
         }
@@ -56,9 +138,23 @@ impl Map {
     }
 }
 
+/// Fault injection for tests: `TANDEM_FAULT_IOPEN_DELAY_MS` holds every iopen request
+/// back that long, so a test can show that a hand-off waits for them.
+fn fault_delay() -> Option<std::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("TANDEM_FAULT_IOPEN_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    })
+}
+
 pub struct IopenCache {
     conn: Arc<LockdConn>,
     map: Mutex<Map>,
+    /// Signalled whenever a request in flight completes.
+    settled: Condvar,
     /// Inodes whose lock we dropped: the reaper frees those that are unlinked.
     reap: Mutex<Option<Sender<u64>>>,
 }
@@ -74,6 +170,7 @@ impl IopenCache {
         Self {
             conn,
             map: Mutex::new(Map::default()),
+            settled: Condvar::new(),
             reap: Mutex::new(None),
         }
     }
@@ -89,10 +186,12 @@ impl IopenCache {
     }
 
     /// The first local handle of `ino` opened: hold its iopen lock (from the cache if we
-    /// have it). The map stays locked across the lock request so that a blocking callback
-    /// for the new lock, which can overtake the grant's reply, finds the entry.
-    pub fn opened(&self, ino: u64) {
+    /// have it). A new request is sent without waiting for the grant (see the module
+    /// comment); `settle` waits for it.
+    pub fn opened(self: &Arc<Self>, ino: u64) {
         let mut map = self.map.lock();
+        self.settled
+            .wait_while(&mut map, |m| m.in_flight >= MAX_IN_FLIGHT);
         if let Some(e) = map.by_ino.get_mut(&ino) {
             if !e.open {
                 e.open = true;
@@ -100,28 +199,64 @@ impl IopenCache {
             }
             return;
         }
-        match self.conn.lock(&iopen_lock(ino), Mode::PR, Flags::NOQUEUE) {
-            Ok(g) => {
-                map.by_ino.insert(
-                    ino,
-                    Entry {
-                        lock: g.lock,
-                        open: true,
-                        doomed: false,
-                        idle_since: 0,
-                    },
-                );
-                map.by_lock.insert(g.lock, ino);
+        map.by_ino.insert(
+            ino,
+            Entry {
+                lock: None,
+                open: true,
+                doomed: false,
+                idle_since: 0,
+            },
+        );
+        map.in_flight += 1;
+        drop(map);
+        let this = self.clone();
+        self.conn.spawn(async move {
+            if let Some(d) = fault_delay() {
+                tokio::time::sleep(d).await;
             }
-            // An EX holder is freeing it right now: the open will see it gone.
-            Err(e) => tracing::debug!(ino, error = %e, "iopen lock not taken"),
-        }
+            let res = this
+                .conn
+                .lock_async(&iopen_lock(ino), Mode::PR, Flags::NOQUEUE)
+                .await;
+            let drop_now = this.granted(ino, res.map(|g| g.lock));
+            if let Some(lock) = drop_now {
+                if let Err(e) = this.conn.unlock_async(lock).await {
+                    tracing::debug!(ino, error = %e, "iopen unlock failed");
+                }
+                this.queue_reap(ino);
+            }
+        });
+    }
+
+    /// The reply to an `opened` request. Returns a lock to give up at once (a blocking
+    /// callback overtook the grant while the inode was idle here).
+    fn granted(
+        &self,
+        ino: u64,
+        res: Result<LockId, tandem_lockmgr::client::ClientError>,
+    ) -> Option<LockId> {
+        let res = res.map_err(|e| {
+            // An EX holder is freeing it right now (the open finds it gone), or the session
+            // ended. The last close then checks the inode itself.
+            tracing::debug!(ino, error = %e, "iopen lock not taken");
+        });
+        let drop_now = self.map.lock().granted(ino, res.ok());
+        self.settled.notify_all();
+        drop_now
+    }
+
+    /// Waits until every iopen request in flight is answered: before this node gives up
+    /// `meta` (so a deleter elsewhere sees our PR locks), and before an EX attempt here.
+    pub fn settle(&self) {
+        let mut map = self.map.lock();
+        self.settled.wait_while(&mut map, |m| m.in_flight > 0);
     }
 
     /// The last local handle of `ino` closed: keep the lock, idle. Returns true if the
     /// inode may have lost its last name meanwhile (doomed, or no lock was held to tell),
     /// so the caller checks whether to free it.
-    pub fn closed(&self, ino: u64) -> bool {
+    pub fn closed(self: &Arc<Self>, ino: u64) -> bool {
         let (doomed, evicted) = {
             let mut map = self.map.lock();
             map.clock += 1;
@@ -138,22 +273,34 @@ impl IopenCache {
             if map.idle <= MAX_IDLE {
                 return doomed;
             }
+            // Only granted locks can be given back: let those in flight arrive first.
+            self.settled.wait_while(&mut map, |m| m.in_flight > 0);
+            if map.idle <= MAX_IDLE {
+                return doomed;
+            }
             let mut idle: Vec<(u64, u64)> = map
                 .by_ino
                 .iter()
-                .filter(|(_, e)| !e.open)
+                .filter(|(_, e)| !e.open && e.lock.is_some())
                 .map(|(ino, e)| (e.idle_since, *ino))
                 .collect();
             idle.sort_unstable();
             idle.truncate(MAX_IDLE / 4);
             let evicted = idle
                 .into_iter()
-                .filter_map(|(_, ino)| map.remove(ino).map(|e| (ino, e.lock)))
+                .filter_map(|(_, ino)| map.remove(ino).and_then(|e| Some((ino, e.lock?))))
                 .collect::<Vec<_>>();
             (doomed, evicted)
         };
+        // Given back together (a sequential unlock each would cost a Raft commit each).
         for (ino, lock) in evicted {
-            self.drop_lock(ino, lock);
+            let this = self.clone();
+            self.conn.spawn(async move {
+                if let Err(e) = this.conn.unlock_async(lock).await {
+                    tracing::debug!(ino, error = %e, "iopen unlock failed");
+                }
+                this.queue_reap(ino);
+            });
         }
         doomed
     }
@@ -161,21 +308,15 @@ impl IopenCache {
     /// A blocking callback arrived for `lock`. Returns false if it is not an iopen lock
     /// of ours (the caller passes it on to the glocks).
     pub fn on_blocking(&self, lock: LockId) -> bool {
-        let idle = {
-            let mut map = self.map.lock();
-            let Some(&ino) = map.by_lock.get(&lock) else {
-                return false;
-            };
-            let e = map.by_ino.get_mut(&ino).expect("indexed both ways");
-            if e.open {
-                e.doomed = true; // our last close checks it
-                return true;
+        let verdict = self.map.lock().blocking(lock);
+        match verdict {
+            Blocking::NotOurs => false,
+            Blocking::Doomed => true,
+            Blocking::Drop(ino) => {
+                self.drop_lock(ino, lock);
+                true
             }
-            map.remove(ino);
-            ino
-        };
-        self.drop_lock(idle, lock);
-        true
+        }
     }
 
     fn drop_lock(&self, ino: u64, lock: LockId) {
@@ -191,6 +332,7 @@ impl IopenCache {
     pub fn nobody_has_open(&self, ino: u64) -> bool {
         {
             let mut map = self.map.lock();
+            self.settled.wait_while(&mut map, |m| m.in_flight > 0);
             match map.by_ino.get_mut(&ino) {
                 Some(e) if e.open => {
                     e.doomed = true; // unlinked here while open here
@@ -198,7 +340,8 @@ impl IopenCache {
                 }
                 Some(_) => {
                     let e = map.remove(ino).expect("present");
-                    if let Err(err) = self.conn.unlock(e.lock) {
+                    let lock = e.lock.expect("settled above");
+                    if let Err(err) = self.conn.unlock(lock) {
                         tracing::debug!(ino, error = %err, "iopen unlock failed");
                     }
                 }
@@ -230,12 +373,78 @@ impl IopenCache {
     pub fn drain(&self) {
         let locks: Vec<LockId> = {
             let mut map = self.map.lock();
-            let locks = map.by_ino.values().map(|e| e.lock).collect();
+            self.settled.wait_while(&mut map, |m| m.in_flight > 0);
+            let locks = map.by_ino.values().filter_map(|e| e.lock).collect();
             *map = Map::default();
             locks
         };
         for l in locks {
             let _ = self.conn.unlock(l);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sent(m: &mut Map, ino: u64) {
+        m.by_ino.insert(
+            ino,
+            Entry {
+                lock: None,
+                open: true,
+                doomed: false,
+                idle_since: 0,
+            },
+        );
+        m.in_flight += 1;
+    }
+
+    fn close(m: &mut Map, ino: u64) {
+        let e = m.by_ino.get_mut(&ino).unwrap();
+        e.open = false;
+        m.idle += 1;
+    }
+
+    #[test]
+    fn a_callback_that_overtakes_the_grant_of_an_open_inode_dooms_it() {
+        let mut m = Map::default();
+        sent(&mut m, 7);
+        assert_eq!(m.blocking(LockId(40)), Blocking::NotOurs);
+        assert_eq!(m.granted(7, Some(LockId(40))), None);
+        assert!(m.by_ino[&7].doomed, "the last close must check the inode");
+        assert!(m.early.is_empty());
+    }
+
+    #[test]
+    fn a_callback_that_overtakes_the_grant_of_an_idle_inode_gives_the_lock_back() {
+        let mut m = Map::default();
+        sent(&mut m, 7);
+        close(&mut m, 7);
+        assert_eq!(m.blocking(LockId(40)), Blocking::NotOurs);
+        assert_eq!(m.granted(7, Some(LockId(40))), Some(LockId(40)));
+        assert!(m.by_ino.is_empty() && m.by_lock.is_empty());
+        assert_eq!(m.idle, 0);
+    }
+
+    #[test]
+    fn callbacks_for_other_locks_are_forgotten_once_nothing_is_in_flight() {
+        let mut m = Map::default();
+        sent(&mut m, 7);
+        sent(&mut m, 8);
+        assert_eq!(m.blocking(LockId(99)), Blocking::NotOurs); // a glock's, say
+        assert_eq!(m.granted(7, Some(LockId(40))), None);
+        assert!(!m.by_ino[&7].doomed);
+        assert_eq!(m.granted(8, None), None); // refused: the entry goes
+        assert!(m.early.is_empty() && !m.by_ino.contains_key(&8));
+        // Known locks: open → doomed; idle → dropped.
+        assert_eq!(m.blocking(LockId(40)), Blocking::Doomed);
+        close(&mut m, 7);
+        assert_eq!(m.blocking(LockId(40)), Blocking::Drop(7));
+        assert_eq!((m.idle, m.by_ino.len()), (0, 0));
+        // Nothing in flight: an unknown id is not remembered.
+        assert_eq!(m.blocking(LockId(41)), Blocking::NotOurs);
+        assert!(m.early.is_empty());
     }
 }

@@ -50,6 +50,28 @@ impl LockdConn {
         self.rt.block_on(f)
     }
 
+    /// Runs `f` on the connection's runtime without waiting for it.
+    pub fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
+        drop(self.rt.spawn(f));
+    }
+
+    /// `lock` for callers already on the runtime (`spawn`).
+    pub async fn lock_async(
+        &self,
+        resource: &[u8],
+        mode: Mode,
+        flags: Flags,
+    ) -> Result<Grant, ClientError> {
+        self.client
+            .lock(&self.lockspace, resource, mode, flags)
+            .await
+    }
+
+    /// `unlock` for callers already on the runtime (`spawn`).
+    pub async fn unlock_async(&self, lock: LockId) -> Result<(), ClientError> {
+        self.client.unlock(lock, None).await
+    }
+
     pub fn lock(&self, resource: &[u8], mode: Mode, flags: Flags) -> Result<Grant, ClientError> {
         self.rt
             .block_on(self.client.lock(&self.lockspace, resource, mode, flags))

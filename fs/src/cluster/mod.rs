@@ -268,6 +268,11 @@ impl Cluster {
         self.iopen.opened(ino)
     }
 
+    /// Waits for iopen requests in flight (before `meta` is lowered or released).
+    pub fn settle_iopen(&self) {
+        self.iopen.settle()
+    }
+
     /// The last local handle of `ino` closed (the lock stays cached). True if the inode
     /// may have been unlinked meanwhile: check whether to free it.
     pub fn closed(&self, ino: u64) -> bool {

@@ -1089,6 +1089,12 @@ impl GlockHooks for Fs {
     /// (else after a crash of both, its stale transactions could be replayed after ours),
     /// so our first commit would need two flushes. A flush in the background, on a second
     /// device connection, usually completes before that commit and saves one.
+    fn settle(&self) {
+        if let Some(c) = &self.cluster {
+            c.settle_iopen();
+        }
+    }
+
     fn granted_exclusive(&self) {
         self.order.require_barrier();
         if let Some(tx) = &*self.barrier.lock() {
