@@ -96,6 +96,11 @@ struct State {
     granted_at: Option<Instant>,
     /// When the last local operation left (users dropped to 0).
     idle_since: Option<Instant>,
+    /// How long a called-back glock is kept while in use (adaptive; see `HOLD_STEP`).
+    hold: Duration,
+    /// When a callback last took the glock away while local operations were still
+    /// coming (not idle): taking it back soon after is ping-pong.
+    forced_at: Option<Instant>,
     withdrawn: Option<String>,
 }
 
@@ -104,6 +109,15 @@ struct State {
 /// shorter, so a burst keeps the lock while a finished one hands it over quickly.
 pub const IDLE_GRACE: Duration = Duration::from_millis(1);
 
+/// Ping-pong protection, as GFS2's `gl_hold_time`: when this node takes a glock back
+/// within `PING_PONG_WINDOW` of a callback that took it away while it was busy, the hold
+/// time grows by `HOLD_STEP` (up to `MAX_HOLD`), so two busy nodes hand it over less
+/// often and each gets longer bursts; every other acquisition shrinks it by half a step
+/// (down to the mount's `min_hold`). A holder that has gone idle still lets go after
+/// `IDLE_GRACE`, so a lone reader or writer elsewhere does not wait for the hold time.
+pub const HOLD_STEP: Duration = Duration::from_millis(5);
+pub const MAX_HOLD: Duration = Duration::from_millis(50);
+pub const PING_PONG_WINDOW: Duration = Duration::from_millis(100);
 /// Counters for the operator view (`glstats`).
 #[derive(Debug, Default, Clone)]
 pub struct GlockStats {
@@ -117,6 +131,8 @@ pub struct GlockStats {
     pub demote_wait_total_us: u64,
     /// The lock-manager call that lowers or releases the lock after the flush.
     pub lower_call_total_us: u64,
+    /// The hold time now (adaptive, see `HOLD_STEP`).
+    pub hold_us: u64,
 }
 
 pub struct Glock {
@@ -157,7 +173,10 @@ impl Glock {
             backend,
             hooks: Mutex::new(None),
             observer: Mutex::new(None),
-            st: Mutex::new(State::default()),
+            st: Mutex::new(State {
+                hold: min_hold,
+                ..State::default()
+            }),
             cv: Condvar::new(),
             min_hold,
             stats: Mutex::new(GlockStats::default()),
@@ -211,7 +230,15 @@ impl Glock {
     }
 
     pub fn stats(&self) -> GlockStats {
-        self.stats.lock().clone()
+        let hold = self.st.lock().hold;
+        let mut s = self.stats.lock().clone();
+        s.hold_us = hold.as_micros() as u64;
+        s
+    }
+
+    /// The hold time now (adaptive).
+    pub fn hold_time(&self) -> Duration {
+        self.st.lock().hold
     }
 
     /// Error if the node lost its lock-manager session: nothing may be written any more.
@@ -254,6 +281,15 @@ impl Glock {
                         st.held = Some(h);
                         st.granted_at = Some(Instant::now());
                         st.idle_since = st.granted_at;
+                        let ping_pong = st
+                            .forced_at
+                            .take()
+                            .is_some_and(|t| t.elapsed() < PING_PONG_WINDOW);
+                        st.hold = if ping_pong {
+                            (st.hold + HOLD_STEP).min(MAX_HOLD.max(self.min_hold))
+                        } else {
+                            st.hold.saturating_sub(HOLD_STEP / 2).max(self.min_hold)
+                        };
                     }
                     Ok(None) => {
                         // Lost a conversion deadlock: give our PR back so the other node
@@ -350,17 +386,23 @@ impl Glock {
                 return; // a stale callback: that lock is gone or already low enough
             }
             // Held long enough, or idle long enough: give it up.
-            let held = st.granted_at.map_or(self.min_hold, |t| t.elapsed());
+            let hold = st.hold;
+            let held = st.granted_at.map_or(hold, |t| t.elapsed());
             let grace = IDLE_GRACE.min(self.min_hold);
             let idle = match (st.users, st.idle_since) {
                 (0, Some(t)) => t.elapsed(),
                 (0, None) => grace,
                 _ => Duration::ZERO,
             };
-            if held >= self.min_hold || idle >= grace {
+            if idle >= grace {
+                st.forced_at = None;
                 break;
             }
-            let wait = (self.min_hold - held).min(grace - idle);
+            if held >= hold {
+                st.forced_at = Some(Instant::now());
+                break;
+            }
+            let wait = (hold - held).min(grace - idle);
             parking_lot::MutexGuard::unlocked(&mut st, || std::thread::sleep(wait));
         }
         let (id, mode) = st.held.expect("checked above");

@@ -314,7 +314,7 @@ pub fn glstats_text(c: &Cluster) -> String {
     // A demotion's time splits into waiting (minimum hold, idle grace, operations still
     // inside), flushing, and the lock-manager call that lowers the lock.
     let mut out = format!(
-        "lockspace {}\njournal {}\n{:<12} {:>4} {:>10} {:>12} {:>12} {:>10} {:>14} {:>14} {:>14}\n",
+        "lockspace {}\njournal {}\n{:<12} {:>4} {:>10} {:>12} {:>12} {:>10} {:>14} {:>14} {:>14} {:>8}\n",
         c.conn.lockspace,
         c.journal,
         "glock",
@@ -325,10 +325,11 @@ pub fn glstats_text(c: &Cluster) -> String {
         "demotes",
         "flush_total_us",
         "wait_total_us",
-        "lower_total_us"
+        "lower_total_us",
+        "hold_ms"
     );
     out += &format!(
-        "{:<12} {:>4} {:>10} {:>12} {:>12} {:>10} {:>14} {:>14} {:>14}\n",
+        "{:<12} {:>4} {:>10} {:>12} {:>12} {:>10} {:>14} {:>14} {:>14} {:>8}\n",
         g.name(),
         mode,
         st.acquires,
@@ -337,7 +338,8 @@ pub fn glstats_text(c: &Cluster) -> String {
         st.demotes,
         st.flush_total_us,
         st.demote_wait_total_us,
-        st.lower_call_total_us
+        st.lower_call_total_us,
+        st.hold_us / 1000
     );
     let io = c.iopen.stats();
     out += &format!("iopen PR: {} open, {} cached idle\n", io.open, io.idle);

@@ -257,3 +257,49 @@ fn a_lost_conversion_deadlock_tells_the_observer_before_giving_the_lock_back() {
         ]
     );
 }
+
+#[test]
+fn taking_a_glock_back_soon_after_a_busy_hand_off_grows_the_hold_time_and_idle_ones_shrink_it() {
+    let min = Duration::from_millis(5);
+    let (_rec, _hooks, g) = setup(min);
+    assert_eq!(g.hold_time(), min);
+    for k in 1..=3u32 {
+        let guard = g.enter(Mode::EX).unwrap();
+        let g2 = g.clone();
+        let t = std::thread::spawn(move || g2.demote(LockId(7), Mode::EX));
+        // Busy: the callback waits out the hold time, then for this operation to leave.
+        std::thread::sleep(g.hold_time() + Duration::from_millis(10));
+        drop(guard);
+        t.join().unwrap();
+        assert_eq!(g.held_mode(), None);
+        drop(g.enter(Mode::EX).unwrap()); // taken back at once: ping-pong
+        assert_eq!(g.hold_time(), min + HOLD_STEP * k);
+    }
+    // An idle holder lets go at once (no hold), and the next acquisition shrinks it.
+    std::thread::sleep(IDLE_GRACE * 2);
+    let t0 = Instant::now();
+    g.demote(LockId(7), Mode::EX);
+    assert!(
+        t0.elapsed() < g.hold_time(),
+        "an idle glock waited for the hold time"
+    );
+    drop(g.enter(Mode::EX).unwrap());
+    assert_eq!(g.hold_time(), min + HOLD_STEP * 3 - HOLD_STEP / 2);
+    // Never beyond MAX_HOLD, never below the mount's minimum.
+    for _ in 0..20 {
+        let guard = g.enter(Mode::EX).unwrap();
+        let g2 = g.clone();
+        let t = std::thread::spawn(move || g2.demote(LockId(7), Mode::EX));
+        std::thread::sleep(g.hold_time() + Duration::from_millis(5));
+        drop(guard);
+        t.join().unwrap();
+        drop(g.enter(Mode::EX).unwrap());
+    }
+    assert_eq!(g.hold_time(), MAX_HOLD);
+    for _ in 0..40 {
+        std::thread::sleep(IDLE_GRACE * 2);
+        g.demote(LockId(7), Mode::EX);
+        drop(g.enter(Mode::EX).unwrap());
+    }
+    assert_eq!(g.hold_time(), min);
+}
