@@ -129,13 +129,28 @@ fn close_on_one_node_is_seen_by_open_stat_readdir_read_on_the_others() {
     // Deleting a file the other nodes only read (their iopen locks stay cached, idle,
     // after the close) frees it at once: the deleter's try calls them back, they drop the
     // lock and their reaper frees the inode. Without that its blocks would stay in use.
+    // The readers keep it open across a hand-off of `meta` (n1 writes), which is when
+    // they take their iopen locks.
     let before = free_blocks(&f);
     f.w(0)
         .run(|| std::fs::write(p("cached-elsewhere"), vec![5u8; 2 << 20]))
         .unwrap();
-    for i in 1..3 {
-        let got = f.w(i).run(|| std::fs::read(p("cached-elsewhere"))).unwrap();
-        assert_eq!(got.len(), 2 << 20);
+    let readers: Vec<_> = (1..3)
+        .map(|i| {
+            f.w(i)
+                .run(|| -> std::io::Result<std::fs::File> {
+                    let mut fh = std::fs::File::open(p("cached-elsewhere"))?;
+                    let mut got = Vec::new();
+                    std::io::Read::read_to_end(&mut fh, &mut got)?;
+                    assert_eq!(got.len(), 2 << 20);
+                    Ok(fh)
+                })
+                .unwrap()
+        })
+        .collect();
+    f.w(0).run(|| std::fs::write(p("poke"), b"x")).unwrap();
+    for (i, fh) in readers.into_iter().enumerate() {
+        f.w(i + 1).run(move || drop(fh));
     }
     assert!(free_blocks(&f) + 256 < before, "the 2 MiB file uses blocks");
     f.w(0)
@@ -782,16 +797,28 @@ fn idle_iopen_locks_beyond_the_cache_limit_are_given_back() {
     let mut f = FsCluster::start(2, 0).unwrap();
     f.mount(0).unwrap();
     f.mount(1).unwrap();
+    // A node takes the iopen locks of the files it has open when it hands `meta` over:
+    // n1 keeps batches of files open while n2 writes, then closes them (cached, idle).
     let files = 4600;
-    f.w(0)
-        .run(move || -> std::io::Result<()> {
-            std::fs::create_dir(p("many"))?;
-            for k in 0..files {
-                std::fs::write(p(&format!("many/f{k}")), b"x")?;
-            }
-            Ok(())
-        })
-        .unwrap();
+    f.w(0).run(|| std::fs::create_dir(p("many"))).unwrap();
+    for batch in 0..10 {
+        let open = f
+            .w(0)
+            .run(move || -> std::io::Result<Vec<std::fs::File>> {
+                (batch * files / 10..(batch + 1) * files / 10)
+                    .map(|k| {
+                        let path = p(&format!("many/f{k}"));
+                        std::fs::write(&path, b"x")?;
+                        std::fs::File::open(&path)
+                    })
+                    .collect()
+            })
+            .unwrap();
+        f.w(1)
+            .run(move || std::fs::write(p(&format!("poke-{batch}")), b"y"))
+            .unwrap();
+        f.w(0).run(move || drop(open));
+    }
     let iopen_held_by = |f: &FsCluster, node: usize| -> usize {
         let out = f.c.lockctl(node, &["locks", "test:www", "--json"]).unwrap();
         assert!(

@@ -296,6 +296,9 @@ impl Glock {
                         // can go on, then ask again from nothing.
                         let id = held.expect("converted a held lock").0;
                         let r = self.exclusively(&mut st, || {
+                            if let Some(h) = self.hooks() {
+                                h.settle();
+                            }
                             self.releasing();
                             self.backend.unlock(id)
                         });

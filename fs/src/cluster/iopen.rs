@@ -15,14 +15,16 @@
 //! (or tried to free it), so the last local close must check whether to free it. Closes of
 //! files nobody asked about skip that check, and with it a glock request per close.
 //!
-//! The first open of an inode does not wait for its lock: the request is sent and the
-//! open goes on (a create would otherwise wait a lock-manager round trip, a Raft commit,
-//! under the filesystem lock). That is safe because no other node can reach the inode
-//! before this node gives up `meta`, and the glock's `settle` hook waits for every request
-//! in flight before it does: a deleter's `EX | NOQUEUE` attempt, made under `meta` EX, is
-//! ordered after our PR. A blocking callback can overtake the grant's reply (they travel
-//! on different paths inside the client), so callbacks for lock ids we do not know yet are
-//! remembered while requests are in flight and applied when the grant arrives.
+//! The lock is requested lazily: an open only notes the inode, and the glock's `settle`
+//! hook — run before this node lowers or gives up `meta` — requests PR for every inode
+//! still open here that has none yet, all at once, and waits for the grants. That is
+//! enough because only a holder of `meta` EX unlinks or frees, so no other node can look
+//! at an inode's iopen lock before this node has given up `meta`; a file opened and closed
+//! between two hand-offs (a create, a web server's read) then costs no lock-manager round
+//! trip at all, where a request per first open cost a Raft commit under the filesystem
+//! lock. A blocking callback can overtake a grant's reply (they travel on different paths
+//! inside the client), so callbacks for lock ids we do not know yet are remembered while
+//! requests are in flight and applied when the grant arrives.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::Sender;
@@ -37,13 +39,10 @@ use super::lockd::LockdConn;
 /// Idle cached iopen locks kept per mount before the oldest are dropped.
 pub const MAX_IDLE: usize = 4096;
 
-/// Lock requests sent without waiting, at most: bounds how long `settle` (and with it a
-/// hand-off of `meta`) can wait for them.
-pub const MAX_IN_FLIGHT: usize = 64;
-
 struct Entry {
-    /// None while the request is in flight.
+    /// Granted (None: not requested yet, or in flight if `requested`).
     lock: Option<LockId>,
+    requested: bool,
     open: bool,
     /// While open here, a deleter called us back or we unlinked it ourselves.
     doomed: bool,
@@ -185,13 +184,11 @@ impl IopenCache {
         }
     }
 
-    /// The first local handle of `ino` opened: hold its iopen lock (from the cache if we
-    /// have it). A new request is sent without waiting for the grant (see the module
-    /// comment); `settle` waits for it.
-    pub fn opened(self: &Arc<Self>, ino: u64) {
+    /// The first local handle of `ino` opened: note it; `settle` takes its lock if it is
+    /// still open when this node gives up `meta` (see the module comment). A cached lock
+    /// is simply used again.
+    pub fn opened(&self, ino: u64) {
         let mut map = self.map.lock();
-        self.settled
-            .wait_while(&mut map, |m| m.in_flight >= MAX_IN_FLIGHT);
         if let Some(e) = map.by_ino.get_mut(&ino) {
             if !e.open {
                 e.open = true;
@@ -203,13 +200,16 @@ impl IopenCache {
             ino,
             Entry {
                 lock: None,
+                requested: false,
                 open: true,
                 doomed: false,
                 idle_since: 0,
             },
         );
-        map.in_flight += 1;
-        drop(map);
+    }
+
+    /// Sends the PR request for `ino` (counted in flight by the caller).
+    fn request(self: &Arc<Self>, ino: u64) {
         let this = self.clone();
         self.conn.spawn(async move {
             if let Some(d) = fault_delay() {
@@ -246,10 +246,24 @@ impl IopenCache {
         drop_now
     }
 
-    /// Waits until every iopen request in flight is answered: before this node gives up
-    /// `meta` (so a deleter elsewhere sees our PR locks), and before an EX attempt here.
-    pub fn settle(&self) {
+    /// Before this node lowers or gives up `meta` (no local operation inside it): takes
+    /// PR for every inode open here without one, all requests at once, and waits until
+    /// every request in flight is answered, so a deleter elsewhere sees our opens.
+    pub fn settle(self: &Arc<Self>) {
         let mut map = self.map.lock();
+        let wanted: Vec<u64> = map
+            .by_ino
+            .iter_mut()
+            .filter(|(_, e)| e.open && !e.requested)
+            .map(|(ino, e)| {
+                e.requested = true;
+                *ino
+            })
+            .collect();
+        map.in_flight += wanted.len();
+        for ino in wanted {
+            self.request(ino);
+        }
         self.settled.wait_while(&mut map, |m| m.in_flight > 0);
     }
 
@@ -265,6 +279,12 @@ impl IopenCache {
                 return true;
             };
             let doomed = std::mem::take(&mut e.doomed);
+            if !e.requested {
+                // Opened and closed between two hand-offs: no lock to keep. Nobody else
+                // can have unlinked it meanwhile (they would have needed `meta` EX).
+                map.by_ino.remove(&ino);
+                return doomed;
+            }
             if e.open {
                 e.open = false;
                 e.idle_since = now;
@@ -393,6 +413,7 @@ mod tests {
             ino,
             Entry {
                 lock: None,
+                requested: true,
                 open: true,
                 doomed: false,
                 idle_since: 0,
