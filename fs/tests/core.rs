@@ -434,6 +434,8 @@ struct Recording {
     hints: parking_lot::Mutex<Vec<Vec<(u64, u64)>>>,
     batched_bytes: std::sync::atomic::AtomicU64,
     single_reads: std::sync::atomic::AtomicU64,
+    /// Offsets of every read, single or batched.
+    offsets: parking_lot::Mutex<Vec<u64>>,
 }
 
 impl BlockDevice for Recording {
@@ -443,6 +445,7 @@ impl BlockDevice for Recording {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         use std::sync::atomic::Ordering::Relaxed;
         self.single_reads.fetch_add(1, Relaxed);
+        self.offsets.lock().push(offset);
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
@@ -459,6 +462,7 @@ impl BlockDevice for Recording {
         use std::sync::atomic::Ordering::Relaxed;
         for (off, buf) in reqs.iter_mut() {
             self.batched_bytes.fetch_add(buf.len() as u64, Relaxed);
+            self.offsets.lock().push(*off);
             self.inner.read_at(buf, *off)?;
         }
         Ok(())
@@ -487,6 +491,7 @@ fn list_cold_directory(takes_hints: bool) -> (Arc<Recording>, Vec<u64>) {
         hints: parking_lot::Mutex::new(Vec::new()),
         batched_bytes: Default::default(),
         single_reads: Default::default(),
+        offsets: Default::default(),
     });
     let (fs, _) = Fs::mount(rec.clone(), FsOptions::default()).unwrap();
     let fh = fs.opendir(d.ino).unwrap();
@@ -656,4 +661,79 @@ fn a_glock_hand_off_flushes_twice_three_times_with_ordered_data_and_not_at_all_w
     let mut want = big.clone();
     want[0] = b'y';
     assert_eq!(fs2.read(got.ino, 0, 30_000).unwrap(), want);
+}
+
+/// Two mounts of one device with the glock hand-off played by hand (flush on the giver,
+/// invalidate on the taker): the taker re-reads the group headers only when it needs
+/// their counters, so a grant used only to read a file costs no header reads, and its
+/// statfs and allocations after a hand-off account for the other node's changes.
+#[test]
+fn after_a_hand_off_group_headers_are_read_only_when_needed_and_are_current() {
+    use tandem_fs::cluster::glock::GlockHooks;
+    let dev = Arc::new(FaultDevice::new(64 << 20));
+    let opts = MkfsOptions {
+        lock_table: "t:core".into(),
+        journals: 2,
+        journal_mib: Some(1),
+        block_size: 4096,
+        lock_proto: LockProto::NoLock,
+    };
+    mkfs(dev.clone() as Arc<dyn BlockDevice>, &opts).unwrap();
+    let sb = tandem_fs::store::read_superblock(&*dev).unwrap();
+    assert!(sb.rg_count >= 4);
+    let headers: Vec<u64> = (0..sb.rg_count)
+        .map(|i| sb.rg_range(i).0 * u64::from(sb.block_size))
+        .collect();
+    let rec = Arc::new(Recording {
+        inner: dev.clone(),
+        takes_hints: false,
+        hints: parking_lot::Mutex::new(Vec::new()),
+        batched_bytes: Default::default(),
+        single_reads: Default::default(),
+        offsets: Default::default(),
+    });
+    let (a, _) = Fs::mount(dev.clone(), FsOptions::default()).unwrap();
+    let (b, _) = Fs::mount(
+        rec.clone(),
+        FsOptions {
+            journal: 1,
+            ..FsOptions::default()
+        },
+    )
+    .unwrap();
+    let ones = vec![1u8; 100_000];
+    let f = a.mknod(CTX, ROOT_INO, b"f", 0o644, 0, 0).unwrap();
+    a.write(f.ino, 0, &ones).unwrap();
+    GlockHooks::flush(&a).unwrap();
+    rec.offsets.lock().clear();
+    GlockHooks::invalidate(&b);
+    let got = b.lookup(ROOT_INO, b"f").unwrap();
+    assert_eq!(b.read(got.ino, 0, 200_000).unwrap(), ones);
+    let read: Vec<u64> = rec.offsets.lock().clone();
+    assert!(!read.is_empty(), "the taker re-read the file");
+    assert!(
+        read.iter().all(|o| !headers.contains(o)),
+        "a grant used to read a file read group headers: {read:?} ({headers:?})"
+    );
+    // Counters: current as soon as they are needed (an allocation first, then statfs).
+    let twos = vec![2u8; 100_000];
+    let g = b.mknod(CTX, ROOT_INO, b"g", 0o644, 0, 0).unwrap();
+    b.write(g.ino, 0, &twos).unwrap();
+    GlockHooks::flush(&b).unwrap();
+    GlockHooks::invalidate(&a);
+    assert_eq!(a.statfs().unwrap().bfree, b.statfs().unwrap().bfree);
+    assert_eq!(
+        a.read(f.ino, 0, 200_000).unwrap(),
+        ones,
+        "b allocated over a's file"
+    );
+    let g2 = a.lookup(ROOT_INO, b"g").unwrap();
+    assert_eq!(a.read(g2.ino, 0, 200_000).unwrap(), twos);
+    a.shutdown().unwrap();
+    b.shutdown().unwrap();
+    drop((a, b));
+    let mut sink = |_: &str| {};
+    let rep =
+        tandem_fs::fsck::fsck(dev, tandem_fs::fsck::FsckOptions::default(), &mut sink).unwrap();
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
 }

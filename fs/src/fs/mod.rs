@@ -947,12 +947,12 @@ impl Fs {
 
     pub fn statfs(&self) -> Result<StatFs> {
         let _gl = self.hold(Mode::PR)?;
-        let g = self.op();
-        let free = g.st.free_blocks();
+        let mut g = self.op();
+        let free = g.st.free_blocks()?;
         Ok(StatFs {
             blocks: g.st.data_blocks(),
             bfree: free,
-            files: g.st.inode_count() + free,
+            files: g.st.inode_count()? + free,
             ffree: free,
             bsize: g.st.sb.block_size,
             namelen: NAME_MAX as u32,

@@ -401,7 +401,7 @@ impl Checker<'_> {
     fn walk_from(&mut self, top: u64) {
         let mut stack = vec![top];
         // The group headers' inode counts give the total for percentages.
-        let total = self.st.inode_count().max(1);
+        let total = self.st.inode_count().unwrap_or(0).max(1);
         let mut next_report = total / 10;
         while let Some(dblk) = stack.pop() {
             let dir = match self.st.inode_raw(dblk) {

@@ -35,6 +35,7 @@ impl Store {
     }
 
     pub fn set_state(&mut self, blk: u64, st: BlockState) -> Result<()> {
+        self.fresh_rgs()?;
         let rg = self
             .rg_of(blk)
             .ok_or_else(|| FsError::inconsistent(blk, "block outside any data area"))?;
@@ -85,6 +86,7 @@ impl Store {
     /// Allocates up to `want` contiguous blocks near `goal`, marking them `st`.
     pub fn alloc(&mut self, goal: u64, want: u32, st: BlockState) -> Result<(u64, u32)> {
         assert!(want > 0);
+        self.fresh_rgs()?;
         let n = self.rgs.len();
         let first = self.rg_of(goal).unwrap_or(self.alloc_rg);
         for k in 0..n {
@@ -195,18 +197,23 @@ impl Store {
             || self.held_until_checkpoint.contains(&blk)
     }
 
-    pub fn free_blocks(&self) -> u64 {
-        self.rgs.iter().map(|r| u64::from(r.free)).sum()
+    /// Free data blocks (group counters; re-read first if stale).
+    pub fn free_blocks(&mut self) -> Result<u64> {
+        self.fresh_rgs()?;
+        Ok(self.rgs.iter().map(|r| u64::from(r.free)).sum())
     }
     pub fn data_blocks(&self) -> u64 {
         self.rgs.iter().map(|r| u64::from(r.data_count)).sum()
     }
-    pub fn inode_count(&self) -> u64 {
-        self.rgs.iter().map(|r| u64::from(r.inodes)).sum()
+    /// Allocated inodes (group counters; re-read first if stale).
+    pub fn inode_count(&mut self) -> Result<u64> {
+        self.fresh_rgs()?;
+        Ok(self.rgs.iter().map(|r| u64::from(r.inodes)).sum())
     }
 
     /// Blocks in state `Unlinked` (orphans left by a crash while files were open).
     pub fn unlinked_inodes(&mut self) -> Result<Vec<u64>> {
+        self.fresh_rgs()?;
         let mut out = Vec::new();
         let per = format::bitmap_blocks_per(self.bs) as u64;
         for rg in 0..self.rgs.len() {

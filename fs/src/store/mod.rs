@@ -38,7 +38,13 @@ pub struct Store {
     pub bs: usize,
     blocks: HashMap<u64, Box<[u8]>>,
     dirty: BTreeSet<u64>,
+    /// Group headers. Their geometry (`data0`, `data_count`, `bitmap_blocks`) never
+    /// changes; their counters are re-read lazily after `drop_caches` (see `rgs_stale`).
     pub rgs: Vec<RgHeader>,
+    /// The counters in `rgs` may be stale (another node held the glock meanwhile): re-read
+    /// the headers before using them (`fresh_rgs`). Reading every header at every glock
+    /// grant cost one device round trip per group even for operations that only read.
+    rgs_stale: bool,
     /// Per group: first data index that may be free (scan hint).
     hints: Vec<u32>,
     pending_free: HashSet<u64>,
@@ -96,6 +102,7 @@ impl Store {
             blocks: HashMap::new(),
             dirty: BTreeSet::new(),
             rgs: Vec::new(),
+            rgs_stale: false,
             hints: Vec::new(),
             pending_free: HashSet::new(),
             held_until_checkpoint: HashSet::new(),
@@ -109,11 +116,11 @@ impl Store {
     }
 
     pub fn load_rgs(&mut self) -> Result<()> {
-        self.rgs.clear();
+        // Built aside: on an error the old geometry stays for `rg_of`.
+        let mut rgs = Vec::with_capacity(self.sb.rg_count as usize);
         for i in 0..self.sb.rg_count {
-            let (start, _) = self.sb.rg_range(i);
+            let (start, len) = self.sb.rg_range(i);
             let rg = RgHeader::decode(self.meta(start, BlockType::RgHeader)?, start)?;
-            let (_, len) = self.sb.rg_range(i);
             if rg.index != i
                 || (rg.bitmap_blocks, rg.data_count) != format::rg_geometry(len, self.bs)
             {
@@ -122,20 +129,32 @@ impl Store {
                     "resource group header disagrees with the superblock",
                 ));
             }
-            self.rgs.push(rg);
+            rgs.push(rg);
         }
+        self.rgs = rgs;
         self.hints = vec![HINT_UNKNOWN; self.rgs.len()];
+        self.rgs_stale = false;
         Ok(())
     }
 
-    /// Forgets every cached metadata block and re-reads the group headers: another node
+    /// Re-reads the group headers if another node may have changed them.
+    pub fn fresh_rgs(&mut self) -> Result<()> {
+        if self.rgs_stale {
+            self.load_rgs()?;
+        }
+        Ok(())
+    }
+
+    /// Forgets every cached metadata block and marks the group headers stale: another node
     /// may have changed anything while this one did not hold the filesystem's glock.
     /// Called only with nothing dirty (the glock is flushed before it is given up).
     pub fn drop_caches(&mut self) -> Result<()> {
         debug_assert!(self.dirty.is_empty(), "dropping caches with dirty blocks");
         let keep: HashSet<u64> = self.dirty.iter().chain(&self.committing).copied().collect();
         self.blocks.retain(|b, _| keep.contains(b));
-        self.load_rgs()?;
+        // The headers are re-read when first needed (most grants only read files).
+        self.rgs_stale = true;
+        self.hints = vec![HINT_UNKNOWN; self.rgs.len()];
         Ok(())
     }
 
