@@ -7,11 +7,11 @@
 //! |---|---|---|---|
 //! | `journal/N` | EX, PERSISTENT | the whole mount | journal N is ours; orphaned if we die |
 //! | `meta` | PR / EX, PERSISTENT | cached until called back | every metadata block and file data |
-//! | `iopen/INO` | PR | while open here, then cached until called back (`iopen.rs`) | unlink of a file open elsewhere defers the free |
+//! | `iopen/INO` | PR | taken for files still open here when `meta` is handed over, then cached until called back (`iopen.rs`) | unlink of a file open elsewhere defers the free |
 //! | `flock/INO` | PR / EX | while a process holds flock(2) on the file (`flock.rs`) | cluster-wide flock |
 //!
 //! Lock order: `journal/N` (taken once at mount), then `meta`, then `iopen/INO` (taken
-//! only with NOQUEUE while `meta` is held, so it never waits). `flock/INO` is taken with
+//! only with NOQUEUE while `meta` is held or being handed over, so it never waits). `flock/INO` is taken with
 //! no other lock held (only while the file is open, which keeps the inode number from
 //! being reused), so it is outside that order. Recovery takes
 //! `journal/K` with RECOVERY|NOQUEUE first and `meta` EX|RECOVERY second.
