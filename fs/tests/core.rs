@@ -13,16 +13,22 @@ const CTX: Ctx = Ctx {
     pid: 0,
 };
 
-fn fresh(size: u64) -> (Arc<FaultDevice>, Fs) {
+/// An in-memory device of `size` bytes with a fresh lock_nolock filesystem of `journals`.
+fn formatted(size: u64, journals: u32) -> Arc<FaultDevice> {
     let dev = Arc::new(FaultDevice::new(size));
     let opts = MkfsOptions {
         lock_table: "t:core".into(),
-        journals: 1,
+        journals,
         journal_mib: Some(1),
         block_size: 4096,
         lock_proto: LockProto::NoLock,
     };
     mkfs(dev.clone() as Arc<dyn BlockDevice>, &opts).unwrap();
+    dev
+}
+
+fn fresh(size: u64) -> (Arc<FaultDevice>, Fs) {
+    let dev = formatted(size, 1);
     let (fs, _) = Fs::mount(dev.clone(), FsOptions::default()).unwrap();
     (dev, fs)
 }
@@ -438,6 +444,19 @@ struct Recording {
     offsets: parking_lot::Mutex<Vec<u64>>,
 }
 
+impl Recording {
+    fn new(inner: Arc<FaultDevice>, takes_hints: bool) -> Arc<Self> {
+        Arc::new(Recording {
+            inner,
+            takes_hints,
+            hints: parking_lot::Mutex::new(Vec::new()),
+            batched_bytes: Default::default(),
+            single_reads: Default::default(),
+            offsets: Default::default(),
+        })
+    }
+}
+
 impl BlockDevice for Recording {
     fn size_bytes(&self) -> u64 {
         self.inner.size_bytes()
@@ -485,14 +504,7 @@ fn list_cold_directory(takes_hints: bool) -> (Arc<Recording>, Vec<u64>) {
     }
     fs.shutdown().unwrap();
     drop(fs);
-    let rec = Arc::new(Recording {
-        inner: dev,
-        takes_hints,
-        hints: parking_lot::Mutex::new(Vec::new()),
-        batched_bytes: Default::default(),
-        single_reads: Default::default(),
-        offsets: Default::default(),
-    });
+    let rec = Recording::new(dev, takes_hints);
     let (fs, _) = Fs::mount(rec.clone(), FsOptions::default()).unwrap();
     let fh = fs.opendir(d.ino).unwrap();
     let mut seen = Vec::new();
@@ -670,28 +682,13 @@ fn a_glock_hand_off_flushes_twice_three_times_with_ordered_data_and_not_at_all_w
 #[test]
 fn after_a_hand_off_group_headers_are_read_only_when_needed_and_are_current() {
     use tandem_fs::cluster::glock::GlockHooks;
-    let dev = Arc::new(FaultDevice::new(64 << 20));
-    let opts = MkfsOptions {
-        lock_table: "t:core".into(),
-        journals: 2,
-        journal_mib: Some(1),
-        block_size: 4096,
-        lock_proto: LockProto::NoLock,
-    };
-    mkfs(dev.clone() as Arc<dyn BlockDevice>, &opts).unwrap();
+    let dev = formatted(64 << 20, 2);
     let sb = tandem_fs::store::read_superblock(&*dev).unwrap();
     assert!(sb.rg_count >= 4);
     let headers: Vec<u64> = (0..sb.rg_count)
         .map(|i| sb.rg_range(i).0 * u64::from(sb.block_size))
         .collect();
-    let rec = Arc::new(Recording {
-        inner: dev.clone(),
-        takes_hints: false,
-        hints: parking_lot::Mutex::new(Vec::new()),
-        batched_bytes: Default::default(),
-        single_reads: Default::default(),
-        offsets: Default::default(),
-    });
+    let rec = Recording::new(dev.clone(), false);
     let (a, _) = Fs::mount(dev.clone(), FsOptions::default()).unwrap();
     let (b, _) = Fs::mount(
         rec.clone(),

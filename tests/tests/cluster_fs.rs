@@ -87,14 +87,7 @@ fn close_on_one_node_is_seen_by_open_stat_readdir_read_on_the_others() {
         .run(|| std::fs::remove_file(p("open-elsewhere")))
         .unwrap();
     assert!(!f.w(2).run(|| Path::new(&p("open-elsewhere")).exists()));
-    let g = fh.clone();
-    let data = f
-        .w(1)
-        .run(move || {
-            let mut b = vec![0u8; 50_000];
-            g.read_exact_at(&mut b, 0).map(|()| b)
-        })
-        .unwrap();
+    let data = read_on(&f, 1, &fh, 50_000).unwrap();
     assert!(
         data.iter().all(|b| *b == 7),
         "unlinked file unreadable where it is open"
@@ -911,16 +904,9 @@ fn an_unlink_elsewhere_right_after_an_open_still_sees_the_file_open() {
                 std::fs::write(p(&format!("filler-{round}")), vec![1u8; 200_000])
             })
             .unwrap();
-        let g = fh.clone();
-        let data = f
-            .w(1)
-            .run(move || {
-                let mut b = vec![0u8; 40_000];
-                g.read_exact_at(&mut b, 0).map(|()| b)
-            })
-            .unwrap_or_else(|e| {
-                panic!("round {round}: the file open on n2 became unreadable: {e}")
-            });
+        let data = read_on(&f, 1, &fh, 40_000).unwrap_or_else(|e| {
+            panic!("round {round}: the file open on n2 became unreadable: {e}")
+        });
         assert!(
             data.iter().all(|b| *b == 9),
             "round {round}: the file open on n2 was freed under it (its blocks were reused)"
@@ -928,6 +914,20 @@ fn an_unlink_elsewhere_right_after_an_open_still_sees_the_file_open() {
         drop(fh);
     }
     f.unmount_all_and_check_clean("after unlinks of files just opened elsewhere");
+}
+
+/// The first `len` bytes of the file `fh` (open on `node`), read on that node.
+fn read_on(
+    f: &FsCluster,
+    node: usize,
+    fh: &std::sync::Arc<std::fs::File>,
+    len: usize,
+) -> std::io::Result<Vec<u8>> {
+    let g = fh.clone();
+    f.w(node).run(move || {
+        let mut b = vec![0u8; len];
+        g.read_exact_at(&mut b, 0).map(|()| b)
+    })
 }
 
 /// Lines of a node's glstats file that start with `prefix`.

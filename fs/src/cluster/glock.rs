@@ -440,12 +440,13 @@ impl Glock {
         mode: Mode,
         wanted: Mode,
     ) -> std::result::Result<Option<(LockId, Mode)>, BackendError> {
-        if let Some(h) = self.hooks() {
+        let hooks = self.hooks();
+        if let Some(h) = &hooks {
             h.settle();
         }
         if mode == Mode::EX {
             let t0 = Instant::now();
-            if let Some(h) = self.hooks() {
+            if let Some(h) = &hooks {
                 if let Err(e) = h.flush() {
                     // Releasing now would show the others a half-written state; losing
                     // the session instead orphans our locks so a survivor replays our

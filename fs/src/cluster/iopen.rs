@@ -76,7 +76,7 @@ enum Blocking {
 }
 
 impl Map {
-    /// The reply to a request sent by `opened` (`None`: refused or session gone). Returns
+    /// The reply to a request sent by `settle` (`None`: refused or session gone). Returns
     /// a lock to give up at once: a blocking callback overtook the grant while the inode
     /// was idle here.
     fn granted(&mut self, ino: u64, res: Option<LockId>) -> Option<LockId> {
@@ -219,17 +219,21 @@ impl IopenCache {
                 .conn
                 .lock_async(&iopen_lock(ino), Mode::PR, Flags::NOQUEUE)
                 .await;
-            let drop_now = this.granted(ino, res.map(|g| g.lock));
-            if let Some(lock) = drop_now {
-                if let Err(e) = this.conn.unlock_async(lock).await {
-                    tracing::debug!(ino, error = %e, "iopen unlock failed");
-                }
-                this.queue_reap(ino);
+            if let Some(lock) = this.granted(ino, res.map(|g| g.lock)) {
+                this.give_back(ino, lock).await;
             }
         });
     }
 
-    /// The reply to an `opened` request. Returns a lock to give up at once (a blocking
+    /// Unlocks an iopen lock we no longer keep and lets the reaper look at the inode.
+    async fn give_back(&self, ino: u64, lock: LockId) {
+        if let Err(e) = self.conn.unlock_async(lock).await {
+            tracing::debug!(ino, error = %e, "iopen unlock failed");
+        }
+        self.queue_reap(ino);
+    }
+
+    /// The reply to a `settle` request. Returns a lock to give up at once (a blocking
     /// callback overtook the grant while the inode was idle here).
     fn granted(
         &self,
@@ -315,12 +319,8 @@ impl IopenCache {
         // Given back together (a sequential unlock each would cost a Raft commit each).
         for (ino, lock) in evicted {
             let this = self.clone();
-            self.conn.spawn(async move {
-                if let Err(e) = this.conn.unlock_async(lock).await {
-                    tracing::debug!(ino, error = %e, "iopen unlock failed");
-                }
-                this.queue_reap(ino);
-            });
+            self.conn
+                .spawn(async move { this.give_back(ino, lock).await });
         }
         doomed
     }

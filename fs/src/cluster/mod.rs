@@ -11,9 +11,9 @@
 //! | `flock/INO` | PR / EX | while a process holds flock(2) on the file (`flock.rs`) | cluster-wide flock |
 //!
 //! Lock order: `journal/N` (taken once at mount), then `meta`, then `iopen/INO` (taken
-//! only with NOQUEUE while `meta` is held or being handed over, so it never waits). `flock/INO` is taken with
-//! no other lock held (only while the file is open, which keeps the inode number from
-//! being reused), so it is outside that order. Recovery takes
+//! only with NOQUEUE while `meta` is held or being handed over, so it never waits).
+//! `flock/INO` is taken with no other lock held (only while the file is open, which keeps
+//! the inode number from being reused), so it is outside that order. Recovery takes
 //! `journal/K` with RECOVERY|NOQUEUE first and `meta` EX|RECOVERY second.
 
 pub mod flock;

@@ -1084,17 +1084,17 @@ impl GlockHooks for Fs {
         }
     }
 
-    /// The node that held the glock before us wrote its journal header without a flush
-    /// (`Journal::checkpoint`). A commit block of ours must not become durable before it
-    /// (else after a crash of both, its stale transactions could be replayed after ours),
-    /// so our first commit would need two flushes. A flush in the background, on a second
-    /// device connection, usually completes before that commit and saves one.
     fn settle(&self) {
         if let Some(c) = &self.cluster {
             c.settle_iopen();
         }
     }
 
+    /// The node that held the glock before us wrote its journal header without a flush
+    /// (`Journal::checkpoint`). A commit block of ours must not become durable before it
+    /// (else after a crash of both, its stale transactions could be replayed after ours),
+    /// so our first commit would need two flushes. A flush in the background, on a second
+    /// device connection, usually completes before that commit and saves one.
     fn granted_exclusive(&self) {
         self.order.require_barrier();
         if let Some(tx) = &*self.barrier.lock() {

@@ -152,9 +152,9 @@ impl Store {
         debug_assert!(self.dirty.is_empty(), "dropping caches with dirty blocks");
         let keep: HashSet<u64> = self.dirty.iter().chain(&self.committing).copied().collect();
         self.blocks.retain(|b, _| keep.contains(b));
-        // The headers are re-read when first needed (most grants only read files).
+        // The headers (and with them the scan hints) are re-read when first needed:
+        // most grants only read files.
         self.rgs_stale = true;
-        self.hints = vec![HINT_UNKNOWN; self.rgs.len()];
         Ok(())
     }
 

@@ -258,21 +258,26 @@ fn a_lost_conversion_deadlock_tells_the_observer_before_giving_the_lock_back() {
     );
 }
 
+/// A callback arrives while an operation is inside: it waits out the hold time, then for
+/// the operation to leave, and releases; the glock is then taken back at once (ping-pong).
+fn busy_hand_off_and_back(g: &Arc<Glock>) {
+    let guard = g.enter(Mode::EX).unwrap();
+    let g2 = g.clone();
+    let t = std::thread::spawn(move || g2.demote(LockId(7), Mode::EX));
+    std::thread::sleep(g.hold_time() + Duration::from_millis(10));
+    drop(guard);
+    t.join().unwrap();
+    assert_eq!(g.held_mode(), None);
+    drop(g.enter(Mode::EX).unwrap());
+}
+
 #[test]
 fn taking_a_glock_back_soon_after_a_busy_hand_off_grows_the_hold_time_and_idle_ones_shrink_it() {
     let min = Duration::from_millis(5);
     let (_rec, _hooks, g) = setup(min);
     assert_eq!(g.hold_time(), min);
     for k in 1..=3u32 {
-        let guard = g.enter(Mode::EX).unwrap();
-        let g2 = g.clone();
-        let t = std::thread::spawn(move || g2.demote(LockId(7), Mode::EX));
-        // Busy: the callback waits out the hold time, then for this operation to leave.
-        std::thread::sleep(g.hold_time() + Duration::from_millis(10));
-        drop(guard);
-        t.join().unwrap();
-        assert_eq!(g.held_mode(), None);
-        drop(g.enter(Mode::EX).unwrap()); // taken back at once: ping-pong
+        busy_hand_off_and_back(&g);
         assert_eq!(g.hold_time(), min + HOLD_STEP * k);
     }
     // An idle holder lets go at once (no hold), and the next acquisition shrinks it.
@@ -287,13 +292,7 @@ fn taking_a_glock_back_soon_after_a_busy_hand_off_grows_the_hold_time_and_idle_o
     assert_eq!(g.hold_time(), min + HOLD_STEP * 3 - HOLD_STEP / 2);
     // Never beyond MAX_HOLD, never below the mount's minimum.
     for _ in 0..20 {
-        let guard = g.enter(Mode::EX).unwrap();
-        let g2 = g.clone();
-        let t = std::thread::spawn(move || g2.demote(LockId(7), Mode::EX));
-        std::thread::sleep(g.hold_time() + Duration::from_millis(5));
-        drop(guard);
-        t.join().unwrap();
-        drop(g.enter(Mode::EX).unwrap());
+        busy_hand_off_and_back(&g);
     }
     assert_eq!(g.hold_time(), MAX_HOLD);
     for _ in 0..40 {
