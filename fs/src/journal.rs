@@ -372,10 +372,10 @@ impl Journal {
             while j < homes.len() && homes[j].0 == homes[j - 1].0 + 1 && j - i < 256 {
                 j += 1;
             }
-            let run: Vec<u8> = homes[i..j]
-                .iter()
-                .flat_map(|(_, d)| d.iter().copied())
-                .collect();
+            let mut run = Vec::with_capacity((j - i) * self.bs);
+            for (_, d) in &homes[i..j] {
+                run.extend_from_slice(d);
+            }
             runs.push((homes[i].0 * self.bs as u64, run));
             i = j;
         }

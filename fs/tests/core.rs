@@ -734,3 +734,67 @@ fn after_a_hand_off_group_headers_are_read_only_when_needed_and_are_current() {
         tandem_fs::fsck::fsck(dev, tandem_fs::fsck::FsckOptions::default(), &mut sink).unwrap();
     assert!(rep.problems.is_empty(), "{:?}", rep.problems);
 }
+
+/// Creates files named `{prefix}{i}` until the running transaction shrinks (a commit
+/// ran) or `max` files exist; returns the largest dirty count seen and whether it shrank.
+fn create_until_a_commit(fs: &Fs, prefix: &str, max: usize) -> (usize, bool) {
+    let mut peak = fs.debug_dirty_blocks();
+    for i in 0..max {
+        fs.mknod(
+            CTX,
+            ROOT_INO,
+            format!("{prefix}{i}").as_bytes(),
+            0o644,
+            0,
+            0,
+        )
+        .unwrap();
+        let d = fs.debug_dirty_blocks();
+        if d < peak {
+            return (peak, true);
+        }
+        peak = d;
+    }
+    (peak, false)
+}
+
+#[test]
+fn a_big_running_transaction_wakes_the_background_committer_instead_of_stalling_an_operation() {
+    // No committer (embedded use): the operation that crosses half the journal's
+    // transaction limit commits by itself.
+    let (_d, alone) = fresh(64 << 20);
+    let (alone_peak, committed) = create_until_a_commit(&alone, "f", 1000);
+    assert!(committed, "never committed by itself");
+
+    // With a committer waiting, operations only wake it: the transaction grows past that
+    // point without any operation committing, and a kick is pending.
+    let (_d, fs) = fresh(64 << 20);
+    assert!(
+        !fs.wait_for_commit_kick(std::time::Duration::ZERO),
+        "nothing asked yet"
+    );
+    for i in 0..alone_peak {
+        fs.mknod(CTX, ROOT_INO, format!("g{i}").as_bytes(), 0o644, 0, 0)
+            .unwrap();
+        if fs.debug_dirty_blocks() > alone_peak + 8 {
+            break;
+        }
+    }
+    let grown = fs.debug_dirty_blocks();
+    assert!(
+        grown > alone_peak,
+        "an operation committed by itself ({grown} <= {alone_peak} dirty blocks)"
+    );
+    assert!(
+        fs.wait_for_commit_kick(std::time::Duration::ZERO),
+        "the committer was not woken"
+    );
+    // A committer that falls behind still cannot let the transaction outgrow the journal:
+    // at three quarters an operation commits first.
+    let (peak, committed) = create_until_a_commit(&fs, "h", 1000);
+    assert!(committed, "the transaction grew to {peak} blocks unbounded");
+    assert!(peak > grown);
+    // What the committer does when woken.
+    fs.commit().unwrap();
+    assert_eq!(fs.debug_dirty_blocks(), 0);
+}

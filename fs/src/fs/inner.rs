@@ -136,11 +136,10 @@ impl Inner {
         }
     }
 
-    /// Commits early when the running transaction nears what the journal can hold.
-    /// Asks for a commit (run by `OpGuard` after unlocking) when the running transaction
-    /// nears what the journal can hold.
+    /// Asks for an early commit (arranged by `OpGuard` after unlocking) once the running
+    /// transaction holds a quarter of what the journal can take: see `OpGuard::drop`.
     pub(super) fn after_op(&mut self) -> Result<()> {
-        if self.st.dirty_count() > self.st.tx_limit() / 2 {
+        if self.st.dirty_count() > self.st.tx_limit() / 4 {
             self.commit_wanted = true;
         }
         Ok(())

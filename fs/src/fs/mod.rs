@@ -80,6 +80,7 @@ pub struct Fs {
     /// Cluster mounts: wakes the barrier thread, which flushes in the background after an
     /// EX grant so that the commit at the hand-off needs one flush fewer.
     barrier: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    kick: CommitKick,
 }
 
 /// The filesystem lock for one operation. When the operation leaves the running
@@ -104,15 +105,59 @@ impl std::ops::DerefMut for OpGuard<'_> {
 }
 
 impl Drop for OpGuard<'_> {
+    /// A big running transaction is committed early. With a background committer
+    /// (`Fs::wait_for_commit_kick`) it is woken and this operation returns at once, so
+    /// the journal I/O overlaps the next operations; only when the committer falls behind
+    /// (three quarters of the journal, `Fs::op`) does an operation wait for a commit.
+    /// Without one (embedded use, tests) the operation that crosses half commits itself.
     fn drop(&mut self) {
         let Some(mut g) = self.g.take() else { return };
         let wanted = std::mem::take(&mut g.commit_wanted);
+        let must = g.st.dirty_count() > g.st.tx_limit() / 2;
         drop(g);
-        if wanted {
+        if wanted && self.fs.kick.kick() {
+            return;
+        }
+        if must {
             if let Err(e) = self.fs.commit() {
                 tracing::error!(error = %e, "journal commit failed");
             }
         }
+    }
+}
+
+/// Wakes the background committer before its interval when the running transaction
+/// grew big, so that no operation has to wait for a commit of its own.
+#[derive(Default)]
+struct CommitKick {
+    pending: Mutex<bool>,
+    cv: parking_lot::Condvar,
+    /// A committer waits in `Fs::wait_for_commit_kick`.
+    attached: std::sync::atomic::AtomicBool,
+}
+
+impl CommitKick {
+    /// Whether a committer was there to be woken.
+    fn kick(&self) -> bool {
+        if !self.attached.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        let mut p = self.pending.lock();
+        if !*p {
+            *p = true;
+            self.cv.notify_one();
+        }
+        true
+    }
+
+    fn wait(&self, timeout: std::time::Duration) -> bool {
+        self.attached
+            .store(true, std::sync::atomic::Ordering::Release);
+        let mut p = self.pending.lock();
+        if !*p {
+            self.cv.wait_for(&mut p, timeout);
+        }
+        std::mem::take(&mut *p)
     }
 }
 
@@ -201,6 +246,7 @@ impl Fs {
                 acl,
                 order,
                 barrier: Mutex::new(None),
+                kick: CommitKick::default(),
             },
             stats,
         ))
@@ -313,6 +359,13 @@ impl Fs {
 
     pub fn block_size(&self) -> u32 {
         self.block_size
+    }
+
+    /// For the background committer: waits up to `timeout` for operations to ask for an
+    /// early commit; true when they did (commit now). Once called, operations stop
+    /// committing by themselves until the journal is three quarters full.
+    pub fn wait_for_commit_kick(&self, timeout: std::time::Duration) -> bool {
+        self.kick.wait(timeout)
     }
 
     /// Commits the running transaction (group commit; also called by the commit thread).

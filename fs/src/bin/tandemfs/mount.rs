@@ -228,9 +228,10 @@ pub(crate) fn serve(
             .spawn(move || {
                 let mut last = std::time::Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    // Short naps so unmount does not wait a whole interval for this thread.
-                    std::thread::sleep(every.min(Duration::from_millis(50)));
-                    if last.elapsed() < every {
+                    // Short naps so unmount does not wait a whole interval for this thread;
+                    // operations wake it early when the running transaction grows big.
+                    let kicked = fs.wait_for_commit_kick(every.min(Duration::from_millis(50)));
+                    if !kicked && last.elapsed() < every {
                         continue;
                     }
                     last = std::time::Instant::now();
