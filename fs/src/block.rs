@@ -174,6 +174,9 @@ fn busy(e: io::Error, path: &Path) -> io::Error {
     }
 }
 
+/// Largest single write `FileDevice` issues (see `write_at`).
+const WRITE_PIECE_BYTES: usize = 128 << 10;
+
 impl BlockDevice for FileDevice {
     fn size_bytes(&self) -> u64 {
         self.size_bytes
@@ -184,7 +187,15 @@ impl BlockDevice for FileDevice {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         check_range(offset, buf.len(), self.size_bytes)?;
-        self.file.write_all_at(buf, offset)
+        // A buffered write holds the backing file's inode lock for its whole length: a
+        // commit's multi-megabyte log write would stall every small data write of the
+        // operations running meanwhile (measured: 5-20 ms stalls). Pieces let them in.
+        let mut at = offset;
+        for piece in buf.chunks(WRITE_PIECE_BYTES) {
+            self.file.write_all_at(piece, at)?;
+            at += piece.len() as u64;
+        }
+        Ok(())
     }
     fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
