@@ -81,9 +81,19 @@ pub fn decide(me: &Generation, peer: &Generation) -> (Decision, &'static str) {
     // is Inconsistent but still at the generation our bitmap counts from.
     let i_track_peer = mine && me.bitmap != 0 && me.bitmap == peer.current;
     let peer_tracks_me = theirs && peer.bitmap != 0 && peer.bitmap == me.current;
+    // Same generation, both crashed as Primary (or took a crashed Primary's hot extents):
+    // bits on either side are doubt about unacknowledged writes, and deciding by them
+    // lets doubtful copies chase each other around a ring of nodes; the lower node id
+    // sends the union instead (`both-crashed-primary`, below), a total order.
+    let both_crashed_equal =
+        mine && theirs && me.current == peer.current && me.crashed && peer.crashed;
     match (i_track_peer, peer_tracks_me) {
-        (true, false) => return (Decision::BitmapSource, "source-use-bitmap"),
-        (false, true) => return (Decision::BitmapTarget, "target-use-bitmap"),
+        (true, false) if !both_crashed_equal => {
+            return (Decision::BitmapSource, "source-use-bitmap")
+        }
+        (false, true) if !both_crashed_equal => {
+            return (Decision::BitmapTarget, "target-use-bitmap")
+        }
         _ => {}
     }
     match (mine, theirs) {
@@ -275,12 +285,20 @@ pub(super) mod tests {
         lost.crashed = true;
         let mut both = g(UpToDate, 7, [5, 0]);
         both.bitmap = 5;
+        // Both crashed at one generation: the bits one holds for the other do not pick
+        // the direction (both-crashed-primary, resolved by node id in plan_connect).
+        let mut doubting = g(UpToDate, 5, [1, 0]);
+        doubting.crashed = true;
+        let mut doubting_tracker = doubting;
+        doubting_tracker.bitmap = 5;
+        doubting_tracker.dirty = true;
         let cases = cases.into_iter().chain([
             (crashed, g(UpToDate, 5, [0, 0]), Decision::SyncTarget),
             (tracking, g(UpToDate, 5, [0, 0]), Decision::BitmapSource),
             (tracking, resuming, Decision::BitmapSource),
             (tracking, both, Decision::SplitBrain),
             (lost, g(UpToDate, 8, [5, 0]), Decision::SyncTarget),
+            (doubting_tracker, doubting, Decision::SplitBrain),
         ]);
         for (a, b, want) in cases {
             assert_eq!(decide(&a, &b).0, want, "{a:?} vs {b:?}");

@@ -460,12 +460,17 @@ impl Sim {
                     })
                     .unwrap_or_default();
                 format!(
-                    "cur {:x} hist {:x}/{:x} bm [{}]{}{block}",
+                    "cur {:x} hist {:x}/{:x} bm [{}]{}{block}{}",
                     n.sb.current_uuid & 0xffff,
                     n.sb.history_uuids[0] & 0xffff,
                     n.sb.history_uuids[1] & 0xffff,
                     bm.join(" "),
-                    if n.primary { " P" } else { "" }
+                    if n.primary { " P" } else { "" },
+                    if n.sb.flags & FLAG_CRASHED_PRIMARY != 0 {
+                        " C"
+                    } else {
+                        ""
+                    }
                 )
             };
             self.trace.push(format!(
