@@ -789,6 +789,9 @@ fn a_big_running_transaction_wakes_the_background_committer_instead_of_stalling_
         fs.wait_for_commit_kick(std::time::Duration::ZERO),
         "the committer was not woken"
     );
+    // Nor does an operation that changes nothing commit the big transaction.
+    fs.lookup(ROOT_INO, b"g0").unwrap();
+    assert_eq!(fs.debug_dirty_blocks(), grown, "a lookup committed");
     // A committer that falls behind still cannot let the transaction outgrow the journal:
     // at three quarters an operation commits first.
     let (peak, committed) = create_until_a_commit(&fs, "h", 1000);

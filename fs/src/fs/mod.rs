@@ -112,16 +112,18 @@ impl Drop for OpGuard<'_> {
     /// Without one (embedded use, tests) the operation that crosses half commits itself.
     fn drop(&mut self) {
         let Some(mut g) = self.g.take() else { return };
-        let wanted = std::mem::take(&mut g.commit_wanted);
-        let must = g.st.dirty_count() > g.st.tx_limit() / 2;
-        drop(g);
-        if wanted && self.fs.kick.kick() {
+        // Only an operation that grew the transaction past a quarter asks (`after_op`);
+        // lookups and reads never commit here.
+        if !std::mem::take(&mut g.commit_wanted) {
             return;
         }
-        if must {
-            if let Err(e) = self.fs.commit() {
-                tracing::error!(error = %e, "journal commit failed");
-            }
+        let past_half = g.st.dirty_count() > g.st.tx_limit() / 2;
+        drop(g);
+        if self.fs.kick.kick() || !past_half {
+            return;
+        }
+        if let Err(e) = self.fs.commit() {
+            tracing::error!(error = %e, "journal commit failed");
         }
     }
 }
