@@ -7,7 +7,7 @@ use tandem_common::NodeId;
 
 use super::bitmap::DirtyBitmap;
 use super::decide::{decide, resolve_split_brain, Decision, Generation, SbPolicy, SbSide};
-use crate::meta::format::{Superblock, FLAG_CRASHED_PRIMARY, FLAG_LOST_QUORUM};
+use crate::meta::format::{Superblock, FLAG_CRASHED_HERE, FLAG_CRASHED_PRIMARY, FLAG_LOST_QUORUM};
 use crate::proto::PeerState;
 use crate::state::DiskState;
 
@@ -351,6 +351,31 @@ pub fn target_rolls_back(rule: &str) -> bool {
         || !target_keeps_lineage(rule)
 }
 
+/// Whether a resync that made us SyncTarget by `rule` is followed by
+/// `mint_after_rollback`: we crashed as Primary ourselves (`FLAG_CRASHED_HERE` in our
+/// flags before the resync finished) and took a survivor's copy of our hot extents,
+/// rolling back writes nobody acknowledged.
+pub fn mints_after_rollback(rule: &str, flags_before: u32) -> bool {
+    rule == "local-crashed-primary" && flags_before & FLAG_CRASHED_HERE != 0
+}
+
+/// After `mints_after_rollback`: a new current generation, with a bitmap generation (our
+/// old current) for every peer in `others` (all but the source, which is in sync and
+/// adopts it through `Uuids`). Why: a third peer may hold the unacknowledged writes we
+/// just rolled back, or may have copied another node's view that we are "in sync" with
+/// it; kept at the old current, such a stale view still matched us and a later resync
+/// trusted it (4-node gap (b) seeds 149, 1345, 8441). At a new generation every such peer
+/// is older than us and is resynced from our bitmap, which holds the rolled-back blocks
+/// (`target_rolls_back`) together with its own doubt bits for us. A generation minted by
+/// a node that merely took a crashed Primary's hot extents (flagged crashed-primary too)
+/// must not mint: the real writer may mint from the same generation, and two generations
+/// minted from one parent are a split brain (see `FLAG_CRASHED_HERE`). The crashed writer
+/// itself was the only writer of this generation, and the source adopts ours.
+/// True if it minted (no third peers: nothing to do).
+pub fn mint_after_rollback(sb: &mut Superblock, others: &[NodeId], fresh_uuid: u64) -> bool {
+    assign_bitmap_generation(sb, others, fresh_uuid, true)
+}
+
 /// The target finished a resync from `peer`: adopt its generations, become UpToDate, and
 /// drop whatever we had recorded for that peer (it is overwritten now).
 ///
@@ -375,7 +400,7 @@ pub fn finish_as_target(
     sb.current_uuid = current;
     sb.history_uuids = history;
     sb.disk_state = DiskState::UpToDate;
-    sb.flags &= !(FLAG_CRASHED_PRIMARY | FLAG_LOST_QUORUM);
+    sb.flags &= !(FLAG_CRASHED_PRIMARY | FLAG_CRASHED_HERE | FLAG_LOST_QUORUM);
     finish_as_source(sb, peer);
 }
 

@@ -7,8 +7,10 @@ use std::sync::atomic::Ordering;
 
 use tandem_common::NodeId;
 
-use super::core::{assign_bitmap_generation, needs_bitmap_generation, track_missing};
-use super::{EngineError, Resource};
+use super::core::{
+    assign_bitmap_generation, mint_after_rollback, needs_bitmap_generation, track_missing,
+};
+use super::{Conn, EngineError, Resource};
 use crate::proto::PeerMsg;
 
 type PagesBySlot = Vec<(usize, Vec<(usize, Vec<u8>)>)>;
@@ -83,6 +85,38 @@ impl Resource {
                 .unwrap_or_default()
         };
         self.persist_bitmap_pages(changed).await
+    }
+
+    /// After a resync from `source` that rolled back our unacknowledged writes as a crashed
+    /// Primary (`mints_after_rollback`): a new generation, tracking every disk peer but
+    /// the source, which is told to adopt it (`Uuids`). True if it minted.
+    pub(super) async fn mint_after_rollback(&self, source: &Conn) -> Result<bool, EngineError> {
+        let others: Vec<NodeId> = self
+            .settings
+            .peers
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| *id != source.peer && !self.is_tiebreaker(*id))
+            .collect();
+        let _g = self.rotation_lock.lock().await;
+        let fresh = rand::random::<u64>() | 1;
+        let mut minted = false;
+        self.persist(|sb| minted = mint_after_rollback(sb, &others, fresh))
+            .await?;
+        if minted {
+            let g = self.generation();
+            tracing::info!(resource = %self.name(), source = %source.peer,
+                current = format_args!("{:016X}", g.current),
+                "rolled back unacknowledged writes of a crashed Primary: new current generation, resyncing third peers from it");
+            source
+                .send(&PeerMsg::Uuids {
+                    current: g.current,
+                    history: g.history,
+                    missing: others,
+                })
+                .await;
+        }
+        Ok(minted)
     }
 
     /// Gives each missing peer without one a bitmap generation (our current), and then

@@ -43,7 +43,9 @@ use tandem_common::NodeId;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::backing::Backing;
-use crate::meta::format::{Superblock, FLAG_CRASHED_PRIMARY, FLAG_LOST_QUORUM, FLAG_WAS_PRIMARY};
+use crate::meta::format::{
+    Superblock, FLAG_CRASHED_HERE, FLAG_CRASHED_PRIMARY, FLAG_LOST_QUORUM, FLAG_WAS_PRIMARY,
+};
 use crate::meta::{self, MetaStore};
 use crate::proto::{PeerMsg, PeerState};
 use crate::state::{ConnState, DiskState, ReplState, Role};
@@ -329,7 +331,7 @@ impl Resource {
         // A node that was Primary when it stopped without demoting crashed as Primary:
         // its disk may hold writes no peer acknowledged, so it must not win a resync.
         if sb.flags & FLAG_WAS_PRIMARY != 0 {
-            sb.flags |= FLAG_CRASHED_PRIMARY;
+            sb.flags |= FLAG_CRASHED_PRIMARY | FLAG_CRASHED_HERE;
             sb.flags &= !FLAG_WAS_PRIMARY;
             store.write(&mut sb)?;
             tracing::warn!(resource = %res.name, "was Primary when it stopped: marked crashed-primary, will resync from a peer");
@@ -734,7 +736,7 @@ impl Resource {
                     sb.current_uuid = fresh;
                 }
                 sb.disk_state = DiskState::UpToDate;
-                sb.flags &= !FLAG_CRASHED_PRIMARY;
+                sb.flags &= !(FLAG_CRASHED_PRIMARY | FLAG_CRASHED_HERE);
             })
             .await?;
             self.set_disk(DiskState::UpToDate);

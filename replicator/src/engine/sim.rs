@@ -24,11 +24,12 @@ use tandem_common::NodeId;
 use super::bitmap::{DirtyBitmap, BLOCK_BYTES};
 use super::core::{
     assign_bitmap_generation, finish_as_source, finish_as_target, inherit_third_peer,
-    needs_bitmap_generation, plan_connect, receive_uuids, resync_work, set_primary_at_loss,
-    target_keeps_lineage, target_rolls_back, track_missing, Local, Plan,
+    mint_after_rollback, mints_after_rollback, needs_bitmap_generation, plan_connect,
+    receive_uuids, resync_work, set_primary_at_loss, target_keeps_lineage, target_rolls_back,
+    track_missing, Local, Plan,
 };
 use super::decide::{Generation, SbPolicy, SbSide};
-use crate::meta::format::{PeerSlot, Superblock, FLAG_CRASHED_PRIMARY};
+use crate::meta::format::{PeerSlot, Superblock, FLAG_CRASHED_HERE, FLAG_CRASHED_PRIMARY};
 use crate::proto::{PeerState, ThirdPeerView};
 use crate::state::{DiskState, Role};
 
@@ -63,6 +64,8 @@ struct Sim {
     /// Latest acknowledged version per block.
     acked: BTreeMap<u64, u64>,
     single_writer: bool,
+    /// The single writer also crashes mid-write with four or more nodes (gap (b)).
+    writer_crash_any_size: bool,
     policy: SbPolicy,
     trace: Vec<String>,
 }
@@ -231,6 +234,7 @@ impl Sim {
             version: 0,
             acked: BTreeMap::new(),
             single_writer,
+            writer_crash_any_size: std::env::var_os("TANDEM_SIM_WRITER_CRASH_ANY_SIZE").is_some(),
             policy: SbPolicy { zero, one },
             trace: Vec::new(),
         }
@@ -335,6 +339,14 @@ impl Sim {
             );
             for &t in &targets {
                 receive_uuids(&mut self.nodes[t].sb, &missing, true, cur, hist);
+                // A target that adopted re-decides with its other peers (engine: the
+                // `Uuids` handler's `reevaluate_all`): those the writer misses are behind
+                // it now, and it resyncs them from its bitmap (often nothing to send).
+                for m in 0..self.nodes.len() {
+                    if m != w && !targets.contains(&m) && self.link(t, m).connected {
+                        self.set_connected(t, m, false);
+                    }
+                }
             }
         }
         let range = (block * BLOCK_BYTES, BLOCK_BYTES);
@@ -387,7 +399,7 @@ impl Sim {
 
     fn crash(&mut self, n: usize) {
         if self.nodes[n].primary {
-            self.nodes[n].sb.flags |= FLAG_CRASHED_PRIMARY;
+            self.nodes[n].sb.flags |= FLAG_CRASHED_PRIMARY | FLAG_CRASHED_HERE;
         }
         self.nodes[n].primary = false;
         self.nodes[n].up = false;
@@ -563,7 +575,7 @@ impl Sim {
             finish_as_source(&mut self.nodes[src].sb, dst_id);
             // Every peer now has our hot extents: no longer a crashed Primary.
             if (0..self.nodes.len()).all(|p| p == src || p == dst || self.link(src, p).connected) {
-                self.nodes[src].sb.flags &= !FLAG_CRASHED_PRIMARY;
+                self.nodes[src].sb.flags &= !(FLAG_CRASHED_PRIMARY | FLAG_CRASHED_HERE);
             }
             let (cur, hist) = (
                 self.nodes[src].sb.current_uuid,
@@ -577,6 +589,7 @@ impl Sim {
                 .expect("peer")
                 .clear_all();
             let dst_rule = if dst == a { rule_a } else { rule_b };
+            let dst_flags_before = self.nodes[dst].sb.flags;
             finish_as_target(
                 &mut self.nodes[dst].sb,
                 src_id,
@@ -624,6 +637,31 @@ impl Sim {
                     }
                 }
             }
+            // A crashed Primary that took a survivor's copy of its hot extents mints a new
+            // generation for every peer but the source (`mint_after_rollback`): a third peer
+            // may hold, or believe it holds, the unacknowledged writes just rolled back,
+            // and its view of us must stop matching our current. The source is connected
+            // and in sync: it adopts (engine: `Uuids`), and its other peers re-decide.
+            if mints_after_rollback(dst_rule, dst_flags_before) {
+                let others: Vec<NodeId> = (0..self.nodes.len())
+                    .filter(|&p| p != dst && p != src)
+                    .map(|p| self.nodes[p].id)
+                    .collect();
+                let fresh = self.rng.gen::<u64>() | 1;
+                if mint_after_rollback(&mut self.nodes[dst].sb, &others, fresh) {
+                    let (cur, hist) = (
+                        self.nodes[dst].sb.current_uuid,
+                        self.nodes[dst].sb.history_uuids,
+                    );
+                    receive_uuids(&mut self.nodes[src].sb, &others, true, cur, hist);
+                    for p in 0..self.nodes.len() {
+                        if p != src && p != dst && self.link(src, p).connected {
+                            self.set_connected(src, p, false);
+                            again = true;
+                        }
+                    }
+                }
+            }
             self.set_connected(a, b, true);
             // The target's new State reaches its other peers, which decide again (engine:
             // `reevaluate`); modelled as a fresh handshake.
@@ -647,13 +685,11 @@ impl Sim {
                 // The single writer crashes mid-write too — with up to three nodes: with
                 // four or more, unacknowledged writes of a crashed writer can still leave
                 // copies that disagree (open work: `TANDEM_SIM_WRITER_CRASH_ANY_SIZE=1`
-                // shows them, see docs/SEMANTICS.md gap (b)).
+                // shows them in 4 of 100,000 seeds, see docs/SEMANTICS.md gap (b)).
                 let crash = self
                     .rng
                     .gen_bool(if self.single_writer { 0.03 } else { 0.05 })
-                    && (!self.single_writer
-                        || n <= 3
-                        || std::env::var_os("TANDEM_SIM_WRITER_CRASH_ANY_SIZE").is_some());
+                    && (!self.single_writer || n <= 3 || self.writer_crash_any_size);
                 self.write(w, crash);
             }
             45..=54 => {
@@ -760,7 +796,10 @@ fn run(seed: u64) {
 }
 
 fn run_with(seed: u64, max_nodes: usize) {
-    let mut sim = Sim::new(seed, max_nodes);
+    run_sim(Sim::new(seed, max_nodes), seed);
+}
+
+fn run_sim(mut sim: Sim, seed: u64) {
     let steps = sim.rng.gen_range(20..120);
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         for _ in 0..steps {
@@ -815,6 +854,29 @@ fn a_writer_crashing_mid_write_leaves_no_divergent_copies() {
     for seed in [44, 271, 3552] {
         run_with(seed, 3);
     }
+}
+
+/// Gap (b), four nodes: the crashed writer took a survivor's copy of its hot extents while
+/// a third peer held (seed 10986) or had copied a view of it that still matched (149,
+/// 1345, 8441: "in sync with it", passed on by resync inheritance) its rolled-back
+/// write. All four diverge unless the rolled-back writer mints a new generation
+/// (`mint_after_rollback`) and peers that adopt a generation re-decide with theirs.
+#[test]
+fn a_rolled_back_writer_mints_so_stale_views_of_it_stop_matching() {
+    for seed in [149, 1345, 8441, 10986] {
+        let mut sim = Sim::new(seed, 4);
+        sim.writer_crash_any_size = true;
+        run_sim(sim, seed);
+    }
+}
+
+/// Three nodes: a Secondary that took the crashed writer's hot extents (and so its
+/// crashed-primary doubt) is rolled back by a survivor; were it to mint as the crashed
+/// writer does, its generation would fork beside the writer's next one, and the writer's
+/// acknowledged write (v19, block 4) is lost in the split brain that follows.
+#[test]
+fn only_the_crashed_writer_itself_mints_after_its_rollback() {
+    run_with(28203, 3);
 }
 
 #[test]

@@ -9,8 +9,8 @@ use tandem_common::frame::{self, Channel};
 
 use super::bitmap::DirtyBitmap;
 use super::core::{
-    finish_as_source, finish_as_target, inherit_bitmap_uuid, peer_generation, plan_connect,
-    receive_uuids, resync_work, target_keeps_lineage, target_rolls_back, Local, Plan,
+    finish_as_source, finish_as_target, inherit_bitmap_uuid, mints_after_rollback, peer_generation,
+    plan_connect, receive_uuids, resync_work, target_keeps_lineage, target_rolls_back, Local, Plan,
 };
 use super::decide::{decide, Decision, Generation, SbSide};
 use super::{Conn, Resource, SyncProgress};
@@ -478,9 +478,12 @@ impl Resource {
             .filter(|(id, _)| !self.is_tiebreaker(**id))
             .all(|(_, p)| p.conn.is_some() && p.repl == ReplState::Established);
         if all_synced && self.crashed_extents.lock().take().is_some() {
-            self.persist(|sb| sb.flags &= !crate::meta::format::FLAG_CRASHED_PRIMARY)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.persist(|sb| {
+                sb.flags &= !(crate::meta::format::FLAG_CRASHED_PRIMARY
+                    | crate::meta::format::FLAG_CRASHED_HERE)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
         }
         conn.send(&PeerMsg::State(self.local_state(peer))).await;
         Ok(())
@@ -583,6 +586,8 @@ impl Resource {
                 // for our other peers. A plain catch-up inherits the source's view instead.
                 let received = self.sync_received.lock().take();
                 let rule = self.peer_view(conn.peer).and_then(|p| p.target_rule);
+                // Read before `finish_as_target` clears the crash flags.
+                let flags_before = self.sb_cache.lock().flags;
                 if let (Some(received), true) = (received, rule.is_none_or(target_rolls_back)) {
                     let others: Vec<tandem_common::NodeId> = self
                         .settings
@@ -656,7 +661,18 @@ impl Resource {
                 // We joined the source's generation: our other peers confirm it too.
                 self.conn_changed.store(true, Ordering::Release);
                 self.confirm_join(conn.peer).await;
+                let minted = if rule.is_some_and(|r| mints_after_rollback(r, flags_before)) {
+                    self.mint_after_rollback(conn)
+                        .await
+                        .map_err(|e| SessionEnd::retry(e.to_string()))?
+                } else {
+                    false
+                };
                 self.broadcast_state().await;
+                if minted {
+                    // We are newer than every third peer now: resync the connected ones.
+                    self.reevaluate_all().await;
+                }
                 Ok(())
             }
             PeerMsg::Uuids {
@@ -686,6 +702,14 @@ impl Resource {
                     tracing::info!(resource = %self.name(), peer = %conn.peer,
                         current = format_args!("{:016X}", self.generation().current),
                         "peer minted a new current generation; tracking {mine:?}");
+                    // Adopted: our connected peers that stayed at the old generation may
+                    // be behind us now (a rolled-back Primary's generation, see
+                    // `mint_after_rollback`): they re-decide against our new State, and
+                    // we act as the source where we are newer.
+                    if self.generation().current == current {
+                        self.broadcast_state().await;
+                        self.reevaluate_all().await;
+                    }
                 }
                 Ok(())
             }

@@ -18,6 +18,13 @@ pub const FLAG_WAS_PRIMARY: u32 = 2;
 pub const FLAG_CRASHED_PRIMARY: u32 = 4;
 /// A write reached our disk but failed for lack of quorum: take a peer's copy.
 pub const FLAG_LOST_QUORUM: u32 = 8;
+/// Set with `FLAG_CRASHED_PRIMARY` when this node itself stopped as Primary — not a
+/// crashed source's doubt inherited through a resync. Only such a node mints a generation
+/// after its rollback (`engine::core::mint_after_rollback`): it was the writer of its
+/// generation, while a node that merely took its hot extents was not, and minting there
+/// forked the lineage beside the real writer's next generation (simulation seed 28203
+/// then lost an acknowledged write).
+pub const FLAG_CRASHED_HERE: u32 = 16;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PeerSlot {
