@@ -360,8 +360,8 @@ pub fn mints_after_rollback(rule: &str, flags_before: u32) -> bool {
 }
 
 /// After `mints_after_rollback`: a new current generation, with a bitmap generation (our
-/// old current) for every peer in `others` (all but the source, which is in sync and
-/// adopts it through `Uuids`). Why: a third peer may hold the unacknowledged writes we
+/// old current) for every peer in `others` (every disk peer; the source, in sync, adopts
+/// it through `Uuids`). Why: a third peer may hold the unacknowledged writes we
 /// just rolled back, or may have copied another node's view that we are "in sync" with
 /// it; kept at the old current, such a stale view still matched us and a later resync
 /// trusted it (4-node gap (b) seeds 149, 1345, 8441). At a new generation every such peer
@@ -371,9 +371,15 @@ pub fn mints_after_rollback(rule: &str, flags_before: u32) -> bool {
 /// must not mint: the real writer may mint from the same generation, and two generations
 /// minted from one parent are a split brain (see `FLAG_CRASHED_HERE`). The crashed writer
 /// itself was the only writer of this generation, and the source adopts ours.
-/// True if it minted (no third peers: nothing to do).
-pub fn mint_after_rollback(sb: &mut Superblock, others: &[NodeId], fresh_uuid: u64) -> bool {
-    assign_bitmap_generation(sb, others, fresh_uuid, true)
+/// True if it minted (no peer besides the source: nobody can hold a stale view, and
+/// nothing is done).
+pub fn mint_after_rollback(
+    sb: &mut Superblock,
+    others: &[NodeId],
+    source: NodeId,
+    fresh_uuid: u64,
+) -> bool {
+    others.iter().any(|p| *p != source) && assign_bitmap_generation(sb, others, fresh_uuid, true)
 }
 
 /// The target finished a resync from `peer`: adopt its generations, become UpToDate, and

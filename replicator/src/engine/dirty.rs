@@ -88,20 +88,22 @@ impl Resource {
     }
 
     /// After a resync from `source` that rolled back our unacknowledged writes as a crashed
-    /// Primary (`mints_after_rollback`): a new generation, tracking every disk peer but
-    /// the source, which is told to adopt it (`Uuids`). True if it minted.
+    /// Primary (`mints_after_rollback`): a new generation, tracking every disk peer, and
+    /// the source is told to adopt it (`Uuids`). The source is tracked too, with no bits:
+    /// should we re-decide with it before it adopts, that is an empty bitmap resync, not
+    /// the full one a peer without a bitmap generation gets. True if it minted.
     pub(super) async fn mint_after_rollback(&self, source: &Conn) -> Result<bool, EngineError> {
         let others: Vec<NodeId> = self
             .settings
             .peers
             .iter()
             .map(|(id, _)| *id)
-            .filter(|id| *id != source.peer && !self.is_tiebreaker(*id))
+            .filter(|id| !self.is_tiebreaker(*id))
             .collect();
         let _g = self.rotation_lock.lock().await;
         let fresh = rand::random::<u64>() | 1;
         let mut minted = false;
-        self.persist(|sb| minted = mint_after_rollback(sb, &others, fresh))
+        self.persist(|sb| minted = mint_after_rollback(sb, &others, source.peer, fresh))
             .await?;
         if minted {
             let g = self.generation();
