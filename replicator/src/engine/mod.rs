@@ -237,6 +237,10 @@ pub struct PeerView {
     /// The rule that made us this peer's SyncTarget at the last handshake (see
     /// `core::target_keeps_lineage`).
     pub target_rule: Option<&'static str>,
+    /// We are (or were) this crashed Primary's source by `peer-crashed-primary`: the
+    /// `Uuids` that follows its resync is `mint_after_rollback`, and once we adopt it our
+    /// other peers re-decide with us (we may be newer than they are now).
+    pub rolled_back_peer: bool,
     /// The handshake made us this peer's SyncTarget and its SyncStart has not arrived:
     /// shown as WFBitMapT, and `primary` is refused, for those few milliseconds (our disk
     /// still reads UpToDate although the peer holds newer data).
@@ -433,6 +437,7 @@ impl Resource {
                         last_error: None,
                         discard_my_data: false,
                         target_rule: None,
+                        rolled_back_peer: false,
                         awaiting_source: false,
                         verify: None,
                         last_verify_oos_blocks: None,

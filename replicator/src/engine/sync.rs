@@ -195,6 +195,9 @@ impl Resource {
                     tracing::warn!(resource = %self.name(), peer = %name, policy = rule,
                         "Split-Brain detected, resolved automatically: our data survives, the peer's changes are discarded");
                 }
+                self.update_peer(conn.peer, |p| {
+                    p.rolled_back_peer = rule == "peer-crashed-primary";
+                });
                 self.start_resync(conn.clone(), use_bitmap, &extents, peer_runs.as_deref());
                 Ok(())
             }
@@ -251,6 +254,9 @@ impl Resource {
         };
         if !st.sync_target {
             tracing::info!(resource = %self.name(), peer = %view.name, %rule, "state changed: starting resync");
+            self.update_peer(conn.peer, |p| {
+                p.rolled_back_peer = rule == "peer-crashed-primary";
+            });
             let runs = st.dirty_runs.clone();
             self.start_resync(
                 conn.clone(),
@@ -692,6 +698,9 @@ impl Resource {
                 let in_sync = self
                     .peer_view(conn.peer)
                     .is_some_and(|p| p.repl == ReplState::Established);
+                let after_rollback = self
+                    .update_peer(conn.peer, |p| std::mem::take(&mut p.rolled_back_peer))
+                    .unwrap_or(false);
                 let mut probe = self.sb_cache.lock().clone();
                 if receive_uuids(&mut probe, &mine, in_sync, current, history) {
                     self.persist(|sb| {
@@ -702,11 +711,12 @@ impl Resource {
                     tracing::info!(resource = %self.name(), peer = %conn.peer,
                         current = format_args!("{:016X}", self.generation().current),
                         "peer minted a new current generation; tracking {mine:?}");
-                    // Adopted: our connected peers that stayed at the old generation may
-                    // be behind us now (a rolled-back Primary's generation, see
-                    // `mint_after_rollback`): they re-decide against our new State, and
-                    // we act as the source where we are newer.
-                    if self.generation().current == current {
+                    // Adopted a rolled-back Primary's generation (`mint_after_rollback`):
+                    // our connected peers that stayed at the old one may be behind us now;
+                    // they re-decide against our new State, and we act as the source where
+                    // we are newer. Not after a writer's mint: under a lasting partial cut
+                    // that would mean a resync through us after every write.
+                    if after_rollback && self.generation().current == current {
                         self.broadcast_state().await;
                         self.reevaluate_all().await;
                     }
