@@ -202,22 +202,25 @@ impl Resource {
             return Ok(());
         }
         self.track_missing_peers(peers).await?;
-        {
-            let mut bms = self.bitmaps.lock();
-            for p in peers {
-                if let Some((_, bm)) = bms.get_mut(p) {
-                    let mut from = 0;
-                    while let Some((o, l)) = blocks.next_run(from, u64::MAX) {
-                        bm.set_range(o, l);
-                        from = o + l;
-                    }
-                }
-            }
-        }
+        self.set_bits_for(peers, blocks);
         for p in peers {
             self.persist_whole_bitmap(*p).await?;
         }
         Ok(())
+    }
+
+    /// Sets `blocks` in our in-memory bitmaps for `peers` (persisting is the caller's).
+    pub(super) fn set_bits_for(&self, peers: &[NodeId], blocks: &super::bitmap::DirtyBitmap) {
+        let mut bms = self.bitmaps.lock();
+        for p in peers {
+            if let Some((_, bm)) = bms.get_mut(p) {
+                let mut from = 0;
+                while let Some((o, l)) = blocks.next_run(from, u64::MAX) {
+                    bm.set_range(o, l);
+                    from = o + l;
+                }
+            }
+        }
     }
 
     /// Gives `missing` peers without one a bitmap generation (our current), no minting.

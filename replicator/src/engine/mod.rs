@@ -302,6 +302,9 @@ pub struct Resource {
     /// Blocks received by the resync we are target of (news for our other peers if the
     /// resync rolls our data back, see `core::target_rolls_back`).
     sync_received: Mutex<Option<bitmap::DirtyBitmap>>,
+    /// As SyncTarget: blocks we held bits for against the source whose content the
+    /// resync changed (`note_replaced`), marked for our other peers at `SyncDone`.
+    sync_replaced: Mutex<Option<bitmap::DirtyBitmap>>,
     /// Held shared by an application write from its generation check until it is queued
     /// to every peer; `Topology` takes it exclusively (see topology.rs).
     topology_gate: tokio::sync::RwLock<()>,
@@ -470,6 +473,7 @@ impl Resource {
             topology_gate: tokio::sync::RwLock::new(()),
             unconfirmed: Mutex::new(Default::default()),
             sync_received: Mutex::new(None),
+            sync_replaced: Mutex::new(None),
             sync_shadow: Mutex::new(None),
             events,
             wake: tokio::sync::Notify::new(),

@@ -10,7 +10,8 @@ use tandem_common::frame::{self, Channel};
 use super::bitmap::DirtyBitmap;
 use super::core::{
     finish_as_source, finish_as_target, inherit_bitmap_uuid, mints_after_rollback, peer_generation,
-    plan_connect, receive_uuids, resync_work, target_keeps_lineage, target_rolls_back, Local, Plan,
+    plan_connect, receive_uuids, resync_work, target_keeps_lineage, target_rolls_back,
+    track_missing, Local, Plan,
 };
 use super::decide::{decide, Decision, Generation, SbSide};
 use super::{Conn, Resource, SyncProgress};
@@ -540,6 +541,7 @@ impl Resource {
                 self.set_disk(DiskState::Inconsistent);
                 *self.sync_shadow.lock() = Some(DirtyBitmap::new(self.usable_bytes));
                 *self.sync_received.lock() = Some(DirtyBitmap::new(self.usable_bytes));
+                *self.sync_replaced.lock() = Some(DirtyBitmap::new(self.usable_bytes));
                 self.update_peer(conn.peer, |p| {
                     p.awaiting_source = false;
                     p.sync = Some(SyncProgress {
@@ -565,6 +567,7 @@ impl Resource {
                 if let Some(rcv) = self.sync_received.lock().as_mut() {
                     rcv.set_range(offset, len);
                 }
+                self.note_replaced(conn.peer, offset, &data).await;
                 let r = self.write_sync_data(offset, data).await;
                 self.stats
                     .resync_received_bytes
@@ -591,20 +594,37 @@ impl Resource {
                 // (a crashed Primary's unacknowledged writes, a discarded branch): news
                 // for our other peers. A plain catch-up inherits the source's view instead.
                 let received = self.sync_received.lock().take();
+                let replaced = self.sync_replaced.lock().take();
                 let rule = self.peer_view(conn.peer).and_then(|p| p.target_rule);
                 // Read before `finish_as_target` clears the crash flags.
                 let flags_before = self.sb_cache.lock().flags;
-                if let (Some(received), true) = (received, rule.is_none_or(target_rolls_back)) {
-                    let others: Vec<tandem_common::NodeId> = self
-                        .settings
-                        .peers
-                        .iter()
-                        .map(|(id, _)| *id)
-                        .filter(|id| *id != conn.peer && !self.is_tiebreaker(*id))
-                        .collect();
+                let others: Vec<tandem_common::NodeId> = self
+                    .settings
+                    .peers
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .filter(|id| *id != conn.peer && !self.is_tiebreaker(*id))
+                    .collect();
+                let rolls_back = rule.is_none_or(target_rolls_back);
+                if let (Some(received), true) = (received, rolls_back) {
                     self.mark_blocks_for(&others, &received)
                         .await
                         .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                }
+                // A plain catch-up replaced blocks we held bits for against the source
+                // (doubt about a crashed writer's unacknowledged write, which we may have
+                // passed on): news for our other peers too, whatever the source's view of
+                // them says. Bits now; their bitmap generation with the superblock below.
+                let replaced = replaced.filter(|r| !rolls_back && r.count_bits() > 0);
+                if let Some(replaced) = &replaced {
+                    self.set_bits_for(&others, replaced);
+                    for p in &others {
+                        self.persist_whole_bitmap(*p)
+                            .await
+                            .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                    }
+                    tracing::info!(resource = %self.name(), peer = %conn.peer, blocks = replaced.count_bits(),
+                        "resync replaced blocks we had changed: marked for our other peers");
                 }
                 // A crashed source's hot extents came with their doubt (see proto.rs); our
                 // activity log keeps them across a restart.
@@ -643,6 +663,9 @@ impl Resource {
                     }
                     if tainted {
                         sb.flags |= crate::meta::format::FLAG_CRASHED_PRIMARY;
+                    }
+                    if replaced.is_some() {
+                        track_missing(sb, &others);
                     }
                 })
                 .await
@@ -931,6 +954,38 @@ impl Resource {
     }
 
     /// Writes resync data, skipping blocks an application write already replaced.
+    /// As SyncTarget of `source`: before `data` overwrites `offset..`, note each 4 KiB
+    /// block we hold a bit for against the source whose content changes (`sync_replaced`).
+    /// Reads only those blocks — bits at a catch-up are rare (a crashed writer's doubt) —
+    /// and skips blocks an application write already made newer (`sync_shadow`). A block
+    /// that cannot be read counts as changed.
+    async fn note_replaced(&self, source: tandem_common::NodeId, offset: u64, data: &[u8]) {
+        let blocks: Vec<u64> = {
+            let bms = self.bitmaps.lock();
+            let Some((_, own)) = bms.get(&source) else {
+                return;
+            };
+            let shadow = self.sync_shadow.lock();
+            (0..data.len().div_ceil(BLOCK) as u64)
+                .map(|i| offset + i * BLOCK as u64)
+                .filter(|&o| own.is_set(o) && !shadow.as_ref().is_some_and(|s| s.is_set(o)))
+                .collect()
+        };
+        for o in blocks {
+            let at = (o - offset) as usize;
+            let new = &data[at..(at + BLOCK).min(data.len())];
+            let changed = match self.backing.read_at(o, new.len()).await {
+                Ok(old) => old != new,
+                Err(_) => true,
+            };
+            if changed {
+                if let Some(r) = self.sync_replaced.lock().as_mut() {
+                    r.set_range(o, new.len() as u64);
+                }
+            }
+        }
+    }
+
     async fn write_sync_data(
         &self,
         offset: u64,
