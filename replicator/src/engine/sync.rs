@@ -953,7 +953,6 @@ impl Resource {
         }
     }
 
-    /// Writes resync data, skipping blocks an application write already replaced.
     /// As SyncTarget of `source`: before `data` overwrites `offset..`, note each 4 KiB
     /// block we hold a bit for against the source whose content changes (`sync_replaced`).
     /// Reads only those blocks — bits at a catch-up are rare (a crashed writer's doubt) —
@@ -986,6 +985,7 @@ impl Resource {
         }
     }
 
+    /// Writes resync data, skipping blocks an application write already replaced.
     async fn write_sync_data(
         &self,
         offset: u64,
