@@ -535,6 +535,21 @@ impl Resource {
             }
             PeerMsg::SyncStart { total_bytes } => {
                 tracing::info!(resource = %self.name(), peer = %conn.peer, total_bytes, "resync started (SyncTarget)");
+                // A resync the source started on its own (`reevaluate`: our handshake said
+                // Idle) left no rule here; decide it now, before we turn Inconsistent.
+                // Unknown, `SyncDone` must assume our data was replaced and marks all it
+                // received for our other peers: after an initial full sync that was the
+                // whole volume, and a needless full resync of an in-sync peer (a Primary,
+                // whose writes then failed while it was SyncTarget).
+                if let Some(st) = self
+                    .peer_view(conn.peer)
+                    .filter(|p| p.target_rule.is_none())
+                    .and_then(|p| p.state)
+                {
+                    let (_, rule) =
+                        decide(&self.generation_for(Some(conn.peer)), &peer_generation(&st));
+                    self.update_peer(conn.peer, |p| p.target_rule = Some(rule));
+                }
                 self.persist(|sb| sb.disk_state = DiskState::Inconsistent)
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
