@@ -7,9 +7,7 @@ use std::sync::atomic::Ordering;
 
 use tandem_common::NodeId;
 
-use super::core::{
-    assign_bitmap_generation, mint_after_rollback, needs_bitmap_generation, track_missing,
-};
+use super::core::{assign_bitmap_generation, needs_bitmap_generation, track_missing};
 use super::{Conn, EngineError, Resource};
 use crate::proto::PeerMsg;
 
@@ -87,38 +85,20 @@ impl Resource {
         self.persist_bitmap_pages(changed).await
     }
 
-    /// After a resync from `source` that rolled back our unacknowledged writes as a crashed
-    /// Primary (`mints_after_rollback`): a new generation, tracking every disk peer, and
-    /// the source is told to adopt it (`Uuids`). The source is tracked too, with no bits:
-    /// should we re-decide with it before it adopts, that is an empty bitmap resync, not
-    /// the full one a peer without a bitmap generation gets. True if it minted.
-    pub(super) async fn mint_after_rollback(&self, source: &Conn) -> Result<bool, EngineError> {
-        let others: Vec<NodeId> = self
-            .settings
-            .peers
-            .iter()
-            .map(|(id, _)| *id)
-            .filter(|id| !self.is_tiebreaker(*id))
-            .collect();
-        let _g = self.rotation_lock.lock().await;
-        let fresh = rand::random::<u64>() | 1;
-        let mut minted = false;
-        self.persist(|sb| minted = mint_after_rollback(sb, &others, source.peer, fresh))
-            .await?;
-        if minted {
-            let g = self.generation();
-            tracing::info!(resource = %self.name(), source = %source.peer,
-                current = format_args!("{:016X}", g.current),
-                "rolled back unacknowledged writes of a crashed Primary: new current generation, resyncing third peers from it");
-            source
-                .send(&PeerMsg::Uuids {
-                    current: g.current,
-                    history: g.history,
-                    missing: others,
-                })
-                .await;
-        }
-        Ok(minted)
+    /// After `mint_after_rollback` persisted our new generation (with `SyncDone`): tell the
+    /// source, which adopts it, and log it.
+    pub(super) async fn announce_rollback_mint(&self, source: &Conn, tracked: Vec<NodeId>) {
+        let g = self.generation();
+        tracing::info!(resource = %self.name(), source = %source.peer,
+            current = format_args!("{:016X}", g.current),
+            "rolled back unacknowledged writes of a crashed Primary: new current generation, resyncing third peers from it");
+        source
+            .send(&PeerMsg::Uuids {
+                current: g.current,
+                history: g.history,
+                missing: tracked,
+            })
+            .await;
     }
 
     /// Gives each missing peer without one a bitmap generation (our current), and then

@@ -9,9 +9,9 @@ use tandem_common::frame::{self, Channel};
 
 use super::bitmap::DirtyBitmap;
 use super::core::{
-    finish_as_source, finish_as_target, inherit_bitmap_uuid, mints_after_rollback, peer_generation,
-    plan_connect, receive_uuids, resync_work, target_keeps_lineage, target_rolls_back,
-    track_missing, Local, Plan,
+    finish_as_source, finish_as_target, inherit_bitmap_uuid, mint_after_rollback,
+    mints_after_rollback, peer_generation, plan_connect, receive_uuids, resync_work,
+    target_keeps_lineage, target_rolls_back, track_missing, Local, Plan,
 };
 use super::decide::{decide, Decision, Generation, SbSide};
 use super::{Conn, Resource, SyncProgress};
@@ -86,6 +86,8 @@ impl Resource {
         conn: &Arc<Conn>,
         st: &PeerState,
     ) -> Result<(), SessionEnd> {
+        // A `Uuids` expected from a rolled-back peer on an earlier connection is moot.
+        self.update_peer(conn.peer, |p| p.rolled_back_peer = false);
         let name = self
             .peer_view(conn.peer)
             .map(|p| p.name)
@@ -546,9 +548,25 @@ impl Resource {
                     .filter(|p| p.target_rule.is_none())
                     .and_then(|p| p.state)
                 {
-                    let (_, rule) =
+                    let (decision, rule) =
                         decide(&self.generation_for(Some(conn.peer)), &peer_generation(&st));
-                    self.update_peer(conn.peer, |p| p.target_rule = Some(rule));
+                    if matches!(decision, Decision::SyncTarget | Decision::BitmapTarget) {
+                        self.update_peer(conn.peer, |p| p.target_rule = Some(rule));
+                    }
+                }
+                // One source at a time: the shadow, received and replaced sets are ours
+                // alone, and a second SyncStart would reset them under the first resync
+                // (two nodes can both find us behind at once). This source retries later.
+                let other_source = self
+                    .inner
+                    .lock()
+                    .peers
+                    .iter()
+                    .any(|(id, p)| *id != conn.peer && p.repl == ReplState::SyncTarget);
+                if other_source {
+                    return Err(SessionEnd::retry(
+                        "already SyncTarget of another peer; resync from this one later",
+                    ));
                 }
                 self.persist(|sb| sb.disk_state = DiskState::Inconsistent)
                     .await
@@ -582,7 +600,12 @@ impl Resource {
                 if let Some(rcv) = self.sync_received.lock().as_mut() {
                     rcv.set_range(offset, len);
                 }
-                self.note_replaced(conn.peer, offset, &data).await;
+                let rolls_back = self
+                    .peer_view(conn.peer)
+                    .is_none_or(|p| p.target_rule.is_none_or(target_rolls_back));
+                if !rolls_back {
+                    self.note_replaced(conn.peer, offset, &data).await;
+                }
                 let r = self.write_sync_data(offset, data).await;
                 self.stats
                     .resync_received_bytes
@@ -609,6 +632,8 @@ impl Resource {
                 // (a crashed Primary's unacknowledged writes, a discarded branch): news
                 // for our other peers. A plain catch-up inherits the source's view instead.
                 let received = self.sync_received.lock().take();
+                // Nothing written here: our data is what it was, whatever the rule.
+                let nothing_received = received.as_ref().is_some_and(|r| r.count_bits() == 0);
                 let replaced = self.sync_replaced.lock().take();
                 let rule = self.peer_view(conn.peer).and_then(|p| p.target_rule);
                 // Read before `finish_as_target` clears the crash flags.
@@ -662,7 +687,8 @@ impl Resource {
                 let keeps_lineage = self
                     .update_peer(peer, |p| p.target_rule.take())
                     .flatten()
-                    .is_some_and(target_keeps_lineage);
+                    .is_some_and(target_keeps_lineage)
+                    || nothing_received;
                 // We hold the source's data now: its bitmaps for our other peers become ours
                 // (added to what we tracked), bits on disk before the superblock says so.
                 let inherited = self.inherit_third_peers(&third_peers);
@@ -671,6 +697,19 @@ impl Resource {
                         .await
                         .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 }
+                // A crashed Primary rolled back by its survivor mints in the same superblock
+                // write that clears its crash flags (`mint_after_rollback`): a crash in
+                // between must not leave it unflagged and unminted.
+                let mint_peers: Vec<tandem_common::NodeId> = self
+                    .settings
+                    .peers
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .filter(|id| !self.is_tiebreaker(*id))
+                    .collect();
+                let mints = rule.is_some_and(|r| mints_after_rollback(r, flags_before));
+                let fresh = rand::random::<u64>() | 1;
+                let mut minted = false;
                 self.persist(|sb| {
                     finish_as_target(sb, peer, current, history, keeps_lineage);
                     for v in third_peers.iter().filter(|v| inherited.contains(&v.node)) {
@@ -681,6 +720,9 @@ impl Resource {
                     }
                     if replaced.is_some() {
                         track_missing(sb, &others);
+                    }
+                    if mints {
+                        minted = mint_after_rollback(sb, &mint_peers, peer, fresh);
                     }
                 })
                 .await
@@ -705,17 +747,19 @@ impl Resource {
                 // We joined the source's generation: our other peers confirm it too.
                 self.conn_changed.store(true, Ordering::Release);
                 self.confirm_join(conn.peer).await;
-                let minted = if rule.is_some_and(|r| mints_after_rollback(r, flags_before)) {
-                    self.mint_after_rollback(conn)
-                        .await
-                        .map_err(|e| SessionEnd::retry(e.to_string()))?
-                } else {
-                    false
-                };
+                if minted {
+                    self.announce_rollback_mint(conn, mint_peers).await;
+                }
                 self.broadcast_state().await;
                 if minted {
                     // We are newer than every third peer now: resync the connected ones.
-                    self.reevaluate_all().await;
+                    // Not the source: it adopts our generation from `Uuids` (re-deciding
+                    // with it first would start an empty resync that turns it Inconsistent).
+                    for c in self.connections() {
+                        if c.peer != conn.peer {
+                            self.reevaluate(&c).await;
+                        }
+                    }
                 }
                 Ok(())
             }
