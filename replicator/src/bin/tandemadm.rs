@@ -184,7 +184,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 sb.history_uuids[0], sb.history_uuids[1]
             );
             println!(
-                "flags {:#x} (consistent=1 was-primary=2 crashed-primary=4)",
+                "flags {:#x} (consistent=1 was-primary=2 crashed-primary=4 lost-quorum=8 crashed-here=16)",
                 sb.flags
             );
             for p in &sb.peers {
