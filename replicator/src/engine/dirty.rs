@@ -182,25 +182,32 @@ impl Resource {
             return Ok(());
         }
         self.track_missing_peers(peers).await?;
-        self.set_bits_for(peers, blocks);
+        self.set_and_persist_bits(peers, blocks).await
+    }
+
+    /// Sets `blocks` in our bitmaps for `peers` and persists them; their bitmap generation
+    /// is the caller's (now, as `mark_blocks_for` does, or with a later superblock write).
+    pub(super) async fn set_and_persist_bits(
+        &self,
+        peers: &[NodeId],
+        blocks: &super::bitmap::DirtyBitmap,
+    ) -> Result<(), EngineError> {
+        {
+            let mut bms = self.bitmaps.lock();
+            for p in peers {
+                if let Some((_, bm)) = bms.get_mut(p) {
+                    let mut from = 0;
+                    while let Some((o, l)) = blocks.next_run(from, u64::MAX) {
+                        bm.set_range(o, l);
+                        from = o + l;
+                    }
+                }
+            }
+        }
         for p in peers {
             self.persist_whole_bitmap(*p).await?;
         }
         Ok(())
-    }
-
-    /// Sets `blocks` in our in-memory bitmaps for `peers` (persisting is the caller's).
-    pub(super) fn set_bits_for(&self, peers: &[NodeId], blocks: &super::bitmap::DirtyBitmap) {
-        let mut bms = self.bitmaps.lock();
-        for p in peers {
-            if let Some((_, bm)) = bms.get_mut(p) {
-                let mut from = 0;
-                while let Some((o, l)) = blocks.next_run(from, u64::MAX) {
-                    bm.set_range(o, l);
-                    from = o + l;
-                }
-            }
-        }
     }
 
     /// Gives `missing` peers without one a bitmap generation (our current), no minting.

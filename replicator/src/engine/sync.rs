@@ -600,10 +600,9 @@ impl Resource {
                 if let Some(rcv) = self.sync_received.lock().as_mut() {
                     rcv.set_range(offset, len);
                 }
-                let rolls_back = self
-                    .peer_view(conn.peer)
-                    .is_none_or(|p| p.target_rule.is_none_or(target_rolls_back));
-                if !rolls_back {
+                // Per chunk: read the rule without cloning the whole peer view.
+                let rule = self.update_peer(conn.peer, |p| p.target_rule).flatten();
+                if !rule.is_none_or(target_rolls_back) {
                     self.note_replaced(conn.peer, offset, &data).await;
                 }
                 let r = self.write_sync_data(offset, data).await;
@@ -638,12 +637,17 @@ impl Resource {
                 let rule = self.peer_view(conn.peer).and_then(|p| p.target_rule);
                 // Read before `finish_as_target` clears the crash flags.
                 let flags_before = self.sb_cache.lock().flags;
-                let others: Vec<tandem_common::NodeId> = self
+                let disk_peers: Vec<tandem_common::NodeId> = self
                     .settings
                     .peers
                     .iter()
                     .map(|(id, _)| *id)
-                    .filter(|id| *id != conn.peer && !self.is_tiebreaker(*id))
+                    .filter(|id| !self.is_tiebreaker(*id))
+                    .collect();
+                let others: Vec<tandem_common::NodeId> = disk_peers
+                    .iter()
+                    .copied()
+                    .filter(|id| *id != conn.peer)
                     .collect();
                 let rolls_back = rule.is_none_or(target_rolls_back);
                 if let (Some(received), true) = (received, rolls_back) {
@@ -657,12 +661,9 @@ impl Resource {
                 // them says. Bits now; their bitmap generation with the superblock below.
                 let replaced = replaced.filter(|r| !rolls_back && r.count_bits() > 0);
                 if let Some(replaced) = &replaced {
-                    self.set_bits_for(&others, replaced);
-                    for p in &others {
-                        self.persist_whole_bitmap(*p)
-                            .await
-                            .map_err(|e| SessionEnd::retry(e.to_string()))?;
-                    }
+                    self.set_and_persist_bits(&others, replaced)
+                        .await
+                        .map_err(|e| SessionEnd::retry(e.to_string()))?;
                     tracing::info!(resource = %self.name(), peer = %conn.peer, blocks = replaced.count_bits(),
                         "resync replaced blocks we had changed: marked for our other peers");
                 }
@@ -700,13 +701,6 @@ impl Resource {
                 // A crashed Primary rolled back by its survivor mints in the same superblock
                 // write that clears its crash flags (`mint_after_rollback`): a crash in
                 // between must not leave it unflagged and unminted.
-                let mint_peers: Vec<tandem_common::NodeId> = self
-                    .settings
-                    .peers
-                    .iter()
-                    .map(|(id, _)| *id)
-                    .filter(|id| !self.is_tiebreaker(*id))
-                    .collect();
                 let mints = rule.is_some_and(|r| mints_after_rollback(r, flags_before));
                 let fresh = rand::random::<u64>() | 1;
                 let mut minted = false;
@@ -722,7 +716,7 @@ impl Resource {
                         track_missing(sb, &others);
                     }
                     if mints {
-                        minted = mint_after_rollback(sb, &mint_peers, peer, fresh);
+                        minted = mint_after_rollback(sb, &disk_peers, peer, fresh);
                     }
                 })
                 .await
@@ -748,7 +742,7 @@ impl Resource {
                 self.conn_changed.store(true, Ordering::Release);
                 self.confirm_join(conn.peer).await;
                 if minted {
-                    self.announce_rollback_mint(conn, mint_peers).await;
+                    self.announce_rollback_mint(conn, disk_peers).await;
                 }
                 self.broadcast_state().await;
                 if minted {
