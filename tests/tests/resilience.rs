@@ -766,3 +766,122 @@ fn a_primary_killed_with_a_write_on_one_secondary_only_leaves_identical_copies()
     );
     assert_identical(&c);
 }
+
+/// DRBD keeps a Primary serving while it resyncs as SyncTarget; so do we. n1 is
+/// invalidated while Primary: its whole volume comes back from n2 at 4 MiB/s while an
+/// application reads and writes through n1 — whole blocks, pieces of blocks not yet
+/// resynced, zeroed ranges — and every read matches what was acknowledged. Afterwards
+/// both copies equal the model.
+#[test]
+fn a_primary_keeps_reading_and_writing_while_it_resyncs_as_synctarget() {
+    let mut c = Cluster::builder()
+        .nodes(2)
+        .resource(tandem_tests::cluster::ResourceSpec {
+            extra: "resync-rate = \"4MiB\"\n".into(),
+            ..Default::default()
+        })
+        .start()
+        .unwrap();
+    c.bring_up_fresh("www").unwrap();
+    let mut model = vec![0u8; VOLUME_BYTES as usize];
+    let mut client = NbdClient::connect_unix(&c.nbd_socket(0, "www"), "www").unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut write = |client: &mut NbdClient, model: &mut Vec<u8>, offset: u64, len: usize| {
+        let data: Vec<u8> = (0..len).map(|_| rng.r#gen()).collect();
+        client.write_at(&data, offset, false).unwrap();
+        model[offset as usize..offset as usize + len].copy_from_slice(&data);
+    };
+    // Content everywhere, so a block read from the wrong copy shows.
+    for mib in 0..VOLUME_BYTES >> 20 {
+        write(&mut client, &mut model, mib << 20, 1 << 20);
+    }
+    client.flush().unwrap();
+    c.adm(0, &["invalidate", "www"]).unwrap();
+    let repl = |c: &Cluster| {
+        c.status_json(0).unwrap()[0]["connections"][0]["replication-state"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let mut ops_as_target = 0;
+    let mut rng2 = rand::rngs::StdRng::seed_from_u64(8);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = repl(&c);
+        if state == "Established" && c.status_json(0).unwrap()[0]["disk-state"] == "UpToDate" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "resync never finished"
+        );
+        let target = state == "SyncTarget";
+        // Half the operations just ahead of the resync, where its data is in flight.
+        let frontier = num(&c.status_json(0).unwrap()[0]["resync-received-bytes"]);
+        let blocks = VOLUME_BYTES / BLOCK_BYTES as u64;
+        for _ in 0..20 {
+            let block = if rng2.gen_bool(0.5) {
+                (frontier / BLOCK_BYTES as u64 + rng2.gen_range(0..512)).min(blocks - 4)
+            } else {
+                rng2.gen_range(0..blocks - 4)
+            };
+            let base = block * BLOCK_BYTES as u64;
+            match rng2.gen_range(0..5) {
+                0 => write(
+                    &mut client,
+                    &mut model,
+                    base,
+                    BLOCK_BYTES * rng2.gen_range(1..4),
+                ),
+                1 => {
+                    // A piece of a block (the rest must still come from n2).
+                    let at = base + rng2.gen_range(0..3584);
+                    write(&mut client, &mut model, at, rng2.gen_range(1..512));
+                }
+                2 => {
+                    client.write_zeroes(base + 512, 1024).unwrap();
+                    model[base as usize + 512..base as usize + 1536].fill(0);
+                }
+                _ => {
+                    let len = BLOCK_BYTES * rng2.gen_range(1..8);
+                    let at = base.min(VOLUME_BYTES - len as u64);
+                    let mut buf = vec![0u8; len];
+                    client.read_at(&mut buf, at).unwrap();
+                    assert!(
+                        buf == model[at as usize..at as usize + len],
+                        "read of {at}+{len} during the resync ({state}) differs from what was written"
+                    );
+                }
+            }
+            if target {
+                ops_as_target += 1;
+            }
+        }
+    }
+    assert!(
+        ops_as_target >= 100,
+        "only {ops_as_target} operations ran while n1 was SyncTarget"
+    );
+    client.flush().unwrap();
+    c.adm(1, &["wait-sync", "www", "--timeout-s", "30"])
+        .unwrap();
+    let mut all = vec![0u8; VOLUME_BYTES as usize];
+    for mib in 0..VOLUME_BYTES >> 20 {
+        client
+            .read_at(
+                &mut all[(mib << 20) as usize..((mib + 1) << 20) as usize],
+                mib << 20,
+            )
+            .unwrap();
+    }
+    assert!(
+        all == model,
+        "n1 reads differ from the model after the resync"
+    );
+    assert_identical(&c);
+    let disk = std::fs::read(c.disk_path(1, "www")).unwrap();
+    assert!(
+        disk[..VOLUME_BYTES as usize] == model[..],
+        "n2's copy differs from the model"
+    );
+}

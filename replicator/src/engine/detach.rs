@@ -79,6 +79,17 @@ impl Resource {
                 .find_map(|p| p.conn.clone())
         };
         let conn = source.ok_or(IoError::NotUpToDate(DiskState::Diskless))?;
+        self.remote_read_from(&conn, offset, len).await
+    }
+
+    /// Reads `[offset, offset+len)` from `conn`'s peer (answered in its stream order, so
+    /// after every write we sent it before).
+    pub(super) async fn remote_read_from(
+        &self,
+        conn: &Conn,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, IoError> {
         let seq = self.next_seq();
         let rx = conn.expect_read(seq);
         if !conn.send(&PeerMsg::ReadRequest { seq, offset, len }).await {

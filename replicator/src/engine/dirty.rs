@@ -11,7 +11,13 @@ use super::core::{assign_bitmap_generation, needs_bitmap_generation, track_missi
 use super::{Conn, EngineError, Resource};
 use crate::proto::PeerMsg;
 
-type PagesBySlot = Vec<(usize, Vec<(usize, Vec<u8>)>)>;
+/// Bitmap pages to write, by peer. Their bytes are copied only under the metadata lock
+/// (`persist_bitmap_pages`): a copy taken before it could be older than one another task
+/// wrote meanwhile, and writing it last would lose that task's bits on disk.
+type PagesByPeer = Vec<(NodeId, Vec<usize>)>;
+
+/// Page bytes to write, by metadata slot.
+type PageBytesBySlot = Vec<(usize, Vec<(usize, Vec<u8>)>)>;
 
 impl Resource {
     /// Records that `missing` peers did not get `[offset, offset+len)`.
@@ -30,27 +36,23 @@ impl Resource {
     }
 
     /// Sets the bits of `[offset, offset+len)` for `peers`; returns the changed pages.
-    fn set_bits(&self, peers: &[NodeId], offset: u64, len: u64) -> PagesBySlot {
+    fn set_bits(&self, peers: &[NodeId], offset: u64, len: u64) -> PagesByPeer {
         let mut bms = self.bitmaps.lock();
         let mut out = Vec::new();
         for p in peers {
-            if let Some((slot, bm)) = bms.get_mut(p) {
+            if let Some((_, bm)) = bms.get_mut(p) {
                 let pages = bm.set_range(offset, len);
                 if !pages.is_empty() {
-                    out.push((
-                        *slot,
-                        pages.iter().map(|&pg| (pg, bm.page_bytes(pg))).collect(),
-                    ));
+                    out.push((*p, pages.into_iter().collect()));
                 }
             }
         }
         out
     }
 
-    pub(super) async fn persist_bitmap_pages(
-        &self,
-        changed: PagesBySlot,
-    ) -> Result<(), EngineError> {
+    /// Writes the named pages as they are *now*: the bytes are copied under the metadata
+    /// lock, so whichever task writes a page last writes every bit set before it began.
+    async fn persist_bitmap_pages(&self, changed: PagesByPeer) -> Result<(), EngineError> {
         if changed.is_empty() {
             return Ok(());
         }
@@ -58,8 +60,21 @@ impl Resource {
         let (Some(store), sb) = &*guard else {
             return Ok(());
         };
+        let by_slot: PageBytesBySlot = {
+            let bms = self.bitmaps.lock();
+            changed
+                .iter()
+                .filter_map(|(peer, pages)| {
+                    let (slot, bm) = bms.get(peer)?;
+                    Some((
+                        *slot,
+                        pages.iter().map(|&pg| (pg, bm.page_bytes(pg))).collect(),
+                    ))
+                })
+                .collect()
+        };
         tokio::task::block_in_place(|| {
-            for (slot, pages) in &changed {
+            for (slot, pages) in &by_slot {
                 store.write_bitmap_pages(sb, *slot, pages)?;
             }
             Ok::<_, crate::meta::MetaError>(())
@@ -69,20 +84,15 @@ impl Resource {
 
     /// Persists the whole bitmap of one peer (after a resync cleared it, or set it).
     pub(super) async fn persist_whole_bitmap(&self, peer: NodeId) -> Result<(), EngineError> {
-        let changed: PagesBySlot = {
-            let bms = self.bitmaps.lock();
-            bms.get(&peer)
-                .map(|(slot, bm)| {
-                    vec![(
-                        *slot,
-                        (0..bm.page_count())
-                            .map(|pg| (pg, bm.page_bytes(pg)))
-                            .collect(),
-                    )]
-                })
-                .unwrap_or_default()
-        };
-        self.persist_bitmap_pages(changed).await
+        let pages = self
+            .bitmaps
+            .lock()
+            .get(&peer)
+            .map(|(_, bm)| (0..bm.page_count()).collect::<Vec<_>>());
+        match pages {
+            Some(pages) => self.persist_bitmap_pages(vec![(peer, pages)]).await,
+            None => Ok(()),
+        }
     }
 
     /// After `mint_after_rollback` persisted our new generation (with `SyncDone`): tell the

@@ -30,6 +30,8 @@ pub enum IoError {
     TooLarge(u64),
     #[error("resource is down")]
     Down,
+    #[error("the resync source was lost before it acknowledged the write; this node's disk is Inconsistent, so the write is not on an UpToDate copy")]
+    SourceLost,
     #[error(
         "no quorum: this node and its connected peers are not a majority (on-no-quorum = io-error)"
     )]
@@ -52,29 +54,40 @@ impl Resource {
         }
     }
 
-    fn check_writable(&self) -> Result<(), IoError> {
+    /// Whether this node may write now; `Some(source)` when it writes as SyncTarget of
+    /// that peer (target_io.rs).
+    async fn check_writable(&self) -> Result<Option<Arc<Conn>>, IoError> {
         if self.is_down() {
             return Err(IoError::Down);
         }
-        let inner = self.inner.lock();
-        if inner.role != Role::Primary {
-            return Err(IoError::NotPrimary);
+        let disk = {
+            let inner = self.inner.lock();
+            if inner.role != Role::Primary {
+                return Err(IoError::NotPrimary);
+            }
+            let diskless_ok = self.is_detached()
+                && inner.peers.values().any(|p| {
+                    p.conn.is_some()
+                        && p.state
+                            .as_ref()
+                            .is_some_and(|s| s.disk == DiskState::UpToDate)
+                });
+            if inner.disk == DiskState::UpToDate || diskless_ok {
+                return Ok(None);
+            }
+            inner.disk
+        };
+        match self.await_target_source().await {
+            Some(source) => Ok(Some(source)),
+            // The resync finished while we looked.
+            None if self.disk() == DiskState::UpToDate => Ok(None),
+            None => Err(IoError::NotUpToDate(disk)),
         }
-        let diskless_ok = self.is_detached()
-            && inner.peers.values().any(|p| {
-                p.conn.is_some()
-                    && p.state
-                        .as_ref()
-                        .is_some_and(|s| s.disk == DiskState::UpToDate)
-            });
-        if inner.disk != DiskState::UpToDate && !diskless_ok {
-            return Err(IoError::NotUpToDate(inner.disk));
-        }
-        Ok(())
     }
 
-    /// Peers that must receive application writes now (connected and either in sync or
-    /// being synced from us: a SyncTarget gets new writes too, the resync fills the rest),
+    /// Peers that must receive application writes now (connected and either in sync,
+    /// being synced from us — a SyncTarget gets new writes too, the resync fills the
+    /// rest — or syncing us: our source must hold every write we acknowledge as target),
     /// and the peers that will miss them.
     fn replication_targets(&self) -> (Vec<Arc<Conn>>, Vec<NodeId>) {
         let inner = self.inner.lock();
@@ -86,9 +99,13 @@ impl Resource {
                 continue;
             }
             match (&p.conn, p.repl) {
-                (Some(c), ReplState::Established | ReplState::SyncSource | ReplState::VerifyS) => {
-                    targets.push(c.clone())
-                }
+                (
+                    Some(c),
+                    ReplState::Established
+                    | ReplState::SyncSource
+                    | ReplState::SyncTarget
+                    | ReplState::VerifyS,
+                ) => targets.push(c.clone()),
                 _ => missing.push(*id),
             }
         }
@@ -134,7 +151,12 @@ impl Resource {
         }
         let disk = self.disk();
         if disk != DiskState::UpToDate {
-            return Err(IoError::NotUpToDate(disk));
+            match self.await_target_source().await {
+                Some(source) => return self.target_read(&source, offset, len).await,
+                // The resync finished while we looked: read locally.
+                None if self.disk() == DiskState::UpToDate => {}
+                None => return Err(IoError::NotUpToDate(disk)),
+            }
         }
         match self.backing.read_at(offset, len as usize).await {
             Ok(d) => Ok(d),
@@ -154,26 +176,28 @@ impl Resource {
             return Err(IoError::TooLarge(len));
         }
         self.check_range(offset, len)?;
-        self.check_writable()?;
+        let source = self.check_writable().await?;
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats.written_bytes.fetch_add(len, Ordering::Relaxed);
-        self.replicate(offset, len, fua, Some(data)).await
+        self.replicate(offset, len, fua, Some(data), source).await
     }
 
     /// TRIM and WRITE_ZEROES: both write zeroes on every copy, so copies stay identical.
     pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
         self.check_range(offset, len)?;
-        self.check_writable()?;
-        self.replicate(offset, len, fua, None).await
+        let source = self.check_writable().await?;
+        self.replicate(offset, len, fua, None, source).await
     }
 
-    /// Replicates a write (`data`) or a zeroing (`None`) of `[offset, offset+len)`.
+    /// Replicates a write (`data`) or a zeroing (`None`) of `[offset, offset+len)`. As
+    /// SyncTarget of `source`, the source tracks the peers that miss it (target_io.rs).
     async fn replicate(
         &self,
         offset: u64,
         len: u64,
         fua: bool,
         data: Option<Vec<u8>>,
+        source: Option<Arc<Conn>>,
     ) -> Result<(), IoError> {
         self.wait_for_quorum().await?;
         *self.last_app_write.lock() = Some(std::time::Instant::now());
@@ -189,7 +213,11 @@ impl Resource {
         // From the generation check until queued to every peer (see topology.rs).
         let gate = self.topology_gate.read().await;
         let (targets, missing) = self.replication_targets();
-        if !detached {
+        let as_target = source.as_ref().map(|c| c.peer);
+        if as_target.is_some_and(|s| !targets.iter().any(|c| c.peer == s)) {
+            return Err(IoError::SourceLost);
+        }
+        if !detached && as_target.is_none() {
             self.record_missed_write(&missing, offset, len).await?;
         }
         let seq = self.next_seq();
@@ -231,10 +259,7 @@ impl Resource {
             if detached {
                 return Ok(());
             }
-            match data {
-                Some(data) => self.backing.write_at(offset, data).await?,
-                None => self.backing.write_zeroes(offset, len).await?,
-            }
+            self.write_app_data_locally(offset, len, data).await?;
             if fua {
                 self.backing.sync().await?;
             }
@@ -276,8 +301,10 @@ impl Resource {
         };
         let (local, lost) = tokio::join!(local, remote);
         if let Err(e) = local {
-            // Detach: the write stands if a peer has it; pass-on: report the error.
-            if !self.on_disk_error(&e).await || lost.len() >= targets.len() {
+            // Detach: the write stands if a peer has it (the source, as target); pass-on:
+            // report the error.
+            let source_lost = as_target.is_some_and(|s| lost.contains(&s));
+            if !self.on_disk_error(&e).await || lost.len() >= targets.len() || source_lost {
                 return Err(e.into());
             }
             return Ok(());
@@ -289,8 +316,14 @@ impl Resource {
                 Err(IoError::NotUpToDate(DiskState::Diskless))
             };
         }
-        // Those peers may lack this write: record it before acknowledging.
-        self.record_missed_write(&lost, offset, len).await?;
+        match as_target {
+            // Only the source's copy makes the write durable; it tracks the others
+            // (`PeerAck` below tells it which failed).
+            Some(s) if lost.contains(&s) => return Err(IoError::SourceLost),
+            Some(_) => {}
+            // Those peers may lack this write: record it before acknowledging.
+            None => self.record_missed_write(&lost, offset, len).await?,
+        }
         if ack != AckMode::None && !targets.is_empty() {
             // Every target that has it learns that the others do too (or which do not);
             // encoded once, like the write itself.

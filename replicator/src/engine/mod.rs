@@ -23,6 +23,7 @@ mod sim_mint;
 mod sim_tiebreak;
 mod status;
 mod sync;
+mod target_io;
 pub mod tiebreak;
 mod topology;
 mod verify;
@@ -311,6 +312,12 @@ pub struct Resource {
     /// Blocks written by application writes since this node became a SyncTarget: resync
     /// data must not overwrite them (it may be older).
     sync_shadow: Mutex<Option<bitmap::DirtyBitmap>>,
+    /// As SyncTarget: partial application writes of blocks not yet current here, laid
+    /// again on top of the resync data for them (target_io.rs).
+    sync_overlays: Mutex<target_io::Overlays>,
+    /// As SyncTarget: orders local writes of application data with writes of resync data
+    /// (target_io.rs). Held only around local disk writes.
+    sync_io: Arc<RangeLocks>,
     events: broadcast::Sender<String>,
     /// Wakes the dialers (on `connect`, `down`).
     pub wake: tokio::sync::Notify,
@@ -475,6 +482,8 @@ impl Resource {
             sync_received: Mutex::new(None),
             sync_replaced: Mutex::new(None),
             sync_shadow: Mutex::new(None),
+            sync_overlays: Mutex::new(Default::default()),
+            sync_io: RangeLocks::new(),
             events,
             wake: tokio::sync::Notify::new(),
             quorum_changed: tokio::sync::Notify::new(),

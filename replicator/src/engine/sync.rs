@@ -401,6 +401,19 @@ impl Resource {
         if !conn.send(&PeerMsg::SyncStart { total_bytes: total }).await {
             return Err("connection closed".into());
         }
+        // Read no block before the writes the peer sent ahead of `SyncStart` are applied
+        // here: a Primary target keeps writing, and resync data older than one of its
+        // writes that it did not shadow would overwrite it (target_io.rs). Its answer to
+        // `Topology` follows every such write in its stream.
+        let seq = self.next_seq();
+        let rx = conn.expect_ack(seq);
+        if !conn.send(&PeerMsg::Topology { seq }).await {
+            return Err("connection closed".into());
+        }
+        match tokio::time::timeout(Duration::from_secs(5), rx).await {
+            Ok(Ok(Ok(()))) => {}
+            _ => return Err("the peer did not confirm the resync start in time".into()),
+        }
         let started = Instant::now();
         let mut sent = 0u64;
         let mut acked = 0u64;
@@ -573,6 +586,7 @@ impl Resource {
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 self.set_disk(DiskState::Inconsistent);
                 *self.sync_shadow.lock() = Some(DirtyBitmap::new(self.usable_bytes));
+                self.sync_overlays.lock().clear();
                 *self.sync_received.lock() = Some(DirtyBitmap::new(self.usable_bytes));
                 *self.sync_replaced.lock() = Some(DirtyBitmap::new(self.usable_bytes));
                 self.update_peer(conn.peer, |p| {
@@ -597,15 +611,10 @@ impl Resource {
                         "resync data beyond the end of the volume",
                     ));
                 }
-                if let Some(rcv) = self.sync_received.lock().as_mut() {
-                    rcv.set_range(offset, len);
-                }
                 // Per chunk: read the rule without cloning the whole peer view.
                 let rule = self.update_peer(conn.peer, |p| p.target_rule).flatten();
-                if !rule.is_none_or(target_rolls_back) {
-                    self.note_replaced(conn.peer, offset, &data).await;
-                }
-                let r = self.write_sync_data(offset, data).await;
+                let note = !rule.is_none_or(target_rolls_back);
+                let r = self.write_resync_chunk(conn.peer, offset, data, note).await;
                 self.stats
                     .resync_received_bytes
                     .fetch_add(len, Ordering::Relaxed);
@@ -735,6 +744,7 @@ impl Resource {
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
                 *self.sync_shadow.lock() = None;
+                self.sync_overlays.lock().clear();
                 self.set_disk(DiskState::UpToDate);
                 self.update_peer(conn.peer, |p| p.sync = None);
                 self.set_repl(conn.peer, ReplState::Established);
@@ -860,7 +870,6 @@ impl Resource {
         data: Option<Vec<u8>>,
     ) -> Result<(), SessionEnd> {
         self.check_conflict(conn, offset, len)?;
-        self.shadow_app_write(offset, len);
         self.record_received_write(missing, offset, len)
             .await
             .map_err(|e| SessionEnd::retry(e.to_string()))?;
@@ -868,10 +877,7 @@ impl Resource {
             self.note_unconfirmed(conn.peer, seq, offset, len, missing);
         }
         let r = async {
-            match data {
-                Some(data) => self.backing.write_at(offset, data).await?,
-                None => self.backing.write_zeroes(offset, len).await?,
-            }
+            self.write_app_data_locally(offset, len, data).await?;
             if fua {
                 self.backing.sync().await?;
             }
@@ -998,20 +1004,17 @@ impl Resource {
         });
     }
 
-    /// A replicated application write landed while we are a SyncTarget: remember its
-    /// blocks so older resync data cannot overwrite them.
-    fn shadow_app_write(&self, offset: u64, len: u64) {
-        if let Some(shadow) = self.sync_shadow.lock().as_mut() {
-            shadow.set_range(offset, len);
-        }
-    }
-
     /// As SyncTarget of `source`: before `data` overwrites `offset..`, note each 4 KiB
     /// block we hold a bit for against the source whose content changes (`sync_replaced`).
     /// Reads only those blocks — bits at a catch-up are rare (a crashed writer's doubt) —
     /// and skips blocks an application write already made newer (`sync_shadow`). A block
     /// that cannot be read counts as changed.
-    async fn note_replaced(&self, source: tandem_common::NodeId, offset: u64, data: &[u8]) {
+    pub(super) async fn note_replaced(
+        &self,
+        source: tandem_common::NodeId,
+        offset: u64,
+        data: &[u8],
+    ) {
         let blocks: Vec<u64> = {
             let bms = self.bitmaps.lock();
             let Some((_, own)) = bms.get(&source) else {
@@ -1036,39 +1039,6 @@ impl Resource {
                 }
             }
         }
-    }
-
-    /// Writes resync data, skipping blocks an application write already replaced.
-    async fn write_sync_data(
-        &self,
-        offset: u64,
-        data: Vec<u8>,
-    ) -> Result<(), crate::backing::BackingError> {
-        let skip: Vec<bool> = match self.sync_shadow.lock().as_ref() {
-            None => Vec::new(),
-            Some(sh) => (0..data.len().div_ceil(BLOCK))
-                .map(|i| sh.is_set(offset + (i * BLOCK) as u64))
-                .collect(),
-        };
-        if !skip.iter().any(|&s| s) {
-            return self.backing.write_at(offset, data).await;
-        }
-        let mut i = 0;
-        while i < skip.len() {
-            if skip[i] {
-                i += 1;
-                continue;
-            }
-            let start = i;
-            while i < skip.len() && !skip[i] {
-                i += 1;
-            }
-            let (a, b) = (start * BLOCK, (i * BLOCK).min(data.len()));
-            self.backing
-                .write_at(offset + a as u64, data[a..b].to_vec())
-                .await?;
-        }
-        Ok(())
     }
 }
 

@@ -206,20 +206,18 @@ impl Resource {
     /// resync from a connected UpToDate peer.
     pub async fn invalidate(self: &Arc<Self>) -> Result<(), EngineError> {
         self.refuse_if_diskless("invalidate")?;
-        if self.role() == Role::Primary {
-            return Err(EngineError::Refused(
-                "refusing to invalidate a Primary: run `tandemadm secondary` first".into(),
-            ));
-        }
+        // A Primary keeps serving I/O through the source while it resyncs
+        // (target_io.rs), as DRBD does; any node needs a source that is there now.
         let has_source = self.inner.lock().peers.values().any(|p| {
             p.conn.is_some()
+                && p.repl == ReplState::Established
                 && p.state
                     .as_ref()
                     .is_some_and(|s| s.disk == DiskState::UpToDate)
         });
         if !has_source {
             return Err(EngineError::Refused(
-                "no connected UpToDate peer to resync from".into(),
+                "no connected UpToDate peer to resync from; connect one first (`tandemadm status` shows the peers)".into(),
             ));
         }
         self.persist(|sb| sb.disk_state = DiskState::Inconsistent)

@@ -345,7 +345,7 @@ fn errno(e: &IoError, write: bool) -> u32 {
         IoError::OutOfRange { .. } if write => ENOSPC,
         IoError::OutOfRange { .. } | IoError::TooLarge(_) => EINVAL,
         IoError::Down => ESHUTDOWN,
-        IoError::NoQuorum => EIO,
+        IoError::NoQuorum | IoError::SourceLost => EIO,
         IoError::Disk(_) | IoError::Engine(_) => EIO,
     }
 }
