@@ -103,6 +103,16 @@ impl FsCluster {
         spare_journals: usize,
         faults: Option<Faults>,
     ) -> anyhow::Result<Self> {
+        Self::start_with(nodes, spare_journals, faults, "")
+    }
+
+    /// `start_with_faults`, with `extra` lines for the replicated resource's section.
+    pub fn start_with(
+        nodes: usize,
+        spare_journals: usize,
+        faults: Option<Faults>,
+        extra: &str,
+    ) -> anyhow::Result<Self> {
         let mut c = Cluster::builder()
             .nodes(nodes)
             .resource(ResourceSpec {
@@ -111,9 +121,9 @@ impl FsCluster {
                 // As a cluster filesystem should run from three nodes on: a node cut off
                 // fails its writes instead of writing a split brain.
                 extra: if nodes >= 3 {
-                    "quorum = \"majority\"\non-no-quorum = \"io-error\"\n".into()
+                    format!("quorum = \"majority\"\non-no-quorum = \"io-error\"\n{extra}")
                 } else {
-                    String::new()
+                    extra.to_owned()
                 },
                 ..Default::default()
             })

@@ -1407,3 +1407,72 @@ fn flock_excludes_processes_on_other_nodes_and_a_dead_nodes_locks_go_after_recov
     drop(a);
     f.unmount_all_and_check_clean("after the flock rounds");
 }
+
+/// The filesystem keeps working on a node whose replicated disk is being resynced under
+/// it (DRBD serves a Primary that is SyncTarget through its peer; so do we): n1's volume
+/// is invalidated while it writes files, the whole volume comes back from n2 at 32 MiB/s,
+/// and n1 never sees an error. Every file is then right on both nodes and fsck is clean.
+#[test]
+fn a_mounted_node_keeps_writing_while_its_volume_resyncs_from_a_peer() {
+    let mut f = FsCluster::start_with(2, 0, None, "resync-rate = \"32MiB\"\n").unwrap();
+    f.mount(0).unwrap();
+    f.mount(1).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let w = f.workers[0].take().unwrap();
+    let writer = {
+        let (stop, written) = (stop.clone(), written.clone());
+        std::thread::spawn(move || {
+            w.run(move || {
+                std::fs::create_dir_all(p("rs")).unwrap();
+                let mut k = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let path = p(&format!("rs/f{k}"));
+                    std::fs::write(&path, record(k)).unwrap();
+                    assert_eq!(std::fs::read(&path).unwrap(), record(k), "{path} read back");
+                    k += 1;
+                    written.store(k, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            w
+        })
+    };
+    while written.load(std::sync::atomic::Ordering::Relaxed) < 20 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    f.c.adm(0, &["invalidate", RES]).unwrap();
+    let repl = |f: &FsCluster| {
+        f.c.status_json(0).unwrap()[0]["connections"][0]["replication-state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    f.c.wait_for(std::time::Duration::from_secs(10), || {
+        Ok(repl(&f) == "SyncTarget")
+    })
+    .expect("n1 never became SyncTarget");
+    let at_start = written.load(std::sync::atomic::Ordering::Relaxed);
+    f.c.adm(0, &["wait-sync", RES, "--timeout-s", "60"])
+        .unwrap();
+    let during = written.load(std::sync::atomic::Ordering::Relaxed) - at_start;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    f.workers[0] = Some(
+        writer
+            .join()
+            .expect("the writer on n1 failed during the resync"),
+    );
+    assert!(
+        during >= 20,
+        "only {during} files written on n1 while it was SyncTarget"
+    );
+    let n = written.load(std::sync::atomic::Ordering::Relaxed);
+    for node in 0..2 {
+        let bad = f.w(node).run(move || {
+            (0..n)
+                .filter(|&k| std::fs::read(p(&format!("rs/f{k}"))).ok() != Some(record(k)))
+                .count()
+        });
+        assert_eq!(bad, 0, "files wrong on n{} after the resync", node + 1);
+    }
+    f.unmount_all_and_check_clean("after a resync under a mounted node");
+}
