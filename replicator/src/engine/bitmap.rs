@@ -73,6 +73,16 @@ impl DirtyBitmap {
         (first, last)
     }
 
+    /// The pages holding the bits of `[offset, offset+len)` (empty past the volume).
+    pub fn pages_of(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
+        let (first, last) = self.block_range(offset, len);
+        let bits_per_page = (PAGE_BYTES * 8) as u64;
+        if first >= last {
+            return 0..0;
+        }
+        (first / bits_per_page) as usize..((last - 1) / bits_per_page) as usize + 1
+    }
+
     /// Sets the bits covering `[offset, offset+len)`; returns the pages that changed.
     pub fn set_range(&mut self, offset: u64, len: u64) -> BTreeSet<usize> {
         let (first, last) = self.block_range(offset, len);

@@ -35,15 +35,20 @@ impl Resource {
         self.persist_bitmap_pages(changed).await
     }
 
-    /// Sets the bits of `[offset, offset+len)` for `peers`; returns the changed pages.
+    /// Sets the bits of `[offset, offset+len)` for `peers`; returns the pages to persist
+    /// before the write is acknowledged: those it changed, and those whose bits another
+    /// write set and has not finished persisting (finding a bit already set in memory
+    /// does not mean it is on disk).
     fn set_bits(&self, peers: &[NodeId], offset: u64, len: u64) -> PagesByPeer {
         let mut bms = self.bitmaps.lock();
+        let mut pending = self.bitmap_unpersisted.lock();
         let mut out = Vec::new();
         for p in peers {
             if let Some((_, bm)) = bms.get_mut(p) {
-                let pages = bm.set_range(offset, len);
+                pending.changed(*p, bm.set_range(offset, len));
+                let pages = pending.to_persist(*p, bm.pages_of(offset, len));
                 if !pages.is_empty() {
-                    out.push((*p, pages.into_iter().collect()));
+                    out.push((*p, pages));
                 }
             }
         }
@@ -52,6 +57,7 @@ impl Resource {
 
     /// Writes the named pages as they are *now*: the bytes are copied under the metadata
     /// lock, so whichever task writes a page last writes every bit set before it began.
+    /// A page leaves `bitmap_unpersisted` once written, unless it changed after the copy.
     async fn persist_bitmap_pages(&self, changed: PagesByPeer) -> Result<(), EngineError> {
         if changed.is_empty() {
             return Ok(());
@@ -60,12 +66,15 @@ impl Resource {
         let (Some(store), sb) = &*guard else {
             return Ok(());
         };
+        let mut copied = Vec::new();
         let by_slot: PageBytesBySlot = {
             let bms = self.bitmaps.lock();
+            let pending = self.bitmap_unpersisted.lock();
             changed
                 .iter()
                 .filter_map(|(peer, pages)| {
                     let (slot, bm) = bms.get(peer)?;
+                    copied.extend(pending.copy(*peer, pages));
                     Some((
                         *slot,
                         pages.iter().map(|&pg| (pg, bm.page_bytes(pg))).collect(),
@@ -79,6 +88,8 @@ impl Resource {
             }
             Ok::<_, crate::meta::MetaError>(())
         })?;
+        let _bms = self.bitmaps.lock();
+        self.bitmap_unpersisted.lock().written(copied);
         Ok(())
     }
 
@@ -204,11 +215,12 @@ impl Resource {
     ) -> Result<(), EngineError> {
         {
             let mut bms = self.bitmaps.lock();
+            let mut pending = self.bitmap_unpersisted.lock();
             for p in peers {
                 if let Some((_, bm)) = bms.get_mut(p) {
                     let mut from = 0;
                     while let Some((o, l)) = blocks.next_run(from, u64::MAX) {
-                        bm.set_range(o, l);
+                        pending.changed(*p, bm.set_range(o, l));
                         from = o + l;
                     }
                 }
@@ -241,5 +253,90 @@ impl Resource {
 
     pub(super) fn count_sent_write(&self, conn: &super::Conn) {
         conn.writes_sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Bitmap pages whose bits were set in memory and are not yet known to be on disk, each
+/// with a count of its changes. A write that finds its bits already set must still wait
+/// for such a page to be written before it is acknowledged; a persist that copied a page
+/// at change `n` clears it only if no change came after the copy.
+#[derive(Default)]
+pub(super) struct UnpersistedPages(std::collections::BTreeMap<(NodeId, usize), u64>);
+
+/// A page as copied for writing: which, and at which change.
+pub(super) type CopiedPage = ((NodeId, usize), u64);
+
+impl UnpersistedPages {
+    /// `pages` of `peer`'s bitmap changed in memory.
+    pub(super) fn changed(&mut self, peer: NodeId, pages: impl IntoIterator<Item = usize>) {
+        for pg in pages {
+            *self.0.entry((peer, pg)).or_insert(0) += 1;
+        }
+    }
+
+    /// Of the pages covering a write's bits, those not yet known to be on disk.
+    pub(super) fn to_persist(
+        &self,
+        peer: NodeId,
+        covering: impl Iterator<Item = usize>,
+    ) -> Vec<usize> {
+        covering
+            .filter(|pg| self.0.contains_key(&(peer, *pg)))
+            .collect()
+    }
+
+    /// Notes the change counts of `pages` as they are copied for writing.
+    pub(super) fn copy(&self, peer: NodeId, pages: &[usize]) -> Vec<CopiedPage> {
+        pages
+            .iter()
+            .filter_map(|pg| self.0.get(&(peer, *pg)).map(|n| ((peer, *pg), *n)))
+            .collect()
+    }
+
+    /// The copies are on disk: pages not changed since are persisted.
+    pub(super) fn written(&mut self, copied: Vec<CopiedPage>) {
+        for (key, n) in copied {
+            if self.0.get(&key) == Some(&n) {
+                self.0.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::UnpersistedPages;
+    use tandem_common::NodeId;
+
+    #[test]
+    fn a_bit_already_set_is_not_durable_until_its_page_is_written() {
+        let (p, mut u) = (NodeId(2), UnpersistedPages::default());
+        // Write A sets a bit in page 0 and starts persisting it.
+        u.changed(p, [0]);
+        assert_eq!(u.to_persist(p, 0..1), vec![0]);
+        // Write B finds the bit set (no change) but must persist page 0 as well.
+        u.changed(p, []);
+        assert_eq!(u.to_persist(p, 0..1), vec![0]);
+        let copy = u.copy(p, &[0]);
+        u.written(copy);
+        // Once written, a later write with the bit already set needs no persist.
+        assert!(u.to_persist(p, 0..1).is_empty());
+    }
+
+    #[test]
+    fn a_change_after_the_copy_keeps_the_page_pending() {
+        let (p, mut u) = (NodeId(2), UnpersistedPages::default());
+        u.changed(p, [1]);
+        let copy = u.copy(p, &[1]);
+        // Another bit of page 1 set after A copied it: A's write does not cover it.
+        u.changed(p, [1]);
+        u.written(copy);
+        assert_eq!(u.to_persist(p, 1..2), vec![1]);
+        let copy = u.copy(p, &[1]);
+        u.written(copy);
+        assert!(u.to_persist(p, 0..3).is_empty());
+        // Pages of other peers are separate.
+        u.changed(NodeId(3), [1]);
+        assert!(u.to_persist(p, 0..3).is_empty());
     }
 }

@@ -54,9 +54,10 @@ impl Resource {
         }
     }
 
-    /// Whether this node may write now; `Some(source)` when it writes as SyncTarget of
-    /// that peer (target_io.rs).
-    async fn check_writable(&self) -> Result<Option<Arc<Conn>>, IoError> {
+    /// Whether this node may write now: UpToDate, detached with an UpToDate peer, or a
+    /// SyncTarget with its source connected (target_io.rs; `replicate` decides again under
+    /// the topology gate).
+    async fn check_writable(&self) -> Result<(), IoError> {
         if self.is_down() {
             return Err(IoError::Down);
         }
@@ -73,14 +74,14 @@ impl Resource {
                             .is_some_and(|s| s.disk == DiskState::UpToDate)
                 });
             if inner.disk == DiskState::UpToDate || diskless_ok {
-                return Ok(None);
+                return Ok(());
             }
             inner.disk
         };
         match self.await_target_source().await {
-            Some(source) => Ok(Some(source)),
+            Some(_) => Ok(()),
             // The resync finished while we looked.
-            None if self.disk() == DiskState::UpToDate => Ok(None),
+            None if self.disk() == DiskState::UpToDate => Ok(()),
             None => Err(IoError::NotUpToDate(disk)),
         }
     }
@@ -176,28 +177,27 @@ impl Resource {
             return Err(IoError::TooLarge(len));
         }
         self.check_range(offset, len)?;
-        let source = self.check_writable().await?;
+        self.check_writable().await?;
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
         self.stats.written_bytes.fetch_add(len, Ordering::Relaxed);
-        self.replicate(offset, len, fua, Some(data), source).await
+        self.replicate(offset, len, fua, Some(data)).await
     }
 
     /// TRIM and WRITE_ZEROES: both write zeroes on every copy, so copies stay identical.
     pub async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
         self.check_range(offset, len)?;
-        let source = self.check_writable().await?;
-        self.replicate(offset, len, fua, None, source).await
+        self.check_writable().await?;
+        self.replicate(offset, len, fua, None).await
     }
 
     /// Replicates a write (`data`) or a zeroing (`None`) of `[offset, offset+len)`. As
-    /// SyncTarget of `source`, the source tracks the peers that miss it (target_io.rs).
+    /// SyncTarget, only the source's copy makes it durable (target_io.rs).
     async fn replicate(
         &self,
         offset: u64,
         len: u64,
         fua: bool,
         data: Option<Vec<u8>>,
-        source: Option<Arc<Conn>>,
     ) -> Result<(), IoError> {
         self.wait_for_quorum().await?;
         *self.last_app_write.lock() = Some(std::time::Instant::now());
@@ -213,15 +213,29 @@ impl Resource {
         // From the generation check until queued to every peer (see topology.rs).
         let gate = self.topology_gate.read().await;
         let (targets, missing) = self.replication_targets();
-        let as_target = source.as_ref().map(|c| c.peer);
-        if as_target.is_some_and(|s| !targets.iter().any(|c| c.peer == s)) {
-            return Err(IoError::SourceLost);
-        }
-        if !detached && as_target.is_none() {
+        // Decided here, under the gate: a write that began UpToDate may find a resync
+        // started (and one that began as target may find it done).
+        let as_target = if detached || self.disk() == DiskState::UpToDate {
+            None
+        } else {
+            match self.target_source() {
+                Some(s) if targets.iter().any(|c| c.peer == s.peer) => Some(s.peer),
+                _ => return Err(IoError::SourceLost),
+            }
+        };
+        if as_target.is_some() {
+            // Our generation is about to become the source's: track the peers we miss
+            // without minting (the source tracks them too, from `missing`).
+            self.record_received_write(&missing, offset, len).await?;
+        } else if !detached {
             self.record_missed_write(&missing, offset, len).await?;
         }
         let seq = self.next_seq();
-        let ack = AckMode::from(self.settings.protocol);
+        // As target, whatever the protocol: acknowledged only once the source wrote it.
+        let ack = match as_target {
+            Some(_) => AckMode::Write,
+            None => AckMode::from(self.settings.protocol),
+        };
         // The message names the peers we cannot reach: receivers track it for them too.
         let (frame, data) = match data {
             Some(data) => {
@@ -317,10 +331,11 @@ impl Resource {
             };
         }
         match as_target {
-            // Only the source's copy makes the write durable; it tracks the others
-            // (`PeerAck` below tells it which failed).
-            Some(s) if lost.contains(&s) => return Err(IoError::SourceLost),
-            Some(_) => {}
+            // Tracked without minting, as for `missing` above.
+            Some(s) => {
+                let others: Vec<NodeId> = lost.iter().copied().filter(|p| *p != s).collect();
+                self.record_received_write(&others, offset, len).await?;
+            }
             // Those peers may lack this write: record it before acknowledging.
             None => self.record_missed_write(&lost, offset, len).await?,
         }
@@ -338,6 +353,11 @@ impl Resource {
                     c.send_frame(f.clone()).await;
                 }
             }
+        }
+        // Only the source's copy makes a target's write durable (the targets that have it
+        // learned from `PeerAck` that the source does not).
+        if as_target.is_some_and(|s| lost.contains(&s)) {
+            return Err(IoError::SourceLost);
         }
         let needed = self.quorum_needed();
         if needed > 0 && !self.await_quorum(Some(targets.len() - lost.len())).await {
@@ -359,14 +379,26 @@ impl Resource {
         self.wait_for_quorum().await?;
         let seq = self.next_seq();
         let (targets, _) = self.replication_targets();
+        let detached = self.is_detached();
+        // A Primary that is SyncTarget: durable only once its source flushed.
+        let as_target =
+            if detached || self.disk() == DiskState::UpToDate || self.role() != Role::Primary {
+                None
+            } else {
+                match self.target_source() {
+                    Some(s) if targets.iter().any(|c| c.peer == s.peer) => Some(s.peer),
+                    _ => return Err(IoError::SourceLost),
+                }
+            };
         let mut waits = Vec::new();
         for c in &targets {
             let rx = c.expect_ack(seq);
             if c.send(&PeerMsg::Flush { seq }).await {
                 waits.push((c.peer, rx));
+            } else if Some(c.peer) == as_target {
+                return Err(IoError::SourceLost);
             }
         }
-        let detached = self.is_detached();
         let local = async {
             if detached {
                 Ok(())
@@ -392,6 +424,14 @@ impl Resource {
         }
         if detached {
             return Ok(());
+        }
+        if let Some(source) = as_target {
+            // Peers that failed it keep their unflushed writes unconfirmed; the source
+            // tracks what they miss.
+            return match lost.contains(&source) {
+                true => Err(IoError::SourceLost),
+                false => Ok(()),
+            };
         }
         if !lost.is_empty() && self.role() == Role::Primary {
             // Their earlier writes are bitmapped; mark the generation so they resync.

@@ -284,6 +284,9 @@ pub struct Resource {
     crashed_extents: Mutex<Option<Vec<u64>>>,
     /// Dirty bitmap per peer (with its slot in the metadata), see `dirty.rs`.
     bitmaps: Mutex<BTreeMap<NodeId, (usize, bitmap::DirtyBitmap)>>,
+    /// Bitmap pages with bits set in memory whose persist has not finished, with a count
+    /// of their changes (dirty.rs). Locked only while `bitmaps` is held.
+    bitmap_unpersisted: Mutex<dirty::UnpersistedPages>,
     inner: Mutex<Inner>,
     ranges: Arc<RangeLocks>,
     inflight: Arc<RangeLocks>,
@@ -466,6 +469,7 @@ impl Resource {
             al: Mutex::new(al),
             crashed_extents: Mutex::new(crashed_extents),
             bitmaps: Mutex::new(bitmaps),
+            bitmap_unpersisted: Mutex::new(Default::default()),
             meta: tokio::sync::Mutex::new((store, sb)),
             settings,
             backing,

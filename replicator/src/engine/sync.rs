@@ -401,10 +401,11 @@ impl Resource {
         if !conn.send(&PeerMsg::SyncStart { total_bytes: total }).await {
             return Err("connection closed".into());
         }
-        // Read no block before the writes the peer sent ahead of `SyncStart` are applied
-        // here: a Primary target keeps writing, and resync data older than one of its
-        // writes that it did not shadow would overwrite it (target_io.rs). Its answer to
-        // `Topology` follows every such write in its stream.
+        // Read no block before every write the target applied ahead of `SyncStart` (not
+        // shadowed there, target_io.rs) is applied here too, or older resync data would
+        // overwrite it. Its own writes: its answer to `Topology` follows them in its
+        // stream. A third peer's writes it applied came before that answer, so they were
+        // queued to us before that peer answers the `Topology` we send it next.
         let seq = self.next_seq();
         let rx = conn.expect_ack(seq);
         if !conn.send(&PeerMsg::Topology { seq }).await {
@@ -414,6 +415,7 @@ impl Resource {
             Ok(Ok(Ok(()))) => {}
             _ => return Err("the peer did not confirm the resync start in time".into()),
         }
+        self.confirm_join(conn.peer).await;
         let started = Instant::now();
         let mut sent = 0u64;
         let mut acked = 0u64;

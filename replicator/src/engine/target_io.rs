@@ -39,6 +39,14 @@ use crate::state::{DiskState, ReplState, Role};
 /// bytes) in the order they were written.
 pub(super) type Overlays = BTreeMap<u64, Vec<(u64, Vec<u8>)>>;
 
+/// What an application write put into the blocks it only partly covers.
+#[derive(Clone, Copy)]
+enum Piece<'a> {
+    /// Its data (`None` when it covers whole blocks only and kept no copy).
+    Data(Option<&'a [u8]>),
+    Zeroes,
+}
+
 /// How long I/O on an Inconsistent Primary waits for a source's `SyncStart` (after
 /// `invalidate`, or between a handshake and the resync) before it fails.
 const AWAIT_SOURCE: Duration = Duration::from_secs(5);
@@ -102,22 +110,36 @@ impl Resource {
         len: u64,
         data: Option<Vec<u8>>,
     ) -> Result<(), crate::backing::BackingError> {
-        let _io = if self.sync_shadow.lock().is_some() {
-            let g = self.sync_io.lock(offset, len).await;
-            self.note_app_data(offset, len, data.as_deref());
-            Some(g)
-        } else {
-            None
-        };
-        match data {
-            Some(data) => self.backing.write_at(offset, data).await,
-            None => self.backing.write_zeroes(offset, len).await,
+        if self.sync_shadow.lock().is_none() {
+            return match data {
+                Some(data) => self.backing.write_at(offset, data).await,
+                None => self.backing.write_zeroes(offset, len).await,
+            };
         }
+        let _io = self.sync_io.lock(offset, len).await;
+        // Noted once on disk (still under `sync_io`): a failed write must not shadow
+        // its blocks against the resync data that is still to come for them.
+        match data {
+            Some(data) => {
+                // A piece of a block becomes an overlay: keep the bytes the disk write
+                // takes (only writes that leave a piece, and only during a resync).
+                let partial = !offset.is_multiple_of(BLOCK_BYTES)
+                    || !(offset + len).is_multiple_of(BLOCK_BYTES);
+                let kept = partial.then(|| data.clone());
+                self.backing.write_at(offset, data).await?;
+                self.note_app_data(offset, len, Piece::Data(kept.as_deref()));
+            }
+            None => {
+                self.backing.write_zeroes(offset, len).await?;
+                self.note_app_data(offset, len, Piece::Zeroes);
+            }
+        }
+        Ok(())
     }
 
     /// Caller holds `sync_io` for the range: blocks the write covers whole are shadowed
     /// (their overlays are moot); partial pieces of blocks not shadowed become overlays.
-    fn note_app_data(&self, offset: u64, len: u64, data: Option<&[u8]>) {
+    fn note_app_data(&self, offset: u64, len: u64, data: Piece<'_>) {
         let mut shadow = self.sync_shadow.lock();
         let Some(shadow) = shadow.as_mut() else {
             return;
@@ -131,8 +153,12 @@ impl Resource {
                 overlays.remove(&b);
             } else if !shadow.is_set(b) {
                 let bytes = match data {
-                    Some(d) => d[(from - offset) as usize..(to - offset) as usize].to_vec(),
-                    None => vec![0; (to - from) as usize],
+                    Piece::Data(Some(d)) => {
+                        d[(from - offset) as usize..(to - offset) as usize].to_vec()
+                    }
+                    Piece::Zeroes => vec![0; (to - from) as usize],
+                    // Not kept: the write covers whole blocks only, so no piece is left.
+                    Piece::Data(None) => continue,
                 };
                 overlays.entry(b).or_default().push((from, bytes));
             }
