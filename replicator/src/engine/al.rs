@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 
 use super::bitmap::DirtyBitmap;
+use super::dirty::UnpersistedPages;
 use super::{EngineError, Resource};
 
 pub const EXTENT_BYTES: u64 = 4 << 20;
@@ -20,6 +21,9 @@ pub struct ActivityLog {
     /// extent -> (last use tick, writes in flight)
     hot: BTreeMap<u64, (u64, u32)>,
     tick: u64,
+    /// Pages marked in memory whose durable write has not finished: a write to an extent
+    /// already marked waits for them too (dirty.rs).
+    unpersisted: UnpersistedPages<()>,
     pub enabled: bool,
 }
 
@@ -36,6 +40,7 @@ impl ActivityLog {
             bits,
             hot: BTreeMap::new(),
             tick: 0,
+            unpersisted: UnpersistedPages::default(),
             enabled,
         }
     }
@@ -52,8 +57,9 @@ impl ActivityLog {
     }
 
     /// Marks the extents of a write as active; returns the AL pages that must be made
-    /// durable before the write starts (empty when all were hot already).
-    pub fn begin(&mut self, offset: u64, len: u64) -> Vec<(usize, Vec<u8>)> {
+    /// durable before the write starts: those it changed, and those another write
+    /// changed and has not finished writing (empty when all were hot and durable).
+    pub fn begin(&mut self, offset: u64, len: u64) -> Vec<usize> {
         if !self.enabled {
             return Vec::new();
         }
@@ -63,7 +69,12 @@ impl ActivityLog {
             let entry = self.hot.entry(e).or_insert((0, 0));
             entry.0 = self.tick;
             entry.1 += 1;
-            pages.extend(self.bits.set_range(e * 4096, 4096));
+            self.unpersisted
+                .changed((), self.bits.set_range(e * 4096, 4096));
+            pages.extend(
+                self.unpersisted
+                    .to_persist((), self.bits.pages_of(e * 4096, 4096)),
+            );
         }
         // Retire idle cold extents beyond capacity (their bits are cleared lazily: the
         // cleared page is written with the next page write).
@@ -82,10 +93,16 @@ impl ActivityLog {
                 None => break,
             }
         }
-        pages
-            .into_iter()
-            .map(|p| (p, self.bits.page_bytes(p)))
-            .collect()
+        pages.into_iter().collect()
+    }
+
+    /// The bytes of `pages` as they are now, and their change counts, for writing.
+    fn copy_pages(&self, pages: &[usize]) -> (Vec<(usize, Vec<u8>)>, Vec<CopiedAlPage>) {
+        let bytes = pages
+            .iter()
+            .map(|&p| (p, self.bits.page_bytes(p)))
+            .collect();
+        (bytes, self.unpersisted.copy((), pages))
     }
 
     pub fn end(&mut self, offset: u64, len: u64) {
@@ -108,6 +125,8 @@ impl ActivityLog {
             .collect()
     }
 }
+
+type CopiedAlPage = super::dirty::CopiedPage<()>;
 
 /// Ends the AL entry of a write when dropped (also on errors and cancellation).
 pub struct AlGuard<'a> {
@@ -132,9 +151,13 @@ impl Resource {
             len,
         };
         if !pages.is_empty() {
+            // Copied under the metadata lock: the last writer of a page writes every
+            // extent marked before it began.
             let meta = self.meta.lock().await;
             if let (Some(store), sb) = &*meta {
-                tokio::task::block_in_place(|| store.write_al_pages(sb, &pages))?;
+                let (bytes, copied) = self.al.lock().copy_pages(&pages);
+                tokio::task::block_in_place(|| store.write_al_pages(sb, &bytes))?;
+                self.al.lock().unpersisted.written(copied);
             }
         }
         Ok(guard)
@@ -160,6 +183,11 @@ mod tests {
         let mut al = ActivityLog::new(64 << 30, &[]);
         assert!(al.enabled);
         assert_eq!(al.begin(0, 4096).len(), 1);
+        // Not yet written: a second write to the extent waits for the page too.
+        assert_eq!(al.begin(4096, 4096), vec![0]);
+        al.end(4096, 4096);
+        let (_, copied) = al.copy_pages(&[0]);
+        al.unpersisted.written(copied);
         al.end(0, 4096);
         assert!(
             al.begin(4096, 4096).is_empty(),

@@ -256,45 +256,47 @@ impl Resource {
     }
 }
 
-/// Bitmap pages whose bits were set in memory and are not yet known to be on disk, each
-/// with a count of its changes. A write that finds its bits already set must still wait
-/// for such a page to be written before it is acknowledged; a persist that copied a page
-/// at change `n` clears it only if no change came after the copy.
-#[derive(Default)]
-pub(super) struct UnpersistedPages(std::collections::BTreeMap<(NodeId, usize), u64>);
+/// Metadata pages (of a peer's bitmap, or of the activity log) whose bits were set in
+/// memory and are not yet known to be on disk, each with a count of its changes. A write
+/// that finds its bits already set must still wait for such a page to be written before
+/// it goes on; a persist that copied a page at change `n` clears it only if no change
+/// came after the copy. `K` names the bitmap (a peer, or `()` for the activity log).
+pub(super) struct UnpersistedPages<K>(std::collections::BTreeMap<(K, usize), u64>);
+
+impl<K> Default for UnpersistedPages<K> {
+    fn default() -> Self {
+        Self(std::collections::BTreeMap::new())
+    }
+}
 
 /// A page as copied for writing: which, and at which change.
-pub(super) type CopiedPage = ((NodeId, usize), u64);
+pub(super) type CopiedPage<K> = ((K, usize), u64);
 
-impl UnpersistedPages {
-    /// `pages` of `peer`'s bitmap changed in memory.
-    pub(super) fn changed(&mut self, peer: NodeId, pages: impl IntoIterator<Item = usize>) {
+impl<K: Ord + Copy> UnpersistedPages<K> {
+    /// `pages` of bitmap `k` changed in memory.
+    pub(super) fn changed(&mut self, k: K, pages: impl IntoIterator<Item = usize>) {
         for pg in pages {
-            *self.0.entry((peer, pg)).or_insert(0) += 1;
+            *self.0.entry((k, pg)).or_insert(0) += 1;
         }
     }
 
     /// Of the pages covering a write's bits, those not yet known to be on disk.
-    pub(super) fn to_persist(
-        &self,
-        peer: NodeId,
-        covering: impl Iterator<Item = usize>,
-    ) -> Vec<usize> {
+    pub(super) fn to_persist(&self, k: K, covering: impl Iterator<Item = usize>) -> Vec<usize> {
         covering
-            .filter(|pg| self.0.contains_key(&(peer, *pg)))
+            .filter(|pg| self.0.contains_key(&(k, *pg)))
             .collect()
     }
 
     /// Notes the change counts of `pages` as they are copied for writing.
-    pub(super) fn copy(&self, peer: NodeId, pages: &[usize]) -> Vec<CopiedPage> {
+    pub(super) fn copy(&self, k: K, pages: &[usize]) -> Vec<CopiedPage<K>> {
         pages
             .iter()
-            .filter_map(|pg| self.0.get(&(peer, *pg)).map(|n| ((peer, *pg), *n)))
+            .filter_map(|pg| self.0.get(&(k, *pg)).map(|n| ((k, *pg), *n)))
             .collect()
     }
 
     /// The copies are on disk: pages not changed since are persisted.
-    pub(super) fn written(&mut self, copied: Vec<CopiedPage>) {
+    pub(super) fn written(&mut self, copied: Vec<CopiedPage<K>>) {
         for (key, n) in copied {
             if self.0.get(&key) == Some(&n) {
                 self.0.remove(&key);
@@ -310,7 +312,7 @@ mod tests {
 
     #[test]
     fn a_bit_already_set_is_not_durable_until_its_page_is_written() {
-        let (p, mut u) = (NodeId(2), UnpersistedPages::default());
+        let (p, mut u) = (NodeId(2), UnpersistedPages::<NodeId>::default());
         // Write A sets a bit in page 0 and starts persisting it.
         u.changed(p, [0]);
         assert_eq!(u.to_persist(p, 0..1), vec![0]);
@@ -325,7 +327,7 @@ mod tests {
 
     #[test]
     fn a_change_after_the_copy_keeps_the_page_pending() {
-        let (p, mut u) = (NodeId(2), UnpersistedPages::default());
+        let (p, mut u) = (NodeId(2), UnpersistedPages::<NodeId>::default());
         u.changed(p, [1]);
         let copy = u.copy(p, &[1]);
         // Another bit of page 1 set after A copied it: A's write does not cover it.

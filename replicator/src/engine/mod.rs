@@ -286,7 +286,7 @@ pub struct Resource {
     bitmaps: Mutex<BTreeMap<NodeId, (usize, bitmap::DirtyBitmap)>>,
     /// Bitmap pages with bits set in memory whose persist has not finished, with a count
     /// of their changes (dirty.rs). Locked only while `bitmaps` is held.
-    bitmap_unpersisted: Mutex<dirty::UnpersistedPages>,
+    bitmap_unpersisted: Mutex<dirty::UnpersistedPages<NodeId>>,
     inner: Mutex<Inner>,
     ranges: Arc<RangeLocks>,
     inflight: Arc<RangeLocks>,
