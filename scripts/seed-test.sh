@@ -152,7 +152,7 @@ wrk_pid=$!
 STARTED+=("$wrk_pid")
 sleep 5
 t_kill=$(date +%s.%N)
-demo kill-node "$VICTIM" | head -1 | sed 's/^/    /'
+demo kill-node "$VICTIM" | sed -n '1s/^/    /p' # sed reads it all: no SIGPIPE under pipefail
 # A write through a survivor waits (it does not fail) until the lock manager has declared
 # n3 dead and fenced it (3 voters: automatic) and a survivor replayed n3's journal.
 bg_op 60 sh -c "echo 'written during the outage of $VICTIM' > '$D/mnt/n1/seed/outage.txt' && sync '$D/mnt/n1/seed/outage.txt'" ||

@@ -393,7 +393,7 @@ node_offline() { # via node
 FS_PID_BEFORE=""
 fs_restarted_on_node2() {
 	local p
-	p=$(hx 2 pgrep -x mount.tandem | head -n 1)
+	p=$(hx 2 pgrep -x mount.tandem | sed -n 1p)
 	echo "mount.tandem on node2: pid $p (before the lock manager's restart: $FS_PID_BEFORE)"
 	[ -n "$p" ] && [ "$p" != "$FS_PID_BEFORE" ] && settled_ok WebFS:Started:node2
 }
@@ -578,7 +578,7 @@ round() { # N
 	log "data written on one node is read on the others"
 
 	# Monitor failure: tandem-lockd of node2 killed -9.
-	FS_PID_BEFORE=$(hx 2 pgrep -x mount.tandem | head -n 1)
+	FS_PID_BEFORE=$(hx 2 pgrep -x mount.tandem | sed -n 1p)
 	t=$(lockd_pid 2) || fail "no lockd pid on node2"
 	hx 2 kill -KILL "$t"
 	wait_for 60 "lockmgr monitor failure on node2 recorded" failed_on lockmgr node2
@@ -592,7 +592,7 @@ round() { # N
 		# The lock manager's restart restarted the mount too (order constraint): wait for
 		# the new daemon, so the one killed is the one Pacemaker monitors.
 		wait_for 60 "WebFS restarted on node2 after the lock manager's restart" fs_restarted_on_node2
-		t=$(hx 2 pgrep -x mount.tandem | head -n 1)
+		t=$(hx 2 pgrep -x mount.tandem | sed -n 1p)
 		[ -n "$t" ] || fail "no mount.tandem process on node2"
 		hx 2 kill -KILL "$t"
 		wait_for 60 "fs monitor failure on node2 recorded" failed_on WebFS node2
