@@ -885,3 +885,51 @@ fn a_primary_keeps_reading_and_writing_while_it_resyncs_as_synctarget() {
         "n2's copy differs from the model"
     );
 }
+
+/// A Secondary that is SyncTarget can be promoted while its source streams (DRBD allows
+/// it: I/O goes through the source), and what it writes then is on both copies after the
+/// resync. While it only waits for its source, `primary` is refused with a retry hint.
+#[test]
+fn a_synctarget_can_be_promoted_while_its_source_is_connected() {
+    let mut c = Cluster::builder()
+        .nodes(2)
+        .resource(tandem_tests::cluster::ResourceSpec {
+            extra: "resync-rate = \"4MiB\"\n".into(),
+            ..Default::default()
+        })
+        .start()
+        .unwrap();
+    c.bring_up_fresh("www").unwrap();
+    scatter(&c, 0, 64, 5);
+    c.adm(1, &["invalidate", "www"]).unwrap();
+    c.wait_for(Duration::from_secs(10), || {
+        Ok(c.status_json(1)?[0]["connections"][0]["replication-state"] == "SyncTarget")
+    })
+    .unwrap();
+    c.adm(1, &["primary", "www"])
+        .expect("a SyncTarget with its source connected may be promoted");
+    assert_eq!(c.status_json(1).unwrap()[0]["role"], "Primary");
+    assert_eq!(c.status_json(1).unwrap()[0]["disk-state"], "Inconsistent");
+    // Writes through n2 while it is still SyncTarget, then read back there.
+    scatter(&c, 1, 32, 6);
+    let mut client = NbdClient::connect_unix(&c.nbd_socket(1, "www"), "www").unwrap();
+    for i in 0..32u64 {
+        let block = (i * 97 + 6 * 13) % (VOLUME_BYTES / BLOCK_BYTES as u64);
+        let mut buf = vec![0u8; BLOCK_BYTES];
+        client
+            .read_at(&mut buf, block * BLOCK_BYTES as u64)
+            .unwrap();
+        assert_eq!(
+            buf,
+            block_data(block, 6000 + i),
+            "block {block} read back on n2"
+        );
+    }
+    assert_eq!(
+        c.status_json(1).unwrap()[0]["connections"][0]["replication-state"],
+        "SyncTarget",
+        "the resync ended before the writes: the test proves nothing"
+    );
+    c.wait_sync_all("www", 60).unwrap();
+    assert_identical(&c);
+}

@@ -97,7 +97,8 @@ enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
-    /// This node's data is bad: become Inconsistent and resync it from a peer.
+    /// This node's data is bad: become Inconsistent and resync it from a connected
+    /// UpToDate peer. A Primary keeps serving I/O meanwhile (through that peer).
     Invalidate { resource: String },
     /// The peers' data is bad: resync them from here (only verify's findings, if any).
     InvalidateRemote { resource: String },

@@ -719,15 +719,20 @@ impl Resource {
         if self.role() == Role::Primary {
             return Ok(());
         }
+        // A SyncTarget whose source is connected serves I/O through it (target_io.rs), so
+        // it may be promoted, as DRBD allows; one still waiting for its source's
+        // `SyncStart` may not (a few milliseconds: retry).
+        let as_target = self.target_source().is_some();
         {
             let inner = self.inner.lock();
-            if inner
-                .peers
-                .values()
-                .any(|p| p.repl == ReplState::SyncTarget || p.awaiting_source)
+            if !as_target
+                && inner
+                    .peers
+                    .values()
+                    .any(|p| p.repl == ReplState::SyncTarget || p.awaiting_source)
             {
                 return Err(EngineError::Refused(
-                    "refusing to promote: this node is a SyncTarget; wait for the resync to finish (`tandemadm status`)".into(),
+                    "refusing to promote: this node is about to become SyncTarget and its resync source is not streaming yet; retry in a moment (`tandemadm status`)".into(),
                 ));
             }
             if !self.settings.allow_two_primaries {
@@ -742,7 +747,7 @@ impl Resource {
             }
         }
         let disk = self.disk();
-        if disk != DiskState::UpToDate {
+        if disk != DiskState::UpToDate && !as_target {
             if !force {
                 return Err(EngineError::Refused(format!(
                     "refusing to promote: local disk is {disk}, a Primary needs UpToDate data; run `tandemadm primary --force` only on the node whose data is good (this starts a full sync to the peers)"
