@@ -583,10 +583,10 @@ impl Resource {
                         "already SyncTarget of another peer; resync from this one later",
                     ));
                 }
-                self.persist(|sb| sb.disk_state = DiskState::Inconsistent)
-                    .await
-                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
-                self.set_disk(DiskState::Inconsistent);
+                // Shadow and SyncTarget first, Inconsistent last: an application write
+                // or read never finds the disk Inconsistent without a source to serve it
+                // through (target_io.rs); until then it runs as on an UpToDate disk, and
+                // its local write is shadowed already.
                 *self.sync_shadow.lock() = Some(DirtyBitmap::new(self.usable_bytes));
                 self.sync_overlays.lock().clear();
                 *self.sync_received.lock() = Some(DirtyBitmap::new(self.usable_bytes));
@@ -600,6 +600,10 @@ impl Resource {
                     })
                 });
                 self.set_repl(conn.peer, ReplState::SyncTarget);
+                self.persist(|sb| sb.disk_state = DiskState::Inconsistent)
+                    .await
+                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                self.set_disk(DiskState::Inconsistent);
                 self.broadcast_state().await;
                 Ok(())
             }
@@ -745,9 +749,10 @@ impl Resource {
                 self.persist_whole_bitmap(peer)
                     .await
                     .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                // UpToDate before the shadow goes (the reverse of `SyncStart`).
+                self.set_disk(DiskState::UpToDate);
                 *self.sync_shadow.lock() = None;
                 self.sync_overlays.lock().clear();
-                self.set_disk(DiskState::UpToDate);
                 self.update_peer(conn.peer, |p| p.sync = None);
                 self.set_repl(conn.peer, ReplState::Established);
                 // We joined the source's generation: our other peers confirm it too.
