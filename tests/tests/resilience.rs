@@ -796,7 +796,25 @@ fn a_primary_keeps_reading_and_writing_while_it_resyncs_as_synctarget() {
         write(&mut client, &mut model, mib << 20, 1 << 20);
     }
     client.flush().unwrap();
-    c.adm(0, &["invalidate", "www"]).unwrap();
+    // Invalidated while writes are in flight: none of them may fail.
+    std::thread::scope(|s| {
+        let c = &c;
+        let inv = s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            c.adm(0, &["invalidate", "www"]).unwrap();
+        });
+        let mut k = 0u64;
+        while !inv.is_finished() {
+            let block = (k * 37) % (VOLUME_BYTES / BLOCK_BYTES as u64);
+            write(
+                &mut client,
+                &mut model,
+                block * BLOCK_BYTES as u64,
+                BLOCK_BYTES,
+            );
+            k += 1;
+        }
+    });
     let repl = |c: &Cluster| {
         c.status_json(0).unwrap()[0]["connections"][0]["replication-state"]
             .as_str()

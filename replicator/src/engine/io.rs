@@ -8,6 +8,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tandem_common::frame::{self, Channel};
 use tandem_common::NodeId;
@@ -212,16 +213,24 @@ impl Resource {
         let range = self.ranges.lock(offset, len).await;
         // From the generation check until queued to every peer (see topology.rs).
         let gate = self.topology_gate.read().await;
-        let (targets, missing) = self.replication_targets();
         // Decided here, under the gate: a write that began UpToDate may find a resync
-        // started (and one that began as target may find it done).
-        let as_target = if detached || self.disk() == DiskState::UpToDate {
+        // started (and one that began as target may find it done), or the disk just
+        // invalidated and the source's `SyncStart` on its way: waited for (it does not
+        // need the gate; the `Topology` that follows it does, and comes after us).
+        let source = if detached || self.disk() == DiskState::UpToDate {
             None
         } else {
-            match self.target_source() {
-                Some(s) if targets.iter().any(|c| c.peer == s.peer) => Some(s.peer),
-                _ => return Err(IoError::SourceLost),
+            // Briefly: we hold the gate, which a neighbour's join confirmation waits for.
+            match self.await_target_source_for(Duration::from_secs(1)).await {
+                Some(s) => Some(s.peer),
+                None if self.disk() == DiskState::UpToDate => None,
+                None => return Err(IoError::SourceLost),
             }
+        };
+        let (targets, missing) = self.replication_targets();
+        let as_target = match source {
+            Some(s) if !targets.iter().any(|c| c.peer == s) => return Err(IoError::SourceLost),
+            other => other,
         };
         if as_target.is_some() {
             // Our generation is about to become the source's: track the peers we miss

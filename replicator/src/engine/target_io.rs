@@ -79,7 +79,12 @@ impl Resource {
     /// waiting briefly for one when a resync is about to start (a Primary just invalidated,
     /// or one that a connected UpToDate peer is about to resync).
     pub(super) async fn await_target_source(&self) -> Option<Arc<Conn>> {
-        let until = Instant::now() + AWAIT_SOURCE;
+        self.await_target_source_for(AWAIT_SOURCE).await
+    }
+
+    /// `await_target_source`, waiting at most `wait`.
+    pub(super) async fn await_target_source_for(&self, wait: Duration) -> Option<Arc<Conn>> {
+        let until = Instant::now() + wait;
         loop {
             if let Some(c) = self.target_source() {
                 return Some(c);
