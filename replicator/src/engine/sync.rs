@@ -877,6 +877,10 @@ impl Resource {
         data: Option<Vec<u8>>,
     ) -> Result<(), SessionEnd> {
         self.check_conflict(conn, offset, len)?;
+        // Application writes flow (here, or on a Primary that is our SyncTarget): a resync
+        // we send keeps less in flight, so the writers' flushes wait for less resync data
+        // (a SyncTarget's own flushes otherwise waited 25 ms for the full-speed stream).
+        *self.last_app_write.lock() = Some(Instant::now());
         self.record_received_write(missing, offset, len)
             .await
             .map_err(|e| SessionEnd::retry(e.to_string()))?;

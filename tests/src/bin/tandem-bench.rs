@@ -239,6 +239,7 @@ fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_file(p);
     }
     let mut resync = None;
+    let mut target_io = None;
     let node_counts: &[usize] = if args.resync_only { &[2] } else { &[1, 2, 3] };
     for &nodes in node_counts {
         eprintln!("measuring {nodes}-node cluster ...");
@@ -252,7 +253,9 @@ fn main() -> anyhow::Result<()> {
             r,
         ));
         if nodes == 2 {
-            resync = Some(measure_resync(c, size_bytes)?);
+            let mut c = c;
+            resync = Some(measure_resync(&mut c, size_bytes)?);
+            target_io = Some(measure_target_io(&c, size_bytes)?);
         } else {
             drop(c);
         }
@@ -290,6 +293,16 @@ fn main() -> anyhow::Result<()> {
             "| end to end (`up` of the restarted node to UpToDate) | {:.0} | {:.2}× | | |",
             r.end_to_end_mb_s,
             r.end_to_end_mb_s / floor_mb_s
+        );
+    }
+    if let Some((mut in_sync, mut target)) = target_io {
+        println!();
+        println!("| n1 Primary, 2 nodes (`invalidate` on n1: full resync from n2) | 4KiB write+flush p50 / p99 µs | 4KiB read p50 / p99 µs | samples |");
+        println!("|---|---|---|---|");
+        println!("| in sync (before) | {} |", in_sync.row());
+        println!(
+            "| SyncTarget (reads of blocks not yet resynced go to n2) | {} |",
+            target.row()
         );
     }
     Ok(())
@@ -380,7 +393,79 @@ fn logged_resync_mb_s(log: &str) -> Option<f64> {
 
 /// Kills node 2, dirties the whole volume on node 1, restarts node 2 and times the resync,
 /// sampling application write+flush latency on node 1 meanwhile.
-fn measure_resync(mut c: Cluster, size_bytes: u64) -> anyhow::Result<ResyncResult> {
+/// 4 KiB write+flush and 4 KiB read latencies (µs, sorted) on a Primary.
+#[derive(Default)]
+struct IoLatency {
+    write_us: Vec<f64>,
+    read_us: Vec<f64>,
+}
+
+impl IoLatency {
+    fn sample(&mut self, io: &mut NbdClient, size_bytes: u64, rng: &mut rand::rngs::StdRng) {
+        let block = vec![0x22u8; 4096];
+        let mut buf = vec![0u8; 4096];
+        let s = Instant::now();
+        io.write_at(&block, rng.gen_range(0..size_bytes / 4096) * 4096, false)
+            .expect("nbd write");
+        io.flush().expect("nbd flush");
+        self.write_us.push(s.elapsed().as_secs_f64() * 1e6);
+        let s = Instant::now();
+        io.read_at(&mut buf, rng.gen_range(0..size_bytes / 4096) * 4096)
+            .expect("nbd read");
+        self.read_us.push(s.elapsed().as_secs_f64() * 1e6);
+    }
+
+    fn pct(v: &mut [f64], p: usize) -> f64 {
+        v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+        v.get(v.len() * p / 100).copied().unwrap_or(0.0)
+    }
+
+    fn row(&mut self) -> String {
+        format!(
+            "{:.0} / {:.0} | {:.0} / {:.0} | {}",
+            Self::pct(&mut self.write_us, 50),
+            Self::pct(&mut self.write_us, 99),
+            Self::pct(&mut self.read_us, 50),
+            Self::pct(&mut self.read_us, 99),
+            self.write_us.len()
+        )
+    }
+}
+
+/// The Primary n1 invalidated (its whole volume comes back from n2): I/O latency on it
+/// while it is SyncTarget, against the same in sync just before (target_io.rs).
+fn measure_target_io(c: &Cluster, size_bytes: u64) -> anyhow::Result<(IoLatency, IoLatency)> {
+    eprintln!("measuring I/O on a Primary that is SyncTarget ...");
+    let mut io = NbdClient::connect_unix(&c.nbd_socket(0, "www"), "www")?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut in_sync = IoLatency::default();
+    for _ in 0..400 {
+        in_sync.sample(&mut io, size_bytes, &mut rng);
+    }
+    c.adm(0, &["invalidate", "www"])?;
+    let mut target = IoLatency::default();
+    let start = Instant::now();
+    loop {
+        let st = c.status_json(0)?;
+        if st[0]["connections"][0]["replication-state"] != "SyncTarget" {
+            if st[0]["disk-state"] == "UpToDate" && start.elapsed() > Duration::from_millis(200) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(300),
+            "resync of n1 did not finish in 300 s"
+        );
+        for _ in 0..20 {
+            target.sample(&mut io, size_bytes, &mut rng);
+        }
+    }
+    Ok((in_sync, target))
+}
+
+fn measure_resync(c: &mut Cluster, size_bytes: u64) -> anyhow::Result<ResyncResult> {
     eprintln!("measuring resync ...");
     c.kill9(1);
     std::thread::sleep(Duration::from_millis(300));
