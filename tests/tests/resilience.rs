@@ -951,3 +951,59 @@ fn a_synctarget_can_be_promoted_while_its_source_is_connected() {
     c.wait_sync_all("www", 60).unwrap();
     assert_identical(&c);
 }
+
+/// A full resync cut halfway resumes where it stopped, even when the source then writes
+/// without the target: before, those writes gave the target a bitmap generation equal to
+/// its current one, and the reconnect chose a bitmap resync of only those writes, so the
+/// invalidated node became UpToDate with half its volume never received.
+#[test]
+fn an_interrupted_full_resync_resumes_and_leaves_identical_copies() {
+    let mut c = Cluster::builder()
+        .nodes(2)
+        .resource(tandem_tests::cluster::ResourceSpec {
+            extra: "resync-rate = \"4MiB\"\n".into(),
+            ..Default::default()
+        })
+        .start()
+        .unwrap();
+    c.bring_up_fresh("www").unwrap();
+    // Different content everywhere on n1 than the zeroes n2 would keep.
+    let mut client = NbdClient::connect_unix(&c.nbd_socket(0, "www"), "www").unwrap();
+    let mib: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 + 1).collect();
+    for m in 0..VOLUME_BYTES >> 20 {
+        client.write_at(&mib, m << 20, false).unwrap();
+    }
+    client.flush().unwrap();
+    // n2's copy goes bad behind its back (what `invalidate` is for): only the resync can
+    // make it equal again, block by block.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.disk_path(1, "www"))
+            .unwrap();
+        f.write_all_at(&vec![0xEE; VOLUME_BYTES as usize], 0)
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    c.adm(1, &["invalidate", "www"]).unwrap();
+    c.wait_for(Duration::from_secs(10), || {
+        Ok(num(&c.status_json(1)?[0]["resync-received-bytes"]) >= 4 << 20)
+    })
+    .unwrap();
+    c.net.cut_link(0, 1).unwrap();
+    c.wait_for(Duration::from_secs(20), || {
+        Ok(conn_state(&c, 0) != "Connected")
+    })
+    .unwrap();
+    let received = num(&c.status_json(1).unwrap()[0]["resync-received-bytes"]);
+    assert!(
+        received < VOLUME_BYTES / 2,
+        "the resync was not cut halfway ({received} bytes)"
+    );
+    // n1 writes without n2: tracked for it.
+    scatter(&c, 0, 8, 31);
+    c.net.heal_link(0, 1).unwrap();
+    c.wait_sync_all("www", 60).unwrap();
+    assert_identical(&c);
+}

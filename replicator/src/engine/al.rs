@@ -165,8 +165,10 @@ impl Resource {
 
     /// Clears the activity log on disk (clean demotion or attach without a crash).
     pub(super) async fn al_clear(&self) -> Result<(), EngineError> {
-        let pages = self.al.lock().clear();
+        // Cleared and copied under the metadata lock, like `al_begin`'s pages: a stale
+        // all-clear copy written after a concurrent begin would drop its extent.
         let meta = self.meta.lock().await;
+        let pages = self.al.lock().clear();
         if let (Some(store), sb) = &*meta {
             tokio::task::block_in_place(|| store.write_al_pages(sb, &pages))?;
         }

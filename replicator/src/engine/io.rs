@@ -8,7 +8,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tandem_common::frame::{self, Channel};
 use tandem_common::NodeId;
@@ -210,21 +209,28 @@ impl Resource {
         };
         // In-flight registry for dual-primary conflict detection (held until acked).
         let _inflight = self.inflight.register(offset, len);
-        let range = self.ranges.lock(offset, len).await;
-        // From the generation check until queued to every peer (see topology.rs).
-        let gate = self.topology_gate.read().await;
-        // Decided here, under the gate: a write that began UpToDate may find a resync
-        // started (and one that began as target may find it done), or the disk just
-        // invalidated and the source's `SyncStart` on its way: waited for (it does not
-        // need the gate; the `Topology` that follows it does, and comes after us).
-        let source = if detached || self.disk() == DiskState::UpToDate {
-            None
-        } else {
-            // Briefly: we hold the gate, which a neighbour's join confirmation waits for.
-            match self.await_target_source_for(Duration::from_secs(1)).await {
-                Some(s) => Some(s.peer),
-                None if self.disk() == DiskState::UpToDate => None,
-                None => return Err(IoError::SourceLost),
+        // Target mode is decided under the gate: a write that began UpToDate may find a
+        // resync started (and one that began as target may find it done), or the disk
+        // just invalidated with the source's `SyncStart` on its way. That one is waited
+        // for without the range and the gate (neighbours' join confirmations wait for
+        // the gate), then everything is taken and decided again.
+        let (range, gate, source) = loop {
+            let range = self.ranges.lock(offset, len).await;
+            // From the generation check until queued to every peer (see topology.rs).
+            let gate = self.topology_gate.read().await;
+            if detached {
+                break (range, gate, None);
+            }
+            if let Some(s) = self.target_source() {
+                break (range, gate, Some(s.peer));
+            }
+            if self.disk() == DiskState::UpToDate {
+                break (range, gate, None);
+            }
+            drop(gate);
+            drop(range);
+            if self.await_target_source().await.is_none() && self.disk() != DiskState::UpToDate {
+                return Err(IoError::SourceLost);
             }
         };
         let (targets, missing) = self.replication_targets();
@@ -387,18 +393,26 @@ impl Resource {
         }
         self.wait_for_quorum().await?;
         let seq = self.next_seq();
-        let (targets, _) = self.replication_targets();
         let detached = self.is_detached();
-        // A Primary that is SyncTarget: durable only once its source flushed.
-        let as_target =
-            if detached || self.disk() == DiskState::UpToDate || self.role() != Role::Primary {
-                None
-            } else {
-                match self.target_source() {
-                    Some(s) if targets.iter().any(|c| c.peer == s.peer) => Some(s.peer),
-                    _ => return Err(IoError::SourceLost),
-                }
-            };
+        // A Primary that is SyncTarget: durable only once its source flushed (waited for
+        // briefly right after `invalidate`, as a write does).
+        let as_target = if detached || self.role() != Role::Primary {
+            None
+        } else if let Some(s) = self.target_source() {
+            Some(s.peer)
+        } else if self.disk() == DiskState::UpToDate {
+            None
+        } else {
+            match self.await_target_source().await {
+                Some(s) => Some(s.peer),
+                None if self.disk() == DiskState::UpToDate => None,
+                None => return Err(IoError::SourceLost),
+            }
+        };
+        let (targets, _) = self.replication_targets();
+        if as_target.is_some_and(|s| !targets.iter().any(|c| c.peer == s)) {
+            return Err(IoError::SourceLost);
+        }
         let mut waits = Vec::new();
         for c in &targets {
             let rx = c.expect_ack(seq);

@@ -299,6 +299,7 @@ impl Resource {
             resync_work(own, extents, peer_runs, self.usable_bytes)
         };
         let total = work.dirty_bytes();
+        let full = !use_bitmap && extents.is_empty();
         self.set_repl(conn.peer, ReplState::SyncSource);
         self.update_peer(conn.peer, |p| {
             p.sync = Some(SyncProgress {
@@ -311,7 +312,7 @@ impl Resource {
             mode = if use_bitmap { "bitmap" } else { "full" }, "resync started (SyncSource)");
         let me = self.clone();
         tokio::spawn(async move {
-            if let Err(e) = me.run_resync(&conn, work).await {
+            if let Err(e) = me.run_resync(&conn, work, full).await {
                 tracing::warn!(resource = %me.name(), peer = %conn.peer, error = %e,
                     "resync interrupted; it resumes on reconnect");
                 conn.close();
@@ -396,8 +397,26 @@ impl Resource {
         self: &Arc<Self>,
         conn: &Arc<Conn>,
         work: DirtyBitmap,
+        full: bool,
     ) -> Result<(), String> {
         let total = work.dirty_bytes();
+        if full {
+            // The whole volume is news for the peer, durably and with a bitmap generation:
+            // a full resync interrupted (link loss, a crash) resumes from our bitmap, as
+            // the acked chunks clear it. Without this, writes tracked for the peer later
+            // gave it a bitmap generation equal to its current one, and the next connect
+            // chose a bitmap resync of only those bits: an invalidated node became
+            // UpToDate with most of the volume never received.
+            self.track_missing_peers(&[conn.peer])
+                .await
+                .map_err(|e| e.to_string())?;
+            if let Some((_, bm)) = self.bitmaps.lock().get_mut(&conn.peer) {
+                bm.set_all();
+            }
+            self.persist_whole_bitmap(conn.peer)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         if !conn.send(&PeerMsg::SyncStart { total_bytes: total }).await {
             return Err("connection closed".into());
         }
@@ -685,9 +704,13 @@ impl Resource {
                 // A crashed source's hot extents came with their doubt (see proto.rs); our
                 // activity log keeps them across a restart.
                 let tainted = crashed_primary;
-                self.al_clear()
-                    .await
-                    .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                // A Primary (serving as target) may have writes in flight whose extents
+                // must stay in its activity log; it is cleared at its demotion.
+                if self.role() != Role::Primary {
+                    self.al_clear()
+                        .await
+                        .map_err(|e| SessionEnd::retry(e.to_string()))?;
+                }
                 if tainted {
                     for e in crashed_extents.iter().flatten() {
                         drop(
@@ -877,10 +900,19 @@ impl Resource {
         data: Option<Vec<u8>>,
     ) -> Result<(), SessionEnd> {
         self.check_conflict(conn, offset, len)?;
-        // Application writes flow (here, or on a Primary that is our SyncTarget): a resync
-        // we send keeps less in flight, so the writers' flushes wait for less resync data
-        // (a SyncTarget's own flushes otherwise waited 25 ms for the full-speed stream).
-        *self.last_app_write.lock() = Some(Instant::now());
+        // A Primary that is our SyncTarget writes: the resync we send it keeps less in
+        // flight, as for our own writes, so its flushes wait for less resync data (they
+        // waited 25 ms for the full-speed stream). Not for other writers: their flushes
+        // do not wait for that stream, and it would only slow the resync down.
+        let from_our_target = self
+            .inner
+            .lock()
+            .peers
+            .get(&conn.peer)
+            .is_some_and(|p| p.repl == ReplState::SyncSource);
+        if from_our_target {
+            *self.last_app_write.lock() = Some(Instant::now());
+        }
         self.record_received_write(missing, offset, len)
             .await
             .map_err(|e| SessionEnd::retry(e.to_string()))?;

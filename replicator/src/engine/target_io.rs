@@ -59,19 +59,25 @@ fn blocks(offset: u64, len: u64) -> impl Iterator<Item = u64> {
 }
 
 impl Resource {
-    /// The connection of the resync source we are SyncTarget of, if we serve I/O as one.
+    /// The connection of the resync source we are SyncTarget of, if we serve I/O as one:
+    /// from `SyncStart` (shadow in place) to `SyncDone`, whatever the disk state says in
+    /// between (it turns Inconsistent after the shadow exists, and UpToDate before the
+    /// shadow goes), and only while that source reports UpToDate data (it answers our
+    /// reads only then, and only then is its copy a good one).
     pub(super) fn target_source(&self) -> Option<Arc<Conn>> {
         if self.is_detached() || self.sync_shadow.lock().is_none() {
             return None;
         }
         let inner = self.inner.lock();
-        if inner.disk != DiskState::Inconsistent {
-            return None;
-        }
         inner
             .peers
             .values()
-            .find(|p| p.repl == ReplState::SyncTarget)
+            .find(|p| {
+                p.repl == ReplState::SyncTarget
+                    && p.state
+                        .as_ref()
+                        .is_some_and(|s| s.disk == DiskState::UpToDate)
+            })
             .and_then(|p| p.conn.clone())
     }
 
