@@ -155,9 +155,18 @@ impl Resource {
             // extent marked before it began.
             let meta = self.meta.lock().await;
             if let (Some(store), sb) = &*meta {
-                let (bytes, copied) = self.al.lock().copy_pages(&pages);
-                tokio::task::block_in_place(|| store.write_al_pages(sb, &bytes))?;
-                self.al.lock().unpersisted.written(copied);
+                // Pages another write persisted while we waited (with our mark: its copy
+                // came after it) need no second write; concurrent first writes to a new
+                // extent then cost one AL write, not one each.
+                let (bytes, copied) = {
+                    let al = self.al.lock();
+                    let left = al.unpersisted.to_persist((), pages.into_iter());
+                    al.copy_pages(&left)
+                };
+                if !bytes.is_empty() {
+                    tokio::task::block_in_place(|| store.write_al_pages(sb, &bytes))?;
+                    self.al.lock().unpersisted.written(copied);
+                }
             }
         }
         Ok(guard)
