@@ -767,13 +767,9 @@ fn a_primary_killed_with_a_write_on_one_secondary_only_leaves_identical_copies()
     assert_identical(&c);
 }
 
-/// DRBD keeps a Primary serving while it resyncs as SyncTarget; so do we. n1 is
-/// invalidated while Primary: its whole volume comes back from n2 at 4 MiB/s while an
-/// application reads and writes through n1 — whole blocks, pieces of blocks not yet
-/// resynced, zeroed ranges — and every read matches what was acknowledged. Afterwards
-/// both copies equal the model.
-#[test]
-fn a_primary_keeps_reading_and_writing_while_it_resyncs_as_synctarget() {
+/// Two nodes in sync, n1 Primary, resync capped at 4 MiB/s (a full resync of the 32 MiB
+/// volume takes about 8 s: time to act while it runs).
+fn two_nodes_resyncing_at_4_mib_s() -> Cluster {
     let mut c = Cluster::builder()
         .nodes(2)
         .resource(tandem_tests::cluster::ResourceSpec {
@@ -783,6 +779,17 @@ fn a_primary_keeps_reading_and_writing_while_it_resyncs_as_synctarget() {
         .start()
         .unwrap();
     c.bring_up_fresh("www").unwrap();
+    c
+}
+
+/// DRBD keeps a Primary serving while it resyncs as SyncTarget; so do we. n1 is
+/// invalidated while Primary: its whole volume comes back from n2 at 4 MiB/s while an
+/// application reads and writes through n1 — whole blocks, pieces of blocks not yet
+/// resynced, zeroed ranges — and every read matches what was acknowledged. Afterwards
+/// both copies equal the model.
+#[test]
+fn a_primary_keeps_reading_and_writing_while_it_resyncs_as_synctarget() {
+    let c = two_nodes_resyncing_at_4_mib_s();
     let mut model = vec![0u8; VOLUME_BYTES as usize];
     let mut client = NbdClient::connect_unix(&c.nbd_socket(0, "www"), "www").unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -909,15 +916,7 @@ fn a_primary_keeps_reading_and_writing_while_it_resyncs_as_synctarget() {
 /// resync. While it only waits for its source, `primary` is refused with a retry hint.
 #[test]
 fn a_synctarget_can_be_promoted_while_its_source_is_connected() {
-    let mut c = Cluster::builder()
-        .nodes(2)
-        .resource(tandem_tests::cluster::ResourceSpec {
-            extra: "resync-rate = \"4MiB\"\n".into(),
-            ..Default::default()
-        })
-        .start()
-        .unwrap();
-    c.bring_up_fresh("www").unwrap();
+    let c = two_nodes_resyncing_at_4_mib_s();
     scatter(&c, 0, 64, 5);
     c.adm(1, &["invalidate", "www"]).unwrap();
     c.wait_for(Duration::from_secs(10), || {
@@ -958,15 +957,7 @@ fn a_synctarget_can_be_promoted_while_its_source_is_connected() {
 /// invalidated node became UpToDate with half its volume never received.
 #[test]
 fn an_interrupted_full_resync_resumes_and_leaves_identical_copies() {
-    let mut c = Cluster::builder()
-        .nodes(2)
-        .resource(tandem_tests::cluster::ResourceSpec {
-            extra: "resync-rate = \"4MiB\"\n".into(),
-            ..Default::default()
-        })
-        .start()
-        .unwrap();
-    c.bring_up_fresh("www").unwrap();
+    let c = two_nodes_resyncing_at_4_mib_s();
     // Different content everywhere on n1 than the zeroes n2 would keep.
     let mut client = NbdClient::connect_unix(&c.nbd_socket(0, "www"), "www").unwrap();
     let mib: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8 + 1).collect();
