@@ -61,7 +61,7 @@ impl Resource {
         if self.is_down() {
             return Err(IoError::Down);
         }
-        let disk = {
+        {
             let inner = self.inner.lock();
             if inner.role != Role::Primary {
                 return Err(IoError::NotPrimary);
@@ -73,17 +73,14 @@ impl Resource {
                             .as_ref()
                             .is_some_and(|s| s.disk == DiskState::UpToDate)
                 });
-            if inner.disk == DiskState::UpToDate || diskless_ok {
+            if diskless_ok {
                 return Ok(());
             }
-            inner.disk
-        };
-        match self.await_target_source().await {
-            Some(_) => Ok(()),
-            // The resync finished while we looked.
-            None if self.disk() == DiskState::UpToDate => Ok(()),
-            None => Err(IoError::NotUpToDate(disk)),
         }
+        self.data_path()
+            .await
+            .map(drop)
+            .map_err(IoError::NotUpToDate)
     }
 
     /// Peers that must receive application writes now (connected and either in sync,
@@ -150,14 +147,8 @@ impl Resource {
         if self.is_detached() {
             return self.remote_read(offset, len).await;
         }
-        let disk = self.disk();
-        if disk != DiskState::UpToDate {
-            match self.await_target_source().await {
-                Some(source) => return self.target_read(&source, offset, len).await,
-                // The resync finished while we looked: read locally.
-                None if self.disk() == DiskState::UpToDate => {}
-                None => return Err(IoError::NotUpToDate(disk)),
-            }
+        if let Some(source) = self.data_path().await.map_err(IoError::NotUpToDate)? {
+            return self.target_read(&source, offset, len).await;
         }
         match self.backing.read_at(offset, len as usize).await {
             Ok(d) => Ok(d),
@@ -229,9 +220,7 @@ impl Resource {
             }
             drop(gate);
             drop(range);
-            if self.await_target_source().await.is_none() && self.disk() != DiskState::UpToDate {
-                return Err(IoError::SourceLost);
-            }
+            self.data_path().await.map_err(|_| IoError::SourceLost)?;
         };
         let (targets, missing) = self.replication_targets();
         let as_target = match source {
@@ -396,18 +385,14 @@ impl Resource {
         let detached = self.is_detached();
         // A Primary that is SyncTarget: durable only once its source flushed (waited for
         // briefly right after `invalidate`, as a write does).
-        let as_target = if detached || self.role() != Role::Primary {
-            None
-        } else if let Some(s) = self.target_source() {
-            Some(s.peer)
-        } else if self.disk() == DiskState::UpToDate {
-            None
-        } else {
-            match self.await_target_source().await {
-                Some(s) => Some(s.peer),
-                None if self.disk() == DiskState::UpToDate => None,
-                None => return Err(IoError::SourceLost),
-            }
+        let as_target = match self.target_source() {
+            _ if detached || self.role() != Role::Primary => None,
+            Some(s) => Some(s.peer),
+            None => self
+                .data_path()
+                .await
+                .map_err(|_| IoError::SourceLost)?
+                .map(|s| s.peer),
         };
         let (targets, _) = self.replication_targets();
         if as_target.is_some_and(|s| !targets.iter().any(|c| c.peer == s)) {

@@ -81,16 +81,27 @@ impl Resource {
             .and_then(|p| p.conn.clone())
     }
 
-    /// For I/O on a disk that is not UpToDate: the resync source to serve it through, after
-    /// waiting briefly for one when a resync is about to start (a Primary just invalidated,
-    /// or one that a connected UpToDate peer is about to resync).
-    pub(super) async fn await_target_source(&self) -> Option<Arc<Conn>> {
-        self.await_target_source_for(AWAIT_SOURCE).await
+    /// Where I/O finds good data now: `Ok(None)` on our UpToDate disk, `Ok(Some(source))`
+    /// as SyncTarget of `source` (waiting briefly for one about to stream: a Primary just
+    /// invalidated, or one a connected UpToDate peer is about to resync), `Err(disk)`
+    /// when there is none.
+    pub(super) async fn data_path(&self) -> Result<Option<Arc<Conn>>, DiskState> {
+        let disk = self.disk();
+        if disk == DiskState::UpToDate {
+            return Ok(None);
+        }
+        match self.await_target_source().await {
+            Some(source) => Ok(Some(source)),
+            // The resync finished while we looked.
+            None if self.disk() == DiskState::UpToDate => Ok(None),
+            None => Err(disk),
+        }
     }
 
-    /// `await_target_source`, waiting at most `wait`.
-    pub(super) async fn await_target_source_for(&self, wait: Duration) -> Option<Arc<Conn>> {
-        let until = Instant::now() + wait;
+    /// The resync source to serve I/O through, waiting up to `AWAIT_SOURCE` for one that
+    /// is about to stream.
+    async fn await_target_source(&self) -> Option<Arc<Conn>> {
+        let until = Instant::now() + AWAIT_SOURCE;
         loop {
             if let Some(c) = self.target_source() {
                 return Some(c);
