@@ -14,7 +14,9 @@
 # default 10.213.200), TANDEM_DEMO_NODES (default 3), TANDEM_DEMO_SIZE (default 256MiB),
 # TANDEM_DEMO_DISKLESS (default 0: the last K nodes are diskless tiebreakers: replicator
 # quorum vote and lock-manager witness, no disk, no mount, no nginx),
-# TANDEM_BIN_DIR (use these binaries instead of building target/release).
+# TANDEM_BIN_DIR (use these binaries instead of building target/release),
+# TANDEM_DEMO_MOUNT_OPTS (extra mount.tandem -o options, e.g. threads=1) and
+# TANDEM_DEMO_NGINX_WORKERS (nginx worker_processes, default 1) for benchmark experiments.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo="$PWD"
@@ -182,7 +184,7 @@ mount_node() { # node
   if is_mounted "$m"; then return 0; fi
   mkdir -p "$m"
   nohup "$bin/tandemfs" mount "nbd+unix:///www?socket=$demo/run/$n/nbd-www.sock" "$m" -f \
-    -o "node=$n,config=$cfg,allow_other" >> "$demo/logs/$n-fs.log" 2>&1 &
+    -o "node=$n,config=$cfg,allow_other${TANDEM_DEMO_MOUNT_OPTS:+,$TANDEM_DEMO_MOUNT_OPTS}" >> "$demo/logs/$n-fs.log" 2>&1 &
   echo $! > "$pidf"
   for _ in $(seq 1 300); do
     is_mounted "$m" && return 0
@@ -207,7 +209,7 @@ nginx_conf() { # node index
   {
     cat <<EOF
 # nginx of demo node $n (written by scripts/demo.sh)
-worker_processes 1;
+worker_processes ${TANDEM_DEMO_NGINX_WORKERS:-1};
 daemon off;
 pid $w/nginx.pid;
 error_log $demo/logs/$n-nginx-error.log;

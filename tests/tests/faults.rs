@@ -255,3 +255,80 @@ fn cluster_filesystem_over_a_lossy_jittery_network_appends_without_overlap_and_c
     assert_faults_happened(&f.c);
     f.unmount_all_and_check_clean("after the faulty-network run");
 }
+
+/// A Primary writing while a peer reconnects over a slow link: each side decides the
+/// resync on the `State` the other sent when the connection came up, so the writer's
+/// writes wait until it has decided (replicator/src/engine/handshake.rs). Without that
+/// wait a write in the window misses the peer after the peer has seen our old State, and
+/// the two sides decide on different data (the simulation with
+/// `TANDEM_SIM_HANDSHAKE_WRITES=1` shows inconsistent plans). The link delay (100 ms each
+/// way) makes every handshake window wide enough that the writer always hits it.
+#[test]
+fn a_primary_writing_through_slow_reconnects_waits_for_each_handshake_and_stays_identical() {
+    const SLOW: Faults = Faults {
+        delay_ms: 100,
+        jitter_ms: 0,
+        loss_per_mille: 0,
+    };
+    let mut c = Cluster::builder().nodes(2).start().unwrap();
+    for i in 0..2 {
+        c.impair_network(i, SLOW).unwrap();
+    }
+    c.bring_up_fresh("www").unwrap();
+    let log = Arc::new(Mutex::new(WriteLog::default()));
+    let worst = Arc::new(Mutex::new(Duration::ZERO));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let blocks = 256u64;
+    let writer = {
+        let (log, worst, stop) = (log.clone(), worst.clone(), stop.clone());
+        let sock = c.nbd_socket(0, "www");
+        std::thread::spawn(move || {
+            let mut client = NbdClient::connect_unix(&sock, "www").unwrap();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+            for generation in 1.. {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                let block = 100 + rng.gen_range(0..blocks);
+                log.lock().unwrap().begin(block, generation);
+                let t = Instant::now();
+                client
+                    .write_at(
+                        &block_data(block, generation),
+                        block * BLOCK_BYTES as u64,
+                        false,
+                    )
+                    .expect("a write failed while the peer reconnected");
+                let mut w = worst.lock().unwrap();
+                *w = (*w).max(t.elapsed());
+                drop(w);
+                log.lock().unwrap().ack(block, generation);
+            }
+        })
+    };
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(500));
+        c.adm(1, &["disconnect", "www"]).unwrap();
+        // n1 writes alone: bits for n2, which the next handshake resyncs.
+        std::thread::sleep(Duration::from_millis(500));
+        c.adm(1, &["connect", "www"]).unwrap();
+        c.wait_connected("www").unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("writer");
+    c.wait_sync_all("www", 60).unwrap();
+    let st = c.status_json(0).unwrap();
+    let waits = st[0]["handshake-waits"].as_u64().unwrap_or(0);
+    let worst = *worst.lock().unwrap();
+    eprintln!("writes that waited for a handshake: {waits}; slowest write {worst:?}");
+    assert!(
+        waits > 0,
+        "no write waited for a handshake: the writer wrote while its peer decided on an older State"
+    );
+    // A handshake takes about one round trip (200 ms here); the wait is bounded at 2 s.
+    assert!(worst < Duration::from_secs(3), "a write took {worst:?}");
+    assert_identical(&c);
+    let log = log.lock().unwrap().clone();
+    c.check_acknowledged("www", &log, 100..100 + blocks);
+}

@@ -212,6 +212,14 @@ impl Resource {
             if detached {
                 break (range, gate, None);
             }
+            // A peer is deciding on the State we sent it: writing now would change what
+            // it decides about (handshake.rs).
+            if self.handshaking_peer().is_some() {
+                drop(gate);
+                drop(range);
+                self.await_handshakes().await;
+                continue;
+            }
             if let Some(s) = self.target_source() {
                 break (range, gate, Some(s.peer));
             }

@@ -11,6 +11,7 @@ pub mod core;
 pub mod decide;
 mod detach;
 mod dirty;
+mod handshake;
 mod io;
 mod peerack;
 mod quorum;
@@ -158,6 +159,9 @@ pub struct Conn {
     verify_pending: Mutex<BTreeMap<u64, oneshot::Sender<Vec<u32>>>>,
     /// Flips to true on close so the session's reader wakes up.
     closed_signal: tokio::sync::watch::Sender<bool>,
+    /// From our first `State` until our handshake decision: application writes wait
+    /// (handshake.rs).
+    handshaking: AtomicBool,
 }
 
 impl Conn {
@@ -172,6 +176,7 @@ impl Conn {
             verify_pending: Mutex::new(BTreeMap::new()),
             read_pending: Mutex::new(BTreeMap::new()),
             closed_signal: tokio::sync::watch::channel(false).0,
+            handshaking: AtomicBool::new(true),
         })
     }
 
@@ -268,6 +273,8 @@ pub struct Stats {
     pub resync_sent_bytes: AtomicU64,
     pub resync_received_bytes: AtomicU64,
     pub conflicts: AtomicU64,
+    /// Application writes that waited for a connection handshake (handshake.rs).
+    pub handshake_waits: AtomicU64,
 }
 
 pub struct Resource {
@@ -326,6 +333,8 @@ pub struct Resource {
     pub wake: tokio::sync::Notify,
     /// Wakes writers suspended for quorum (on every connection change).
     quorum_changed: tokio::sync::Notify,
+    /// Wakes writers waiting for a connection's handshake (handshake.rs).
+    handshakes_done: tokio::sync::Notify,
     down: AtomicBool,
     pub stats: Stats,
 }
@@ -491,6 +500,7 @@ impl Resource {
             events,
             wake: tokio::sync::Notify::new(),
             quorum_changed: tokio::sync::Notify::new(),
+            handshakes_done: tokio::sync::Notify::new(),
             down: AtomicBool::new(false),
             stats: Stats::default(),
         });

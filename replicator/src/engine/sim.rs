@@ -66,6 +66,9 @@ struct Sim {
     single_writer: bool,
     /// The single writer also crashes mid-write with four or more nodes (gap (b)).
     writer_crash_any_size: bool,
+    /// A Primary writes between sending its State and reading its peer's
+    /// (`TANDEM_SIM_HANDSHAKE_WRITES=1`).
+    handshake_writes: bool,
     policy: SbPolicy,
     trace: Vec<String>,
 }
@@ -235,6 +238,7 @@ impl Sim {
             acked: BTreeMap::new(),
             single_writer,
             writer_crash_any_size: std::env::var_os("TANDEM_SIM_WRITER_CRASH_ANY_SIZE").is_some(),
+            handshake_writes: std::env::var_os("TANDEM_SIM_HANDSHAKE_WRITES").is_some(),
             policy: SbPolicy { zero, one },
             trace: Vec::new(),
         }
@@ -419,8 +423,28 @@ impl Sim {
             if l.connected || l.standalone || l.cut || !self.nodes[a].up || !self.nodes[b].up {
                 continue;
             }
+            // Each side sends its State when the connection comes up and decides when it
+            // reads the other's. A Primary may write in between: that write misses the
+            // peer (not yet Established), so the writer decides on its state after the
+            // write while the peer decides on the State sent before it.
+            let sent = [
+                self.nodes[a].state_for(self.nodes[b].id),
+                self.nodes[b].state_for(self.nodes[a].id),
+            ];
+            if self.handshake_writes && self.rng.gen_bool(0.2) {
+                let w = if self.rng.gen_bool(0.5) { a } else { b };
+                if self.nodes[w].primary {
+                    self.trace.push(format!(
+                        "n{} writes while its handshake with n{} runs",
+                        w + 1,
+                        if w == a { b + 1 } else { a + 1 }
+                    ));
+                    self.write(w, false);
+                }
+            }
             let plan_of = |sim: &Sim, me: usize, other: usize| {
                 let (m, o) = (&sim.nodes[me], &sim.nodes[other]);
+                let peer_state = if other == a { &sent[0] } else { &sent[1] };
                 let local = Local {
                     generation: m.generation_for(o.id),
                     discard_my_data: m.discard_next,
@@ -433,7 +457,7 @@ impl Sim {
                     policy: sim.policy,
                     own_crashed_extents: (m.sb.flags & FLAG_CRASHED_PRIMARY != 0).then(|| vec![0]),
                 };
-                plan_connect(&local, &o.state_for(m.id), o.id)
+                plan_connect(&local, peer_state, o.id)
             };
             let (pa, rule_a, _) = plan_of(self, a, b);
             let (pb, rule_b, _) = plan_of(self, b, a);
@@ -912,6 +936,18 @@ fn a_target_marks_replaced_doubtful_blocks_for_its_other_peers() {
 #[test]
 fn only_the_crashed_writer_itself_mints_after_its_rollback() {
     run_with(28203, 3);
+}
+
+/// Why an application write waits for the connection handshake (engine/handshake.rs): a
+/// Primary that writes after sending its State, before deciding on its peer's, decides on
+/// newer data than the peer does. Seed 0 with such writes: n2 mints while its handshake
+/// with n1 runs, decides it is the source, and n1, on n2's older State, decides Idle.
+#[test]
+#[should_panic(expected = "inconsistent plans")]
+fn a_write_during_the_handshake_makes_the_two_sides_decide_differently() {
+    let mut sim = Sim::new(0, max_nodes());
+    sim.handshake_writes = true;
+    run_sim(sim, 0);
 }
 
 #[test]

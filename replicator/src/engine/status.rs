@@ -64,6 +64,9 @@ pub struct ResourceStatus {
     pub resync_sent_bytes: u64,
     pub resync_received_bytes: u64,
     pub concurrent_write_conflicts: u64,
+    /// Application writes that waited for a peer's connection handshake to finish.
+    #[serde(default)]
+    pub handshake_waits: u64,
     /// Whether this node has quorum (always true with `quorum = off`).
     pub quorum: bool,
     /// This node is a diskless tiebreaker (DRBD's `client:yes`).
@@ -166,6 +169,7 @@ impl Resource {
             resync_sent_bytes: self.stats.resync_sent_bytes.load(Relaxed),
             resync_received_bytes: self.stats.resync_received_bytes.load(Relaxed),
             concurrent_write_conflicts: self.stats.conflicts.load(Relaxed),
+            handshake_waits: self.stats.handshake_waits.load(Relaxed),
             quorum,
             client: self.settings.diskless,
             connections,

@@ -67,7 +67,9 @@ impl Resource {
                 "connection",
                 &format!("peer-node-id:{} role:{}", conn.peer, st.role),
             );
-            self.handshake_decision(conn, &st).await?;
+            let decided = self.handshake_decision(conn, &st).await;
+            self.handshake_finished(conn);
+            decided?;
         } else {
             self.emit(
                 "change",

@@ -32,7 +32,7 @@ pub async fn run_session(res: Arc<Resource>, peer: NodeId, stream: TcpStream) {
     let writer = tokio::spawn(writer_task(wr, rx, conn.clone()));
     let (apply_tx, apply_rx) = mpsc::channel::<PeerMsg>(APPLY_QUEUE_MSGS);
     let mut applier = tokio::spawn(apply_task(res.clone(), conn.clone(), apply_rx));
-    conn.send(&PeerMsg::State(res.local_state(peer))).await;
+    res.send_first_state(&conn).await;
     let end = tokio::select! {
         end = reader_loop(&res, &conn, rd, apply_tx) => end,
         r = &mut applier => match r {
