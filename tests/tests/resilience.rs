@@ -803,7 +803,8 @@ fn a_primary_keeps_reading_and_writing_while_it_resyncs_as_synctarget() {
         write(&mut client, &mut model, mib << 20, 1 << 20);
     }
     client.flush().unwrap();
-    // Invalidated while writes are in flight: none of them may fail.
+    // Invalidated while writes and flushes are in flight: none of them may fail (both
+    // wait for the source's SyncStart rather than finding the disk Inconsistent).
     std::thread::scope(|s| {
         let c = &c;
         let inv = s.spawn(move || {
@@ -819,6 +820,9 @@ fn a_primary_keeps_reading_and_writing_while_it_resyncs_as_synctarget() {
                 block * BLOCK_BYTES as u64,
                 BLOCK_BYTES,
             );
+            if k % 2 == 1 {
+                client.flush().unwrap();
+            }
             k += 1;
         }
     });
