@@ -198,6 +198,9 @@ impl Resource {
         } else {
             Some(self.al_begin(offset, len).await?)
         };
+        // Most waits for a handshake happen here, before the write shows in `inflight`
+        // (a dual-primary peer's overlapping write would count as a conflict meanwhile).
+        self.await_handshakes().await;
         // In-flight registry for dual-primary conflict detection (held until acked).
         let _inflight = self.inflight.register(offset, len);
         // Target mode is decided under the gate: a write that began UpToDate may find a
@@ -230,6 +233,9 @@ impl Resource {
             drop(range);
             self.data_path().await.map_err(|_| IoError::SourceLost)?;
         };
+        // Taken under the gate, held to the end: until everything this write records is
+        // recorded (lost peers only after the acks), a new connection's `State` waits.
+        let _settling = self.write_settling();
         let (targets, missing) = self.replication_targets();
         let as_target = match source {
             Some(s) if !targets.iter().any(|c| c.peer == s) => return Err(IoError::SourceLost),
@@ -389,6 +395,15 @@ impl Resource {
             return Err(IoError::Down);
         }
         self.wait_for_quorum().await?;
+        // A flush that loses a peer mints a new generation: like a write, it waits for a
+        // running handshake and then delays new connections' `State` until it is done.
+        let _settling = loop {
+            self.await_handshakes().await;
+            let _gate = self.topology_gate.read().await;
+            if self.handshaking_peer().is_none() {
+                break self.write_settling();
+            }
+        };
         let seq = self.next_seq();
         let detached = self.is_detached();
         // A Primary that is SyncTarget: durable only once its source flushed (waited for

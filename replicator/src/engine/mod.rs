@@ -34,7 +34,7 @@ pub use status::{PeerStatus, ResourceStatus, SyncProgressView};
 pub use sync::SessionEnd;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -162,6 +162,10 @@ pub struct Conn {
     /// From our first `State` until our handshake decision: application writes wait
     /// (handshake.rs).
     handshaking: AtomicBool,
+    /// When the connection was opened (bounds how long a handshake keeps writes waiting).
+    opened: Instant,
+    /// True once the session is over, cleanup included (handshake.rs).
+    ended: tokio::sync::watch::Sender<bool>,
 }
 
 impl Conn {
@@ -177,6 +181,8 @@ impl Conn {
             read_pending: Mutex::new(BTreeMap::new()),
             closed_signal: tokio::sync::watch::channel(false).0,
             handshaking: AtomicBool::new(true),
+            opened: Instant::now(),
+            ended: tokio::sync::watch::channel(false).0,
         })
     }
 
@@ -335,6 +341,12 @@ pub struct Resource {
     quorum_changed: tokio::sync::Notify,
     /// Wakes writers waiting for a connection's handshake (handshake.rs).
     handshakes_done: tokio::sync::Notify,
+    /// Connections whose handshake is running on our side (a fast path for writes).
+    handshakes_running: AtomicUsize,
+    /// Writes and flushes past their handshake check that have not recorded everything
+    /// yet; a new connection's first `State` waits for none to be left (handshake.rs).
+    writes_unsettled: AtomicU64,
+    writes_settled: tokio::sync::Notify,
     down: AtomicBool,
     pub stats: Stats,
 }
@@ -501,6 +513,9 @@ impl Resource {
             wake: tokio::sync::Notify::new(),
             quorum_changed: tokio::sync::Notify::new(),
             handshakes_done: tokio::sync::Notify::new(),
+            handshakes_running: AtomicUsize::new(0),
+            writes_unsettled: AtomicU64::new(0),
+            writes_settled: tokio::sync::Notify::new(),
             down: AtomicBool::new(false),
             stats: Stats::default(),
         });
@@ -861,23 +876,6 @@ impl Resource {
     }
 
     // ----- connections -----
-
-    /// A new authenticated connection: registers it (replacing a stale one).
-    pub fn register_conn(&self, peer: NodeId, out: mpsc::Sender<Arc<Vec<u8>>>) -> Arc<Conn> {
-        let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
-        let conn = Conn::new(peer, epoch, out);
-        let old = self.update_peer(peer, |p| {
-            p.last_error = None;
-            p.conn.replace(conn.clone())
-        });
-        if let Some(Some(old)) = old {
-            old.close();
-        }
-        self.set_conn_state(peer, ConnState::Connected);
-        self.conn_changed.store(true, Ordering::Release);
-        self.quorum_changed.notify_waiters();
-        conn
-    }
 
     /// The session for `conn` ended (error or shutdown).
     pub async fn on_disconnected(&self, conn: &Arc<Conn>, reason: &str, next: ConnState) {

@@ -987,12 +987,11 @@ impl Resource {
         } else {
             ConnState::Connecting
         };
-        // Before our new state goes out: the blocks its unconfirmed writes touched.
+        // Before our new state goes out, and while the connection is still registered (a
+        // new one to this peer waits for this session to end, handshake.rs, and so sends
+        // a `State` with these bits): the blocks its unconfirmed writes touched, and for
+        // protocols A and B everything.
         let marked = self.unconfirmed_lost(conn.peer).await;
-        self.on_disconnected(conn, &end.reason, next).await;
-        if marked {
-            self.reevaluate_all().await;
-        }
         if self.role() == Role::Primary
             && self.settings.protocol != tandem_common::config::Protocol::C
             && conn.writes_sent.load(Ordering::Relaxed) > 0
@@ -1000,6 +999,10 @@ impl Resource {
             if let Err(e) = self.mark_all_for(conn.peer).await {
                 tracing::error!(resource = %self.name(), error = %e, "cannot record the peer's missed writes");
             }
+        }
+        self.on_disconnected(conn, &end.reason, next).await;
+        if marked {
+            self.reevaluate_all().await;
         }
     }
 }

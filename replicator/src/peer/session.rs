@@ -28,11 +28,11 @@ pub async fn run_session(res: Arc<Resource>, peer: NodeId, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Arc<Vec<u8>>>(OUT_QUEUE_FRAMES);
-    let conn = res.register_conn(peer, tx);
+    // Our first `State` is queued already (handshake.rs).
+    let conn = res.open_conn(peer, tx).await;
     let writer = tokio::spawn(writer_task(wr, rx, conn.clone()));
     let (apply_tx, apply_rx) = mpsc::channel::<PeerMsg>(APPLY_QUEUE_MSGS);
     let mut applier = tokio::spawn(apply_task(res.clone(), conn.clone(), apply_rx));
-    res.send_first_state(&conn).await;
     let end = tokio::select! {
         end = reader_loop(&res, &conn, rd, apply_tx) => end,
         r = &mut applier => match r {
@@ -43,7 +43,9 @@ pub async fn run_session(res: Arc<Resource>, peer: NodeId, stream: TcpStream) {
     conn.close();
     writer.abort();
     applier.abort();
+    res.handshake_finished(&conn);
     res.after_session(&conn, &end).await;
+    conn.session_ended();
 }
 
 async fn writer_task(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Arc<Vec<u8>>>, conn: Arc<Conn>) {
