@@ -5,7 +5,7 @@
 //! - `log_cache`: the in-memory Raft log that raft-rs reads, rebuilt from durable records.
 //! - `node`: one replica, sans-IO (raft-rs Ready loop, batching, retries, failure detection).
 //! - `wal`: the durable, checksummed Raft log; `proto`: the client wire protocol.
-//! - `daemon`: `tandem-lockd` (replica thread, peer transport, client socket).
+//! - `daemon`: `tandem-lockd` (replica task, peer transport, client socket, one thread).
 //! - `client`: the async client library.
 
 pub mod bench;

@@ -9,13 +9,13 @@ use crate::proto::{
 };
 use crate::table::{Command, LockError};
 use crate::types::{ReqId, SessionId};
-use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_common::frame::{self, Channel};
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc::Sender;
 use tokio::sync::oneshot;
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -23,21 +23,12 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// per-connection bounds in `flow`, this bounds what clients can make the daemon hold.
 pub const MAX_CONNECTIONS: usize = 1024;
 
-/// Hands an input to the core thread without blocking the async workers.
-pub async fn send_to_core(core: &SyncSender<CoreInput>, input: CoreInput) -> Result<(), ()> {
-    match core.try_send(input) {
-        Ok(()) => Ok(()),
-        Err(TrySendError::Disconnected(_)) => Err(()),
-        Err(TrySendError::Full(input)) => {
-            let core = core.clone();
-            tokio::task::spawn_blocking(move || core.send(input).map_err(|_| ()))
-                .await
-                .map_err(|_| ())?
-        }
-    }
+/// Hands an input to the replica task (waits while its queue is full: backpressure).
+pub async fn send_to_core(core: &Sender<CoreInput>, input: CoreInput) -> Result<(), ()> {
+    core.send(input).await.map_err(|_| ())
 }
 
-pub async fn listen(listener: UnixListener, core: SyncSender<CoreInput>) {
+pub async fn listen(listener: UnixListener, core: Sender<CoreInput>) {
     // SAFETY: geteuid has no preconditions.
     let my_uid = unsafe { libc::geteuid() };
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -105,7 +96,7 @@ async fn refuse<T>(w: &mut BufWriter<OwnedWriteHalf>, message: String) -> Result
     Err(message)
 }
 
-async fn serve(stream: UnixStream, core: SyncSender<CoreInput>) -> Result<(), String> {
+async fn serve(stream: UnixStream, core: Sender<CoreInput>) -> Result<(), String> {
     let (mut r, w) = stream.into_split();
     let mut w = BufWriter::new(w);
     let hello: ClientRequest = match tokio::time::timeout(
@@ -201,7 +192,7 @@ async fn read_loop(
     r: &mut tokio::net::unix::OwnedReadHalf,
     session: Option<SessionId>,
     replies: &Replies,
-    core: &SyncSender<CoreInput>,
+    core: &Sender<CoreInput>,
     unanswered: &Unanswered,
 ) -> Result<(), String> {
     loop {

@@ -1,6 +1,8 @@
-//! The replica's own thread: owns the `NodeCore`, drains every queued input before each
-//! `process()` (so one fsync covers everything that arrived meanwhile: group commit), ticks
-//! on time, and hands messages to the peer senders and effects to client connections.
+//! The replica task (it was a thread of its own until session 17; the file keeps its name):
+//! owns the `NodeCore`, drains every queued input before each `process()` (so one fsync
+//! covers everything that arrived meanwhile: group commit), ticks on time, and hands
+//! messages to the peer senders and effects to client connections. It runs on the
+//! daemon's only thread and blocks it while it works (see `daemon::run`).
 
 use super::direct::PeerOut;
 use super::peer::PeerFrame;
@@ -11,7 +13,6 @@ use crate::types::{ReqId, SessionId};
 use protobuf::Message as _;
 use raft::prelude::Message;
 use std::collections::BTreeMap;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem_common::NodeId;
@@ -55,25 +56,29 @@ struct WaitingOpen {
 
 pub struct CoreThread<K: LogSink> {
     pub core: NodeCore<K>,
-    pub inputs: Receiver<CoreInput>,
+    pub inputs: tokio::sync::mpsc::Receiver<CoreInput>,
     pub peers: BTreeMap<NodeId, Arc<PeerOut>>,
     pub tick: Duration,
 }
 
 impl<K: LogSink> CoreThread<K> {
-    /// Runs until every input sender is gone or the durable log fails.
-    pub fn run(mut self) -> Result<(), CoreError> {
+    /// Runs until every input sender is gone or the durable log fails. A task on the
+    /// daemon's only thread (see `daemon::run`): it blocks that thread while it works.
+    pub async fn run(mut self) -> Result<(), CoreError> {
         let mut sessions: BTreeMap<SessionId, Replies> = BTreeMap::new();
         let mut waiting: Vec<WaitingOpen> = Vec::new();
         let mut next_session: u64 = 0;
         let mut next_tick = Instant::now() + self.tick;
         loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
-            let first = match self.inputs.recv_timeout(timeout) {
-                Ok(input) => Some(input),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            let first = tokio::select! {
+                input = self.inputs.recv() => match input {
+                    Some(input) => Some(input),
+                    None => return Ok(()),
+                },
+                _ = tokio::time::sleep_until(next_tick.into()) => None,
             };
+            // The socket tasks woken with us queue what they read before we take it.
+            tokio::task::yield_now().await;
             let mut batch: Vec<CoreInput> = first.into_iter().collect();
             // Group commit: everything already queued joins this Ready.
             while batch.len() < 65_536 {

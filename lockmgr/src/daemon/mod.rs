@@ -1,6 +1,6 @@
-//! `tandem-lockd`: wires the replica thread to the peer transport and the client socket.
-//! Startup order: config, durable log, replica thread, peer listener and dialers, client
-//! socket. Any durable-log failure stops the daemon (exit status 1): a replica that may have
+//! `tandem-lockd`: wires the replica task to the peer transport and the client socket, all
+//! on one thread. Startup order: config, durable log, peer listener and dialers, client
+//! socket, replica. Any durable-log failure stops the daemon (exit status 1): a replica that may have
 //! lost acknowledged writes must not keep voting.
 
 pub mod clients;
@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tandem_common::ClusterConfig;
 
-/// Inputs queued for the replica thread before senders wait (client connections and
+/// Inputs queued for the replica task before senders wait (client connections and
 /// peer readers then stop reading: backpressure). Every queued client request is ahead
 /// of the next one, so a long queue is latency for everyone.
 const CORE_QUEUE: usize = 16_384;
@@ -40,7 +40,7 @@ pub enum DaemonError {
         what: String,
         source: std::io::Error,
     },
-    #[error("the replica thread stopped: {0}")]
+    #[error("the replica stopped: {0}")]
     Stopped(String),
 }
 
@@ -82,15 +82,17 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     let core = NodeCore::new(cfg, log, sink, incarnation)?;
     tracing::info!(node = %me.name, id = me.id, incarnation, witness = me.witness, "tandem-lockd starting");
 
-    // One worker: on small machines the socket work is cheap and context switches between
-    // workers cost more than they give (measured: about 2x lock throughput). Durable writes
-    // run on the replica thread, so they never block it.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+    // One thread for everything: the socket tasks and the replica (a task that blocks
+    // the thread while it works, fsync included). A message read from a socket is then
+    // handled on the thread that read it; a hand-off to a separate replica thread cost a
+    // wake-up per message, and cross-CPU wake-ups are most of a commit's latency on
+    // small virtual machines (docs/LOCKMGR.md "Performance"). Sockets are not read during
+    // an fsync; nothing could act on what they carry until it ends anyway.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(io("starting the async runtime"))?;
-    let (core_tx, core_rx) = std::sync::mpsc::sync_channel::<CoreInput>(CORE_QUEUE);
+    let (core_tx, core_rx) = tokio::sync::mpsc::channel::<CoreInput>(CORE_QUEUE);
     let mut peers = BTreeMap::new();
     let mut dialers = Vec::new();
     for n in config.nodes.iter().filter(|n| n.id != me.id) {
@@ -104,10 +106,6 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         peers,
         tick: Duration::from_millis(lm.tick_ms),
     };
-    let replica = std::thread::Builder::new()
-        .name("lockd-replica".into())
-        .spawn(move || thread.run())
-        .map_err(io("starting the replica thread"))?;
 
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(me.lock_addr())
@@ -141,14 +139,10 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
         tokio::spawn(clients::listen(listener, core_tx.clone()));
         tracing::info!(socket = %socket.display(), peer_port = me.lock_port, "serving");
         drop(core_tx);
-        // The replica thread ends only on failure (every listener keeps a sender).
-        let result = tokio::task::spawn_blocking(move || replica.join())
-            .await
-            .map_err(|e| DaemonError::Stopped(e.to_string()))?;
-        match result {
-            Ok(Ok(())) => Err(DaemonError::Stopped("input queue closed".into())),
-            Ok(Err(e)) => Err(DaemonError::Stopped(e.to_string())),
-            Err(_) => Err(DaemonError::Stopped("the replica thread panicked".into())),
+        // The replica ends only on failure (every listener keeps a sender).
+        match thread.run().await {
+            Ok(()) => Err(DaemonError::Stopped("input queue closed".into())),
+            Err(e) => Err(DaemonError::Stopped(e.to_string())),
         }
     })
 }

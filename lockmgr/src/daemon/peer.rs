@@ -10,7 +10,6 @@ use protobuf::Message as _;
 use raft::prelude::Message;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
-use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 use std::time::Duration;
 use tandem_common::auth::{self, Accept};
@@ -43,7 +42,7 @@ pub async fn listen(
     config: Arc<ClusterConfig>,
     me: NodeId,
     secret: Arc<Vec<u8>>,
-    core: SyncSender<CoreInput>,
+    core: tokio::sync::mpsc::Sender<CoreInput>,
 ) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     loop {
@@ -76,7 +75,7 @@ async fn serve_peer(
     config: &ClusterConfig,
     me: NodeId,
     secret: &[u8],
-    core: SyncSender<CoreInput>,
+    core: tokio::sync::mpsc::Sender<CoreInput>,
     handshake: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
@@ -116,14 +115,10 @@ async fn serve_peer(
             }
             PeerFrame::Probe(p) => CoreInput::Probe(peer, p),
         };
-        let core = core.clone();
-        // The core thread's queue is bounded; wait off the async workers when it is full.
-        if let Err(std::sync::mpsc::TrySendError::Full(input)) = core.try_send(input) {
-            tokio::task::spawn_blocking(move || core.send(input))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|_| "the replica stopped".to_string())?;
-        }
+        // The replica's queue is bounded: waiting here stops reading this peer.
+        core.send(input)
+            .await
+            .map_err(|_| "the replica stopped".to_string())?;
     }
 }
 
