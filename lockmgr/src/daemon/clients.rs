@@ -157,7 +157,7 @@ async fn serve(stream: UnixStream, core: Sender<CoreInput>) -> Result<(), String
         });
         None
     };
-    // The core thread writes replies into the socket itself; this task publishes the
+    // The replica writes replies into the socket itself; this task publishes the
     // socket to it and writes only what the socket did not take at once.
     let mut w = w.into_inner();
     let out = replies.out();

@@ -1,8 +1,9 @@
-//! Writing from the replica thread straight into a socket. Every Raft commit waits for an
+//! Writing from the replica straight into a socket. Every Raft commit waits for an
 //! append to reach a follower and its acknowledgement to come back, and then for the
-//! client's answer to go out; handing each frame to an async task first cost a thread
-//! hop each time. So the replica thread writes frames into the connected socket itself
-//! (non-blocking). Whatever the socket does not take at once waits in `pending`, which
+//! client's answer to go out; handing each frame to an async task first cost a hop each
+//! time (a thread hop while the replica had a thread of its own, a task switch since it
+//! shares the daemon's only thread). So the replica writes frames into the connected
+//! socket itself (non-blocking). Whatever the socket does not take at once waits in `pending`, which
 //! the connection's task writes out in order when the socket drains; while anything is
 //! pending, new frames queue behind it, so frames never interleave or reorder.
 //!
@@ -25,7 +26,7 @@ use super::peer::PeerFrame;
 /// nothing else waits.
 pub const MAX_PENDING_BYTES: usize = 64 << 20;
 
-/// A connected socket the replica thread can write to.
+/// A connected socket the replica can write to.
 pub trait Socket: Sync {
     fn raw_fd(&self) -> RawFd;
     fn writable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
@@ -176,7 +177,7 @@ impl DirectOut {
         self.wake.notify_one();
     }
 
-    /// Run by the connection's task: publishes the socket to the replica thread and
+    /// Run by the connection's task: publishes the socket to the replica and
     /// writes out what it leaves pending, until the connection fails or (`until_done`)
     /// nothing more will come. The socket is withdrawn (under the lock) before this
     /// returns, so the caller may close it.
@@ -243,7 +244,7 @@ impl DirectOut {
     }
 }
 
-/// The replica thread's way out to one peer.
+/// The replica's way out to one peer.
 #[derive(Default)]
 pub struct PeerOut(DirectOut);
 
@@ -254,7 +255,7 @@ const PEER_LIMITS: Limits = Limits {
 };
 
 impl PeerOut {
-    /// Sends a frame from the replica thread; never blocks. Dropped when the peer is not
+    /// Sends a frame from the replica; never blocks. Dropped when the peer is not
     /// connected or too much already waits for it.
     pub fn send(&self, f: &PeerFrame) {
         if let Ok(bytes) = frame::encode(Channel::LockPeer, f) {
@@ -268,7 +269,7 @@ impl PeerOut {
     }
 }
 
-/// The replica thread's way out to one client connection.
+/// The replica's way out to one client connection.
 #[derive(Default)]
 pub struct ReplyOut(DirectOut);
 
@@ -363,7 +364,8 @@ mod tests {
         while out.0.state.lock().fd.is_none() {
             tokio::task::yield_now().await;
         }
-        // Sent from another thread, as the replica does; more than a socket buffer holds
+        // Sent from another thread (the types stay thread-safe; the daemon itself now sends
+        // from its only thread, where `pump` runs between the replica's turns); more than a socket buffer holds
         // while nobody reads, so most of it waits in `pending`.
         let o3 = out.clone();
         let sizes: Vec<usize> = (0..300).map(|i| 1 + (i * 7919) % 60_000).collect();

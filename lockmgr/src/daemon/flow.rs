@@ -23,7 +23,7 @@ pub const MAX_UNANSWERED: usize = 256;
 /// Replies (answers plus blocking callbacks) that may wait for one connection's socket.
 pub const REPLY_QUEUE: usize = 8192;
 
-/// The core thread's handle on a connection's replies: it writes them into the socket
+/// The replica's handle on a connection's replies: it writes them into the socket
 /// itself (`direct::ReplyOut`), queueing what the socket does not take.
 #[derive(Clone)]
 pub struct Replies {
@@ -53,7 +53,7 @@ impl Replies {
         )
     }
 
-    /// Writes or queues a reply without blocking (the caller is the core thread). False
+    /// Writes or queues a reply without blocking (the caller is the replica). False
     /// if the connection is gone or too many replies wait; the latter also fires
     /// `overflow`, so the connection ends. An answer frees its request's place at once:
     /// the reply queue's own limit bounds what a client that does not read can cost.

@@ -87,7 +87,10 @@ pub fn run(opts: Options) -> Result<(), DaemonError> {
     // handled on the thread that read it; a hand-off to a separate replica thread cost a
     // wake-up per message, and cross-CPU wake-ups are most of a commit's latency on
     // small virtual machines (docs/LOCKMGR.md "Performance"). Sockets are not read during
-    // an fsync; nothing could act on what they carry until it ends anyway.
+    // an fsync (nothing could act on what they carry until it ends), and bytes that did
+    // not fit a socket's buffer wait until the replica yields (rare: appends are sent
+    // before the fsync, and a full buffer means the peer is behind anyway). A panic of the
+    // replica now ends the process directly (exit status 101) instead of being reported.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

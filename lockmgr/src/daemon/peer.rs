@@ -122,7 +122,7 @@ async fn serve_peer(
     }
 }
 
-/// Keeps one authenticated connection to `peer`, through which the replica thread writes
+/// Keeps one authenticated connection to `peer`, through which the replica writes
 /// (`PeerOut`).
 pub async fn dial_forever(
     peer: NodeId,
