@@ -990,3 +990,74 @@ fn an_interrupted_full_resync_resumes_and_leaves_identical_copies() {
     c.wait_sync_all("www", 60).unwrap();
     assert_identical(&c);
 }
+
+/// The connection of `node` to the peer with node id `peer_id` (1-based), from status.
+fn peer_conn(c: &Cluster, node: usize, peer_id: u64) -> serde_json::Value {
+    let st = c.status_json(node).unwrap();
+    st[0]["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer-node-id"].as_u64() == Some(peer_id))
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// An invalidated node must not take its data from a copy older than its own. n1 writes
+/// while its link to n2 is cut; n3 gets the writes and n1's new generation, and tracks
+/// the writes for n2 (Secondaries do not relay). With n1 gone, `invalidate` on n3 leaves
+/// n2 as the only source. Before session 17, n2 full-resynced n3 (`peer-without-data`):
+/// n3 became UpToDate without n1's acknowledged writes, which then existed only on the
+/// dead n1 — and n3 marked them for n1, so n1's copy would have been overwritten too. Now
+/// n3 stays Inconsistent until a source at its generation is back: n1 restarts, resyncs
+/// n3 and n2, and every copy has every acknowledged write.
+#[test]
+fn an_invalidated_node_never_takes_a_copy_that_lacks_writes_it_tracked() {
+    let mut c = Cluster::builder().nodes(3).start().unwrap();
+    c.bring_up_fresh("www").unwrap();
+    c.net.cut_link(0, 1).unwrap();
+    c.wait_for(Duration::from_secs(20), || {
+        Ok(peer_conn(&c, 0, 2)["connection-state"] != "Connected"
+            && peer_conn(&c, 1, 1)["connection-state"] != "Connected")
+    })
+    .unwrap();
+    let mut client = NbdClient::connect_unix(&c.nbd_socket(0, "www"), "www").unwrap();
+    // The first write mints; n3's new generation makes it resync n2 once.
+    client
+        .write_at(&block_data(10, 1), 10 * BLOCK_BYTES as u64, false)
+        .unwrap();
+    // More writes: n3 tracks them all for n2 (it does not relay them).
+    let mut log = WriteLog::default();
+    for block in 20..30u64 {
+        log.begin(block, 2);
+        client
+            .write_at(&block_data(block, 2), block * BLOCK_BYTES as u64, false)
+            .unwrap();
+        log.ack(block, 2);
+    }
+    client.flush().unwrap();
+    drop(client);
+    c.kill9(0);
+    c.adm(2, &["invalidate", "www"]).unwrap();
+    // Give n2 every chance to (wrongly) resync n3.
+    std::thread::sleep(Duration::from_secs(3));
+    let st = c.status_json(2).unwrap();
+    let disk = st[0]["disk-state"].as_str().unwrap().to_string();
+    if disk == "UpToDate" {
+        let image = std::fs::read(c.disk_path(2, "www")).unwrap();
+        if let Err(e) = log.check_image(&image, 20..30) {
+            panic!("n3 became UpToDate from n2's copy without n1's acknowledged writes: {e}");
+        }
+    }
+    assert_eq!(
+        disk, "Inconsistent",
+        "n3 after invalidate with only n2 connected"
+    );
+    // The writer comes back (crashed Primary, its data intact) and the link heals.
+    c.net.heal_link(0, 1).unwrap();
+    c.start_replicator(0).unwrap();
+    c.adm(0, &["up", "www"]).unwrap();
+    c.wait_sync_all("www", 60).unwrap();
+    c.check_acknowledged("www", &log, 20..30);
+    assert_identical(&c);
+}

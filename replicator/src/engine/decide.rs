@@ -47,6 +47,12 @@ impl Decision {
     }
 }
 
+/// `newer`'s generation descends from `older`'s (`older`'s current is in `newer`'s
+/// history): `newer`'s data had writes `older`'s copy lacks.
+fn descends_from(newer: &Generation, older: &Generation) -> bool {
+    older.current != 0 && newer.current != older.current && newer.history.contains(&older.current)
+}
+
 fn has_data(g: &Generation) -> bool {
     matches!(
         g.disk,
@@ -98,6 +104,16 @@ pub fn decide(me: &Generation, peer: &Generation) -> (Decision, &'static str) {
     }
     match (mine, theirs) {
         (false, false) => return (Decision::NoSync, "both-without-data"),
+        // A side without data (invalidated, or a resync cut short) still names the
+        // generation its data belonged to. A copy older than that lacks writes it had —
+        // acknowledged ones, possibly held nowhere else now — so it is no source for it;
+        // a peer at that generation or newer is (or `primary --force` on this one).
+        (true, false) if descends_from(peer, me) => {
+            return (Decision::NoSync, "peer-without-data-newer-than-us")
+        }
+        (false, true) if descends_from(me, peer) => {
+            return (Decision::NoSync, "local-without-data-newer-than-peer")
+        }
         (true, false) => return (Decision::SyncSource, "peer-without-data"),
         (false, true) => return (Decision::SyncTarget, "local-without-data"),
         (true, true) => {}
@@ -186,6 +202,34 @@ pub(super) mod tests {
             bitmap: 0,
             dirty: false,
         }
+    }
+
+    /// An invalidated node (no usable data, but still at the generation its data had)
+    /// is not resynced from a copy older than that generation: the older copy lacks
+    /// writes the invalidated node had, and the writer that also had them may be gone
+    /// (`resilience::an_invalidated_node_never_takes_a_copy_that_lacks_writes_it_tracked`).
+    /// A peer at its generation, or a newer one, is a source; so is any peer for a node
+    /// that never had data.
+    #[test]
+    fn a_node_without_data_is_not_resynced_from_an_older_copy() {
+        let (a, b) = (0xA, 0xB);
+        let invalidated = g(Inconsistent, b, [a, 0]);
+        let older = g(UpToDate, a, [0, 0]);
+        let same = g(UpToDate, b, [a, 0]);
+        assert_eq!(
+            decide(&older, &invalidated),
+            (Decision::NoSync, "peer-without-data-newer-than-us")
+        );
+        assert_eq!(
+            decide(&invalidated, &older),
+            (Decision::NoSync, "local-without-data-newer-than-peer")
+        );
+        assert_eq!(decide(&same, &invalidated).0, Decision::SyncSource);
+        assert_eq!(decide(&invalidated, &same).0, Decision::SyncTarget);
+        let fresh = g(Inconsistent, 0, [0, 0]);
+        assert_eq!(decide(&older, &fresh).0, Decision::SyncSource);
+        let forced = g(UpToDate, 0xF, [a, 0]);
+        assert_eq!(decide(&forced, &invalidated).0, Decision::SyncSource);
     }
 
     /// A node that caught up through a third node sits between the writer's bitmap
