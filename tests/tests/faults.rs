@@ -38,29 +38,31 @@ fn assert_faults_happened(c: &Cluster) {
     }
 }
 
-#[test]
-fn replication_over_a_lossy_jittery_network_stays_identical_and_loses_no_acknowledged_write() {
-    let mut c = Cluster::builder().nodes(3).start().unwrap();
-    for i in 0..3 {
-        c.impair_network(i, BAD_NETWORK).unwrap();
-    }
-    c.bring_up_fresh("www").unwrap();
-    let log = Arc::new(Mutex::new(WriteLog::default()));
-    let latencies = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let blocks = 512u64;
-    let writer = {
-        let (log, latencies, stop) = (log.clone(), latencies.clone(), stop.clone());
+/// One NBD client on n1 writing random blocks of `100..100 + blocks` without pause until
+/// stopped, logging each write for the oracle and timing it.
+struct Writer {
+    log: Arc<Mutex<WriteLog>>,
+    latencies: Arc<Mutex<Vec<Duration>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(c: &Cluster, seed: u64, blocks: u64, failure: &'static str) -> Self {
+        let log = Arc::new(Mutex::new(WriteLog::default()));
+        let latencies = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (l, lat, st) = (log.clone(), latencies.clone(), stop.clone());
         let sock = c.nbd_socket(0, "www");
-        std::thread::spawn(move || {
+        let thread = std::thread::spawn(move || {
             let mut client = NbdClient::connect_unix(&sock, "www").unwrap();
-            let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
             for generation in 1.. {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if st.load(std::sync::atomic::Ordering::Relaxed) {
                     return;
                 }
                 let block = 100 + rng.gen_range(0..blocks);
-                log.lock().unwrap().begin(block, generation);
+                l.lock().unwrap().begin(block, generation);
                 let t = Instant::now();
                 client
                     .write_at(
@@ -68,12 +70,38 @@ fn replication_over_a_lossy_jittery_network_stays_identical_and_loses_no_acknowl
                         block * BLOCK_BYTES as u64,
                         false,
                     )
-                    .expect("a write failed on a slow, lossy network");
-                latencies.lock().unwrap().push(t.elapsed());
-                log.lock().unwrap().ack(block, generation);
+                    .expect(failure);
+                lat.lock().unwrap().push(t.elapsed());
+                l.lock().unwrap().ack(block, generation);
             }
-        })
-    };
+        });
+        Self {
+            log,
+            latencies,
+            stop,
+            thread,
+        }
+    }
+
+    /// Stops the writer; returns its log and the latency of every write, sorted.
+    fn stop(self) -> (WriteLog, Vec<Duration>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("writer");
+        let mut lat = self.latencies.lock().unwrap().clone();
+        lat.sort();
+        (self.log.lock().unwrap().clone(), lat)
+    }
+}
+
+#[test]
+fn replication_over_a_lossy_jittery_network_stays_identical_and_loses_no_acknowledged_write() {
+    let mut c = Cluster::builder().nodes(3).start().unwrap();
+    for i in 0..3 {
+        c.impair_network(i, BAD_NETWORK).unwrap();
+    }
+    c.bring_up_fresh("www").unwrap();
+    let blocks = 512u64;
+    let writer = Writer::start(&c, 9, blocks, "a write failed on a slow, lossy network");
     // Under the faults, a partition too: n3 is cut off for 2 s and comes back, so a
     // resync runs over the bad network while n1 keeps writing.
     std::thread::sleep(Duration::from_secs(2));
@@ -81,12 +109,9 @@ fn replication_over_a_lossy_jittery_network_stays_identical_and_loses_no_acknowl
     std::thread::sleep(Duration::from_secs(2));
     c.net.heal(2).unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.join().expect("writer");
+    let (log, lat) = writer.stop();
     c.wait_sync_all("www", 120).unwrap();
 
-    let mut lat = latencies.lock().unwrap().clone();
-    lat.sort();
     let n = lat.len();
     assert!(n >= 30, "only {n} writes completed in 7 s");
     eprintln!(
@@ -105,7 +130,6 @@ fn replication_over_a_lossy_jittery_network_stays_identical_and_loses_no_acknowl
     );
     assert_faults_happened(&c);
     assert_identical(&c);
-    let log = log.lock().unwrap().clone();
     c.check_acknowledged("www", &log, 100..100 + blocks);
 }
 
@@ -277,37 +301,8 @@ fn a_primary_writing_through_slow_reconnects_waits_for_each_handshake_and_stays_
         c.impair_network(i, SLOW).unwrap();
     }
     c.bring_up_fresh("www").unwrap();
-    let log = Arc::new(Mutex::new(WriteLog::default()));
-    let worst = Arc::new(Mutex::new(Duration::ZERO));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let blocks = 256u64;
-    let writer = {
-        let (log, worst, stop) = (log.clone(), worst.clone(), stop.clone());
-        let sock = c.nbd_socket(0, "www");
-        std::thread::spawn(move || {
-            let mut client = NbdClient::connect_unix(&sock, "www").unwrap();
-            let mut rng = rand::rngs::StdRng::seed_from_u64(17);
-            for generation in 1.. {
-                if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    return;
-                }
-                let block = 100 + rng.gen_range(0..blocks);
-                log.lock().unwrap().begin(block, generation);
-                let t = Instant::now();
-                client
-                    .write_at(
-                        &block_data(block, generation),
-                        block * BLOCK_BYTES as u64,
-                        false,
-                    )
-                    .expect("a write failed while the peer reconnected");
-                let mut w = worst.lock().unwrap();
-                *w = (*w).max(t.elapsed());
-                drop(w);
-                log.lock().unwrap().ack(block, generation);
-            }
-        })
-    };
+    let writer = Writer::start(&c, 17, blocks, "a write failed while the peer reconnected");
     for _ in 0..5 {
         std::thread::sleep(Duration::from_millis(500));
         c.adm(1, &["disconnect", "www"]).unwrap();
@@ -317,12 +312,11 @@ fn a_primary_writing_through_slow_reconnects_waits_for_each_handshake_and_stays_
         c.wait_connected("www").unwrap();
     }
     std::thread::sleep(Duration::from_millis(700));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.join().expect("writer");
+    let (log, lat) = writer.stop();
     c.wait_sync_all("www", 60).unwrap();
     let st = c.status_json(0).unwrap();
     let waits = st[0]["handshake-waits"].as_u64().unwrap_or(0);
-    let worst = *worst.lock().unwrap();
+    let worst = *lat.last().expect("no write completed");
     eprintln!("writes that waited for a handshake: {waits}; slowest write {worst:?}");
     assert!(
         waits > 0,
@@ -331,6 +325,5 @@ fn a_primary_writing_through_slow_reconnects_waits_for_each_handshake_and_stays_
     // A handshake takes about one round trip (200 ms here); the wait is bounded at 2 s.
     assert!(worst < Duration::from_secs(3), "a write took {worst:?}");
     assert_identical(&c);
-    let log = log.lock().unwrap().clone();
     c.check_acknowledged("www", &log, 100..100 + blocks);
 }

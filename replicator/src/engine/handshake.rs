@@ -124,6 +124,10 @@ impl Resource {
     pub(super) async fn await_handshakes(&self) {
         let mut counted = false;
         loop {
+            // Every write comes here: without a handshake running, one atomic load.
+            if self.handshakes_running.load(Ordering::Acquire) == 0 {
+                return;
+            }
             let done = self.handshakes_done.notified();
             let Some(conn) = self.handshaking_peer() else {
                 return;
